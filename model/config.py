@@ -83,3 +83,15 @@ SD2_BASE = SDConfig(
 SD2_V = replace(SD2_BASE, name="sd2-v", prediction_type="v_prediction", image_size=768)
 
 FAMILIES = {c.name: c for c in (SD1, SD2_BASE, SD2_V)}
+
+
+def config_to_dict(config: SDConfig) -> dict:
+    """A JSON-ready dict of a family config (stored in checkpoint metadata and avatar configs)."""
+    from dataclasses import asdict
+    return asdict(config)
+
+
+def config_from_dict(d: dict) -> SDConfig:
+    tuples = lambda sub: {k: tuple(v) if isinstance(v, list) else v for k, v in sub.items()}
+    return SDConfig(**{**d, "unet": UNetConfig(**tuples(d["unet"])), "vae": VAEConfig(**tuples(d["vae"])),
+                       "clip": CLIPConfig(**d["clip"])})

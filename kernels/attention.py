@@ -1,16 +1,375 @@
-"""Attention: softmax(q k^T / sqrt(d)) v over (batch, heads, length, head_dim) tensors."""
+"""Attention: softmax(q k^T / sqrt(d)) v over (batch, heads, length, head_dim) tensors.
+
+The Triton kernel is FlashAttention-2 (Dao, 2023).
+
+Forward. One program owns BLOCK_M query rows of one (batch, head) and streams the keys and values
+past them BLOCK_N at a time, so the Lq x Lk score matrix never exists in memory (at L = 4096 it would be
+64 MiB per head). Softmax needs each row's maximum and sum over *all* keys, which are only known at the
+end; the online softmax keeps a running maximum m and running sum l and, whenever a new block raises the
+maximum, rescales what was accumulated so far by exp(m_old - m_new). The result is exact, not an
+approximation. Exponentials are taken base 2 (exp2 is one instruction) with log2(e) folded into the
+score scale. The kernel also writes each row's logsumexp, lse = m + log(l): all the backward needs.
+
+Backward. Instead of storing the probabilities P, the backward recomputes them block by block from q, k
+and the saved lse (P = exp(q k^T * scale - lse)): a few more FLOPs buy O(L) memory instead of O(L^2).
+With dP = dO v^T, the softmax gradient is dS = P * (dP - delta), where delta = rowsum(dO * O) is computed
+once by a small preprocess kernel. Two kernels then avoid atomics: one program per key block
+accumulates dK = scale * dS^T q and dV = P^T dO over all query blocks; one program per query block
+accumulates dQ = scale * dS k over all key blocks.
+
+Head dims. SD uses head dims 40, 80 and 160 (SD1) and 64 (SD2), but tl.arange and tl.dot need power-of-two
+extents. The kernels index the head dim with tl.arange up to the next power of two and mask the loads:
+the padded lanes read as zero, add nothing to any dot product, and are never stored. The tensors are
+used in place through their strides (no padded copy, no .contiguous()), so transposed views of a
+(B, L, H, D) projection go straight in. Ragged lengths (cross-attention's 77 text tokens) are masked the
+same way along the length axis; masked scores are -inf so they get zero probability.
+
+Causal masking (CLIP's text encoder) is supported, with the top-left alignment of
+F.scaled_dot_product_attention(is_causal=True): query i sees keys j <= i.
+
+Precision: inputs fp16, bf16 or fp32; every accumulation is fp32. For fp32 inputs the dots use IEEE
+fp32 (not TF32), so results match the reference to fp32 rounding.
+"""
+import math
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
 from kernels.dispatch import use_triton
+
+LOG2E = 1.4426950408889634
 
 
 def attention_reference(q, k, v, causal: bool = False):
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
 
+# ----------------------------------------------------------------------------------------------------
+# Triton kernels
+
+
+@triton.jit
+def _load_tile(base, rows, cols, stride_row, stride_col, num_rows, num_cols):
+    """A (len(rows), len(cols)) tile; entries outside num_rows x num_cols read as zero."""
+    mask = (rows[:, None] < num_rows) & (cols[None, :] < num_cols)
+    return tl.load(base + rows[:, None] * stride_row + cols[None, :] * stride_col, mask=mask, other=0.0)
+
+
+@triton.jit
+def _store_tile(base, value, rows, cols, stride_row, stride_col, num_rows, num_cols):
+    mask = (rows[:, None] < num_rows) & (cols[None, :] < num_cols)
+    tl.store(base + rows[:, None] * stride_row + cols[None, :] * stride_col, value, mask=mask)
+
+
+@triton.jit
+def _visible(rows, cols, len_k, CAUSAL: tl.constexpr):
+    """Which (query row, key column) pairs take part: real keys, and with CAUSAL only keys j <= i."""
+    mask = (cols[None, :] < len_k) & (rows[:, None] >= 0)
+    if CAUSAL:
+        mask = mask & (cols[None, :] <= rows[:, None])
+    return mask
+
+
+@triton.jit
+def _head_offset(pid_bh, num_heads, stride_b, stride_h):
+    # int64: batch * stride_b overflows int32 for large video batches.
+    return (pid_bh // num_heads).to(tl.int64) * stride_b + (pid_bh % num_heads).to(tl.int64) * stride_h
+
+
+@triton.jit
+def _attention_forward_kernel(
+    Q, K, V, O, LSE,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_od,
+    num_heads, len_q, len_k, head_dim, qk_scale,
+    CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    q = _load_tile(Q + _head_offset(pid_bh, num_heads, stride_qb, stride_qh),
+                   rows, dims, stride_qm, stride_qd, len_q, head_dim)
+    k_base = K + _head_offset(pid_bh, num_heads, stride_kb, stride_kh)
+    v_base = V + _head_offset(pid_bh, num_heads, stride_vb, stride_vh)
+
+    row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    row_sum = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    end_n = len_k
+    if CAUSAL:  # key blocks right of this query block's diagonal are fully masked: skip them
+        end_n = tl.minimum(len_k, (pid_m + 1) * BLOCK_M)
+    for start_n in range(0, end_n, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        k_t = _load_tile(k_base, dims, cols, stride_kd, stride_kn, head_dim, len_k)
+        scores = tl.dot(q, k_t, input_precision=PRECISION) * qk_scale
+        scores = tl.where(_visible(rows, cols, len_k, CAUSAL), scores, float("-inf"))
+        # Column 0 is visible to every row, so new_max is finite from the first block on.
+        new_max = tl.maximum(row_max, tl.max(scores, 1))
+        p = tl.exp2(scores - new_max[:, None])
+        rescale = tl.exp2(row_max - new_max)
+        row_sum = row_sum * rescale + tl.sum(p, 1)
+        v = _load_tile(v_base, cols, dims, stride_vn, stride_vd, len_k, head_dim)
+        acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        row_max = new_max
+
+    out = acc / row_sum[:, None]
+    _store_tile(O + _head_offset(pid_bh, num_heads, stride_ob, stride_oh), out.to(O.dtype.element_ty),
+                rows, dims, stride_om, stride_od, len_q, head_dim)
+    # logsumexp in base 2, the unit the backward's exp2 works in.
+    tl.store(LSE + pid_bh * len_q + rows, row_max + tl.log2(row_sum), mask=rows < len_q)
+
+
+@triton.jit
+def _attention_backward_delta_kernel(
+    O, DO, DELTA,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    num_heads, len_q, head_dim,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """delta_i = sum_d dO_id * O_id: the row term of the softmax gradient."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    o = _load_tile(O + _head_offset(pid_bh, num_heads, stride_ob, stride_oh),
+                   rows, dims, stride_om, stride_od, len_q, head_dim)
+    do = _load_tile(DO + _head_offset(pid_bh, num_heads, stride_dob, stride_doh),
+                    rows, dims, stride_dom, stride_dod, len_q, head_dim)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + pid_bh * len_q + rows, delta, mask=rows < len_q)
+
+
+@triton.jit
+def _attention_backward_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    num_heads, len_q, len_k, head_dim, qk_scale, sm_scale,
+    CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """One program per key block: dK and dV summed over every query block that sees it."""
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, BLOCK_D)
+    k = _load_tile(K + _head_offset(pid_bh, num_heads, stride_kb, stride_kh),
+                   cols, dims, stride_kn, stride_kd, len_k, head_dim)
+    v = _load_tile(V + _head_offset(pid_bh, num_heads, stride_vb, stride_vh),
+                   cols, dims, stride_vn, stride_vd, len_k, head_dim)
+    q_base = Q + _head_offset(pid_bh, num_heads, stride_qb, stride_qh)
+    do_base = DO + _head_offset(pid_bh, num_heads, stride_dob, stride_doh)
+    lse_base = LSE + pid_bh * len_q
+    delta_base = DELTA + pid_bh * len_q
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    start_m = 0
+    if CAUSAL:  # query rows above this key block's diagonal never see it
+        start_m = (pid_n * BLOCK_N) // BLOCK_M * BLOCK_M
+    for block_start in range(start_m, len_q, BLOCK_M):
+        rows = block_start + tl.arange(0, BLOCK_M)
+        q = _load_tile(q_base, rows, dims, stride_qm, stride_qd, len_q, head_dim)
+        do = _load_tile(do_base, rows, dims, stride_dom, stride_dod, len_q, head_dim)
+        lse = tl.load(lse_base + rows, mask=rows < len_q, other=0.0)
+        delta = tl.load(delta_base + rows, mask=rows < len_q, other=0.0)
+        # Work transposed, (keys, queries), so every dot below takes its operands as loaded.
+        scores_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
+        visible_t = tl.trans(_visible(rows, cols, len_k, CAUSAL)) & (rows[None, :] < len_q)
+        p_t = tl.where(visible_t, tl.exp2(scores_t - lse[None, :]), 0.0)
+        dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
+
+    _store_tile(DK + _head_offset(pid_bh, num_heads, stride_dkb, stride_dkh), (dk * sm_scale).to(DK.dtype.element_ty),
+                cols, dims, stride_dkn, stride_dkd, len_k, head_dim)
+    _store_tile(DV + _head_offset(pid_bh, num_heads, stride_dvb, stride_dvh), dv.to(DV.dtype.element_ty),
+                cols, dims, stride_dvn, stride_dvd, len_k, head_dim)
+
+
+@triton.jit
+def _attention_backward_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    num_heads, len_q, len_k, head_dim, qk_scale, sm_scale,
+    CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """One program per query block: dQ summed over every key block it sees."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    q = _load_tile(Q + _head_offset(pid_bh, num_heads, stride_qb, stride_qh),
+                   rows, dims, stride_qm, stride_qd, len_q, head_dim)
+    do = _load_tile(DO + _head_offset(pid_bh, num_heads, stride_dob, stride_doh),
+                    rows, dims, stride_dom, stride_dod, len_q, head_dim)
+    lse = tl.load(LSE + pid_bh * len_q + rows, mask=rows < len_q, other=0.0)
+    delta = tl.load(DELTA + pid_bh * len_q + rows, mask=rows < len_q, other=0.0)
+    k_base = K + _head_offset(pid_bh, num_heads, stride_kb, stride_kh)
+    v_base = V + _head_offset(pid_bh, num_heads, stride_vb, stride_vh)
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    end_n = len_k
+    if CAUSAL:
+        end_n = tl.minimum(len_k, (pid_m + 1) * BLOCK_M)
+    for start_n in range(0, end_n, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        k = _load_tile(k_base, cols, dims, stride_kn, stride_kd, len_k, head_dim)
+        v_t = _load_tile(v_base, dims, cols, stride_vd, stride_vn, head_dim, len_k)
+        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        visible = _visible(rows, cols, len_k, CAUSAL) & (rows[:, None] < len_q)
+        p = tl.where(visible, tl.exp2(scores - lse[:, None]), 0.0)
+        dp = tl.dot(do, v_t, input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+
+    _store_tile(DQ + _head_offset(pid_bh, num_heads, stride_dqb, stride_dqh), (dq * sm_scale).to(DQ.dtype.element_ty),
+                rows, dims, stride_dqm, stride_dqd, len_q, head_dim)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Launchers
+
+
+class AttentionBlocks(NamedTuple):
+    """Tile sizes and launch settings of one attention kernel."""
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+class AttentionConfig(NamedTuple):
+    forward: AttentionBlocks
+    backward: AttentionBlocks
+
+
+def padded_head_dim(head_dim: int) -> int:
+    # tl.dot needs every extent >= 16.
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def default_attention_config(head_dim: int, dtype: torch.dtype) -> AttentionConfig:
+    """Tiles that fit an A100/H100's shared memory and registers for this (padded) head dim."""
+    padded = padded_head_dim(head_dim)
+    wide = dtype == torch.float32  # fp32 tiles take twice the SRAM: halve the query tile
+    if padded <= 64:
+        forward, backward = AttentionBlocks(128, 64, 4, 3), AttentionBlocks(64, 64, 4, 2)
+    elif padded <= 128:
+        forward, backward = AttentionBlocks(128, 32, 8, 2), AttentionBlocks(64, 32, 4, 2)
+    else:
+        forward, backward = AttentionBlocks(64, 32, 4, 2), AttentionBlocks(32, 32, 4, 1)
+    if wide:
+        forward = forward._replace(block_m=max(16, forward.block_m // 2), num_stages=1)
+        backward = backward._replace(num_stages=1)
+    return AttentionConfig(forward, backward)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # TF32 would round fp32 inputs to 10 mantissa bits; for 16-bit inputs the setting changes nothing.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _strides(t: torch.Tensor) -> tuple[int, ...]:
+    return tuple(t.stride())
+
+
+def _attention_forward(q, k, v, causal: bool, blocks: AttentionBlocks):
+    batch, heads, len_q, head_dim = q.shape
+    len_k = k.shape[2]
+    out = torch.empty_like(q)
+    lse = torch.empty(batch * heads, len_q, device=q.device, dtype=torch.float32)
+    grid = (triton.cdiv(len_q, blocks.block_m), batch * heads)
+    _attention_forward_kernel[grid](
+        q, k, v, out, lse,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(out),
+        heads, len_q, len_k, head_dim, LOG2E / math.sqrt(head_dim),
+        CAUSAL=causal, PRECISION=_dot_precision(q.dtype),
+        BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n, BLOCK_D=padded_head_dim(head_dim),
+        num_warps=blocks.num_warps, num_stages=blocks.num_stages,
+    )
+    return out, lse
+
+
+def _attention_backward(q, k, v, out, lse, grad_out, causal: bool, blocks: AttentionBlocks):
+    batch, heads, len_q, head_dim = q.shape
+    len_k = k.shape[2]
+    block_d = padded_head_dim(head_dim)
+    sm_scale = 1.0 / math.sqrt(head_dim)
+    common = dict(CAUSAL=causal, PRECISION=_dot_precision(q.dtype), BLOCK_M=blocks.block_m,
+                  BLOCK_N=blocks.block_n, BLOCK_D=block_d, num_warps=blocks.num_warps,
+                  num_stages=blocks.num_stages)
+
+    delta = torch.empty_like(lse)
+    q_blocks = triton.cdiv(len_q, blocks.block_m)
+    _attention_backward_delta_kernel[(q_blocks, batch * heads)](
+        out, grad_out, delta, *_strides(out), *_strides(grad_out), heads, len_q, head_dim,
+        BLOCK_M=blocks.block_m, BLOCK_D=block_d, num_warps=blocks.num_warps,
+    )
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    _attention_backward_dkdv_kernel[(triton.cdiv(len_k, blocks.block_n), batch * heads)](
+        q, k, v, grad_out, lse, delta, dk, dv,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dk), *_strides(dv),
+        heads, len_q, len_k, head_dim, LOG2E * sm_scale, sm_scale, **common,
+    )
+    _attention_backward_dq_kernel[(q_blocks, batch * heads)](
+        q, k, v, grad_out, lse, delta, dq,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dq),
+        heads, len_q, len_k, head_dim, LOG2E * sm_scale, sm_scale, **common,
+    )
+    return dq, dk, dv
+
+
+class FlashAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, causal: bool, config: AttentionConfig):
+        out, lse = _attention_forward(q, k, v, causal, config.forward)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.causal, ctx.config = causal, config
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = _attention_backward(q, k, v, out, lse, grad_out, ctx.causal, ctx.config.backward)
+        return dq, dk, dv, None, None
+
+
+def flash_attention(q, k, v, causal: bool = False, config: AttentionConfig | None = None) -> torch.Tensor:
+    """The Triton path of `attention`, on any device Triton can launch on (CUDA, or CPU when interpreted)."""
+    if config is None:
+        config = default_attention_config(q.shape[-1], q.dtype)
+    return FlashAttention.apply(q, k, v, causal, config)
+
+
+def _kernel_supports(q, k, v) -> bool:
+    """Shapes and dtypes the kernel handles; anything else (never used by SD) takes the reference."""
+    return (q.dim() == k.dim() == v.dim() == 4 and q.dtype == k.dtype == v.dtype
+            and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
+            and q.shape[:2] == k.shape[:2] == v.shape[:2] and k.shape[2] == v.shape[2]
+            and q.shape[3] == k.shape[3] == v.shape[3] <= 256)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False) -> torch.Tensor:
     """q: (B, H, Lq, D), k and v: (B, H, Lk, D) -> (B, H, Lq, D). Scale 1/sqrt(D)."""
-    if use_triton(q, k, v):
-        pass  # TODO(kernels issue): Triton flash attention
+    if use_triton(q, k, v) and _kernel_supports(q, k, v):
+        return flash_attention(q, k, v, causal)
     return attention_reference(q, k, v, causal)

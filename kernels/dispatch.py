@@ -1,21 +1,27 @@
-"""Decides, per call, whether a Triton kernel or the PyTorch reference runs."""
-import functools
+"""Decides, per call, whether a Triton kernel or the PyTorch reference runs.
+
+The kernel modules import triton unconditionally (it is a runtime requirement); what varies per call is
+the device: Triton kernels launch only on CUDA tensors. `SVP_KERNELS=torch` forces the reference
+everywhere (to compare, or to debug); `SVP_KERNELS=auto` (or unset) is the default.
+"""
 import os
 
 import torch
 
+KERNEL_MODES = ("auto", "torch")
 
-@functools.cache
-def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+
+class KernelModeError(ValueError):
+    pass
+
+
+def kernel_mode() -> str:
+    mode = os.environ.get("SVP_KERNELS", "auto").strip().lower() or "auto"
+    if mode not in KERNEL_MODES:
+        raise KernelModeError(f"SVP_KERNELS={mode!r}: expected one of {', '.join(KERNEL_MODES)}")
+    return mode
 
 
 def use_triton(*tensors: torch.Tensor) -> bool:
     """True when every tensor lives on a CUDA device and kernels are not switched off."""
-    if os.environ.get("SVP_KERNELS", "").lower() == "torch":
-        return False
-    return all(t.is_cuda for t in tensors) and triton_available()
+    return kernel_mode() == "auto" and all(t.is_cuda for t in tensors)

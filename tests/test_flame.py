@@ -1,0 +1,251 @@
+"""FLAME loading (safe unpickling, wrong files), the toy head files, and parity with smplx's FLAME."""
+import copyreg
+import os
+import pickle
+import shutil
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from tracking import flame, toyhead
+from tracking.flame import FLAME, FlameFileError
+
+
+@pytest.fixture(scope="module")
+def toy_dir(tmp_path_factory):
+    directory = str(tmp_path_factory.mktemp("toy"))
+    toyhead.write_toy_flame(directory, seed=0)
+    return directory
+
+
+def _rel_err(ours, ref):
+    return float((ours - ref).norm() / ref.norm())
+
+
+# --------------------------------------------------------------------------- toy files
+
+def test_toy_files_have_flame_layout_and_are_deterministic(toy_dir, tmp_path):
+    with open(os.path.join(toy_dir, "generic_model.pkl"), "rb") as f:
+        raw = pickle.load(f)  # plain pickle works too: only numpy and scipy.sparse inside
+    n = raw["v_template"].shape[0]
+    assert raw["shapedirs"].shape == (n, 3, 400) and raw["posedirs"].shape == (n, 3, 36)
+    assert raw["J_regressor"].shape == (5, n) and "sparse" in type(raw["J_regressor"]).__module__
+    assert raw["weights"].shape == (n, 5) and np.allclose(raw["weights"].sum(1), 1)
+    assert raw["kintree_table"].shape == (2, 5) and raw["f"].shape[1] == 3
+    again = toyhead.write_toy_flame(str(tmp_path), seed=0)
+    for name, path in again.items():
+        with open(path, "rb") as a, open(os.path.join(toy_dir, name), "rb") as b:
+            assert a.read() == b.read(), name
+
+
+def test_both_embedding_formats_agree(toy_dir):
+    deca = flame.load_landmark_embedding(os.path.join(toy_dir, "landmark_embedding.npy"))
+    static = flame.load_landmark_embedding(os.path.join(toy_dir, "flame_static_embedding.pkl"))
+    assert deca.faces_idx.shape == (68,) and deca.contour_faces_idx.shape == (79, 17)
+    np.testing.assert_array_equal(deca.faces_idx, static.faces_idx)
+    np.testing.assert_allclose(deca.bary_coords, static.bary_coords)
+
+
+# --------------------------------------------------------------------------- parity with smplx
+
+def _random_contour_table(directory, model, rng):
+    """A flame_dynamic_embedding.npy whose 79 rows differ, so the yaw look-up is really exercised."""
+    faces = rng.integers(0, len(model["f"]), size=(79, 17))
+    bary = rng.uniform(0.1, 1, size=(79, 17, 3))
+    bary /= bary.sum(-1, keepdims=True)
+    np.save(os.path.join(directory, "flame_dynamic_embedding.npy"),
+            np.array({"lmk_face_idx": faces, "lmk_b_coords": bary}, dtype=object))
+
+
+@pytest.fixture(scope="module")
+def oracle_dir(toy_dir, tmp_path_factory):
+    """Files as smplx.create expects them: <dir>/FLAME_NEUTRAL.pkl + static and dynamic embeddings."""
+    directory = os.path.join(str(tmp_path_factory.mktemp("smplx")), "flame")
+    os.makedirs(directory)
+    shutil.copy(os.path.join(toy_dir, "generic_model.pkl"), os.path.join(directory, "FLAME_NEUTRAL.pkl"))
+    shutil.copy(os.path.join(toy_dir, "flame_static_embedding.pkl"), directory)
+    model = flame.load_flame_model(os.path.join(toy_dir, "generic_model.pkl"))
+    _random_contour_table(directory, model, np.random.default_rng(1))
+    return directory
+
+
+def _random_params(batch, gen, n_shape=300, n_exp=100):
+    rnd = lambda *s, scale=1.0: torch.randn(*s, generator=gen) * scale
+    params = dict(shape=rnd(batch, n_shape), expression=rnd(batch, n_exp),
+                  global_rot=rnd(batch, 3, scale=0.4), neck_rot=rnd(batch, 3, scale=0.2),
+                  jaw_rot=rnd(batch, 3, scale=0.2), eye_rots=rnd(batch, 6, scale=0.2),
+                  translation=rnd(batch, 3, scale=0.1))
+    params["global_rot"][:, 1] = torch.linspace(-1.0, 1.0, batch)  # yaw across all table rows
+    return params
+
+
+def _smplx_flame(directory, batch, contour):
+    smplx = pytest.importorskip("smplx")
+    oracle = smplx.create(os.path.dirname(directory), model_type="flame", num_betas=300, num_expression_coeffs=100,
+                          use_face_contour=contour, batch_size=batch)
+    if contour:
+        oracle.neck_kin_chain = torch.tensor([1, 0])  # DECA's chain: yaw of global * neck
+    return oracle
+
+
+def _smplx_forward(oracle, p):
+    out = oracle(betas=p["shape"], expression=p["expression"], global_orient=p["global_rot"],
+                 neck_pose=p["neck_rot"], jaw_pose=p["jaw_rot"], leye_pose=p["eye_rots"][:, :3],
+                 reye_pose=p["eye_rots"][:, 3:], transl=p["translation"])
+    return out.vertices, out.joints[:, 5:]  # smplx appends the landmarks after the 5 joints
+
+
+@pytest.mark.parametrize("contour", [False, True])
+def test_matches_smplx(oracle_dir, contour):
+    batch = 12
+    params = _random_params(batch, torch.Generator().manual_seed(0))
+    ours = FLAME.from_files(os.path.join(oracle_dir, "FLAME_NEUTRAL.pkl"),
+                            os.path.join(oracle_dir, "flame_static_embedding.pkl"),
+                            n_shape=300, n_exp=100, dynamic_contour=contour)
+    verts, lmks = ours(**params)
+    ref_verts, ref_lmks = _smplx_forward(_smplx_flame(oracle_dir, batch, contour), params)
+    assert _rel_err(verts, ref_verts) <= 1e-5
+    assert (verts - ref_verts).abs().max() <= 1e-5
+    ref_inner, ref_contour = ref_lmks[:, :51], ref_lmks[:, 51:]   # smplx: static first, then contour
+    assert _rel_err(lmks[:, 17:], ref_inner) <= 1e-5
+    if contour:
+        assert _rel_err(lmks[:, :17], ref_contour) <= 1e-5
+        rows = flame.rotation_yaw_index(flame.axis_angle_to_matrix(params["global_rot"])
+                                        @ flame.axis_angle_to_matrix(params["neck_rot"]))
+        assert len(set(rows.tolist())) >= 8  # many different rows of the table were used
+
+
+def test_fewer_components_equal_zero_padding(toy_dir):
+    model = flame.load_flame_model(os.path.join(toy_dir, "generic_model.pkl"))
+    emb = flame.load_landmark_embedding(os.path.join(toy_dir, "landmark_embedding.npy"))
+    small, full = FLAME(model, emb, n_shape=20, n_exp=50), FLAME(model, emb, n_shape=300, n_exp=100)
+    p = _random_params(3, torch.Generator().manual_seed(2), n_shape=20, n_exp=50)
+    padded = dict(p, shape=torch.nn.functional.pad(p["shape"], (0, 280)),
+                  expression=torch.nn.functional.pad(p["expression"], (0, 50)))
+    torch.testing.assert_close(small(**p)[0], full(**padded)[0], rtol=1e-5, atol=1e-6)
+
+
+def test_forward_is_differentiable(toy_dir):
+    ours = FLAME.from_files(os.path.join(toy_dir, "generic_model.pkl"),
+                            os.path.join(toy_dir, "landmark_embedding.npy"))
+    params = {k: v.requires_grad_() for k, v in _random_params(2, torch.Generator().manual_seed(3), 100, 50).items()}
+    params["global_rot"].data[0] = 0  # Rodrigues at the identity must have finite gradients
+    verts, lmks = ours(**params)
+    (verts.square().sum() + lmks.square().sum()).backward()
+    for name, p in params.items():
+        assert torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+
+
+def test_axis_angle_round_trip():
+    aa = torch.randn(50, 3, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    aa = aa / aa.norm(dim=1, keepdim=True) * torch.linspace(0, 3.1, 50, dtype=torch.float64)[:, None]
+    back = flame.matrix_to_axis_angle(flame.axis_angle_to_matrix(aa).numpy())
+    np.testing.assert_allclose(back, aa.numpy(), atol=1e-6)
+
+
+# --------------------------------------------------------------------------- render regions
+
+def test_face_regions_find_eyes_and_mouth(toy_dir):
+    ours = FLAME.from_files(os.path.join(toy_dir, "generic_model.pkl"),
+                            os.path.join(toy_dir, "landmark_embedding.npy"))
+    regions, faces = ours.face_regions, ours.render_faces
+    weights = ours.lbs_weights
+    for label, joint in ((flame.LEFT_EYE_REGION, flame.LEFT_EYE), (flame.RIGHT_EYE_REGION, flame.RIGHT_EYE)):
+        eye_faces = faces[regions == label]
+        assert len(eye_faces) > 0 and (weights[eye_faces, joint] > 0.5).all()
+    mouth = faces[regions == flame.MOUTH_INTERIOR]
+    assert len(mouth) > 0
+
+    def mouth_area(jaw):
+        verts, _ = ours(torch.zeros(1, 100), torch.zeros(1, 50), jaw_rot=torch.tensor([[jaw, 0.0, 0.0]]))
+        tri = verts[0][mouth]
+        return torch.linalg.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]).norm(dim=1).sum() / 2
+
+    assert mouth_area(0.3) > 5 * mouth_area(0.0)  # opening the jaw opens the mouth-interior fan
+
+
+# --------------------------------------------------------------------------- safe loading
+
+class _Evil:
+    def __init__(self, func, arg):
+        self.func, self.arg = func, arg
+
+    def __reduce__(self):
+        return self.func, (self.arg,)
+
+
+@pytest.mark.parametrize("make", ["os_system", "eval"])
+def test_code_in_pickles_is_refused(tmp_path, make):
+    marker = tmp_path / "pwned"
+    payload = (_Evil(os.system, f"touch {marker}") if make == "os_system"
+               else _Evil(eval, f"open({str(marker)!r}, 'w').close()"))
+    pkl = tmp_path / "generic_model.pkl"
+    pkl.write_bytes(pickle.dumps({"v_template": payload}, protocol=2))
+    npy = tmp_path / "landmark_embedding.npy"
+    np.save(npy, np.array({"full_lmk_faces_idx": payload}, dtype=object))
+    with pytest.raises(FlameFileError, match="generic_model.pkl.*refusing"):
+        flame.load_flame_model(str(pkl))
+    with pytest.raises(FlameFileError, match="landmark_embedding.npy.*refusing"):
+        flame.load_landmark_embedding(str(npy))
+    assert not marker.exists()
+
+
+def test_chumpy_pickle_loads_without_chumpy(tmp_path, toy_dir, monkeypatch):
+    """A Python-2-style pickle holding chumpy.ch.Ch objects (state {'x': array, ...}) loads as numpy."""
+    chumpy, ch = types.ModuleType("chumpy"), types.ModuleType("chumpy.ch")
+
+    class Ch:
+        def __init__(self, x):
+            self.x, self._dirty_vars = x, set()
+
+    Ch.__module__, Ch.__qualname__, ch.Ch = "chumpy.ch", "Ch", Ch
+    monkeypatch.setitem(sys.modules, "chumpy", chumpy)
+    monkeypatch.setitem(sys.modules, "chumpy.ch", ch)
+    with open(os.path.join(toy_dir, "generic_model.pkl"), "rb") as f:
+        raw = pickle.load(f)
+    wrapped = {k: Ch(v) if k in ("v_template", "shapedirs", "posedirs", "weights") else v
+               for k, v in raw.items()}
+    path = tmp_path / "generic_model.pkl"
+    path.write_bytes(pickle.dumps(wrapped, protocol=2))  # protocol 2 writes copy_reg/__builtin__ names
+    monkeypatch.delitem(sys.modules, "chumpy.ch")
+    monkeypatch.delitem(sys.modules, "chumpy")
+    model = flame.load_flame_model(str(path))
+    np.testing.assert_array_equal(model["shapedirs"], raw["shapedirs"])
+    np.testing.assert_array_equal(model["J_regressor"], raw["J_regressor"].toarray())
+
+
+def test_deca_embedding_with_torch_tensors(tmp_path, toy_dir):
+    """DECA's landmark_embedding.npy stores the dynamic table as torch tensors."""
+    data = flame.load_npy(os.path.join(toy_dir, "landmark_embedding.npy"))
+    data["dynamic_lmk_faces_idx"] = torch.from_numpy(data["dynamic_lmk_faces_idx"])
+    data["dynamic_lmk_bary_coords"] = torch.from_numpy(data["dynamic_lmk_bary_coords"]).float()
+    path = str(tmp_path / "landmark_embedding.npy")
+    np.save(path, np.array(data, dtype=object))
+    emb = flame.load_landmark_embedding(path)
+    np.testing.assert_array_equal(emb.contour_faces_idx, data["dynamic_lmk_faces_idx"].numpy())
+
+
+def test_wrong_files_give_clear_errors(tmp_path, toy_dir):
+    with open(os.path.join(toy_dir, "generic_model.pkl"), "rb") as f:
+        raw = pickle.load(f)
+    del raw["shapedirs"]
+    no_shapedirs = tmp_path / "no_shapedirs.pkl"
+    no_shapedirs.write_bytes(pickle.dumps(raw))
+    with pytest.raises(FlameFileError, match="no_shapedirs.pkl.*shapedirs"):
+        flame.load_flame_model(str(no_shapedirs))
+    garbage = tmp_path / "garbage.pkl"
+    garbage.write_bytes(np.random.default_rng(0).bytes(1000))
+    with pytest.raises(FlameFileError, match="garbage.pkl"):
+        flame.load_flame_model(str(garbage))
+    with pytest.raises(FlameFileError, match="missing.pkl.*not found"):
+        flame.load_flame_model(str(tmp_path / "missing.pkl"))
+    with pytest.raises(FlameFileError, match="generic_model.pkl.*not a landmark embedding"):
+        flame.load_landmark_embedding(os.path.join(toy_dir, "generic_model.pkl"))
+    lonely = tmp_path / "lonely" / "flame_static_embedding.pkl"
+    lonely.parent.mkdir()
+    shutil.copy(os.path.join(toy_dir, "flame_static_embedding.pkl"), lonely)
+    with pytest.raises(FlameFileError, match="flame_dynamic_embedding.npy"):
+        flame.load_landmark_embedding(str(lonely))

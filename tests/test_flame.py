@@ -118,6 +118,18 @@ def test_matches_smplx(oracle_dir, contour):
         assert len(set(rows.tolist())) >= 8  # many different rows of the table were used
 
 
+@pytest.mark.parametrize("contour", [False, True])
+def test_landmarks_only_path_matches_full_mesh(oracle_dir, contour):
+    ours = FLAME.from_files(os.path.join(oracle_dir, "FLAME_NEUTRAL.pkl"),
+                            os.path.join(oracle_dir, "flame_static_embedding.pkl"),
+                            n_shape=300, n_exp=100, dynamic_contour=contour)
+    params = _random_params(6, torch.Generator().manual_seed(5))
+    _, full = ours(**params)
+    none, fast = ours(**params, landmarks_only=True)
+    assert none is None and len(ours.lmk_vertex_ids) < len(ours.v_template)
+    torch.testing.assert_close(fast, full, rtol=1e-6, atol=1e-6)
+
+
 def test_fewer_components_equal_zero_padding(toy_dir):
     model = flame.load_flame_model(os.path.join(toy_dir, "generic_model.pkl"))
     emb = flame.load_landmark_embedding(os.path.join(toy_dir, "landmark_embedding.npy"))

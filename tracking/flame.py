@@ -326,18 +326,30 @@ class FLAME(nn.Module):
                                     model["shapedirs"][:, :, SHAPE_SPACE_DIM:SHAPE_SPACE_DIM + n_exp]], 2)
         self.register_buffer("v_template", f32(model["v_template"]))
         self.register_buffer("shapedirs", f32(shapedirs))                           # (V,3,S+E)
-        self.register_buffer("posedirs", f32(model["posedirs"].reshape(-1, 36).T))   # (36, V*3)
-        self.register_buffer("J_regressor", f32(model["J_regressor"]))              # (5,V)
+        self.register_buffer("posedirs", f32(model["posedirs"].transpose(2, 0, 1)))  # (36,V,3)
+        # joints are linear in the blend coefficients: regress template and directions once
+        self.register_buffer("J_template", f32(model["J_regressor"] @ model["v_template"]))
+        self.register_buffer("J_dirs", f32(np.einsum("jv,vkl->jkl", model["J_regressor"], shapedirs)))
         self.register_buffer("lbs_weights", f32(model["weights"]))                  # (V,5)
         self.register_buffer("faces", torch.tensor(model["f"], dtype=torch.long))
         parents = model["kintree_table"][0].copy()
         parents[0] = -1  # stored as an unsigned "no parent"
         self.parents = parents.tolist()
-        self.register_buffer("lmk_faces_idx", torch.tensor(embedding.faces_idx, dtype=torch.long))
+        # landmarks as corner vertex ids (68,3) and barycentric weights; contour table (79,17,3)
+        self.register_buffer("lmk_corners", self.faces[torch.tensor(embedding.faces_idx, dtype=torch.long)])
         self.register_buffer("lmk_bary_coords", f32(embedding.bary_coords))
+        corner_sets = [self.lmk_corners.flatten()]
         if dynamic_contour:
-            self.register_buffer("contour_faces_idx", torch.tensor(embedding.contour_faces_idx))
+            contour = self.faces[torch.tensor(embedding.contour_faces_idx, dtype=torch.long)]
+            self.register_buffer("contour_corners", contour)
             self.register_buffer("contour_bary_coords", f32(embedding.contour_bary_coords))
+            corner_sets.append(contour.flatten())
+        # Fitting only needs the vertices under the landmarks: `landmarks_only` skins just these.
+        ids = torch.unique(torch.cat(corner_sets))
+        self.register_buffer("lmk_vertex_ids", ids)
+        self.register_buffer("lmk_corners_local", torch.searchsorted(ids, self.lmk_corners))
+        if dynamic_contour:
+            self.register_buffer("contour_corners_local", torch.searchsorted(ids, self.contour_corners))
         render_faces, regions = face_regions(model["f"], model["weights"], model["v_template"],
                                              embedding)
         self.register_buffer("render_faces", torch.tensor(render_faces, dtype=torch.long))
@@ -358,29 +370,41 @@ class FLAME(nn.Module):
         return axis_angle_to_matrix(pose)
 
     def forward(self, shape, expression, global_rot=None, neck_rot=None, jaw_rot=None,
-                eye_rots=None, translation=None):
+                eye_rots=None, translation=None, landmarks_only=False):
+        """-> (vertices (B,V,3), landmarks (B,68,3)); with landmarks_only, vertices is None and
+        only the vertices under the landmarks are skinned (what fitting needs, much cheaper)."""
         batch = max(shape.shape[0], expression.shape[0])
         rots = self.pose_matrices(batch, global_rot, neck_rot, jaw_rot, eye_rots)
-        vertices = self.skin(self.blend_coeffs(shape, expression, batch), rots)
+        ids = self.lmk_vertex_ids if landmarks_only else None
+        vertices = self.skin(self.blend_coeffs(shape, expression, batch), rots, ids)
         if translation is not None:
             vertices = vertices + translation[:, None, :]
-        return vertices, self.landmarks(vertices, rots)
+        landmarks = self.landmarks(vertices, rots, local=landmarks_only)
+        return (None if landmarks_only else vertices), landmarks
 
     def blend_coeffs(self, shape, expression, batch):
         """Shape and expression padded with zeros to the model's sizes, as one (B,S+E) vector."""
         pad = lambda x, n: torch.nn.functional.pad(x, (0, n - x.shape[1])).expand(batch, n)
         return torch.cat([pad(shape, self.n_shape), pad(expression, self.n_exp)], 1)
 
-    def skin(self, coeffs, rots):
-        """Linear blend skinning: blendshapes, pose correctives, kinematic chain -> (B,V,3)."""
-        v_shaped = self.v_template + torch.einsum("bl,vkl->bvk", coeffs, self.shapedirs)
-        joints = torch.einsum("jv,bvk->bjk", self.J_regressor, v_shaped)
+    def skin(self, coeffs, rots, vertex_ids=None):
+        """Linear blend skinning of all vertices, or of `vertex_ids` only -> (B,V',3).
+
+        Blendshapes, pose correctives from (R - I) of the 4 non-root joints, then the kinematic
+        chain; joints are regressed from the shaped (unposed) mesh.
+        """
+        template, dirs, posedirs, weights = self.v_template, self.shapedirs, self.posedirs, self.lbs_weights
+        if vertex_ids is not None:
+            template, dirs, weights = template[vertex_ids], dirs[vertex_ids], weights[vertex_ids]
+            posedirs = posedirs[:, vertex_ids]
+        v_shaped = template + torch.einsum("bl,vkl->bvk", coeffs, dirs)
+        joints = self.J_template + torch.einsum("bl,jkl->bjk", coeffs, self.J_dirs)
         eye = torch.eye(3, dtype=rots.dtype, device=rots.device)
         pose_feature = (rots[:, 1:] - eye).flatten(1)                    # (B,36)
-        v_posed = v_shaped + (pose_feature @ self.posedirs).view_as(v_shaped)
+        v_posed = v_shaped + torch.einsum("bp,pvk->bvk", pose_feature, posedirs)
         world_rot, world_offset = self.joint_transforms(rots, joints)
-        blended_rot = torch.einsum("vj,bjkl->bvkl", self.lbs_weights, world_rot)
-        blended_offset = torch.einsum("vj,bjk->bvk", self.lbs_weights, world_offset)
+        blended_rot = torch.einsum("vj,bjkl->bvkl", weights, world_rot)
+        blended_offset = torch.einsum("vj,bjk->bvk", weights, world_offset)
         return (blended_rot @ v_posed[..., None])[..., 0] + blended_offset
 
     def joint_transforms(self, rots, joints):
@@ -397,17 +421,20 @@ class FLAME(nn.Module):
         world_rot, world_pos = torch.stack(world_rot, 1), torch.stack(world_pos, 1)
         return world_rot, world_pos - (world_rot @ joints[..., None])[..., 0]
 
-    def landmarks(self, vertices, rots):
-        """68 iBUG landmarks (B,68,3) by barycentric interpolation on the posed mesh."""
+    def landmarks(self, vertices, rots, local=False):
+        """68 iBUG landmarks (B,68,3) by barycentric interpolation on the posed mesh.
+
+        `vertices` holds all vertices, or (local) only those listed in `lmk_vertex_ids`.
+        """
         batch = vertices.shape[0]
-        faces_idx = self.lmk_faces_idx.expand(batch, -1)
+        corners = (self.lmk_corners_local if local else self.lmk_corners).expand(batch, -1, -1)
         bary = self.lmk_bary_coords.expand(batch, -1, -1)
         if self.dynamic_contour:
             # yaw of the head relative to the camera: global rotation composed with the neck
             row = rotation_yaw_index(rots[:, GLOBAL] @ rots[:, NECK])
-            faces_idx = torch.cat([self.contour_faces_idx[row], faces_idx[:, N_CONTOUR:]], 1)
+            contour = self.contour_corners_local if local else self.contour_corners
+            corners = torch.cat([contour[row], corners[:, N_CONTOUR:]], 1)
             bary = torch.cat([self.contour_bary_coords[row], bary[:, N_CONTOUR:]], 1)
-        corners = self.faces[faces_idx]                                       # (B,68,3)
         corner_pos = torch.gather(vertices, 1, corners.flatten(1)[..., None].expand(-1, -1, 3))
         return (corner_pos.view(batch, -1, 3, 3) * bary[..., None]).sum(2)
 

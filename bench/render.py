@@ -1,0 +1,71 @@
+"""Rasterizer throughput: frames/s of `conditioning_image` at 512^2 for a FLAME-sized mesh.
+
+FLAME has 5023 vertices and 9976 faces; a 50 x 100 UV ellipsoid (4902 vertices, 9800 faces) stands in
+for it, filling about half of the image like a tracked face crop.
+
+    python bench/render.py [--size 512] [--frames 8] [--batch 1]
+"""
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tracking.render import conditioning_image  # noqa: E402
+
+
+def uv_ellipsoid(rings, segments, radii=(1.0, 1.0, 1.0)):
+    """Closed UV ellipsoid: vertices (V, 3) float32 and outward counter-clockwise faces (F, 3)."""
+    theta = torch.linspace(0, torch.pi, rings + 1)[1:-1]  # polar angles of the inner rings
+    phi = torch.arange(segments) * (2 * torch.pi / segments)
+    ring = torch.stack(
+        [theta.sin()[:, None] * phi.cos(), theta.sin()[:, None] * phi.sin(), theta.cos()[:, None].expand(-1, segments)], -1
+    ).reshape(-1, 3)
+    verts = torch.cat([torch.tensor([[0.0, 0.0, 1.0]]), ring, torch.tensor([[0.0, 0.0, -1.0]])]) * torch.tensor(radii)
+    north, south = 0, len(verts) - 1
+    idx = torch.arange(segments)
+    nxt = (idx + 1) % segments
+    faces = [torch.stack([torch.full_like(idx, north), 1 + idx, 1 + nxt], 1)]
+    for r in range(rings - 2):
+        a, b = 1 + r * segments + idx, 1 + r * segments + nxt
+        c, d = a + segments, b + segments
+        faces += [torch.stack([a, c, d], 1), torch.stack([a, d, b], 1)]
+    last = 1 + (rings - 2) * segments
+    faces.append(torch.stack([last + idx, torch.full_like(idx, south), last + nxt], 1))
+    return verts, torch.cat(faces)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--frames", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=1)
+    args = parser.parse_args()
+
+    verts, faces = uv_ellipsoid(50, 100, radii=(0.09, 0.12, 0.1))  # head-sized, metres
+    labels = torch.randint(0, 4, (len(faces),))
+    focal = args.size * 2.0
+    frames = []
+    for i in range(args.batch):  # slightly different poses per frame
+        angle = torch.tensor(0.1 * i)
+        rot = torch.tensor([[angle.cos(), 0, angle.sin()], [0, 1, 0], [-angle.sin(), 0, angle.cos()]])
+        frames.append(verts @ rot.T + torch.tensor([0.0, 0.0, 0.5]))
+    batch = torch.stack(frames)
+
+    conditioning_image(batch, faces, focal, args.size, face_labels=labels)  # warm-up
+    start = time.perf_counter()
+    for _ in range(args.frames):
+        out = conditioning_image(batch, faces, focal, args.size, face_labels=labels)
+    seconds = time.perf_counter() - start
+    coverage = out[:, -1].mean().item()
+    print(
+        f"{len(verts)} vertices, {len(faces)} faces, {args.size}x{args.size}, batch {args.batch}, "
+        f"{torch.get_num_threads()} threads, coverage {coverage:.2f}: "
+        f"{args.frames * args.batch / seconds:.1f} frames/s"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,373 @@
+"""A z-buffered triangle rasterizer in plain PyTorch, and the conditioning maps rendered with it.
+
+Conventions (OpenCV pinhole camera):
+- Vertices are given in camera space, shape (B, V, 3): x right, y down, z forward (the camera looks
+  down +z; visible geometry has z > 0).
+- Projection: u = focal * x / z + cx, v = focal * y / z + cy, in pixels. The principal point (cx, cy)
+  defaults to the image centre (W / 2, H / 2). Pixel (i, j) (column i, row j) covers [i, i+1) x [j, j+1)
+  and is sampled at its centre (i + 0.5, j + 0.5).
+- Projected vertices are snapped to a fixed-point grid of 1/256 pixel, like GPU rasterizers, so that
+  coverage is decided by exact integer edge functions. A pixel centre on a shared edge belongs to
+  exactly one of the two triangles (top-left fill rule, y down), so meshes have no cracks and no
+  double-covered pixels. Both windings are drawn (no back-face culling).
+- Depth test: the smaller camera z (rounded to float32) wins; equal depths go to the smaller face
+  index. This is one int64 key per pixel (float32 depth bits above the face index), reduced with
+  scatter_reduce(amin), so the result does not depend on processing order.
+- Triangles with a vertex at z <= near, or projecting more than 2^20 pixels off-screen, are dropped
+  (there is no clipping; only geometry touching the camera plane is affected).
+- Attributes are interpolated perspective-correctly with the winning face's barycentrics.
+"""
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+SUBPIXEL = 256  # fixed-point steps per pixel (8 subpixel bits)
+_GUARD = 2**28  # max |fixed-point coordinate|; keeps every edge-function product far below 2^63
+_BACKGROUND_KEY = torch.iinfo(torch.int64).max
+
+# Per-face region labels understood by `conditioning_image`.
+REGION_SKIN, REGION_LEFT_EYE, REGION_RIGHT_EYE, REGION_MOUTH = 0, 1, 2, 3
+
+# Channel order of `conditioning_image`; every channel lies in [0, 1].
+CONDITIONING_CHANNELS = (
+    "normal_x",  # camera-space unit normal mapped by (n + 1) / 2; background 0.5, 0.5, 0.5
+    "normal_y",
+    "normal_z",
+    "depth",  # 1 at the nearest foreground point, falling towards 0 with distance; background 0
+    "left_eye",  # region masks from the per-face labels above
+    "right_eye",
+    "mouth",
+    "foreground",
+)
+
+
+@dataclass
+class Raster:
+    """Per-pixel result of `rasterize` for B frames of H x W pixels."""
+
+    face: torch.Tensor  # (B, H, W) int64 index of the visible face, -1 on the background
+    depth: torch.Tensor  # (B, H, W) float32 camera-space z of the visible surface, 0 on the background
+    bary: torch.Tensor  # (B, H, W, 3) float32 perspective-correct barycentrics, 0 on the background
+
+    @property
+    def mask(self):
+        return self.face >= 0
+
+
+def _image_hw(image_size):
+    if isinstance(image_size, int):
+        return image_size, image_size
+    return tuple(image_size)
+
+
+def _per_frame(value, batch, dtype, width):
+    """Broadcast a scalar / (width,) / (B,) / (B, width) camera parameter to (B, width) float64."""
+    t = torch.as_tensor(value, dtype=dtype)
+    if t.dim() == 0 or (t.dim() == 1 and t.numel() == width):
+        return t.reshape(1, -1).expand(batch, width)
+    return t.reshape(batch, -1).expand(batch, width)
+
+
+def project(verts, focal, image_size=512, principal=None):
+    """Pinhole projection of camera-space vertices (B, V, 3) to float64 pixel coordinates (B, V, 2).
+
+    focal: pixels, a scalar or one per frame (B,); principal: (2,) or (B, 2) as (cx, cy), default the
+    image centre.
+    """
+    height, width = _image_hw(image_size)
+    batch = verts.shape[0]
+    v = verts.detach().to(torch.float64)
+    f = _per_frame(focal, batch, torch.float64, 1)
+    c = _per_frame((width / 2, height / 2) if principal is None else principal, batch, torch.float64, 2)
+    z = v[..., 2]
+    u = v[..., 0] / z * f + c[:, :1]
+    w = v[..., 1] / z * f + c[:, 1:]
+    return torch.stack([u, w], dim=-1)
+
+
+def _edge(ax, ay, bx, by, px, py):
+    """Edge function of the directed edge a->b at p: > 0 on the inner side of a positive triangle."""
+    return (bx - ax) * (py - ay) - (by - ay) * (px - ax)
+
+
+def _is_top_left(ax, ay, bx, by):
+    """Top-left rule for a positively oriented triangle in a y-down image: a top edge is horizontal
+    with the interior below it (it runs towards +x), a left edge runs upwards (towards -y)."""
+    return ((ay == by) & (bx > ax)) | (by < ay)
+
+
+@dataclass
+class _Triangles:
+    """Screen-space setup of the triangles that survive culling, one row per (frame, face).
+
+    Corners are reordered (1 <-> 2) where needed so that every triangle has a positive area. Edge
+    functions and 1/z are affine in the pixel position, so each triangle keeps their values at the
+    centre of the first pixel of its bounding box and their steps per pixel.
+    """
+
+    face: torch.Tensor  # (T,) int64 face index
+    first_pixel: torch.Tensor  # (T,) int64 flat index (frame, row, column) of the bounding box corner
+    box: torch.Tensor  # (2, T) int64 bounding box width - 1, height - 1 in pixels
+    edge_origin: torch.Tensor  # (3, T) int64 edge functions (i opposite corner i) minus the fill bias
+    edge_step: torch.Tensor  # (2, 3, T) int64 change per pixel in x, in y
+    corner_offset: torch.Tensor  # (2, T) int64 first pixel centre minus corner 0, fixed point
+    inv_z: torch.Tensor  # (T,) float64 1/z at corner 0
+    inv_z_grad: torch.Tensor  # (2, T) float64 change of 1/z per fixed-point unit in x, in y
+
+
+def _snap(verts, focal, height, width, principal):
+    """Fixed-point screen positions (float64 holding integers) of camera-space vertices."""
+    return torch.floor(project(verts, focal, (height, width), principal) * SUBPIXEL + 0.5)
+
+
+def _setup_triangles(verts, faces, focal, height, width, principal, near):
+    fixed = _snap(verts, focal, height, width, principal)
+    tri_z = verts.detach().to(torch.float64)[..., 2][:, faces]  # (B, F, 3)
+    tri_xy = fixed[:, faces]  # (B, F, 3, 2)
+    keep = (tri_z > near).all(-1) & (tri_xy.abs() < _GUARD).flatten(-2).all(-1)
+    tri_xy = torch.where(keep[..., None, None], tri_xy, 0).to(torch.int64)
+    area = _edge(*tri_xy[..., 0, :].unbind(-1), *tri_xy[..., 1, :].unbind(-1), *tri_xy[..., 2, :].unbind(-1))
+    keep &= area != 0
+    # A negative area is the other winding on screen: swapping two corners makes it positive.
+    corner = torch.where((area < 0)[..., None], torch.tensor([0, 2, 1]), torch.tensor([0, 1, 2]))
+    tri_xy = torch.gather(tri_xy, 2, corner[..., None].expand(*corner.shape, 2))
+    tri_z = torch.gather(tri_z, 2, corner)
+
+    # Inclusive range of pixels whose centres (i + 1/2) * SUBPIXEL lie in the bounding box.
+    half = SUBPIXEL // 2
+    first = -torch.div(half - tri_xy.amin(2), SUBPIXEL, rounding_mode="floor")  # ceil
+    last = torch.div(tri_xy.amax(2) - half, SUBPIXEL, rounding_mode="floor")
+    first = first.clamp(min=0)
+    last = torch.minimum(last, torch.tensor([width - 1, height - 1]))
+    keep &= (first <= last).all(-1)
+
+    frame, face = keep.nonzero(as_tuple=True)
+    xy, first, last = tri_xy[frame, face], first[frame, face], last[frame, face]
+    (x0, y0), (x1, y1), (x2, y2) = (xy[:, i].unbind(-1) for i in range(3))
+    edges = ((x1, y1, x2, y2), (x2, y2, x0, y0), (x0, y0, x1, y1))  # edge i is opposite corner i
+    step_x = torch.stack([ay - by for ax, ay, bx, by in edges])  # per fixed-point unit
+    step_y = torch.stack([bx - ax for ax, ay, bx, by in edges])
+    cx, cy = first[:, 0] * SUBPIXEL + half, first[:, 1] * SUBPIXEL + half
+    fill_bias = torch.stack([(~_is_top_left(*e)).long() for e in edges])
+    inv_z = 1.0 / tri_z[frame, face].T
+    return _Triangles(
+        face=face,
+        first_pixel=(frame * height + first[:, 1]) * width + first[:, 0],
+        box=(last - first).T,
+        edge_origin=torch.stack([_edge(*e, cx, cy) for e in edges]) - fill_bias,
+        edge_step=torch.stack([step_x, step_y]) * SUBPIXEL,
+        corner_offset=torch.stack([cx - x0, cy - y0]),
+        inv_z=inv_z[0],
+        inv_z_grad=torch.stack([_inv_z_gradient(step, inv_z, area[frame, face].abs()) for step in (step_x, step_y)]),
+    )
+
+
+def _inv_z_gradient(edge_step, inv_z, area):
+    """d(1/z)/d(position) of 1/z = sum_i w_i / z_i / area, from the edge functions' steps (3, T)."""
+    step = edge_step.to(torch.float64)
+    return (step[0] * inv_z[0] + step[1] * inv_z[1] + step[2] * inv_z[2]) / area.to(torch.float64)
+
+
+def _chunks(counts, max_count):
+    """Consecutive index ranges whose counts sum to at most max_count (or a single index)."""
+    ends = torch.cumsum(counts, 0)
+    start = 0
+    while start < len(counts):
+        budget = (ends[start - 1] if start > 0 else 0) + max_count
+        stop = max(int(torch.searchsorted(ends, budget, right=True)), start + 1)
+        yield start, stop
+        start = stop
+
+
+_TILE_H, _TILE_W = 2, 4
+
+
+def _tiles(tri, start, stop):
+    """Cover each bounding box of triangles start:stop with _TILE_H x _TILE_W tiles of pixel offsets.
+
+    Returns the triangle of each tile (N,) and the x (N, 1, TW), y (N, TH, 1) pixel offsets from the
+    box corner; offsets past the box are clamped onto its last pixel, which only repeats a pixel.
+    """
+    box = tri.box[:, start:stop]
+    tiles_x = torch.div(box[0], _TILE_W, rounding_mode="floor") + 1
+    tiles = tiles_x * (torch.div(box[1], _TILE_H, rounding_mode="floor") + 1)
+    local = torch.repeat_interleave(torch.arange(stop - start), tiles)
+    index = torch.arange(len(local)) - (torch.cumsum(tiles, 0) - tiles)[local]
+    tile_y = torch.div(index, tiles_x[local], rounding_mode="floor")
+    tile_x = index - tile_y * tiles_x[local]
+    dx = torch.minimum(tile_x[:, None] * _TILE_W + torch.arange(_TILE_W), box[0, local, None])
+    dy = torch.minimum(tile_y[:, None] * _TILE_H + torch.arange(_TILE_H), box[1, local, None])
+    return local + start, dx[:, None, :], dy[:, :, None]
+
+
+def _depth_test(tri, zbuffer, width, max_pixels):
+    """Scatter the depth key of every covered (triangle, pixel) pair into zbuffer with amin."""
+    pixels = (tri.box[0] + _TILE_W) * (tri.box[1] + _TILE_H)  # upper bound of the tiled area
+    for start, stop in _chunks(pixels, max_pixels):
+        t, dx, dy = _tiles(tri, start, stop)
+        step = tri.edge_step[:, :, t, None, None]
+        w = tri.edge_origin[:, t, None, None] + step[0] * dx + step[1] * dy  # (3, N, TH, TW)
+        inside = (w[0] | w[1] | w[2]) >= 0  # no sign bit set: all three are >= their fill bias
+        x = (tri.corner_offset[0, t, None, None] + dx * SUBPIXEL).to(torch.float64)
+        y = (tri.corner_offset[1, t, None, None] + dy * SUBPIXEL).to(torch.float64)
+        grad = tri.inv_z_grad[:, t, None, None]
+        depth = (1.0 / (tri.inv_z[t, None, None] + grad[0] * x + grad[1] * y)).to(torch.float32)
+        # Positive float32 bit patterns order like their values: depth above, face index below.
+        key = (depth.view(torch.int32).to(torch.int64) << 32) | tri.face[t, None, None]
+        key = torch.where(inside, key, _BACKGROUND_KEY)
+        pixel = tri.first_pixel[t, None, None] + dy * width + dx
+        zbuffer.scatter_reduce_(0, pixel.flatten(), key.flatten(), "amin")
+
+
+def rasterize(verts, faces, focal, image_size=512, principal=None, near=1e-3, max_pixels=1 << 19):
+    """Z-buffered rasterization of camera-space triangles (see the module docstring).
+
+    verts: (B, V, 3) camera space (x right, y down, z forward); faces: (F, 3) int vertex indices;
+    focal: pixels, scalar or (B,); image_size: int or (H, W); principal: (cx, cy) or (B, 2), default
+    the image centre; near: faces with a vertex at z <= near are dropped; max_pixels bounds the
+    bounding-box pixels processed at once (memory). Returns a Raster.
+    """
+    height, width = _image_hw(image_size)
+    batch = verts.shape[0]
+    faces = torch.as_tensor(faces, dtype=torch.int64)
+    tri = _setup_triangles(verts, faces, focal, height, width, principal, near)
+    zbuffer = torch.full((batch * height * width,), _BACKGROUND_KEY, dtype=torch.int64)
+    _depth_test(tri, zbuffer, width, max_pixels)
+
+    hit = (zbuffer != _BACKGROUND_KEY).nonzero(as_tuple=True)[0]
+    key = zbuffer[hit]
+    face = torch.full((batch * height * width,), -1, dtype=torch.int64)
+    face[hit] = key & 0xFFFFFFFF
+    depth = torch.zeros(batch * height * width, dtype=torch.float32)
+    depth[hit] = (key >> 32).to(torch.int32).view(torch.float32)
+    bary = torch.zeros(batch * height * width, 3, dtype=torch.float32)
+    bary[hit] = _barycentrics(verts, faces, focal, principal, height, width, hit, face[hit])
+    return Raster(
+        face=face.view(batch, height, width),
+        depth=depth.view(batch, height, width),
+        bary=bary.view(batch, height, width, 3),
+    )
+
+
+def _barycentrics(verts, faces, focal, principal, height, width, pixel, face):
+    """Perspective-correct barycentrics (N, 3) of the given faces at the given flat pixel indices."""
+    frame = torch.div(pixel, height * width, rounding_mode="floor")
+    row = torch.div(pixel, width, rounding_mode="floor") % height
+    column = pixel % width
+    corners = faces[face]  # (N, 3)
+    fixed = _snap(verts, focal, height, width, principal).to(torch.int64)[frame[:, None], corners]
+    inv_z = 1.0 / verts.detach().to(torch.float64)[frame[:, None], corners, 2]
+    (x0, y0), (x1, y1), (x2, y2) = (fixed[:, i].unbind(-1) for i in range(3))
+    half = SUBPIXEL // 2
+    px, py = column * SUBPIXEL + half, row * SUBPIXEL + half
+    w = torch.stack([_edge(x1, y1, x2, y2, px, py), _edge(x2, y2, x0, y0, px, py), _edge(x0, y0, x1, y1, px, py)], 1)
+    # Screen-space weights divided by z; the sign of the winding cancels in the ratio.
+    weight = w.to(torch.float64) * inv_z
+    return (weight / weight.sum(1, keepdim=True)).to(torch.float32)
+
+
+def vertex_normals(verts, faces):
+    """Area-weighted unit vertex normals (B, V, 3); outward for counter-clockwise faces (right hand)."""
+    faces = torch.as_tensor(faces, dtype=torch.int64)
+    v0, v1, v2 = (verts[:, faces[:, i]] for i in range(3))
+    face_normals = torch.cross(v1 - v0, v2 - v0, dim=-1)  # length = 2 x area: larger faces weigh more
+    normals = torch.zeros_like(verts)
+    for i in range(3):
+        normals.index_add_(1, faces[:, i], face_normals)
+    return F.normalize(normals, dim=-1)
+
+
+def interpolate(raster, faces, attributes):
+    """Interpolate per-vertex attributes (B, V, C) at the visible surface: (B, H, W, C), 0 off it."""
+    faces = torch.as_tensor(faces, dtype=torch.int64)
+    batch, height, width = raster.face.shape
+    pixel = raster.mask.flatten().nonzero(as_tuple=True)[0]
+    frame = torch.div(pixel, height * width, rounding_mode="floor")
+    corners = faces[raster.face.flatten()[pixel]]  # (N, 3)
+    values = attributes[frame[:, None], corners]  # (N, 3, C)
+    bary = raster.bary.flatten(0, 2)[pixel]
+    out = attributes.new_zeros(batch * height * width, attributes.shape[-1])
+    out[pixel] = (bary[..., None].to(values.dtype) * values).sum(1)
+    return out.view(batch, height, width, -1)
+
+
+def _normalised_depth(raster, depth_span):
+    """Depth channel: 1 at the nearest visible point of each frame, decreasing linearly to 0 at the
+    farthest one (depth_span None) or depth_span camera units behind the nearest; background 0."""
+    mask = raster.mask
+    inf = torch.tensor(torch.inf)
+    near = torch.where(mask, raster.depth, inf).flatten(1).amin(1)[:, None, None]
+    if depth_span is None:
+        far = torch.where(mask, raster.depth, -inf).flatten(1).amax(1)[:, None, None]
+        span = (far - near).clamp(min=torch.finfo(torch.float32).tiny)
+    else:
+        span = torch.as_tensor(depth_span, dtype=torch.float32)
+    depth = (1 - (raster.depth - near) / span).clamp(0, 1)
+    return torch.where(mask, depth, 0.0)
+
+
+def conditioning_image(
+    verts, faces, focal, image_size=512, face_labels=None, principal=None, depth_span=None, near=1e-3
+):
+    """The conditioning maps of a posed mesh: (B, len(CONDITIONING_CHANNELS), H, W) float32 in [0, 1].
+
+    verts: (B, V, 3) camera space; faces: (F, 3); face_labels: (F,) REGION_* ints (None: no regions);
+    depth_span: None normalises depth per frame between its nearest and farthest visible points,
+    a number fixes the scale (camera units from the nearest point to 0), which keeps it steady over
+    a video. Channels, in CONDITIONING_CHANNELS order: camera-space normals mapped by (n + 1) / 2
+    (OpenCV axes: a surface facing the camera has n_z < 0), depth, left eye, right eye, mouth, and
+    the foreground mask.
+    """
+    faces = torch.as_tensor(faces, dtype=torch.int64)
+    raster = rasterize(verts, faces, focal, image_size, principal, near)
+    normals = F.normalize(interpolate(raster, faces, vertex_normals(verts.detach().float(), faces)), dim=-1)
+    mask = raster.mask
+    channels = [torch.where(mask[..., None], (normals + 1) / 2, 0.5).permute(0, 3, 1, 2)]
+    channels.append(_normalised_depth(raster, depth_span)[:, None])
+    if face_labels is None:
+        regions = torch.zeros_like(mask)[:, None].expand(-1, 3, -1, -1)
+    else:
+        labels = torch.as_tensor(face_labels, dtype=torch.int64)
+        pixel_label = torch.where(mask, labels[raster.face.clamp(min=0)], -1)
+        regions = torch.stack([pixel_label == r for r in (REGION_LEFT_EYE, REGION_RIGHT_EYE, REGION_MOUTH)], 1)
+    channels += [regions.float(), mask[:, None].float()]
+    return torch.cat(channels, 1)
+
+
+def overlay(frame, verts, faces, focal, principal=None, color=(170, 200, 255), alpha=0.6):
+    """Blend a shaded render of one camera-space mesh (V, 3) over an RGB uint8 frame (H, W, 3).
+
+    Headlight shading (brightness follows |n_z|), for tracking previews. Returns a new uint8 frame.
+    """
+    height, width = frame.shape[:2]
+    verts = torch.as_tensor(verts, dtype=torch.float32)[None]
+    faces = torch.as_tensor(faces, dtype=torch.int64)
+    raster = rasterize(verts, faces, focal, (height, width), principal)
+    normals = F.normalize(interpolate(raster, faces, vertex_normals(verts, faces)), dim=-1)[0]
+    shade = 0.25 + 0.75 * normals[..., 2].abs()
+    mask = raster.mask[0].numpy()
+    mesh = shade.numpy()[..., None] * np.asarray(color, np.float32)
+    out = frame.astype(np.float32)
+    out[mask] = (1 - alpha) * out[mask] + alpha * mesh[mask]
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def draw_landmarks(frame, points, radius=2.0, color=(0, 255, 0)):
+    """Draw filled dots at pixel positions (N, 2) as (x, y) on a copy of an RGB uint8 frame.
+
+    Same pixel convention as `project`: pixel (i, j) spans [i, i+1) x [j, j+1); a pixel is painted
+    when its centre lies within radius of a point. Points off the frame are skipped.
+    """
+    out = frame.copy()
+    height, width = frame.shape[:2]
+    reach = int(np.ceil(radius))
+    offsets = np.arange(-reach - 1, reach + 2)
+    for x, y in np.asarray(points, dtype=np.float64).reshape(-1, 2):
+        cols, rows = np.floor(x) + offsets, np.floor(y) + offsets
+        cols, rows = cols[(cols >= 0) & (cols < width)], rows[(rows >= 0) & (rows < height)]
+        near = (cols[None, :] + 0.5 - x) ** 2 + (rows[:, None] + 0.5 - y) ** 2 <= radius**2
+        r, c = near.nonzero()
+        out[rows[r].astype(int), cols[c].astype(int)] = color
+    return out

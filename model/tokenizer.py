@@ -58,8 +58,11 @@ def bytes_to_unicode() -> dict[int, str]:
 def read_openai_bpe(path: Path) -> tuple[dict[str, int], list[tuple[str, str]]]:
     """OpenAI's merges file. The vocabulary is implied, built the way OpenAI CLIP builds it: the 256
     byte characters, the same with "</w>", one token per merge, then the two special tokens."""
-    with gzip.open(path, "rt", encoding="utf-8") as f:
-        lines = f.read().split("\n")
+    try:
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            lines = f.read().split("\n")
+    except (OSError, UnicodeDecodeError) as e:
+        raise TokenizerFileError(f"{path}: not a gzip-compressed text file ({e})") from None
     merges = [tuple(line.split()) for line in lines[1:1 + OPENAI_NUM_MERGES]]  # line 0 is a version header
     if len(merges) != OPENAI_NUM_MERGES or any(len(m) != 2 for m in merges):
         raise TokenizerFileError(f"{path}: expected {OPENAI_NUM_MERGES} BPE merges 'left right' after "
@@ -81,8 +84,9 @@ def read_tokenizer_json(path: Path) -> tuple[dict[str, int], list[tuple[str, str
     """A `tokenizers` tokenizer.json. Only its vocabulary is taken: the pipeline around it is always
     CLIP's own, whatever version of transformers wrote the file."""
     model = _read_json(path).get("model", {})
-    if model.get("type") != "BPE":
-        raise TokenizerFileError(f"{path}: not a BPE tokenizer (model type {model.get('type')!r})")
+    if model.get("type") != "BPE" or "vocab" not in model or "merges" not in model:
+        raise TokenizerFileError(f"{path}: not a BPE tokenizer with vocab and merges "
+                                 f"(model type {model.get('type')!r})")
     # Merges are "left right" strings in older files and [left, right] pairs in newer ones.
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
     return model["vocab"], _checked_merges(merges, path)

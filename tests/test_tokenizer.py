@@ -172,6 +172,9 @@ def test_wrong_files_are_reported(tmp_path):
     (tmp_path / "tokenizer.json").write_text(json.dumps({"model": {"type": "WordPiece", "vocab": {}}}))
     with pytest.raises(TokenizerFileError, match="not a BPE tokenizer"):
         CLIPTokenizer.from_path(tmp_path / "tokenizer.json")
+    (tmp_path / "broken.txt.gz").write_text("not gzip")
+    with pytest.raises(TokenizerFileError, match="broken.txt.gz: not a gzip"):
+        CLIPTokenizer.from_path(tmp_path / "broken.txt.gz")
     (tmp_path / "vocab.json").write_text(json.dumps({"a": 0, "b": 1}))
     (tmp_path / "merges.txt").write_text("#version: 0.2\na b\n")
     with pytest.raises(TokenizerFileError, match=re.escape("no '<|startoftext|>' token")):

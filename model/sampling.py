@@ -149,6 +149,11 @@ class Sampler:
         raise NotImplementedError
 
 
+def _check_num_steps(schedule: NoiseSchedule, num_steps: int) -> None:
+    if not 0 < num_steps <= schedule.num_train_timesteps:
+        raise ValueError(f"num_steps must be in [1, {schedule.num_train_timesteps}], got {num_steps}")
+
+
 def _levels_from_ve(sigmas: list[float]) -> tuple[list[float], list[float]]:
     """VE noise levels s -> VP (alpha, sigma) = (1, s) / sqrt(1 + s^2)."""
     alphas = [1 / math.sqrt(1 + s * s) for s in sigmas]
@@ -162,8 +167,7 @@ class DDIMSampler(Sampler):
     eta=0 is deterministic; eta=1 has DDPM's posterior variance."""
 
     def __init__(self, schedule: NoiseSchedule, num_steps: int, eta: float = 0.0, steps_offset: int = 1):
-        if not 0 < num_steps <= schedule.num_train_timesteps:
-            raise ValueError(f"num_steps must be in [1, {schedule.num_train_timesteps}], got {num_steps}")
+        _check_num_steps(schedule, num_steps)
         stride = schedule.num_train_timesteps // num_steps
         timesteps = [k * stride + steps_offset for k in reversed(range(num_steps))]
         abar = schedule.alphas_cumprod
@@ -190,6 +194,7 @@ class EulerSampler(Sampler):
     variance_exploding = True
 
     def __init__(self, schedule: NoiseSchedule, num_steps: int):
+        _check_num_steps(schedule, num_steps)
         last = schedule.num_train_timesteps - 1
         timesteps = np.linspace(0, last, num_steps, dtype=np.float32)[::-1]
         sigmas = np.interp(timesteps, np.arange(last + 1), schedule.sigmas.numpy()).astype(np.float32)
@@ -213,6 +218,7 @@ class DPMSolverPP2MSampler(Sampler):
     noise levels with timesteps rounded to the nearest training timestep."""
 
     def __init__(self, schedule: NoiseSchedule, num_steps: int, karras_sigmas: bool = False):
+        _check_num_steps(schedule, num_steps)
         train_sigmas = schedule.sigmas.numpy()
         if karras_sigmas:
             sigmas = _karras_sigmas(float(train_sigmas[0]), float(train_sigmas[-1]), num_steps)

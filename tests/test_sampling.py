@@ -91,6 +91,12 @@ def test_trajectory_matches_diffusers(case, num_steps, prediction_type):
         assert rel_err(x_ours, x_ref) <= 1e-5, f"step {step}"
 
 
+@pytest.mark.parametrize("make", [DDIMSampler, EulerSampler, DPMSolverPP2MSampler])
+def test_bad_step_count_is_rejected(make):
+    with pytest.raises(ValueError, match="num_steps"):
+        make(schedule("epsilon"), 0)
+
+
 def test_ddim_eta_draws_noise_and_eta0_does_not():
     s = schedule("epsilon")
     assert all(DDIMSampler(s, 10).coefficients(i).c_n == 0 for i in range(10))

@@ -82,7 +82,6 @@ SD2_BASE = SDConfig(
 
 SD2_V = replace(SD2_BASE, name="sd2-v", prediction_type="v_prediction", image_size=768)
 
-FAMILIES = {c.name: c for c in (SD1, SD2_BASE, SD2_V)}
 
 
 def config_to_dict(config: SDConfig) -> dict:
@@ -92,6 +91,18 @@ def config_to_dict(config: SDConfig) -> dict:
 
 
 def config_from_dict(d: dict) -> SDConfig:
-    tuples = lambda sub: {k: tuple(v) if isinstance(v, list) else v for k, v in sub.items()}
+    def tuples(sub: dict) -> dict:  # JSON turned our tuples into lists
+        return {k: tuple(v) if isinstance(v, list) else v for k, v in sub.items()}
     return SDConfig(**{**d, "unet": UNetConfig(**tuples(d["unet"])), "vae": VAEConfig(**tuples(d["vae"])),
                        "clip": CLIPConfig(**d["clip"])})
+
+
+# A small SD1-shaped model for the offline demo and tests: four UNet levels (so the 12 skips are all
+# there), a 4-level VAE (8x down, like SD) and a 2-layer text tower over the real CLIP vocabulary.
+TINY = SDConfig(
+    "tiny",
+    unet=UNetConfig(model_channels=32, channel_mult=(1, 2, 2, 2), num_heads=2, context_dim=32, norm_groups=8),
+    vae=VAEConfig(ch=16, ch_mult=(1, 2, 2, 2), num_res_blocks=1, norm_groups=8),
+    clip=CLIPConfig(width=32, layers=2, heads=2),
+    image_size=64,
+)

@@ -5,22 +5,14 @@ The real vocabulary is OpenAI's bpe_simple_vocab_16e6.txt.gz, taken from the ope
 PyPI (downloaded once, never installed) and cached in ~/.cache/svp-test-data/.
 """
 import json
-import os
 import re
-import subprocess
-import sys
-import tempfile
-import zipfile
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import CLIPTokenizer as HFCLIPTokenizer
 
-from model.tokenizer import (OPENAI_BPE_FILE, CLIPTokenizer, TokenizerFileError, TokenizerFilesNotFoundError,
-                             read_openai_bpe)
-
-CACHE = Path.home() / ".cache" / "svp-test-data"
+from model.tokenizer import CLIPTokenizer, TokenizerFileError, TokenizerFilesNotFoundError, read_openai_bpe
 
 PROMPTS = [
     "a photo of a cat",
@@ -40,41 +32,6 @@ PROMPTS = [
     " ".join(["x"] * 75),  # exactly fills 77 with BOS and EOS
     " ".join(["x"] * 76),  # one too many
 ]
-
-
-@pytest.fixture(scope="session")
-def openai_bpe_file() -> Path:
-    """OpenAI CLIP's merges file from the open_clip_torch wheel; a failed download fails the test."""
-    target = CACHE / OPENAI_BPE_FILE
-    if target.is_file():
-        return target
-    with tempfile.TemporaryDirectory() as tmp:
-        result = subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
-             "open_clip_torch", "-d", tmp], capture_output=True, text=True, timeout=600)
-        wheels = sorted(Path(tmp).glob("open_clip_torch-*.whl"))
-        if result.returncode != 0 or not wheels:
-            pytest.fail("could not download the open_clip_torch wheel from PyPI, which carries the CLIP "
-                        f"vocabulary ({OPENAI_BPE_FILE}) these tests need:\n{result.stderr[-2000:]}")
-        with zipfile.ZipFile(wheels[0]) as wheel:
-            data = wheel.read(f"open_clip/{OPENAI_BPE_FILE}")
-    CACHE.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(target.name + f".{os.getpid()}.partial")
-    partial.write_bytes(data)
-    os.replace(partial, target)  # atomic: a concurrent or interrupted run never sees half a file
-    return target
-
-
-@pytest.fixture(scope="session")
-def tokenizer_folder(openai_bpe_file, tmp_path_factory) -> Path:
-    """A diffusers-style tokenizer/ folder (vocab.json + merges.txt) derived from the OpenAI file."""
-    vocab, merges = read_openai_bpe(openai_bpe_file)
-    folder = tmp_path_factory.mktemp("sd") / "tokenizer"
-    folder.mkdir()
-    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n",
-                                       encoding="utf-8")
-    return folder
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,261 @@
+"""Loading Stable Diffusion weights from .safetensors, strictly and with one copy in memory.
+
+Two layouts are read:
+  * a single-file original checkpoint: `model.diffusion_model.*` (UNet), `first_stage_model.*` (VAE),
+    `cond_stage_model.transformer.text_model.*` (SD1, OpenAI CLIP) or `cond_stage_model.model.*`
+    (SD2, OpenCLIP with fused in_proj attention weights);
+  * a diffusers folder: `unet/`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`.
+
+Our modules carry the single-file names, so a single-file checkpoint loads by stripping a prefix; the
+other layouts go through pure rename functions that live beside each model. Every model is built on
+the meta device and receives the file's tensors by assignment (cast one tensor at a time), so loading
+never holds two full copies of the weights.
+
+The family (SD1 / SD2) is read from the keys and shapes. SD2-512 (epsilon) and SD2-768 (v) have
+identical tensors, so an SD2 single file defaults to v-prediction like the 2.0/2.1 768 releases do;
+`prediction_type=` (sample.py's `--v-prediction` / `--epsilon`) overrides, and a diffusers folder's
+scheduler config decides for itself. Checkpoints written by svp (tiny presets, tests) carry their exact
+config in the safetensors metadata under `svp_config`.
+"""
+import json
+import os
+from dataclasses import dataclass, replace
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from model.clip import CLIPCheckpointError, CLIPTextModel, hf_to_ours, openclip_to_ours
+from model.config import (SD1, SD2_BASE, SD2_V, CLIPConfig, SDConfig, UNetConfig, VAEConfig,
+                          config_from_dict, config_to_dict)
+from model.tokenizer import CLIPTokenizer
+from model.unet import UNet, diffusers_to_ldm_unet
+from model.vae import AutoencoderKL, diffusers_to_ldm_vae
+
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+CLIP_PREFIX = {"openai": "cond_stage_model.transformer.", "openclip": "cond_stage_model.model."}
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded: the message names the file and the problem."""
+
+
+@dataclass
+class StableDiffusion:
+    """The three networks and the tokenizer of one Stable Diffusion checkpoint."""
+    config: SDConfig
+    unet: UNet
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    tokenizer: CLIPTokenizer
+
+    def to(self, device=None, dtype=None):
+        for net in (self.unet, self.vae, self.text_encoder):
+            net.to(device=device, dtype=dtype)
+        return self
+
+
+# ----------------------------------------------------------------------------- reading files
+
+def open_safetensors(path: str):
+    """Open a .safetensors file lazily; refuse pickles and explain corrupt files."""
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: no such file")
+    if path.endswith(PICKLE_SUFFIXES):
+        raise CheckpointError(f"{path}: pickle checkpoints are refused (they can run code when loaded); "
+                              "convert it to .safetensors first")
+    try:
+        return safe_open(path, framework="pt", device="cpu")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable .safetensors file (truncated or corrupt?): {e}") from e
+
+
+def read_tensors(handle, prefix: str, dtype: torch.dtype | None) -> dict:
+    """All tensors under `prefix`, with the prefix stripped, cast one at a time."""
+    out = {}
+    for key in handle.keys():
+        if key.startswith(prefix):
+            t = handle.get_tensor(key)
+            out[key[len(prefix):]] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+    return out
+
+
+def assign_weights(module_fn, state: dict, what: str, path: str, config: SDConfig):
+    """Build `module_fn()` on the meta device and hand it `state` strictly, by assignment."""
+    with torch.device("meta"):
+        module = module_fn()
+    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    misshaped = [f"{k} {tuple(state[k].shape)} != {expected[k]}" for k in expected
+                 if k in state and tuple(state[k].shape) != expected[k]]
+    if missing or unexpected or misshaped:
+        problems = [f"{name} ({len(keys)}): {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
+                    for name, keys in (("missing", missing), ("unexpected", unexpected),
+                                       ("wrong shape", misshaped)) if keys]
+        raise CheckpointError(f"{path}: the {what} does not match family '{config.name}'; "
+                              + "; ".join(problems))
+    module.load_state_dict(state, strict=True, assign=True)
+    return module.eval().requires_grad_(False)
+
+
+def convert_clip(to_ours, state: dict, path: str, config: SDConfig) -> dict:
+    try:
+        return to_ours(state, config.clip)
+    except CLIPCheckpointError as e:
+        raise CheckpointError(f"{path}: the text encoder does not match family '{config.name}': {e}") from e
+
+
+# ----------------------------------------------------------------------------- family detection
+
+def detect_family(handle, path: str) -> SDConfig:
+    """The family of a single-file checkpoint, from its metadata, keys and shapes."""
+    meta = handle.metadata() or {}
+    if "svp_config" in meta:
+        return config_from_dict(json.loads(meta["svp_config"]))
+    keys = set(handle.keys())
+    if not any(k.startswith(UNET_PREFIX) for k in keys):
+        raise CheckpointError(f"{path}: no Stable Diffusion UNet in this file (no '{UNET_PREFIX}*' keys); "
+                              "is it a LoRA, a VAE or a diffusers weight file?")
+    cross_attn = UNET_PREFIX + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+    context_dim = handle.get_slice(cross_attn).get_shape()[-1] if cross_attn in keys else None
+    if context_dim == SD2_V.unet.context_dim or any(k.startswith(CLIP_PREFIX["openclip"]) for k in keys):
+        return SD2_V
+    if context_dim not in (None, SD1.unet.context_dim):
+        raise CheckpointError(f"{path}: cross-attention width {context_dim} matches no supported family "
+                              "(SD1: 768, SD2: 1024); SDXL and others are not supported")
+    return SD1
+
+
+# ----------------------------------------------------------------------------- single file
+
+def load_single_file(path: str, dtype=torch.float32, prediction_type: str | None = None,
+                     tokenizer: str | None = None) -> StableDiffusion:
+    handle = open_safetensors(path)
+    config = detect_family(handle, path)
+    if prediction_type:
+        config = replace(config, prediction_type=prediction_type)
+    unet = assign_weights(lambda: UNet(config.unet), read_tensors(handle, UNET_PREFIX, dtype),
+                          "UNet", path, config)
+    vae = assign_weights(lambda: AutoencoderKL(config.vae), read_tensors(handle, VAE_PREFIX, dtype),
+                         "VAE", path, config)
+    to_ours = openclip_to_ours if config.clip.layout == "openclip" else hf_to_ours
+    clip_state = convert_clip(to_ours, read_tensors(handle, CLIP_PREFIX[config.clip.layout], dtype), path, config)
+    text_encoder = assign_weights(lambda: CLIPTextModel(config.clip), clip_state, "text encoder", path, config)
+    tok = CLIPTokenizer.from_path(tokenizer or find_tokenizer(path), pad_with_eos=config.clip.pad_with_eos)
+    return StableDiffusion(config, unet, vae, text_encoder, tok)
+
+
+def find_tokenizer(checkpoint: str) -> str:
+    """Where to look for a CLIP vocabulary: $SVP_TOKENIZER, else beside the checkpoint."""
+    if os.environ.get("SVP_TOKENIZER"):
+        return os.environ["SVP_TOKENIZER"]
+    folder = checkpoint if os.path.isdir(checkpoint) else os.path.dirname(os.path.abspath(checkpoint))
+    tokenizer_dir = os.path.join(folder, "tokenizer")
+    return tokenizer_dir if os.path.isdir(tokenizer_dir) else folder
+
+
+def save_single_file(sd: StableDiffusion, path: str):
+    """Write `sd` in the single-file layout (SD1-style text tower names), atomically.
+
+    Used for the tiny offline preset and by tests; the config travels in the metadata.
+    """
+    if sd.config.clip.layout != "openai":
+        raise CheckpointError(f"{path}: writing the OpenCLIP layout is not supported")
+    from safetensors.torch import save_file
+    tensors = {}
+    for prefix, net in ((UNET_PREFIX, sd.unet), (VAE_PREFIX, sd.vae),
+                        (CLIP_PREFIX["openai"] + "text_model.", sd.text_encoder)):
+        tensors.update({prefix + k: v.contiguous() for k, v in net.state_dict().items()})
+    tmp = path + ".tmp"
+    save_file(tensors, tmp, metadata={"svp_config": json.dumps(config_to_dict(sd.config))})
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- diffusers folder
+
+def read_json(path: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: cannot read this config file: {e}") from e
+
+
+def weights_file(folder: str) -> str:
+    for name in ("diffusion_pytorch_model.safetensors", "model.safetensors",
+                 "diffusion_pytorch_model.fp16.safetensors", "model.fp16.safetensors"):
+        if os.path.exists(os.path.join(folder, name)):
+            return os.path.join(folder, name)
+    raise CheckpointError(f"{folder}: no .safetensors weights here (pickled .bin weights are refused)")
+
+
+def config_from_diffusers(root: str) -> SDConfig:
+    """Translate the diffusers config.json files of a pipeline folder into one SDConfig."""
+    u = read_json(os.path.join(root, "unet", "config.json"))
+    v = read_json(os.path.join(root, "vae", "config.json"))
+    t = read_json(os.path.join(root, "text_encoder", "config.json"))
+    widths = u["block_out_channels"]
+    heads = u["attention_head_dim"]  # diffusers' historic misnomer: SD1 stores a head *count* here
+    if isinstance(heads, int):
+        head_cfg = dict(num_heads=heads, head_dim=None)
+    else:
+        head_dims = {w // h for w, h in zip(widths, heads)}
+        if len(head_dims) != 1:
+            raise CheckpointError(f"{root}/unet/config.json: unequal head widths {sorted(head_dims)}")
+        head_cfg = dict(num_heads=None, head_dim=head_dims.pop())
+    unet = UNetConfig(
+        in_channels=u["in_channels"], out_channels=u["out_channels"], model_channels=widths[0],
+        channel_mult=tuple(w // widths[0] for w in widths), num_res_blocks=u["layers_per_block"],
+        attention_levels=tuple(i for i, b in enumerate(u["down_block_types"]) if "CrossAttn" in b),
+        transformer_depth=u.get("transformer_layers_per_block", 1) or 1,
+        context_dim=u["cross_attention_dim"], use_linear_proj=bool(u.get("use_linear_projection")),
+        norm_groups=u.get("norm_num_groups", 32), norm_eps=u.get("norm_eps", 1e-5), **head_cfg)
+    vw = v["block_out_channels"]
+    vae = VAEConfig(in_channels=v["in_channels"], out_channels=v["out_channels"], ch=vw[0],
+                    ch_mult=tuple(w // vw[0] for w in vw), num_res_blocks=v["layers_per_block"],
+                    z_channels=v["latent_channels"], embed_dim=v["latent_channels"],
+                    norm_groups=v.get("norm_num_groups", 32), scale_factor=v.get("scaling_factor", 0.18215))
+    openclip = t.get("hidden_act") == "gelu"  # SD2's OpenCLIP tower; diffusers stores it minus its last layer
+    clip = CLIPConfig(vocab_size=t["vocab_size"], width=t["hidden_size"],
+                      layers=t["num_hidden_layers"] + (1 if openclip else 0), heads=t["num_attention_heads"],
+                      context_length=t["max_position_embeddings"], mlp_ratio=t["intermediate_size"] // t["hidden_size"],
+                      activation=t["hidden_act"], skip_last_layers=1 if openclip else 0,
+                      pad_with_eos=not openclip, layout="openclip" if openclip else "openai")
+    family = SD2_BASE if openclip else SD1
+    scheduler = os.path.join(root, "scheduler", "scheduler_config.json")
+    prediction = read_json(scheduler).get("prediction_type", "epsilon") if os.path.exists(scheduler) else "epsilon"
+    return replace(family, name=f"{family.name} (diffusers)", unet=unet, vae=vae, clip=clip,
+                   prediction_type=prediction, image_size=u.get("sample_size", 64) * 8)
+
+
+def load_diffusers(root: str, dtype=torch.float32, prediction_type: str | None = None,
+                   tokenizer: str | None = None) -> StableDiffusion:
+    config = config_from_diffusers(root)
+    if prediction_type:
+        config = replace(config, prediction_type=prediction_type)
+
+    def tensors(sub):
+        path = weights_file(os.path.join(root, sub))
+        return read_tensors(open_safetensors(path), "", dtype), path
+
+    state, path = tensors("unet")
+    unet = assign_weights(lambda: UNet(config.unet), diffusers_to_ldm_unet(state, config.unet), "UNet", path, config)
+    state, path = tensors("vae")
+    vae = assign_weights(lambda: AutoencoderKL(config.vae), diffusers_to_ldm_vae(state, config.vae), "VAE", path, config)
+    state, path = tensors("text_encoder")
+    text_encoder = assign_weights(lambda: CLIPTextModel(config.clip), convert_clip(hf_to_ours, state, path, config),
+                                  "text encoder", path, config)
+    tok = CLIPTokenizer.from_path(tokenizer or os.path.join(root, "tokenizer"), pad_with_eos=config.clip.pad_with_eos)
+    return StableDiffusion(config, unet, vae, text_encoder, tok)
+
+
+def load_stable_diffusion(path: str, dtype: str | torch.dtype = torch.float32, prediction_type: str | None = None,
+                          tokenizer: str | None = None) -> StableDiffusion:
+    """Load a single-file .safetensors checkpoint or a diffusers folder (see the module docstring)."""
+    dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    if os.path.isdir(path):
+        return load_diffusers(path, dtype, prediction_type, tokenizer)
+    return load_single_file(path, dtype, prediction_type, tokenizer)

@@ -1,0 +1,236 @@
+"""Checkpoint loading: single-file and diffusers layouts through the real loader, strictness, bad files,
+and sample.py's text-to-image end to end on a tiny checkpoint."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from model.clip import CLIPTextModel
+from model.config import SD1, TINY, config_to_dict
+from model.loading import (CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX, CheckpointError, StableDiffusion,
+                           load_stable_diffusion, save_single_file)
+from model.tokenizer import CLIPTokenizer, TokenizerFilesNotFoundError
+from model.unet import UNet
+from model.vae import AutoencoderKL
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def randomize(module: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Random values in every tensor, so zero-initialised layers cannot hide a wrong load."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return module.eval()
+
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory, tokenizer_folder):
+    """A tiny SD1-shaped single-file checkpoint, with the CLIP vocabulary beside it."""
+    folder = tmp_path_factory.mktemp("tiny")
+    shutil.copytree(tokenizer_folder, folder / "tokenizer")
+    sd = StableDiffusion(TINY, randomize(UNet(TINY.unet), 0), randomize(AutoencoderKL(TINY.vae), 1),
+                         randomize(CLIPTextModel(TINY.clip), 2),
+                         CLIPTokenizer.from_path(str(tokenizer_folder)))
+    path = str(folder / "tiny.safetensors")
+    save_single_file(sd, path)
+    return sd, path
+
+
+def run_all(sd: StableDiffusion):
+    torch.manual_seed(0)
+    ids = sd.tokenizer(["a photo of sks person"])
+    context = sd.text_encoder(ids)
+    x = torch.randn(1, 4, 8, 8)
+    with torch.no_grad():
+        return context, sd.unet(x, torch.tensor([500]), context), sd.vae.decode(x), sd.vae.encode(torch.randn(1, 3, 64, 64)).mean
+
+
+def test_single_file_round_trip(tiny_checkpoint):
+    sd, path = tiny_checkpoint
+    loaded = load_stable_diffusion(path)
+    assert loaded.config == TINY
+    for net, ref_net in ((loaded.unet, sd.unet), (loaded.vae, sd.vae), (loaded.text_encoder, sd.text_encoder)):
+        ref = ref_net.state_dict()
+        assert all(torch.equal(v, ref[k]) for k, v in net.state_dict().items())
+    for ours, ref in zip(run_all(loaded), run_all(sd)):
+        assert rel_err(ours, ref) < 1e-5  # same weights: only oneDNN's summation order may differ
+
+
+def test_half_precision_load_casts_every_weight(tiny_checkpoint):
+    loaded = load_stable_diffusion(tiny_checkpoint[1], dtype="fp16")
+    for net in (loaded.unet, loaded.vae, loaded.text_encoder):
+        assert {p.dtype for p in net.parameters()} == {torch.float16}
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2"])
+def test_diffusers_folder_matches_reference_models(family, tmp_path, tokenizer_folder):
+    """A diffusers pipeline folder (random tiny weights saved by diffusers/transformers themselves)
+    loads through config.json translation + key renames and computes what the reference models do."""
+    from diffusers import AutoencoderKL as RefVAE, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel as RefCLIP
+
+    sd2 = family == "sd2"
+    width = 32
+    unet = randomize(UNet2DConditionModel(
+        sample_size=8, block_out_channels=(32, 64, 64, 64), layers_per_block=2, norm_num_groups=8,
+        cross_attention_dim=24 if sd2 else 32, attention_head_dim=(4, 8, 8, 8) if sd2 else 2,
+        use_linear_projection=sd2), 3)
+    vae = randomize(RefVAE(block_out_channels=(16, 32, 32, 32), layers_per_block=1, norm_num_groups=8,
+                           down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4), 4)
+    text = randomize(RefCLIP(CLIPTextConfig(
+        vocab_size=49408, hidden_size=24 if sd2 else width, intermediate_size=96 if sd2 else 4 * width,
+        num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77,
+        hidden_act="gelu" if sd2 else "quick_gelu")), 5)
+    unet.save_pretrained(tmp_path / "unet")
+    vae.save_pretrained(tmp_path / "vae")
+    text.save_pretrained(tmp_path / "text_encoder")
+    shutil.copytree(tokenizer_folder, tmp_path / "tokenizer")
+    os.makedirs(tmp_path / "scheduler")
+    prediction = "v_prediction" if sd2 else "epsilon"
+    (tmp_path / "scheduler" / "scheduler_config.json").write_text(json.dumps({"prediction_type": prediction}))
+
+    ours = load_stable_diffusion(str(tmp_path))
+    assert ours.config.prediction_type == prediction
+    assert ours.tokenizer.pad_id == (0 if sd2 else ours.tokenizer.eos_id)
+    ids = ours.tokenizer(["a photo of sks person"])
+    x, t, z = torch.randn(2, 4, 8, 8), torch.tensor([10, 900]), torch.randn(1, 4, 8, 8)
+    with torch.no_grad():
+        context = ours.text_encoder(ids)
+        assert rel_err(context, text(ids).last_hidden_state) < 1e-5
+        ctx = torch.randn(2, 77, ours.config.unet.context_dim)
+        assert rel_err(ours.unet(x, t, ctx), unet(x, t, ctx).sample) < 1e-5
+        assert rel_err(ours.vae.decode(z), vae.decode(z).sample) < 1e-5
+
+
+@pytest.mark.slow
+def test_full_size_sd15_checkpoint_loads_strictly_and_runs(tmp_path, tokenizer_folder):
+    """Random weights at SD 1.5's real size and key layout, written in fp16 like most released files."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel as RefCLIP
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {}
+    for prefix, build in ((UNET_PREFIX, lambda: UNet(SD1.unet)), (VAE_PREFIX, lambda: AutoencoderKL(SD1.vae)),
+                          (CLIP_PREFIX["openai"] + "text_model.", lambda: CLIPTextModel(SD1.clip))):
+        with torch.device("meta"):
+            names = {k: v.shape for k, v in build().state_dict().items()}
+        tensors.update({prefix + k: (torch.randn(shape, generator=g) * 0.02).half() for k, shape in names.items()})
+    tensors["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(77)[None]
+    path = str(tmp_path / "sd15.safetensors")
+    save_file(tensors, path)
+    del tensors
+
+    sd = load_stable_diffusion(path, tokenizer=str(tokenizer_folder))
+    assert sd.config == SD1
+    with torch.device("meta"):
+        ref_unet = UNet2DConditionModel(cross_attention_dim=768, attention_head_dim=8)
+        ref_clip = RefCLIP(CLIPTextConfig(hidden_act="quick_gelu"))
+    count = lambda m: sum(p.numel() for p in m.parameters())
+    assert count(sd.unet) == count(ref_unet)
+    assert count(sd.text_encoder) == count(ref_clip)
+    with torch.no_grad():
+        out = sd.unet(torch.randn(1, 4, 64, 64), torch.tensor([999]), sd.text_encoder(sd.tokenizer("a cat")))
+    assert out.shape == (1, 4, 64, 64) and torch.isfinite(out).all()
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def test_missing_and_pickle_files_are_refused(tmp_path):
+    with pytest.raises(CheckpointError, match="no such file"):
+        load_stable_diffusion(str(tmp_path / "nope.safetensors"))
+    ckpt = tmp_path / "model.ckpt"
+    ckpt.write_bytes(b"\x80\x04not really")
+    with pytest.raises(CheckpointError, match="pickle checkpoints are refused"):
+        load_stable_diffusion(str(ckpt))
+
+
+def test_truncated_and_garbage_files_are_reported(tiny_checkpoint, tmp_path):
+    data = open(tiny_checkpoint[1], "rb").read()
+    for name, content in (("truncated.safetensors", data[: len(data) // 2]), ("garbage.safetensors", os.urandom(4096))):
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(CheckpointError, match=f"{name}: not a readable .safetensors file"):
+            load_stable_diffusion(str(tmp_path / name))
+
+
+def test_file_without_a_unet_is_reported(tmp_path):
+    path = tmp_path / "vae_only.safetensors"
+    save_file({VAE_PREFIX + "quant_conv.weight": torch.zeros(8, 8, 1, 1)}, str(path))
+    with pytest.raises(CheckpointError, match="no Stable Diffusion UNet"):
+        load_stable_diffusion(str(path))
+
+
+def test_missing_unexpected_and_misshaped_keys_are_listed(tiny_checkpoint, tmp_path):
+    from safetensors.torch import load_file
+    tensors = load_file(tiny_checkpoint[1])
+    meta = {"svp_config": json.dumps(config_to_dict(TINY))}
+    del tensors[UNET_PREFIX + "out.2.weight"]
+    tensors[UNET_PREFIX + "extra.weight"] = torch.zeros(1)
+    tensors[UNET_PREFIX + "time_embed.0.bias"] = torch.zeros(3)
+    path = str(tmp_path / "broken.safetensors")
+    save_file(tensors, path, metadata=meta)
+    with pytest.raises(CheckpointError) as e:
+        load_stable_diffusion(path)
+    message = str(e.value)
+    for expected in ("broken.safetensors", "family 'tiny'", "missing (1): out.2.weight",
+                     "unexpected (1): extra.weight", "time_embed.0.bias (3,)"):
+        assert expected in message
+
+
+def test_wrong_family_is_reported(tiny_checkpoint, tmp_path):
+    """A tiny checkpoint stripped of its metadata is taken for SD1, and every shape disagrees."""
+    from safetensors.torch import load_file
+    path = str(tmp_path / "no_metadata.safetensors")
+    save_file(load_file(tiny_checkpoint[1]), path)
+    with pytest.raises(CheckpointError, match="cross-attention width 32 matches no supported family"):
+        load_stable_diffusion(path)
+    tensors = load_file(tiny_checkpoint[1])
+    tensors = {k: v for k, v in tensors.items() if "attn2" not in k}
+    save_file(tensors, path)
+    with pytest.raises(CheckpointError, match="does not match family 'sd1'.*wrong shape"):
+        load_stable_diffusion(path)
+
+
+def test_missing_vocabulary_names_the_file_to_get(tiny_checkpoint, tmp_path):
+    lonely = tmp_path / "lonely.safetensors"
+    shutil.copy(tiny_checkpoint[1], lonely)
+    with pytest.raises(TokenizerFilesNotFoundError, match="bpe_simple_vocab_16e6.txt.gz"):
+        load_stable_diffusion(str(lonely))
+
+
+# ----------------------------------------------------------------------------- sample.py
+
+def test_sample_py_text_to_image(tiny_checkpoint, tmp_path):
+    from PIL import Image
+    out = tmp_path / "img.png"
+    cmd = [sys.executable, "sample.py", "--ckpt", tiny_checkpoint[1], "--prompt", "a photo of sks person",
+           "--steps", "3", "--out", str(out), "--seed", "1"]
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
+    image = Image.open(out)
+    assert image.size == (64, 64)
+    again = tmp_path / "again.png"
+    subprocess.run(cmd[:-3] + [str(again), "--seed", "1"], cwd=ROOT, check=True, capture_output=True)
+    assert open(out, "rb").read() == open(again, "rb").read()  # same seed, same image
+
+
+def test_sample_py_bad_checkpoint_exits_with_one_line(tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"garbage")
+    out = tmp_path / "img.png"
+    result = subprocess.run([sys.executable, "sample.py", "--ckpt", str(bad), "--prompt", "x", "--out", str(out)],
+                            cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode != 0
+    assert result.stderr.strip().startswith("error:") and "bad.safetensors" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not os.listdir(tmp_path) == [] and not out.exists()

@@ -66,10 +66,11 @@ def _store_tile(base, value, rows, cols, stride_row, stride_col, num_rows, num_c
 
 @triton.jit
 def _visible(rows, cols, len_k, CAUSAL: tl.constexpr):
-    """Which (query row, key column) pairs take part: real keys, and with CAUSAL only keys j <= i."""
-    mask = (cols[None, :] < len_k) & (rows[:, None] >= 0)
+    """Which (query row, key column) pairs take part: real keys, and with CAUSAL only keys j <= i.
+    rows and cols are 2-D, (M, 1) and (1, N) or transposed, and broadcast to the mask's shape."""
+    mask = (cols < len_k) & (rows >= 0)
     if CAUSAL:
-        mask = mask & (cols[None, :] <= rows[:, None])
+        mask = mask & (cols <= rows)
     return mask
 
 
@@ -109,7 +110,7 @@ def _attention_forward_kernel(
         cols = start_n + tl.arange(0, BLOCK_N)
         k_t = _load_tile(k_base, dims, cols, stride_kd, stride_kn, head_dim, len_k)
         scores = tl.dot(q, k_t, input_precision=PRECISION) * qk_scale
-        scores = tl.where(_visible(rows, cols, len_k, CAUSAL), scores, float("-inf"))
+        scores = tl.where(_visible(rows[:, None], cols[None, :], len_k, CAUSAL), scores, float("-inf"))
         # Column 0 is visible to every row, so new_max is finite from the first block on.
         new_max = tl.maximum(row_max, tl.max(scores, 1))
         p = tl.exp2(scores - new_max[:, None])
@@ -187,7 +188,7 @@ def _attention_backward_dkdv_kernel(
         delta = tl.load(delta_base + rows, mask=rows < len_q, other=0.0)
         # Work transposed, (keys, queries), so every dot below takes its operands as loaded.
         scores_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
-        visible_t = tl.trans(_visible(rows, cols, len_k, CAUSAL)) & (rows[None, :] < len_q)
+        visible_t = _visible(rows[None, :], cols[:, None], len_k, CAUSAL) & (rows[None, :] < len_q)
         p_t = tl.where(visible_t, tl.exp2(scores_t - lse[None, :]), 0.0)
         dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
         dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
@@ -235,7 +236,7 @@ def _attention_backward_dq_kernel(
         k = _load_tile(k_base, cols, dims, stride_kn, stride_kd, len_k, head_dim)
         v_t = _load_tile(v_base, dims, cols, stride_vd, stride_vn, head_dim, len_k)
         scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        visible = _visible(rows, cols, len_k, CAUSAL) & (rows[:, None] < len_q)
+        visible = _visible(rows[:, None], cols[None, :], len_k, CAUSAL) & (rows[:, None] < len_q)
         p = tl.where(visible, tl.exp2(scores - lse[:, None]), 0.0)
         dp = tl.dot(do, v_t, input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
@@ -268,16 +269,19 @@ def padded_head_dim(head_dim: int) -> int:
 
 
 def default_attention_config(head_dim: int, dtype: torch.dtype) -> AttentionConfig:
-    """Tiles that fit an A100/H100's shared memory and registers for this (padded) head dim."""
+    """Tiles that fit an A100/H100's shared memory (<= 96 KiB) and registers for this (padded) head dim.
+
+    Not tuned on hardware yet: bench/kernels.py measures them. Wider heads get smaller tiles and more
+    warps, so the fp32 accumulators (tile x head dim) stay around 64 registers per thread.
+    """
     padded = padded_head_dim(head_dim)
-    wide = dtype == torch.float32  # fp32 tiles take twice the SRAM: halve the query tile
     if padded <= 64:
         forward, backward = AttentionBlocks(128, 64, 4, 3), AttentionBlocks(64, 64, 4, 2)
     elif padded <= 128:
-        forward, backward = AttentionBlocks(128, 32, 8, 2), AttentionBlocks(64, 32, 4, 2)
+        forward, backward = AttentionBlocks(128, 32, 8, 2), AttentionBlocks(64, 32, 8, 2)
     else:
-        forward, backward = AttentionBlocks(64, 32, 4, 2), AttentionBlocks(32, 32, 4, 1)
-    if wide:
+        forward, backward = AttentionBlocks(64, 32, 8, 2), AttentionBlocks(32, 32, 8, 1)
+    if dtype == torch.float32:  # fp32 tiles take twice the SRAM: halve the query tile, no pipelining
         forward = forward._replace(block_m=max(16, forward.block_m // 2), num_stages=1)
         backward = backward._replace(num_stages=1)
     return AttentionConfig(forward, backward)

@@ -1,0 +1,579 @@
+"""68-point facial landmarks and face detection that run offline, on the CPU, batched.
+
+Landmarks: dlib's ensemble-of-regression-trees cascade (Kazemi & Sullivan, "One Millisecond Face
+Alignment with an Ensemble of Regression Trees", CVPR 2014), re-implemented in numpy and run on
+dlib's own trained model `shape_predictor_68_face_landmarks.dat` (shipped by the
+`face_recognition_models` package), read straight from dlib's serialization format.
+
+The algorithm, exactly as dlib's shape_predictor::operator() runs it:
+  * A shape is 68 (x, y) points in box-normalised coordinates: the face box's top-left corner is
+    (0, 0) and its bottom-right corner is (1, 1). Every face starts at the model's mean shape.
+  * Each of the cascade's stages owns a set of feature pixels, each stored as (anchor landmark,
+    offset from that landmark in the mean shape). The offsets are carried to the current shape by
+    the similarity transform that maps the mean shape onto the current one (rotation + scale only:
+    the anchor supplies the translation), then mapped into the image through the box and read as
+    the nearest pixel's grayscale intensity (0 outside the image).
+  * Every tree of the stage compares two feature pixels per node (go left when
+    pixel[idx1] - pixel[idx2] > threshold), and the shape moves by the sum of the reached leaves.
+Faces are processed as a batch: all faces and all trees of a stage are walked at once with
+gathers, and the leaves are summed by one (faces x leaves) @ (leaves x 136) matrix product.
+
+Face boxes come from scikit-image's LBP frontal-face cascade, which ships inside its wheel.
+`track_landmarks` follows a face through a video: each frame's box comes from the previous
+frame's landmarks, and the detector runs again when the track is lost.
+"""
+
+import importlib.util
+import logging
+import math
+import os
+import re
+from typing import NamedTuple
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+MODEL_FILENAME = "shape_predictor_68_face_landmarks.dat"
+INSTALL_HINT = "pip install face_recognition_models"
+
+
+class LandmarkModelMissingError(FileNotFoundError):
+    """The dlib landmark model file (or the package that ships it) is not installed."""
+
+
+class ShapePredictorFormatError(ValueError):
+    """A file is not a valid dlib shape_predictor (truncated, corrupt or of another kind)."""
+
+
+class NoFaceError(ValueError):
+    """No frame of a video contains a detectable face."""
+
+
+def default_model_path():
+    """Path of the 68-point model inside the installed `face_recognition_models` package.
+
+    The package's __init__ imports pkg_resources, which recent setuptools no longer ships, so we
+    locate the package with find_spec instead of importing it.
+    """
+    spec = importlib.util.find_spec("face_recognition_models")
+    if spec is None or not spec.submodule_search_locations:
+        raise LandmarkModelMissingError(
+            f"the 68-point landmark model needs the face_recognition_models package: {INSTALL_HINT}")
+    for package_dir in spec.submodule_search_locations:
+        path = os.path.join(package_dir, "models", MODEL_FILENAME)
+        if os.path.isfile(path):
+            return path
+    raise LandmarkModelMissingError(
+        f"face_recognition_models is installed but has no models/{MODEL_FILENAME}; "
+        f"reinstall it: {INSTALL_HINT}")
+
+
+# --------------------------------------------------------------------------------------------
+# dlib's serialization format
+#
+# Every integer is one control byte (bit 7: negative, low nibble: number of magnitude bytes,
+# bits 4-6: always 0) followed by the magnitude in little-endian bytes. A float is two such
+# integers, mantissa and exponent, with value mantissa * 2**exponent (exponents 32000, 32001 and
+# 32002 stand for +inf, -inf and NaN). A std::vector is its length followed by its items; a
+# matrix is -rows, -columns (negated to mark the current format), then its items row by row.
+# --------------------------------------------------------------------------------------------
+
+_FLOAT_SPECIALS = {32000: np.inf, 32001: -np.inf, 32002: np.nan}
+_MAX_INT_BYTES = 8
+
+
+def _encode_int(value):
+    """dlib's encoding of one integer (used to recognise the byte pattern of a matrix header)."""
+    magnitude = abs(value)
+    payload = magnitude.to_bytes(max(1, (magnitude.bit_length() + 7) // 8), "little")
+    return bytes([len(payload) | (0x80 if value < 0 else 0)]) + payload
+
+
+def _floats_from_parts(mantissa, exponent):
+    """mantissa * 2**exponent as float32, computed as dlib's float_details converts to float."""
+    values = np.ldexp(np.asarray(mantissa).astype(np.float32), np.minimum(exponent, 1024))
+    if np.max(exponent, initial=0) >= min(_FLOAT_SPECIALS):
+        for code, special in _FLOAT_SPECIALS.items():
+            values = np.where(exponent == code, np.float32(special), values)
+    return values
+
+
+class _DlibReader:
+    """Sequential reader of dlib-serialized values, one at a time (for the small parts of a file)."""
+
+    def __init__(self, data, path):
+        self.data = data
+        self.path = path
+        self.pos = 0
+
+    def fail(self, problem):
+        raise ShapePredictorFormatError(
+            f"{self.path}: not a valid dlib shape_predictor file: {problem} (at byte {self.pos})")
+
+    def int(self, signed=False):
+        if self.pos >= len(self.data):
+            self.fail("file ends early (truncated?)")
+        control = self.data[self.pos]
+        size = control & 0x0F
+        if control & 0x70 or size == 0 or size > _MAX_INT_BYTES or (control & 0x80 and not signed):
+            self.fail(f"invalid integer control byte {control:#04x}")
+        end = self.pos + 1 + size
+        if end > len(self.data):
+            self.fail("file ends early (truncated?)")
+        value = int.from_bytes(self.data[self.pos + 1:end], "little")
+        self.pos = end
+        return -value if control & 0x80 else value
+
+    def float(self):
+        mantissa, exponent = self.int(signed=True), self.int(signed=True)
+        if exponent in _FLOAT_SPECIALS:
+            return _FLOAT_SPECIALS[exponent]
+        # As dlib: the mantissa becomes a float, then is scaled by 2**exponent.
+        return float(np.float32(math.ldexp(np.float32(mantissa), min(exponent, 1024))))
+
+    def count(self, what):
+        n = self.int()
+        if n > len(self.data) - self.pos:  # every item takes at least one byte
+            self.fail(f"implausible {what} count {n}")
+        return n
+
+    def float_matrix(self):
+        rows, cols = abs(self.int(signed=True)), abs(self.int(signed=True))
+        if rows * cols > len(self.data) - self.pos:
+            self.fail(f"implausible matrix size {rows}x{cols}")
+        return np.array([self.float() for _ in range(rows * cols)], np.float32).reshape(rows, cols)
+
+
+def _decode_ints_lockstep(data, starts, count):
+    """Decode `count` consecutive dlib integers from each start position, all starts at once.
+
+    Returns (values (S, count) int64, end positions (S,), ok (S,) bool); `ok` is False where the
+    bytes are not a valid run of integers of at most 7 bytes each.
+    """
+    padded = np.concatenate([data, np.zeros(16, np.uint8)])
+    # words[p] = the 8 bytes from byte p on as one little-endian integer: a zero-copy view, so
+    # a single gather fetches an integer's control byte together with its magnitude bytes.
+    words = np.ndarray((len(data) + 8,), "<u8", padded, strides=(1,))
+    keep_bytes = np.array([(1 << (8 * min(n, 7))) - 1 for n in range(16)], np.uint64)
+    values = np.empty((count, len(starts)), np.int64)
+    ok = np.ones(len(starts), bool)
+    pos = np.asarray(starts, np.int64).copy()
+    for k in range(count):  # sequential: each integer's size locates the next one
+        np.minimum(pos, len(data), out=pos)
+        word = words[pos]
+        control = (word & np.uint64(0xFF)).astype(np.uint8)
+        size = control & 0x0F
+        ok &= ((control & 0x70) == 0) & (size > 0) & (size < 8)
+        magnitude = ((word >> np.uint64(8)) & keep_bytes[size]).astype(np.int64)
+        values[k] = np.where(control & 0x80, -magnitude, magnitude)
+        pos += 1 + size
+    return values.T, pos, ok & (pos <= len(data))
+
+
+def read_shape_predictor(path):
+    """Parse a dlib shape_predictor file into numpy arrays (see LandmarkPredictor's fields).
+
+    The layout (dlib's shape_predictor serialize, version 1): version, initial_shape (2P x 1
+    matrix), forests (per cascade stage a vector of trees; a tree is its splits (idx1, idx2,
+    thresh) then its leaf matrices (2P x 1)), anchor_idx (per stage, per feature pixel), deltas
+    (per stage, per feature pixel, an (x, y) pair).
+    """
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise LandmarkModelMissingError(f"{path}: landmark model file not found") from None
+    reader = _DlibReader(data, path)
+    if reader.int(signed=True) != 1:
+        reader.fail("unsupported shape_predictor version (expected 1)")
+    initial_shape = reader.float_matrix()
+    if initial_shape.shape[1] != 1 or initial_shape.size % 2 or initial_shape.size == 0:
+        reader.fail(f"initial shape must be a column of (x, y) pairs, got {initial_shape.shape}")
+    trees = _read_forests(reader, initial_shape.size)
+    anchor_idx = [[reader.int() for _ in range(reader.count("anchor"))]
+                  for _ in range(reader.count("anchor list"))]
+    deltas = [[(reader.float(), reader.float()) for _ in range(reader.count("delta"))]
+              for _ in range(reader.count("delta list"))]
+    if reader.pos != len(data):
+        reader.fail(f"{len(data) - reader.pos} unexpected bytes after the model")
+    n_stages, _, n_splits, _ = trees["split_pixels"].shape
+    n_features = {len(stage) for stage in anchor_idx} | {len(stage) for stage in deltas}
+    if len(anchor_idx) != n_stages or len(deltas) != n_stages or len(n_features) != 1:
+        reader.fail(f"{n_stages} cascade stages but {len(anchor_idx)} anchor lists and "
+                    f"{len(deltas)} delta lists, not all of one length")
+    anchor_idx = np.array(anchor_idx, np.int64).reshape(n_stages, -1)
+    if trees["split_pixels"].max(initial=0) >= anchor_idx.shape[1] \
+            or anchor_idx.max(initial=0) >= initial_shape.size // 2:
+        reader.fail("a split or anchor index points past its table")
+    return dict(initial_shape=initial_shape.reshape(-1, 2), anchor_idx=anchor_idx,
+                deltas=np.array(deltas, np.float32).reshape(n_stages, -1, 2), **trees)
+
+
+def _read_forests(reader, shape_size):
+    """Read every tree of the cascade: split_pixels, split_thresholds and leaf_values arrays.
+
+    The leaf matrices are nearly all of the file (about 10 million floats), far too many to
+    decode one by one in Python. So they are found by their header bytes (-rows, -1) and all
+    decoded together first; walking the trees then only reads the counts, jumping from the
+    splits to the next leaf matrix, and the split blocks between are decoded together last.
+    A header pattern that merely occurs inside other data is never jumped to, or if it were,
+    the split block before it would not end where the leaves start, which is checked.
+    """
+    data = np.frombuffer(reader.data, np.uint8)
+    header = _encode_int(-shape_size) + _encode_int(-1)
+    starts = np.array([m.start() for m in re.finditer(re.escape(header), reader.data)], np.int64)
+    leaf_ints, leaf_ends, ok = _decode_ints_lockstep(data, starts + len(header), 2 * shape_size)
+    starts, leaf_ends, leaf_ints = starts[ok], leaf_ends[ok].tolist(), leaf_ints[ok]
+    leaf_at = {start: i for i, start in enumerate(starts.tolist())}
+
+    trees_per_stage, split_blocks, leaf_rows = [], [], []
+    for _ in range(reader.count("cascade stage")):
+        trees_per_stage.append(reader.count("tree"))
+        for _ in range(trees_per_stage[-1]):
+            n_splits = reader.count("split")
+            split_start = reader.pos
+            next_leaf = np.searchsorted(starts, reader.pos)
+            if next_leaf == len(starts):
+                reader.fail("a tree has no leaf values")
+            reader.pos = int(starts[next_leaf]) - len(_encode_int(n_splits + 1))
+            split_blocks.append((split_start, n_splits, reader.pos))
+            if reader.count("leaf") != n_splits + 1:
+                reader.fail(f"a tree of {n_splits} splits needs {n_splits + 1} leaves")
+            for _ in range(n_splits + 1):
+                row = leaf_at.get(reader.pos)
+                if row is None:
+                    reader.fail(f"expected a {shape_size}x1 leaf value matrix")
+                leaf_rows.append(row)
+                reader.pos = leaf_ends[row]
+
+    blocks = np.array(split_blocks, np.int64).reshape(-1, 3)
+    n_splits = int(blocks[0, 1]) if len(blocks) else 0
+    if len(set(trees_per_stage)) != 1 or (blocks[:, 1] != n_splits).any() \
+            or n_splits == 0 or (n_splits + 1) & n_splits:
+        reader.fail("the cascade must have equally many complete binary trees of one depth per stage")
+    split_ints, split_ends, ok = _decode_ints_lockstep(data, blocks[:, 0], 4 * n_splits)
+    bad = ~ok | (split_ends != blocks[:, 2]) | (split_ints.reshape(-1, n_splits, 4)[..., :2] < 0).any((1, 2))
+    if bad.any():
+        reader.pos = int(blocks[np.argmax(bad), 0])
+        reader.fail("corrupt tree splits")
+    split_ints = split_ints.reshape(len(trees_per_stage), trees_per_stage[0], n_splits, 4)
+    leaf_ints = leaf_ints[leaf_rows]
+    return dict(
+        split_pixels=split_ints[..., :2],
+        split_thresholds=_floats_from_parts(split_ints[..., 2], split_ints[..., 3]),
+        leaf_values=_floats_from_parts(leaf_ints[:, 0::2], leaf_ints[:, 1::2]).reshape(
+            len(trees_per_stage), trees_per_stage[0], n_splits + 1, shape_size))
+
+
+# --------------------------------------------------------------------------------------------
+# The regression-tree cascade
+# --------------------------------------------------------------------------------------------
+
+def to_gray(image):
+    """uint8 (H,W) or (H,W,3) -> (H,W) uint8 as dlib reads an rgb_pixel: (r + g + b) / 3, floored."""
+    image = np.asarray(image)
+    if image.dtype != np.uint8:
+        raise ValueError(f"images must be uint8, got {image.dtype}")
+    if image.ndim == 2:
+        return image
+    if image.ndim == 3 and image.shape[2] == 3:
+        return (image.astype(np.uint16).sum(axis=2) // 3).astype(np.uint8)
+    raise ValueError(f"an image must be (H,W) or (H,W,3), got shape {image.shape}")
+
+
+def _image_batch(images):
+    """N uint8 images -> ((N,H,W,C) array, padded to the largest image, and (N,2) sizes (H,W)).
+
+    An (N,H,W[,3]) array is used as it is; a list is stacked (grayscale images become C=1, or
+    three equal channels when the list mixes in color images, which leaves their gray unchanged).
+    """
+    if isinstance(images, np.ndarray) and images.ndim in (3, 4):
+        batch = images if images.ndim == 4 else images[..., None]
+        if batch.dtype != np.uint8 or batch.shape[-1] not in (1, 3):
+            raise ValueError(f"images must be uint8 (N,H,W) or (N,H,W,3), got {images.dtype} "
+                             f"{images.shape}")
+        return batch, np.tile(batch.shape[1:3], (len(batch), 1))
+    images = [np.asarray(image) for image in images]
+    for image in images:
+        if image.dtype != np.uint8 or not (image.ndim == 2 or image.ndim == 3 and image.shape[2] == 3):
+            raise ValueError(f"an image must be uint8 (H,W) or (H,W,3), got {image.dtype} {image.shape}")
+    sizes = np.array([image.shape[:2] for image in images], np.int64).reshape(-1, 2)
+    channels = 3 if any(image.ndim == 3 for image in images) else 1
+    batch = np.zeros((len(images), *sizes.max(axis=0, initial=1), channels), np.uint8)
+    for slot, image in zip(batch, images):
+        slot[:image.shape[0], :image.shape[1]] = image if image.ndim == 3 else image[..., None]
+    return batch, sizes
+
+
+def _similarity_matrices(from_shape, to_shapes):
+    """2x2 rotation-scale part of the least-squares similarity from_shape -> each of to_shapes.
+
+    dlib's find_tform_between_shapes (Umeyama's method); in 2D its optimum has the closed form
+    [[p, -q], [q, p]] below. Computed in float64 like dlib, returned as float32 like dlib uses it.
+    """
+    a = from_shape.astype(np.float64) - from_shape.mean(axis=0, dtype=np.float64)
+    b = to_shapes.astype(np.float64)
+    b = b - b.mean(axis=1, keepdims=True)
+    norm = (a ** 2).sum()
+    p = (a[:, 0] * b[..., 0] + a[:, 1] * b[..., 1]).sum(axis=1) / norm
+    q = (a[:, 0] * b[..., 1] - a[:, 1] * b[..., 0]).sum(axis=1) / norm
+    return np.stack([np.stack([p, -q], -1), np.stack([q, p], -1)], -2).astype(np.float32)
+
+
+class LandmarkPredictor:
+    """dlib's 68-point shape predictor, batched over faces. Load with LandmarkPredictor.load()."""
+
+    def __init__(self, initial_shape, split_pixels, split_thresholds, leaf_values, anchor_idx,
+                 deltas):
+        self.initial_shape = initial_shape        # (P,2) mean shape, box-normalised
+        self.split_pixels = split_pixels          # (stages, trees, splits, 2) feature indices
+        self.split_thresholds = split_thresholds  # (stages, trees, splits)
+        self.leaf_values = leaf_values            # (stages, trees, leaves, 2P) shape updates
+        self.anchor_idx = anchor_idx              # (stages, features) landmark of each pixel
+        self.deltas = deltas                      # (stages, features, 2) offset from it
+        self.depth = int(math.log2(leaf_values.shape[2]))
+
+    @classmethod
+    def load(cls, path=None):
+        """Read a dlib shape_predictor .dat file (default: face_recognition_models' 68-point one)."""
+        return cls(**read_shape_predictor(default_model_path() if path is None else path))
+
+    @property
+    def num_parts(self):
+        return len(self.initial_shape)
+
+    def predict(self, images, boxes):
+        """Landmarks in pixel coordinates (x, y).
+
+        images: one uint8 image (H,W) or (H,W,3) with boxes (4,) -> (P,2); or N images as an
+        array (N,H,W[,3]) or a list (sizes may differ) with boxes (N,4) -> (N,P,2).
+        A box is (x0, y0, x1, y1): the normalised shape's (0,0) maps to (x0,y0) and (1,1) to
+        (x1,y1), as for a dlib rectangle(left=x0, top=y0, right=x1, bottom=y1).
+        """
+        boxes = np.asarray(boxes, np.float64)
+        if boxes.shape == (4,):
+            return self.predict([images], boxes[None])[0]
+        if boxes.ndim != 2 or boxes.shape[1] != 4 or len(images) != len(boxes):
+            raise ValueError(f"need boxes (N,4) for N={len(images)} images, got {boxes.shape}")
+        pixels, sizes = _image_batch(images)
+        shapes = np.repeat(self.initial_shape[None], len(boxes), axis=0)
+        for stage in range(len(self.leaf_values)):
+            features = self._feature_pixels(pixels, sizes, boxes, shapes, stage)
+            shapes += self._tree_updates(features, stage)
+        return boxes[:, None, :2] + shapes * (boxes[:, None, 2:] - boxes[:, None, :2])
+
+    def _feature_pixels(self, pixels, sizes, boxes, shapes, stage):
+        """(N, features) intensities at this stage's feature points placed on the current shapes."""
+        tform = _similarity_matrices(self.initial_shape, shapes)             # (N,2,2) float32
+        d = self.deltas[stage]                                               # (F,2)
+        anchors = shapes[:, self.anchor_idx[stage]]                          # (N,F,2)
+        # Same float32 operation order as dlib: tform * delta + anchor location.
+        x = tform[:, None, 0, 0] * d[:, 0] + tform[:, None, 0, 1] * d[:, 1] + anchors[..., 0]
+        y = tform[:, None, 1, 0] * d[:, 0] + tform[:, None, 1, 1] * d[:, 1] + anchors[..., 1]
+        # Box-normalised -> image (in float64, as dlib's point_transform_affine), then the
+        # nearest pixel, rounding halves up like dlib's conversion to an integer point.
+        x0, y0, x1, y1 = (boxes[:, i, None] for i in range(4))
+        col = np.floor(x0 + x * (x1 - x0) + 0.5).astype(np.int64)
+        row = np.floor(y0 + y * (y1 - y0) + 0.5).astype(np.int64)
+        inside = (col >= 0) & (row >= 0) & (col < sizes[:, 1, None]) & (row < sizes[:, 0, None])
+        faces = np.arange(len(pixels))[:, None]
+        values = pixels[faces, np.where(inside, row, 0), np.where(inside, col, 0)]  # (N,F,C)
+        if values.shape[-1] == 3:  # dlib's rgb -> gray: the channel mean, floored
+            values = values.sum(axis=-1, dtype=np.uint16) // 3
+        return np.where(inside, values.reshape(inside.shape), 0).astype(np.float32)
+
+    def _tree_updates(self, features, stage):
+        """(N,P,2) sum of the leaves reached in every tree of this stage."""
+        n_trees, n_splits = self.split_thresholds.shape[1:]
+        pixel_a, pixel_b = self.split_pixels[stage].reshape(-1, 2).T       # (trees*splits,)
+        thresholds = self.split_thresholds[stage].ravel()
+        tree_start = np.arange(n_trees) * n_splits
+        # Row offsets turn per-face feature indices into indices of the flattened (N*F) array.
+        feature_rows = (np.arange(len(features)) * features.shape[1])[:, None]
+        flat_features = features.ravel()
+        node = np.zeros((len(features), n_trees), np.int64)                 # (N,trees)
+        for _ in range(self.depth):
+            split = tree_start + node
+            diff = (flat_features[feature_rows + pixel_a[split]]
+                    - flat_features[feature_rows + pixel_b[split]])
+            node = 2 * node + np.where(diff > thresholds[split], 1, 2)
+        leaf = node - n_splits + np.arange(n_trees) * (n_splits + 1)      # index into trees*leaves
+        leaves = self.leaf_values[stage].reshape(-1, self.leaf_values.shape[-1])
+        # Summed tree by tree for each face, so a face's result does not depend on the batch.
+        return leaves[leaf].sum(axis=1).reshape(len(features), -1, 2)
+
+    def box_from_landmarks(self, landmarks):
+        """The box in which the mean shape best covers these landmarks: (...,P,2) -> (...,4).
+
+        Scale is the ratio of RMS spreads (so it does not shrink when the face is rotated), the
+        offset matches the centroids. This reproduces the box convention the model was trained
+        with (dlib's face detector boxes), which is what tracking must feed back in.
+        """
+        landmarks = np.asarray(landmarks, np.float64)
+        mean = self.initial_shape.astype(np.float64)
+        spread_mean = np.sqrt(((mean - mean.mean(0)) ** 2).sum(-1).mean())
+        centred = landmarks - landmarks.mean(-2, keepdims=True)
+        scale = np.sqrt((centred ** 2).sum(-1).mean(-1)) / spread_mean
+        top_left = landmarks.mean(-2) - scale[..., None] * mean.mean(0)
+        return np.concatenate([top_left, top_left + scale[..., None]], axis=-1)
+
+
+# --------------------------------------------------------------------------------------------
+# Face detection and tracking
+# --------------------------------------------------------------------------------------------
+
+_DETECT_MAX_SIDE = 480    # full-frame detection runs on a copy downscaled to this size
+_MIN_FACE_FRACTION = 0.1  # smallest face searched, as a fraction of the shorter image side
+_CHECK_FACE_SIZE = 64     # a tracked face is re-checked at about this size in pixels
+_cascade = None
+
+
+def _lbp_cascade():
+    global _cascade
+    if _cascade is None:
+        from skimage import data
+        from skimage.feature import Cascade
+        _cascade = Cascade(data.lbp_frontal_face_cascade_filename())
+    return _cascade
+
+
+def _detect_boxes(gray, scale, min_side, max_side, offset=(0.0, 0.0)):
+    """LBP detections on `gray` resized by `scale`, as (K,4) boxes in the original image."""
+    from skimage.transform import rescale
+    small = rescale(gray, scale, anti_aliasing=scale < 1) if scale != 1 else gray
+    found = _lbp_cascade().detect_multi_scale(
+        img=small, scale_factor=1.2, step_ratio=1, min_size=(min_side, min_side),
+        max_size=(max_side, max_side))
+    boxes = np.array([[d["c"], d["r"], d["c"] + d["width"], d["r"] + d["height"]] for d in found],
+                     np.float64).reshape(-1, 4)
+    return boxes / scale + np.tile(offset, 2)
+
+
+def detect_face(image):
+    """Box (x0, y0, x1, y1) of the largest frontal face, or None.
+
+    The box is the LBP cascade's window, whose scale and offset differ from the boxes the
+    landmark model was trained on; `FaceTracker.fit` corrects it from the predicted landmarks.
+    """
+    gray = to_gray(image)
+    scale = min(1.0, _DETECT_MAX_SIDE / max(gray.shape))
+    min_side = max(24, int(_MIN_FACE_FRACTION * scale * min(gray.shape)))
+    boxes = _detect_boxes(gray, scale, min_side, int(scale * max(gray.shape)))
+    if not len(boxes):
+        return None
+    return boxes[np.argmax((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))]
+
+
+def face_near(image, box):
+    """Whether the detector finds a face overlapping `box` (searched in a crop around it)."""
+    gray = to_gray(image)
+    size = max(box[2] - box[0], box[3] - box[1])
+    x0, y0 = (max(0, int(v - size)) for v in box[:2])
+    x1, y1 = int(box[2] + size) + 1, int(box[3] + size) + 1
+    crop = gray[y0:y1, x0:x1]
+    if min(crop.shape) < 8:
+        return False
+    scale = _CHECK_FACE_SIZE / size
+    # At this scale the face is about _CHECK_FACE_SIZE pixels: search 0.5x to 2x that.
+    side_range = (max(24, _CHECK_FACE_SIZE // 2), 2 * _CHECK_FACE_SIZE)
+    found = _detect_boxes(crop, scale, *side_range, offset=(x0, y0))
+    return any(_box_iou(box, other) > 0.3 for other in found)
+
+
+def _box_iou(a, b):
+    width = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    height = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = width * height
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def _visible_fraction(box, image_shape):
+    """Fraction of the box's area that lies inside the image."""
+    height, width = image_shape[:2]
+    inside_w = max(0.0, min(box[2], width) - max(box[0], 0.0))
+    inside_h = max(0.0, min(box[3], height) - max(box[1], 0.0))
+    area = (box[2] - box[0]) * (box[3] - box[1])
+    return inside_w * inside_h / area if area > 0 else 0.0
+
+
+class TrackResult(NamedTuple):
+    landmarks: np.ndarray  # (T,68,2) pixel coordinates (x, y), NaN on invalid frames
+    valid: np.ndarray      # (T,) bool: a face was found on that frame
+    boxes: np.ndarray      # (T,4) box the frame's landmarks were predicted in, NaN if invalid
+
+
+class FaceTracker:
+    """Landmarks frame by frame: the box comes from the previous frame's landmarks, and the
+    detector searches the whole frame again when the track is lost.
+
+    The track is lost when the refitted box leaves the image or becomes tiny, when the landmarks
+    disagree with the box they were predicted in (IoU with the box refitted to them below
+    `min_iou`: the cascade did not settle), or, with `verify`, when the detector finds no face
+    around them (the regression cascade outputs a face-like shape even on a background).
+    """
+
+    def __init__(self, predictor=None, min_iou=0.5, min_size=24, refine_steps=2, verify=True):
+        self.predictor = predictor or LandmarkPredictor.load()
+        self.min_iou, self.min_size = min_iou, min_size
+        self.refine_steps, self.verify = refine_steps, verify
+
+    def fit(self, image, box):
+        """(landmarks, box) from a rough box, re-boxed `refine_steps` times in the model's convention."""
+        box = np.asarray(box, np.float64)
+        landmarks = self.predictor.predict(image, box)
+        for _ in range(self.refine_steps):
+            box = self.predictor.box_from_landmarks(landmarks)
+            landmarks = self.predictor.predict(image, box)
+        return landmarks, box
+
+    def is_lost(self, image, box, landmarks):
+        refit = self.predictor.box_from_landmarks(landmarks)
+        return (_visible_fraction(refit, image.shape) < 0.5
+                or min(refit[2] - refit[0], refit[3] - refit[1]) < self.min_size
+                or _box_iou(box, refit) < self.min_iou
+                or (self.verify and not face_near(image, refit)))
+
+    def track(self, frames, bbox=None):
+        """-> (TrackResult, frames where a running track was lost); see track_landmarks."""
+        landmarks, boxes, lost = [], [], []
+        previous = None  # landmarks of the previous frame while the track holds
+        for t, frame in enumerate(frames):
+            frame = np.asarray(frame)
+            result = None
+            if previous is not None:
+                box = self.predictor.box_from_landmarks(previous)
+                result = self.predictor.predict(frame, box), box
+            elif t == 0 and bbox is not None:
+                result = self.fit(frame, bbox)
+            if result is not None and self.is_lost(frame, result[1], result[0]):
+                lost.append(t)
+                result = None
+            if result is None:
+                detected = detect_face(frame)
+                result = self.fit(frame, detected) if detected is not None else None
+                if result is not None and self.is_lost(frame, result[1], result[0]):
+                    result = None
+            previous = result[0] if result is not None else None
+            landmarks.append(previous if previous is not None
+                             else np.full((self.predictor.num_parts, 2), np.nan))
+            boxes.append(result[1] if result is not None else np.full(4, np.nan))
+        valid = np.array([np.isfinite(box).all() for box in boxes], bool)
+        if not valid.any():
+            raise NoFaceError(f"no face found in any of the {len(valid)} frames")
+        if lost:
+            log.info("landmark track lost on frames %s; the detector searched them again", lost)
+        return TrackResult(np.array(landmarks), valid, np.array(boxes)), lost
+
+
+def track_landmarks(frames, bbox=None, predictor=None):
+    """Track 68 landmarks through an iterable of uint8 frames (H,W[,3]).
+
+    bbox: optional (x0,y0,x1,y1) face box for the first frame, else the detector finds it.
+    Returns TrackResult(landmarks (T,68,2), valid (T,), boxes (T,4)); invalid frames are NaN.
+    Frames where a running track was lost are logged (FaceTracker.track also returns them).
+    Raises NoFaceError when no frame has a face.
+    """
+    result, _ = FaceTracker(predictor).track(frames, bbox)
+    return result

@@ -3,7 +3,7 @@
 FLAME has 5023 vertices and 9976 faces; a 50 x 100 UV ellipsoid (4902 vertices, 9800 faces) stands in
 for it, filling about half of the image like a tracked face crop.
 
-    python bench/render.py [--size 512] [--frames 8] [--batch 1]
+    python bench/render.py [--size 512] [--frames 8] [--batch 1] [--cull-back-faces] [--threads N]
 """
 import argparse
 import os
@@ -42,7 +42,10 @@ def main():
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--frames", type=int, default=8)
     parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--cull-back-faces", action="store_true")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
 
     verts, faces = uv_ellipsoid(50, 100, radii=(0.09, 0.12, 0.1))  # head-sized, metres
     labels = torch.randint(0, 4, (len(faces),))
@@ -54,16 +57,19 @@ def main():
         frames.append(verts @ rot.T + torch.tensor([0.0, 0.0, 0.5]))
     batch = torch.stack(frames)
 
-    conditioning_image(batch, faces, focal, args.size, face_labels=labels)  # warm-up
-    start = time.perf_counter()
+    def render():
+        return conditioning_image(batch, faces, focal, args.size, face_labels=labels, cull_back_faces=args.cull_back_faces)
+
+    render()  # warm-up
+    start, cpu = time.perf_counter(), time.process_time()
     for _ in range(args.frames):
-        out = conditioning_image(batch, faces, focal, args.size, face_labels=labels)
-    seconds = time.perf_counter() - start
+        out = render()
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     coverage = out[:, -1].mean().item()
     print(
         f"{len(verts)} vertices, {len(faces)} faces, {args.size}x{args.size}, batch {args.batch}, "
-        f"{torch.get_num_threads()} threads, coverage {coverage:.2f}: "
-        f"{args.frames * args.batch / seconds:.1f} frames/s"
+        f"cull {args.cull_back_faces}, {torch.get_num_threads()} threads, coverage {coverage:.2f}: "
+        f"{args.frames * args.batch / seconds:.1f} frames/s ({1000 * cpu / (args.frames * args.batch):.0f} ms CPU/frame)"
     )
 
 

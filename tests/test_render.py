@@ -178,6 +178,22 @@ def test_small_chunks_give_the_same_image():
     assert torch.equal(full.face, chunked.face) and torch.equal(full.bary, chunked.bary)
 
 
+def test_back_face_culling():
+    # On a closed mesh only front faces are visible, so culling changes nothing.
+    verts, faces = uv_ellipsoid(10, 16)
+    verts = (verts + torch.tensor([0.2, 0.0, 3.0]))[None]
+    full = rasterize(verts, faces, focal=40.0, image_size=40)
+    culled = rasterize(verts, faces, focal=40.0, image_size=40, cull_back_faces=True)
+    assert torch.equal(full.face, culled.face) and torch.equal(full.depth, culled.depth)
+    # A lone triangle: counter-clockwise seen from the camera (normal towards -z) is its front.
+    front = torch.tensor([[[0.0, 0.0, 2.0], [0.0, 1.0, 2.0], [1.0, 0.0, 2.0]]])
+    assert torch.linalg.cross(front[0, 1] - front[0, 0], front[0, 2] - front[0, 0])[2] < 0
+    triangle = torch.tensor([[0, 1, 2]])
+    assert rasterize(front, triangle, 16.0, 16, cull_back_faces=True).mask.any()
+    assert not rasterize(front, triangle[:, [0, 2, 1]], 16.0, 16, cull_back_faces=True).mask.any()
+    assert rasterize(front, triangle[:, [0, 2, 1]], 16.0, 16).mask.any()
+
+
 def test_vertex_normals_of_a_sphere_point_outwards():
     verts, faces = uv_ellipsoid(12, 24)
     normals = vertex_normals(verts[None], faces)[0]

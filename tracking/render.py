@@ -45,15 +45,32 @@ CONDITIONING_CHANNELS = (
 
 @dataclass
 class Raster:
-    """Per-pixel result of `rasterize` for B frames of H x W pixels."""
+    """Result of `rasterize` for B frames of H x W pixels.
+
+    Per-pixel maps, plus the same data listed for the N covered pixels only (what interpolation
+    works on, so that it never touches the background).
+    """
 
     face: torch.Tensor  # (B, H, W) int64 index of the visible face, -1 on the background
     depth: torch.Tensor  # (B, H, W) float32 camera-space z of the visible surface, 0 on the background
-    bary: torch.Tensor  # (B, H, W, 3) float32 perspective-correct barycentrics, 0 on the background
+    pixel: torch.Tensor  # (N,) int64 flat indices into (B, H, W) of the covered pixels, ascending
+    pixel_face: torch.Tensor  # (N,) int64 their visible faces
+    pixel_bary: torch.Tensor  # (N, 3) float32 their perspective-correct barycentrics
 
     @property
     def mask(self):
         return self.face >= 0
+
+    @property
+    def bary(self):
+        """(B, H, W, 3) float32 barycentrics, 0 on the background."""
+        return _scatter_pixels(self.pixel, self.pixel_bary, self.face.shape)
+
+
+def _scatter_pixels(pixel, values, shape):
+    """Dense (*shape, C) tensor holding values (N, C) at flat pixel indices, zero elsewhere."""
+    out = values.new_zeros(shape.numel(), values.shape[-1])
+    return out.index_copy_(0, pixel, values).view(*shape, -1)
 
 
 def _image_hw(image_size):
@@ -108,7 +125,8 @@ class _Triangles:
     """
 
     face: torch.Tensor  # (T,) int64 face index
-    first_pixel: torch.Tensor  # (T,) int64 flat index (frame, row, column) of the bounding box corner
+    frame: torch.Tensor  # (T,) int64
+    first: torch.Tensor  # (2, T) int64 column, row of the bounding box's first pixel
     box: torch.Tensor  # (2, T) int64 bounding box width - 1, height - 1 in pixels
     edge_origin: torch.Tensor  # (3, T) int64 edge functions (i opposite corner i) minus the fill bias
     edge_step: torch.Tensor  # (2, 3, T) int64 change per pixel in x, in y
@@ -122,14 +140,16 @@ def _snap(verts, focal, height, width, principal):
     return torch.floor(project(verts, focal, (height, width), principal) * SUBPIXEL + 0.5)
 
 
-def _setup_triangles(verts, faces, focal, height, width, principal, near):
+def _setup_triangles(verts, faces, focal, height, width, principal, near, cull_back_faces):
     fixed = _snap(verts, focal, height, width, principal)
     tri_z = verts.detach().to(torch.float64)[..., 2][:, faces]  # (B, F, 3)
     tri_xy = fixed[:, faces]  # (B, F, 3, 2)
     keep = (tri_z > near).all(-1) & (tri_xy.abs() < _GUARD).flatten(-2).all(-1)
     tri_xy = torch.where(keep[..., None, None], tri_xy, 0).to(torch.int64)
     area = _edge(*tri_xy[..., 0, :].unbind(-1), *tri_xy[..., 1, :].unbind(-1), *tri_xy[..., 2, :].unbind(-1))
-    keep &= area != 0
+    # Seen from the camera, an outward counter-clockwise face runs clockwise on the y-down screen,
+    # i.e. has a negative area here; a positive area means the camera sees its back.
+    keep &= (area < 0) if cull_back_faces else (area != 0)
     # A negative area is the other winding on screen: swapping two corners makes it positive.
     corner = torch.where((area < 0)[..., None], torch.tensor([0, 2, 1]), torch.tensor([0, 1, 2]))
     tri_xy = torch.gather(tri_xy, 2, corner[..., None].expand(*corner.shape, 2))
@@ -154,7 +174,8 @@ def _setup_triangles(verts, faces, focal, height, width, principal, near):
     inv_z = 1.0 / tri_z[frame, face].T
     return _Triangles(
         face=face,
-        first_pixel=(frame * height + first[:, 1]) * width + first[:, 0],
+        frame=frame,
+        first=first.T,
         box=(last - first).T,
         edge_origin=torch.stack([_edge(*e, cx, cy) for e in edges]) - fill_bias,
         edge_step=torch.stack([step_x, step_y]) * SUBPIXEL,
@@ -181,15 +202,15 @@ def _chunks(counts, max_count):
         start = stop
 
 
+# Bounding boxes are covered by tiles of _TILE_H x _TILE_W pixels; each tile's pixels are one slab
+# of a (TILE_H * TILE_W, ...) tensor, so all per-pixel work runs on long contiguous rows.
 _TILE_H, _TILE_W = 2, 4
 
 
 def _tiles(tri, start, stop):
-    """Cover each bounding box of triangles start:stop with _TILE_H x _TILE_W tiles of pixel offsets.
-
-    Returns the triangle of each tile (N,) and the x (N, 1, TW), y (N, TH, 1) pixel offsets from the
-    box corner; offsets past the box are clamped onto its last pixel, which only repeats a pixel.
-    """
+    """The tiles covering the bounding boxes of triangles start:stop: triangle index (N,) and the
+    offsets x, y (N,) in pixels of each tile from its box corner. Tiles may reach up to a tile past
+    the box and the image; the z-buffer has a margin of one tile to catch those pixels."""
     box = tri.box[:, start:stop]
     tiles_x = torch.div(box[0], _TILE_W, rounding_mode="floor") + 1
     tiles = tiles_x * (torch.div(box[1], _TILE_H, rounding_mode="floor") + 1)
@@ -197,74 +218,107 @@ def _tiles(tri, start, stop):
     index = torch.arange(len(local)) - (torch.cumsum(tiles, 0) - tiles)[local]
     tile_y = torch.div(index, tiles_x[local], rounding_mode="floor")
     tile_x = index - tile_y * tiles_x[local]
-    dx = torch.minimum(tile_x[:, None] * _TILE_W + torch.arange(_TILE_W), box[0, local, None])
-    dy = torch.minimum(tile_y[:, None] * _TILE_H + torch.arange(_TILE_H), box[1, local, None])
-    return local + start, dx[:, None, :], dy[:, :, None]
+    return local + start, tile_x * _TILE_W, tile_y * _TILE_H
 
 
-def _depth_test(tri, zbuffer, width, max_pixels):
-    """Scatter the depth key of every covered (triangle, pixel) pair into zbuffer with amin."""
+def _tile_edges(origin, step):
+    """Edge functions (K, 3, N) at the K pixels of N tiles from their values at the tiles' first
+    pixels (3, N) and steps per pixel (2, 3, N): one addition per pixel, exact in integers."""
+    w = origin.new_empty(_TILE_H * _TILE_W, *origin.shape)
+    for k in range(_TILE_H * _TILE_W):
+        if k == 0:
+            w[0] = origin
+        elif k % _TILE_W:
+            torch.add(w[k - 1], step[0], out=w[k])
+        else:
+            torch.add(w[k - _TILE_W], step[1], out=w[k])
+    return w
+
+
+def _depth_test(tri, zbuffer, height, width, max_pixels):
+    """Scatter the depth key of every covered (triangle, pixel) pair into zbuffer with amin.
+
+    zbuffer: (B * height * width,) with height, width the image size plus a margin of one tile.
+    """
+    offset_y, offset_x = torch.div(torch.arange(_TILE_H * _TILE_W)[:, None], _TILE_W, rounding_mode="floor"), torch.arange(_TILE_H * _TILE_W)[:, None] % _TILE_W
     pixels = (tri.box[0] + _TILE_W) * (tri.box[1] + _TILE_H)  # upper bound of the tiled area
     for start, stop in _chunks(pixels, max_pixels):
-        t, dx, dy = _tiles(tri, start, stop)
-        step = tri.edge_step[:, :, t, None, None]
-        w = tri.edge_origin[:, t, None, None] + step[0] * dx + step[1] * dy  # (3, N, TH, TW)
-        inside = (w[0] | w[1] | w[2]) >= 0  # no sign bit set: all three are >= their fill bias
-        x = (tri.corner_offset[0, t, None, None] + dx * SUBPIXEL).to(torch.float64)
-        y = (tri.corner_offset[1, t, None, None] + dy * SUBPIXEL).to(torch.float64)
-        grad = tri.inv_z_grad[:, t, None, None]
-        depth = (1.0 / (tri.inv_z[t, None, None] + grad[0] * x + grad[1] * y)).to(torch.float32)
+        t, x, y = _tiles(tri, start, stop)
+        step = tri.edge_step[:, :, t]
+        origin = tri.edge_origin[:, t] + step[0] * x + step[1] * y
+        # Skip tiles that lie wholly outside an edge: its largest value over the tile is negative.
+        reach = origin + step[0].clamp(min=0) * (_TILE_W - 1) + step[1].clamp(min=0) * (_TILE_H - 1)
+        touched = ((reach[0] | reach[1] | reach[2]) >= 0).nonzero(as_tuple=True)[0]
+        t, x, y, origin, step = t[touched], x[touched], y[touched], origin[:, touched], step[:, :, touched]
+        w = _tile_edges(origin, step)  # (K, 3, N)
+        inside = (w[:, 0] | w[:, 1] | w[:, 2]) >= 0  # no sign bit set: all >= their fill bias
+        # 1/z = 1/z0 + grad . (p - p0), p - p0 in fixed point, exact in float64.
+        px = (tri.corner_offset[0, t] + x * SUBPIXEL).to(torch.float64) + offset_x * float(SUBPIXEL)
+        py = (tri.corner_offset[1, t] + y * SUBPIXEL).to(torch.float64) + offset_y * float(SUBPIXEL)
+        inv_z = tri.inv_z[t] + tri.inv_z_grad[0, t] * px + tri.inv_z_grad[1, t] * py
+        depth = (1.0 / inv_z).to(torch.float32)
         # Positive float32 bit patterns order like their values: depth above, face index below.
-        key = (depth.view(torch.int32).to(torch.int64) << 32) | tri.face[t, None, None]
+        key = (depth.view(torch.int32).to(torch.int64) << 32) | tri.face[t]
         key = torch.where(inside, key, _BACKGROUND_KEY)
-        pixel = tri.first_pixel[t, None, None] + dy * width + dx
+        first_pixel = (tri.frame[t] * height + tri.first[1, t] + y) * width + tri.first[0, t] + x
+        pixel = first_pixel + offset_y * width + offset_x
         zbuffer.scatter_reduce_(0, pixel.flatten(), key.flatten(), "amin")
 
 
-def rasterize(verts, faces, focal, image_size=512, principal=None, near=1e-3, max_pixels=1 << 19):
+def rasterize(
+    verts, faces, focal, image_size=512, principal=None, near=1e-3, cull_back_faces=False, max_pixels=1 << 18
+):
     """Z-buffered rasterization of camera-space triangles (see the module docstring).
 
     verts: (B, V, 3) camera space (x right, y down, z forward); faces: (F, 3) int vertex indices;
     focal: pixels, scalar or (B,); image_size: int or (H, W); principal: (cx, cy) or (B, 2), default
-    the image centre; near: faces with a vertex at z <= near are dropped; max_pixels bounds the
+    the image centre; near: faces with a vertex at z <= near are dropped; cull_back_faces: skip faces
+    whose back the camera sees (counter-clockwise = front), about twice as fast on closed meshes but
+    holes then show the background instead of the mesh's inside; max_pixels bounds the
     bounding-box pixels processed at once (memory). Returns a Raster.
     """
     height, width = _image_hw(image_size)
     batch = verts.shape[0]
     faces = torch.as_tensor(faces, dtype=torch.int64)
-    tri = _setup_triangles(verts, faces, focal, height, width, principal, near)
-    zbuffer = torch.full((batch * height * width,), _BACKGROUND_KEY, dtype=torch.int64)
-    _depth_test(tri, zbuffer, width, max_pixels)
+    tri = _setup_triangles(verts, faces, focal, height, width, principal, near, cull_back_faces)
+    zbuffer = torch.full((batch, height + _TILE_H, width + _TILE_W), _BACKGROUND_KEY, dtype=torch.int64)
+    _depth_test(tri, zbuffer.view(-1), height + _TILE_H, width + _TILE_W, max_pixels)
+    zbuffer = zbuffer[:, :height, :width].flatten()
 
-    hit = (zbuffer != _BACKGROUND_KEY).nonzero(as_tuple=True)[0]
-    key = zbuffer[hit]
-    face = torch.full((batch * height * width,), -1, dtype=torch.int64)
-    face[hit] = key & 0xFFFFFFFF
-    depth = torch.zeros(batch * height * width, dtype=torch.float32)
-    depth[hit] = (key >> 32).to(torch.int32).view(torch.float32)
-    bary = torch.zeros(batch * height * width, 3, dtype=torch.float32)
-    bary[hit] = _barycentrics(verts, faces, focal, principal, height, width, hit, face[hit])
+    hit = zbuffer != _BACKGROUND_KEY
+    pixel = hit.nonzero(as_tuple=True)[0]
+    face = torch.where(hit, zbuffer & 0xFFFFFFFF, -1)
+    depth = torch.where(hit, (zbuffer >> 32).to(torch.int32).view(torch.float32), 0.0)
+    pixel_face = face[pixel]
     return Raster(
         face=face.view(batch, height, width),
         depth=depth.view(batch, height, width),
-        bary=bary.view(batch, height, width, 3),
+        pixel=pixel,
+        pixel_face=pixel_face,
+        pixel_bary=_barycentrics(verts, faces, focal, principal, height, width, pixel, pixel_face),
     )
+
+
+def _corner_rows(faces, pixel, face, num_pixels, num_verts):
+    """Row indices (N, 3) into per-vertex tables flattened to (B * V, ...) for the corners of the
+    given faces seen at the given flat pixel indices (frame = pixel // num_pixels)."""
+    frame = torch.div(pixel, num_pixels, rounding_mode="floor")
+    return faces[face] + (frame * num_verts)[:, None]
 
 
 def _barycentrics(verts, faces, focal, principal, height, width, pixel, face):
     """Perspective-correct barycentrics (N, 3) of the given faces at the given flat pixel indices."""
-    frame = torch.div(pixel, height * width, rounding_mode="floor")
-    row = torch.div(pixel, width, rounding_mode="floor") % height
-    column = pixel % width
-    corners = faces[face]  # (N, 3)
-    fixed = _snap(verts, focal, height, width, principal).to(torch.int64)[frame[:, None], corners]
-    inv_z = 1.0 / verts.detach().to(torch.float64)[frame[:, None], corners, 2]
-    (x0, y0), (x1, y1), (x2, y2) = (fixed[:, i].unbind(-1) for i in range(3))
-    half = SUBPIXEL // 2
-    px, py = column * SUBPIXEL + half, row * SUBPIXEL + half
-    w = torch.stack([_edge(x1, y1, x2, y2, px, py), _edge(x2, y2, x0, y0, px, py), _edge(x0, y0, x1, y1, px, py)], 1)
+    fixed = _snap(verts, focal, height, width, principal)
+    inv_z = 1.0 / verts.detach().to(torch.float64)[..., 2:]
+    table = torch.cat([fixed, inv_z], -1).flatten(0, 1)  # (B * V, 3): x, y, 1/z
+    rows = _corner_rows(faces, pixel, face, height * width, verts.shape[1])
+    corners = table.index_select(0, rows.flatten()).view(-1, 3, 3).unbind(1)
+    (x0, y0, iz0), (x1, y1, iz1), (x2, y2, iz2) = (corner.unbind(-1) for corner in corners)
+    # Pixel centres in fixed point; float64 is exact enough here (only the depth test must be exact).
+    px = (pixel % width).to(torch.float64) * SUBPIXEL + SUBPIXEL // 2
+    py = (torch.div(pixel, width, rounding_mode="floor") % height).to(torch.float64) * SUBPIXEL + SUBPIXEL // 2
     # Screen-space weights divided by z; the sign of the winding cancels in the ratio.
-    weight = w.to(torch.float64) * inv_z
+    weight = torch.stack([_edge(x1, y1, x2, y2, px, py) * iz0, _edge(x2, y2, x0, y0, px, py) * iz1, _edge(x0, y0, x1, y1, px, py) * iz2], 1)
     return (weight / weight.sum(1, keepdim=True)).to(torch.float32)
 
 
@@ -279,37 +333,53 @@ def vertex_normals(verts, faces):
     return F.normalize(normals, dim=-1)
 
 
+def interpolate_pixels(raster, faces, attributes):
+    """Interpolate per-vertex attributes (B, V, C) at the N covered pixels: (N, C)."""
+    faces = torch.as_tensor(faces, dtype=torch.int64)
+    num_pixels = raster.face[0].numel()
+    rows = _corner_rows(faces, raster.pixel, raster.pixel_face, num_pixels, attributes.shape[1])
+    corners = attributes.flatten(0, 1).index_select(0, rows.flatten()).view(-1, 3, attributes.shape[-1])
+    a0, a1, a2 = corners.unbind(1)
+    b0, b1, b2 = raster.pixel_bary.to(attributes.dtype).T[..., None]
+    return b0 * a0 + b1 * a1 + b2 * a2
+
+
 def interpolate(raster, faces, attributes):
     """Interpolate per-vertex attributes (B, V, C) at the visible surface: (B, H, W, C), 0 off it."""
-    faces = torch.as_tensor(faces, dtype=torch.int64)
-    batch, height, width = raster.face.shape
-    pixel = raster.mask.flatten().nonzero(as_tuple=True)[0]
-    frame = torch.div(pixel, height * width, rounding_mode="floor")
-    corners = faces[raster.face.flatten()[pixel]]  # (N, 3)
-    values = attributes[frame[:, None], corners]  # (N, 3, C)
-    bary = raster.bary.flatten(0, 2)[pixel]
-    out = attributes.new_zeros(batch * height * width, attributes.shape[-1])
-    out[pixel] = (bary[..., None].to(values.dtype) * values).sum(1)
-    return out.view(batch, height, width, -1)
+    return _scatter_pixels(raster.pixel, interpolate_pixels(raster, faces, attributes), raster.face.shape)
 
 
 def _normalised_depth(raster, depth_span):
-    """Depth channel: 1 at the nearest visible point of each frame, decreasing linearly to 0 at the
-    farthest one (depth_span None) or depth_span camera units behind the nearest; background 0."""
-    mask = raster.mask
-    inf = torch.tensor(torch.inf)
-    near = torch.where(mask, raster.depth, inf).flatten(1).amin(1)[:, None, None]
+    """Depth channel at the covered pixels (N,): 1 at the nearest visible point of each frame,
+    decreasing linearly to 0 at the farthest one (depth_span None) or depth_span camera units
+    behind the nearest."""
+    batch = raster.face.shape[0]
+    frame = torch.div(raster.pixel, raster.face[0].numel(), rounding_mode="floor")
+    depth = raster.depth.flatten()[raster.pixel]
+    per_frame = depth.new_zeros(batch)
+    near = per_frame.scatter_reduce(0, frame, depth, "amin", include_self=False)[frame]
     if depth_span is None:
-        far = torch.where(mask, raster.depth, -inf).flatten(1).amax(1)[:, None, None]
+        far = per_frame.scatter_reduce(0, frame, depth, "amax", include_self=False)[frame]
         span = (far - near).clamp(min=torch.finfo(torch.float32).tiny)
     else:
         span = torch.as_tensor(depth_span, dtype=torch.float32)
-    depth = (1 - (raster.depth - near) / span).clamp(0, 1)
-    return torch.where(mask, depth, 0.0)
+    return (1 - (depth - near) / span).clamp(0, 1)
+
+
+# Value of each conditioning channel where no face is visible.
+_BACKGROUND = torch.tensor([0.5, 0.5, 0.5, 0.0, 0.0, 0.0, 0.0, 0.0])
 
 
 def conditioning_image(
-    verts, faces, focal, image_size=512, face_labels=None, principal=None, depth_span=None, near=1e-3
+    verts,
+    faces,
+    focal,
+    image_size=512,
+    face_labels=None,
+    principal=None,
+    depth_span=None,
+    near=1e-3,
+    cull_back_faces=False,
 ):
     """The conditioning maps of a posed mesh: (B, len(CONDITIONING_CHANNELS), H, W) float32 in [0, 1].
 
@@ -318,22 +388,28 @@ def conditioning_image(
     a number fixes the scale (camera units from the nearest point to 0), which keeps it steady over
     a video. Channels, in CONDITIONING_CHANNELS order: camera-space normals mapped by (n + 1) / 2
     (OpenCV axes: a surface facing the camera has n_z < 0), depth, left eye, right eye, mouth, and
-    the foreground mask.
+    the foreground mask. near, cull_back_faces: as in `rasterize`.
     """
     faces = torch.as_tensor(faces, dtype=torch.int64)
-    raster = rasterize(verts, faces, focal, image_size, principal, near)
-    normals = F.normalize(interpolate(raster, faces, vertex_normals(verts.detach().float(), faces)), dim=-1)
-    mask = raster.mask
-    channels = [torch.where(mask[..., None], (normals + 1) / 2, 0.5).permute(0, 3, 1, 2)]
-    channels.append(_normalised_depth(raster, depth_span)[:, None])
+    raster = rasterize(verts, faces, focal, image_size, principal, near, cull_back_faces)
+    normals = interpolate_pixels(raster, faces, vertex_normals(verts.detach().float(), faces))
+    covered = len(raster.pixel)
     if face_labels is None:
-        regions = torch.zeros_like(mask)[:, None].expand(-1, 3, -1, -1)
+        regions = torch.zeros(covered, 3)
     else:
-        labels = torch.as_tensor(face_labels, dtype=torch.int64)
-        pixel_label = torch.where(mask, labels[raster.face.clamp(min=0)], -1)
-        regions = torch.stack([pixel_label == r for r in (REGION_LEFT_EYE, REGION_RIGHT_EYE, REGION_MOUTH)], 1)
-    channels += [regions.float(), mask[:, None].float()]
-    return torch.cat(channels, 1)
+        label = torch.as_tensor(face_labels, dtype=torch.int64)[raster.pixel_face]
+        regions = torch.stack([label == r for r in (REGION_LEFT_EYE, REGION_RIGHT_EYE, REGION_MOUTH)], 1).float()
+    values = torch.cat(
+        [
+            (F.normalize(normals, dim=-1) + 1) / 2,
+            _normalised_depth(raster, depth_span)[:, None],
+            regions,
+            torch.ones(covered, 1),
+        ],
+        1,
+    )
+    image = _BACKGROUND.repeat(raster.face.numel(), 1).index_copy_(0, raster.pixel, values)
+    return image.view(*raster.face.shape, -1).permute(0, 3, 1, 2).contiguous()
 
 
 def overlay(frame, verts, faces, focal, principal=None, color=(170, 200, 255), alpha=0.6):

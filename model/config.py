@@ -56,6 +56,7 @@ class CLIPConfig:
     skip_last_layers: int = 0             # SD2 reads the penultimate layer (then the final LayerNorm)
     pad_with_eos: bool = True             # SD1 pads token ids with EOS, SD2 with 0 ("!")
     layout: str = "openai"                # checkpoint layout of the text tower: "openai" | "openclip"
+    tokenizer: str = "clip"               # "clip": the real CLIP vocabulary file; "bytes": byte-level, no file
 
 
 @dataclass(frozen=True)
@@ -98,11 +99,12 @@ def config_from_dict(d: dict) -> SDConfig:
 
 
 # A small SD1-shaped model for the offline demo and tests: four UNet levels (so the 12 skips are all
-# there), a 4-level VAE (8x down, like SD) and a 2-layer text tower over the real CLIP vocabulary.
+# there), a 4-level VAE (8x down, like SD) and a 2-layer text tower over a byte-level vocabulary
+# (no vocabulary file needed).
 TINY = SDConfig(
     "tiny",
     unet=UNetConfig(model_channels=32, channel_mult=(1, 2, 2, 2), num_heads=2, context_dim=32, norm_groups=8),
     vae=VAEConfig(ch=16, ch_mult=(1, 2, 2, 2), num_res_blocks=1, norm_groups=8),
-    clip=CLIPConfig(width=32, layers=2, heads=2),
+    clip=CLIPConfig(vocab_size=514, width=32, layers=2, heads=2, tokenizer="bytes"),
     image_size=64,
 )

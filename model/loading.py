@@ -144,8 +144,13 @@ def load_single_file(path: str, dtype=torch.float32, prediction_type: str | None
     to_ours = openclip_to_ours if config.clip.layout == "openclip" else hf_to_ours
     clip_state = convert_clip(to_ours, read_tensors(handle, CLIP_PREFIX[config.clip.layout], dtype), path, config)
     text_encoder = assign_weights(lambda: CLIPTextModel(config.clip), clip_state, "text encoder", path, config)
-    tok = CLIPTokenizer.from_path(tokenizer or find_tokenizer(path), pad_with_eos=config.clip.pad_with_eos)
-    return StableDiffusion(config, unet, vae, text_encoder, tok)
+    return StableDiffusion(config, unet, vae, text_encoder, load_tokenizer(config, tokenizer or find_tokenizer(path)))
+
+
+def load_tokenizer(config: SDConfig, path: str) -> CLIPTokenizer:
+    if config.clip.tokenizer == "bytes":
+        return CLIPTokenizer.byte_level(config.clip.pad_with_eos, config.clip.context_length)
+    return CLIPTokenizer.from_path(path, pad_with_eos=config.clip.pad_with_eos)
 
 
 def find_tokenizer(checkpoint: str) -> str:

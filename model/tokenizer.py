@@ -67,9 +67,15 @@ def read_openai_bpe(path: Path) -> tuple[dict[str, int], list[tuple[str, str]]]:
     if len(merges) != OPENAI_NUM_MERGES or any(len(m) != 2 for m in merges):
         raise TokenizerFileError(f"{path}: expected {OPENAI_NUM_MERGES} BPE merges 'left right' after "
                                  "the header line; this is not OpenAI CLIP's bpe_simple_vocab_16e6.txt.gz")
+    return clip_vocabulary(merges), merges
+
+
+def clip_vocabulary(merges: list[tuple[str, str]]) -> dict[str, int]:
+    """The vocabulary implied by a merge list: the 256 byte characters, the same with "</w>", one
+    token per merge, then the two special tokens (OpenAI CLIP's construction)."""
     chars = list(bytes_to_unicode().values())
     tokens = chars + [c + END_OF_WORD for c in chars] + ["".join(m) for m in merges] + [BOS, EOS]
-    return {token: i for i, token in enumerate(tokens)}, merges
+    return {token: i for i, token in enumerate(tokens)}
 
 
 def read_vocab_and_merges(vocab_path: Path, merges_path: Path) -> tuple[dict[str, int], list[tuple[str, str]]]:
@@ -175,6 +181,12 @@ class CLIPTokenizer:
         tok.enable_truncation(max_length=context_length)
         tok.enable_padding(length=context_length, pad_id=self.pad_id, pad_token=pad)
         self.tokenizer = tok
+
+    @classmethod
+    def byte_level(cls, pad_with_eos: bool = True, context_length: int = 77) -> "CLIPTokenizer":
+        """CLIP's tokenizer with no merges: one token per byte (514 ids). Needs no vocabulary file, so
+        the tiny offline preset (model/config.py's TINY) uses it."""
+        return cls(clip_vocabulary([]), [], pad_with_eos, context_length)
 
     @classmethod
     def from_path(cls, path, pad_with_eos: bool = True, context_length: int = 77) -> "CLIPTokenizer":

@@ -20,6 +20,8 @@ from model.unet import UNet
 from model.vae import AutoencoderKL
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The tiny preset with the real CLIP vocabulary, so that tokenizer discovery is exercised too.
+TINY_CLIP = replace(TINY, name="tiny-clip", clip=replace(TINY.clip, vocab_size=49408, tokenizer="clip"))
 
 
 def randomize(module: torch.nn.Module, seed: int) -> torch.nn.Module:
@@ -40,8 +42,8 @@ def tiny_checkpoint(tmp_path_factory, tokenizer_folder):
     """A tiny SD1-shaped single-file checkpoint, with the CLIP vocabulary beside it."""
     folder = tmp_path_factory.mktemp("tiny")
     shutil.copytree(tokenizer_folder, folder / "tokenizer")
-    sd = StableDiffusion(TINY, randomize(UNet(TINY.unet), 0), randomize(AutoencoderKL(TINY.vae), 1),
-                         randomize(CLIPTextModel(TINY.clip), 2),
+    sd = StableDiffusion(TINY_CLIP, randomize(UNet(TINY.unet), 0), randomize(AutoencoderKL(TINY.vae), 1),
+                         randomize(CLIPTextModel(TINY_CLIP.clip), 2),
                          CLIPTokenizer.from_path(str(tokenizer_folder)))
     path = str(folder / "tiny.safetensors")
     save_single_file(sd, path)
@@ -60,7 +62,7 @@ def run_all(sd: StableDiffusion):
 def test_single_file_round_trip(tiny_checkpoint):
     sd, path = tiny_checkpoint
     loaded = load_stable_diffusion(path)
-    assert loaded.config == TINY
+    assert loaded.config == TINY_CLIP
     for net, ref_net in ((loaded.unet, sd.unet), (loaded.vae, sd.vae), (loaded.text_encoder, sd.text_encoder)):
         ref = ref_net.state_dict()
         assert all(torch.equal(v, ref[k]) for k, v in net.state_dict().items())
@@ -136,7 +138,8 @@ def test_full_size_sd15_checkpoint_loads_strictly_and_runs(tmp_path, tokenizer_f
     assert sd.config == SD1
     with torch.device("meta"):
         ref_unet = UNet2DConditionModel(cross_attention_dim=768, attention_head_dim=8)
-        ref_clip = RefCLIP(CLIPTextConfig(hidden_act="quick_gelu"))
+        ref_clip = RefCLIP(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_attention_heads=12,
+                                           num_hidden_layers=12, hidden_act="quick_gelu"))
     count = lambda m: sum(p.numel() for p in m.parameters())
     assert count(sd.unet) == count(ref_unet)
     assert count(sd.text_encoder) == count(ref_clip)
@@ -174,7 +177,7 @@ def test_file_without_a_unet_is_reported(tmp_path):
 def test_missing_unexpected_and_misshaped_keys_are_listed(tiny_checkpoint, tmp_path):
     from safetensors.torch import load_file
     tensors = load_file(tiny_checkpoint[1])
-    meta = {"svp_config": json.dumps(config_to_dict(TINY))}
+    meta = {"svp_config": json.dumps(config_to_dict(TINY_CLIP))}
     del tensors[UNET_PREFIX + "out.2.weight"]
     tensors[UNET_PREFIX + "extra.weight"] = torch.zeros(1)
     tensors[UNET_PREFIX + "time_embed.0.bias"] = torch.zeros(3)
@@ -183,7 +186,7 @@ def test_missing_unexpected_and_misshaped_keys_are_listed(tiny_checkpoint, tmp_p
     with pytest.raises(CheckpointError) as e:
         load_stable_diffusion(path)
     message = str(e.value)
-    for expected in ("broken.safetensors", "family 'tiny'", "missing (1): out.2.weight",
+    for expected in ("broken.safetensors", "family 'tiny-clip'", "missing (1): out.2.weight",
                      "unexpected (1): extra.weight", "time_embed.0.bias (3,)"):
         assert expected in message
 
@@ -200,6 +203,15 @@ def test_wrong_family_is_reported(tiny_checkpoint, tmp_path):
     save_file(tensors, path)
     with pytest.raises(CheckpointError, match="does not match family 'sd1'.*wrong shape"):
         load_stable_diffusion(path)
+
+
+def test_byte_level_tiny_preset_needs_no_vocabulary(tmp_path):
+    sd = StableDiffusion(TINY, UNet(TINY.unet), AutoencoderKL(TINY.vae), CLIPTextModel(TINY.clip),
+                         CLIPTokenizer.byte_level())
+    save_single_file(sd, str(tmp_path / "tiny.safetensors"))
+    loaded = load_stable_diffusion(str(tmp_path / "tiny.safetensors"))
+    assert loaded.config == TINY
+    assert torch.equal(loaded.tokenizer("sks"), sd.tokenizer("sks"))
 
 
 def test_missing_vocabulary_names_the_file_to_get(tiny_checkpoint, tmp_path):

@@ -9,7 +9,7 @@ import logging
 import os
 import sys
 
-from tracking.pipeline import DEFAULT_MAX_GAP, load_flame, track_video
+from tracking.pipeline import DEFAULT_MAX_GAP
 
 
 def parse_bbox(text: str):
@@ -43,13 +43,9 @@ def main(argv=None):
     add_tracking_args(p)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    video = args.video
-    if video == "demo":
-        from tracking.demo import write_demo_video
-        os.makedirs(args.out, exist_ok=True)
-        video = write_demo_video(os.path.join(args.out, "demo.mp4"))
-    tracked = track_video(video, args.out, load_flame(args.flame), size=args.size, bbox=args.bbox,
-                          max_frames=args.max_frames, max_gap=args.max_gap, preview=not args.no_preview)
+    from svp import track
+    tracked = track(args.video, args.out, args.flame, size=args.size, bbox=args.bbox, max_frames=args.max_frames,
+                    max_gap=args.max_gap, preview=not args.no_preview)
     print(f"tracked {tracked.seq.n_frames} frames -> {os.path.join(args.out, 'seq.npz')}")
 
 

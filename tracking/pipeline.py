@@ -17,7 +17,7 @@ import torch
 
 from tracking.fit import FlameSequence, fit_sequence, load_seq, save_seq
 from tracking.flame import FLAME, load_flame_model, load_landmark_embedding
-from tracking.landmarks import track_landmarks
+from tracking.landmarks import NoFaceError, track_landmarks
 from tracking.render import conditioning_image, draw_landmarks, overlay
 from tracking.toyhead import write_toy_flame
 from tracking.video import crop_frames, read_video, smooth_crop_boxes, write_video
@@ -89,7 +89,10 @@ def track_video(video: str, out_dir: str, flame: FLAME, size: int = 512, bbox=No
         log.info("re-using the tracking cached in %s", out_dir)
         return TrackedVideo(load_seq(paths["seq.npz"]), np.load(paths["crops.npy"]), np.load(paths["landmarks.npy"]))
     frames, fps = read_video(video, max_frames)
-    result = track_landmarks(frames, bbox)
+    try:
+        result = track_landmarks(frames, bbox)
+    except NoFaceError as e:
+        raise TrackingError(f"{video}: {e}") from e
     check_gaps(result.valid, max_gap, video)
     landmarks = result.landmarks  # NaN on frames without a face
     face_boxes = np.concatenate([landmarks.min(1), landmarks.max(1)], 1)

@@ -17,7 +17,7 @@ Conventions (OpenCV pinhole camera):
   (there is no clipping; only geometry touching the camera plane is affected).
 - Attributes are interpolated perspective-correctly with the winning face's barycentrics.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -55,7 +55,7 @@ class Raster:
     depth: torch.Tensor  # (B, H, W) float32 camera-space z of the visible surface, 0 on the background
     pixel: torch.Tensor  # (N,) int64 flat indices into (B, H, W) of the covered pixels, ascending
     pixel_face: torch.Tensor  # (N,) int64 their visible faces
-    pixel_bary: torch.Tensor  # (N, 3) float32 their perspective-correct barycentrics
+    pixel_bary: torch.Tensor  # (3, N) float32 their perspective-correct barycentrics
 
     @property
     def mask(self):
@@ -64,7 +64,7 @@ class Raster:
     @property
     def bary(self):
         """(B, H, W, 3) float32 barycentrics, 0 on the background."""
-        return _scatter_pixels(self.pixel, self.pixel_bary, self.face.shape)
+        return _scatter_pixels(self.pixel, self.pixel_bary.T, self.face.shape)
 
 
 def _scatter_pixels(pixel, values, shape):
@@ -117,22 +117,35 @@ def _is_top_left(ax, ay, bx, by):
 
 @dataclass
 class _Triangles:
-    """Screen-space setup of the triangles that survive culling, one row per (frame, face).
+    """Screen-space setup of the triangles that survive culling, one entry per (frame, face).
 
     Corners are reordered (1 <-> 2) where needed so that every triangle has a positive area. Edge
     functions and 1/z are affine in the pixel position, so each triangle keeps their values at the
-    centre of the first pixel of its bounding box and their steps per pixel.
+    centre of the first pixel of its bounding box and their steps per pixel. Every field is a 1-D
+    tensor over the triangles (or a tuple of them, one per edge): gathers stay one-dimensional.
     """
 
-    face: torch.Tensor  # (T,) int64 face index
-    frame: torch.Tensor  # (T,) int64
-    first: torch.Tensor  # (2, T) int64 column, row of the bounding box's first pixel
-    box: torch.Tensor  # (2, T) int64 bounding box width - 1, height - 1 in pixels
-    edge_origin: torch.Tensor  # (3, T) int64 edge functions (i opposite corner i) minus the fill bias
-    edge_step: torch.Tensor  # (2, 3, T) int64 change per pixel in x, in y
-    corner_offset: torch.Tensor  # (2, T) int64 first pixel centre minus corner 0, fixed point
-    inv_z: torch.Tensor  # (T,) float64 1/z at corner 0
-    inv_z_grad: torch.Tensor  # (2, T) float64 change of 1/z per fixed-point unit in x, in y
+    face: torch.Tensor  # int64 face index
+    frame: torch.Tensor  # int64
+    first_x: torch.Tensor  # int64 column of the bounding box's first pixel
+    first_y: torch.Tensor  # int64 row of the bounding box's first pixel
+    box_x: torch.Tensor  # int64 bounding box width - 1
+    box_y: torch.Tensor  # int64 bounding box height - 1
+    edge_origin: tuple  # 3 x int64 edge functions (i opposite corner i) minus the fill bias
+    step_x: tuple  # 3 x int64 change of each edge function per pixel in x
+    step_y: tuple  # 3 x int64 ... in y
+    offset_x: torch.Tensor  # int64 first pixel centre minus corner 0, x, fixed point
+    offset_y: torch.Tensor  # int64 ... y
+    inv_z: torch.Tensor  # float64 1/z at corner 0
+    grad_x: torch.Tensor  # float64 change of 1/z per fixed-point unit in x
+    grad_y: torch.Tensor  # float64 ... in y
+
+    def take(self, index):
+        """The triangles at index (1-D int64), in that order."""
+        def take(value):
+            return tuple(map(take, value)) if isinstance(value, tuple) else value.index_select(0, index)
+
+        return _Triangles(**{f.name: take(getattr(self, f.name)) for f in fields(self)})
 
 
 def _snap(verts, focal, height, width, principal):
@@ -157,8 +170,9 @@ def _setup_triangles(verts, faces, focal, height, width, principal, near, cull_b
 
     # Inclusive range of pixels whose centres (i + 1/2) * SUBPIXEL lie in the bounding box.
     half = SUBPIXEL // 2
-    first = -torch.div(half - tri_xy.amin(2), SUBPIXEL, rounding_mode="floor")  # ceil
-    last = torch.div(tri_xy.amax(2) - half, SUBPIXEL, rounding_mode="floor")
+    c0, c1, c2 = tri_xy.unbind(2)
+    first = -torch.div(half - torch.minimum(torch.minimum(c0, c1), c2), SUBPIXEL, rounding_mode="floor")  # ceil
+    last = torch.div(torch.maximum(torch.maximum(c0, c1), c2) - half, SUBPIXEL, rounding_mode="floor")
     first = first.clamp(min=0)
     last = torch.minimum(last, torch.tensor([width - 1, height - 1]))
     keep &= (first <= last).all(-1)
@@ -167,27 +181,32 @@ def _setup_triangles(verts, faces, focal, height, width, principal, near, cull_b
     xy, first, last = tri_xy[frame, face], first[frame, face], last[frame, face]
     (x0, y0), (x1, y1), (x2, y2) = (xy[:, i].unbind(-1) for i in range(3))
     edges = ((x1, y1, x2, y2), (x2, y2, x0, y0), (x0, y0, x1, y1))  # edge i is opposite corner i
-    step_x = torch.stack([ay - by for ax, ay, bx, by in edges])  # per fixed-point unit
-    step_y = torch.stack([bx - ax for ax, ay, bx, by in edges])
+    step_x = [ay - by for ax, ay, bx, by in edges]  # per fixed-point unit
+    step_y = [bx - ax for ax, ay, bx, by in edges]
     cx, cy = first[:, 0] * SUBPIXEL + half, first[:, 1] * SUBPIXEL + half
-    fill_bias = torch.stack([(~_is_top_left(*e)).long() for e in edges])
-    inv_z = 1.0 / tri_z[frame, face].T
+    inv_z = (1.0 / tri_z[frame, face]).unbind(1)
+    area = area[frame, face].abs()
     return _Triangles(
         face=face,
         frame=frame,
-        first=first.T,
-        box=(last - first).T,
-        edge_origin=torch.stack([_edge(*e, cx, cy) for e in edges]) - fill_bias,
-        edge_step=torch.stack([step_x, step_y]) * SUBPIXEL,
-        corner_offset=torch.stack([cx - x0, cy - y0]),
+        first_x=first[:, 0],
+        first_y=first[:, 1],
+        box_x=last[:, 0] - first[:, 0],
+        box_y=last[:, 1] - first[:, 1],
+        edge_origin=tuple(_edge(*e, cx, cy) - (~_is_top_left(*e)).long() for e in edges),
+        step_x=tuple(step * SUBPIXEL for step in step_x),
+        step_y=tuple(step * SUBPIXEL for step in step_y),
+        offset_x=cx - x0,
+        offset_y=cy - y0,
         inv_z=inv_z[0],
-        inv_z_grad=torch.stack([_inv_z_gradient(step, inv_z, area[frame, face].abs()) for step in (step_x, step_y)]),
+        grad_x=_inv_z_gradient(step_x, inv_z, area),
+        grad_y=_inv_z_gradient(step_y, inv_z, area),
     )
 
 
 def _inv_z_gradient(edge_step, inv_z, area):
-    """d(1/z)/d(position) of 1/z = sum_i w_i / z_i / area, from the edge functions' steps (3, T)."""
-    step = edge_step.to(torch.float64)
+    """d(1/z)/d(position) of 1/z = sum_i w_i / z_i / area, from the three edge functions' steps."""
+    step = [s.to(torch.float64) for s in edge_step]
     return (step[0] * inv_z[0] + step[1] * inv_z[1] + step[2] * inv_z[2]) / area.to(torch.float64)
 
 
@@ -211,9 +230,8 @@ def _tiles(tri, start, stop):
     """The tiles covering the bounding boxes of triangles start:stop: triangle index (N,) and the
     offsets x, y (N,) in pixels of each tile from its box corner. Tiles may reach up to a tile past
     the box and the image; the z-buffer has a margin of one tile to catch those pixels."""
-    box = tri.box[:, start:stop]
-    tiles_x = torch.div(box[0], _TILE_W, rounding_mode="floor") + 1
-    tiles = tiles_x * (torch.div(box[1], _TILE_H, rounding_mode="floor") + 1)
+    tiles_x = torch.div(tri.box_x[start:stop], _TILE_W, rounding_mode="floor") + 1
+    tiles = tiles_x * (torch.div(tri.box_y[start:stop], _TILE_H, rounding_mode="floor") + 1)
     local = torch.repeat_interleave(torch.arange(stop - start), tiles)
     index = torch.arange(len(local)) - (torch.cumsum(tiles, 0) - tiles)[local]
     tile_y = torch.div(index, tiles_x[local], rounding_mode="floor")
@@ -221,17 +239,17 @@ def _tiles(tri, start, stop):
     return local + start, tile_x * _TILE_W, tile_y * _TILE_H
 
 
-def _tile_edges(origin, step):
+def _tile_edges(origin, step_x, step_y):
     """Edge functions (K, 3, N) at the K pixels of N tiles from their values at the tiles' first
-    pixels (3, N) and steps per pixel (2, 3, N): one addition per pixel, exact in integers."""
+    pixels (3, N) and steps per pixel (3, N): one addition per pixel, exact in integers."""
     w = origin.new_empty(_TILE_H * _TILE_W, *origin.shape)
     for k in range(_TILE_H * _TILE_W):
         if k == 0:
             w[0] = origin
         elif k % _TILE_W:
-            torch.add(w[k - 1], step[0], out=w[k])
+            torch.add(w[k - 1], step_x, out=w[k])
         else:
-            torch.add(w[k - _TILE_W], step[1], out=w[k])
+            torch.add(w[k - _TILE_W], step_y, out=w[k])
     return w
 
 
@@ -240,28 +258,32 @@ def _depth_test(tri, zbuffer, height, width, max_pixels):
 
     zbuffer: (B * height * width,) with height, width the image size plus a margin of one tile.
     """
-    offset_y, offset_x = torch.div(torch.arange(_TILE_H * _TILE_W)[:, None], _TILE_W, rounding_mode="floor"), torch.arange(_TILE_H * _TILE_W)[:, None] % _TILE_W
-    pixels = (tri.box[0] + _TILE_W) * (tri.box[1] + _TILE_H)  # upper bound of the tiled area
+    k = torch.arange(_TILE_H * _TILE_W)[:, None]  # pixel k of a tile is at (k % TW, k // TW)
+    pixel_x, pixel_y = k % _TILE_W, torch.div(k, _TILE_W, rounding_mode="floor")
+    pixels = (tri.box_x + _TILE_W) * (tri.box_y + _TILE_H)  # upper bound of the tiled area
     for start, stop in _chunks(pixels, max_pixels):
         t, x, y = _tiles(tri, start, stop)
-        step = tri.edge_step[:, :, t]
-        origin = tri.edge_origin[:, t] + step[0] * x + step[1] * y
+        tile = tri.take(t)
+        origin = [o + sx * x + sy * y for o, sx, sy in zip(tile.edge_origin, tile.step_x, tile.step_y)]
         # Skip tiles that lie wholly outside an edge: its largest value over the tile is negative.
-        reach = origin + step[0].clamp(min=0) * (_TILE_W - 1) + step[1].clamp(min=0) * (_TILE_H - 1)
+        reach = [
+            o + sx.clamp(min=0) * (_TILE_W - 1) + sy.clamp(min=0) * (_TILE_H - 1)
+            for o, sx, sy in zip(origin, tile.step_x, tile.step_y)
+        ]
         touched = ((reach[0] | reach[1] | reach[2]) >= 0).nonzero(as_tuple=True)[0]
-        t, x, y, origin, step = t[touched], x[touched], y[touched], origin[:, touched], step[:, :, touched]
-        w = _tile_edges(origin, step)  # (K, 3, N)
+        tile, x, y = tile.take(touched), x[touched], y[touched]
+        origin = torch.stack(origin).index_select(1, touched)
+        w = _tile_edges(origin, torch.stack(tile.step_x), torch.stack(tile.step_y))  # (K, 3, N)
         inside = (w[:, 0] | w[:, 1] | w[:, 2]) >= 0  # no sign bit set: all >= their fill bias
         # 1/z = 1/z0 + grad . (p - p0), p - p0 in fixed point, exact in float64.
-        px = (tri.corner_offset[0, t] + x * SUBPIXEL).to(torch.float64) + offset_x * float(SUBPIXEL)
-        py = (tri.corner_offset[1, t] + y * SUBPIXEL).to(torch.float64) + offset_y * float(SUBPIXEL)
-        inv_z = tri.inv_z[t] + tri.inv_z_grad[0, t] * px + tri.inv_z_grad[1, t] * py
-        depth = (1.0 / inv_z).to(torch.float32)
+        px = (tile.offset_x + x * SUBPIXEL).to(torch.float64) + pixel_x * float(SUBPIXEL)
+        py = (tile.offset_y + y * SUBPIXEL).to(torch.float64) + pixel_y * float(SUBPIXEL)
+        depth = (1.0 / (tile.inv_z + tile.grad_x * px + tile.grad_y * py)).to(torch.float32)
         # Positive float32 bit patterns order like their values: depth above, face index below.
-        key = (depth.view(torch.int32).to(torch.int64) << 32) | tri.face[t]
+        key = (depth.view(torch.int32).to(torch.int64) << 32) | tile.face
         key = torch.where(inside, key, _BACKGROUND_KEY)
-        first_pixel = (tri.frame[t] * height + tri.first[1, t] + y) * width + tri.first[0, t] + x
-        pixel = first_pixel + offset_y * width + offset_x
+        first_pixel = (tile.frame * height + tile.first_y + y) * width + tile.first_x + x
+        pixel = first_pixel + pixel_y * width + pixel_x
         zbuffer.scatter_reduce_(0, pixel.flatten(), key.flatten(), "amin")
 
 
@@ -300,26 +322,32 @@ def rasterize(
 
 
 def _corner_rows(faces, pixel, face, num_pixels, num_verts):
-    """Row indices (N, 3) into per-vertex tables flattened to (B * V, ...) for the corners of the
-    given faces seen at the given flat pixel indices (frame = pixel // num_pixels)."""
-    frame = torch.div(pixel, num_pixels, rounding_mode="floor")
-    return faces[face] + (frame * num_verts)[:, None]
+    """For each corner of the faces seen at the given flat pixel indices (frame = pixel //
+    num_pixels), its row (N,) in per-vertex tables flattened to (B * V,)."""
+    frame_start = torch.div(pixel, num_pixels, rounding_mode="floor") * num_verts
+    return [corner.index_select(0, face) + frame_start for corner in faces.T]
+
+
+def _gather_columns(table, rows):
+    """table (R, C) gathered at rows (N,) as C columns (N,): 1-D gathers beat row gathers of
+    narrow rows by far on the CPU."""
+    return [column.index_select(0, rows) for column in table.T.contiguous()]
 
 
 def _barycentrics(verts, faces, focal, principal, height, width, pixel, face):
-    """Perspective-correct barycentrics (N, 3) of the given faces at the given flat pixel indices."""
+    """Perspective-correct barycentrics (3, N) of the given faces at the given flat pixel indices."""
     fixed = _snap(verts, focal, height, width, principal)
     inv_z = 1.0 / verts.detach().to(torch.float64)[..., 2:]
     table = torch.cat([fixed, inv_z], -1).flatten(0, 1)  # (B * V, 3): x, y, 1/z
     rows = _corner_rows(faces, pixel, face, height * width, verts.shape[1])
-    corners = table.index_select(0, rows.flatten()).view(-1, 3, 3).unbind(1)
-    (x0, y0, iz0), (x1, y1, iz1), (x2, y2, iz2) = (corner.unbind(-1) for corner in corners)
+    (x0, y0, iz0), (x1, y1, iz1), (x2, y2, iz2) = (_gather_columns(table, r) for r in rows)
     # Pixel centres in fixed point; float64 is exact enough here (only the depth test must be exact).
     px = (pixel % width).to(torch.float64) * SUBPIXEL + SUBPIXEL // 2
     py = (torch.div(pixel, width, rounding_mode="floor") % height).to(torch.float64) * SUBPIXEL + SUBPIXEL // 2
     # Screen-space weights divided by z; the sign of the winding cancels in the ratio.
-    weight = torch.stack([_edge(x1, y1, x2, y2, px, py) * iz0, _edge(x2, y2, x0, y0, px, py) * iz1, _edge(x0, y0, x1, y1, px, py) * iz2], 1)
-    return (weight / weight.sum(1, keepdim=True)).to(torch.float32)
+    weight = [_edge(x1, y1, x2, y2, px, py) * iz0, _edge(x2, y2, x0, y0, px, py) * iz1, _edge(x0, y0, x1, y1, px, py) * iz2]
+    total = weight[0] + weight[1] + weight[2]
+    return torch.stack([(w / total).to(torch.float32) for w in weight])
 
 
 def vertex_normals(verts, faces):
@@ -333,15 +361,20 @@ def vertex_normals(verts, faces):
     return F.normalize(normals, dim=-1)
 
 
-def interpolate_pixels(raster, faces, attributes):
-    """Interpolate per-vertex attributes (B, V, C) at the N covered pixels: (N, C)."""
+def _interpolate_columns(raster, faces, attributes):
+    """Per-vertex attributes (B, V, C) interpolated at the N covered pixels, as C columns (N,)."""
     faces = torch.as_tensor(faces, dtype=torch.int64)
     num_pixels = raster.face[0].numel()
     rows = _corner_rows(faces, raster.pixel, raster.pixel_face, num_pixels, attributes.shape[1])
-    corners = attributes.flatten(0, 1).index_select(0, rows.flatten()).view(-1, 3, attributes.shape[-1])
-    a0, a1, a2 = corners.unbind(1)
-    b0, b1, b2 = raster.pixel_bary.to(attributes.dtype).T[..., None]
-    return b0 * a0 + b1 * a1 + b2 * a2
+    table = attributes.flatten(0, 1)
+    corners = [_gather_columns(table, r) for r in rows]  # corners[i][channel]
+    b0, b1, b2 = raster.pixel_bary.to(attributes.dtype)
+    return [b0 * c0 + b1 * c1 + b2 * c2 for c0, c1, c2 in zip(*corners)]
+
+
+def interpolate_pixels(raster, faces, attributes):
+    """Interpolate per-vertex attributes (B, V, C) at the N covered pixels: (N, C)."""
+    return torch.stack(_interpolate_columns(raster, faces, attributes), 1)
 
 
 def interpolate(raster, faces, attributes):
@@ -392,24 +425,20 @@ def conditioning_image(
     """
     faces = torch.as_tensor(faces, dtype=torch.int64)
     raster = rasterize(verts, faces, focal, image_size, principal, near, cull_back_faces)
-    normals = interpolate_pixels(raster, faces, vertex_normals(verts.detach().float(), faces))
-    covered = len(raster.pixel)
+    nx, ny, nz = _interpolate_columns(raster, faces, vertex_normals(verts.detach().float(), faces))
+    length = (nx * nx + ny * ny + nz * nz).sqrt().clamp(min=1e-12)
+    channels = [(n / length + 1) / 2 for n in (nx, ny, nz)] + [_normalised_depth(raster, depth_span)]
     if face_labels is None:
-        regions = torch.zeros(covered, 3)
+        channels += [torch.zeros_like(nx)] * 3
     else:
-        label = torch.as_tensor(face_labels, dtype=torch.int64)[raster.pixel_face]
-        regions = torch.stack([label == r for r in (REGION_LEFT_EYE, REGION_RIGHT_EYE, REGION_MOUTH)], 1).float()
-    values = torch.cat(
-        [
-            (F.normalize(normals, dim=-1) + 1) / 2,
-            _normalised_depth(raster, depth_span)[:, None],
-            regions,
-            torch.ones(covered, 1),
-        ],
-        1,
-    )
-    image = _BACKGROUND.repeat(raster.face.numel(), 1).index_copy_(0, raster.pixel, values)
-    return image.view(*raster.face.shape, -1).permute(0, 3, 1, 2).contiguous()
+        label = torch.as_tensor(face_labels, dtype=torch.int64).index_select(0, raster.pixel_face)
+        channels += [(label == region).float() for region in (REGION_LEFT_EYE, REGION_RIGHT_EYE, REGION_MOUTH)]
+    channels.append(torch.ones_like(nx))
+    batch, height, width = raster.face.shape
+    image = _BACKGROUND[:, None].repeat(1, batch * height * width)
+    for plane, values in zip(image, channels):
+        plane.index_copy_(0, raster.pixel, values)
+    return image.view(-1, batch, height, width).transpose(0, 1).contiguous()
 
 
 def overlay(frame, verts, faces, focal, principal=None, color=(170, 200, 255), alpha=0.6):

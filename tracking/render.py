@@ -54,6 +54,7 @@ class Raster:
     face: torch.Tensor  # (B, H, W) int64 index of the visible face, -1 on the background
     depth: torch.Tensor  # (B, H, W) float32 camera-space z of the visible surface, 0 on the background
     pixel: torch.Tensor  # (N,) int64 flat indices into (B, H, W) of the covered pixels, ascending
+    pixel_frame: torch.Tensor  # (N,) int64 their frames
     pixel_face: torch.Tensor  # (N,) int64 their visible faces
     pixel_bary: torch.Tensor  # (3, N) float32 their perspective-correct barycentrics
 
@@ -305,26 +306,27 @@ def rasterize(
     tri = _setup_triangles(verts, faces, focal, height, width, principal, near, cull_back_faces)
     zbuffer = torch.full((batch, height + _TILE_H, width + _TILE_W), _BACKGROUND_KEY, dtype=torch.int64)
     _depth_test(tri, zbuffer.view(-1), height + _TILE_H, width + _TILE_W, max_pixels)
-    zbuffer = zbuffer[:, :height, :width].flatten()
+    zbuffer = zbuffer[:, :height, :width].contiguous()
 
     hit = zbuffer != _BACKGROUND_KEY
-    pixel = hit.nonzero(as_tuple=True)[0]
+    frame, row, column = hit.nonzero(as_tuple=True)
+    pixel = (frame * height + row) * width + column
     face = torch.where(hit, zbuffer & 0xFFFFFFFF, -1)
-    depth = torch.where(hit, (zbuffer >> 32).to(torch.int32).view(torch.float32), 0.0)
-    pixel_face = face[pixel]
+    pixel_face = face.view(-1).index_select(0, pixel)
     return Raster(
-        face=face.view(batch, height, width),
-        depth=depth.view(batch, height, width),
+        face=face,
+        depth=torch.where(hit, (zbuffer >> 32).to(torch.int32).view(torch.float32), 0.0),
         pixel=pixel,
+        pixel_frame=frame,
         pixel_face=pixel_face,
-        pixel_bary=_barycentrics(verts, faces, focal, principal, height, width, pixel, pixel_face),
+        pixel_bary=_barycentrics(verts, faces, focal, principal, (height, width), frame, row, column, pixel_face),
     )
 
 
-def _corner_rows(faces, pixel, face, num_pixels, num_verts):
-    """For each corner of the faces seen at the given flat pixel indices (frame = pixel //
-    num_pixels), its row (N,) in per-vertex tables flattened to (B * V,)."""
-    frame_start = torch.div(pixel, num_pixels, rounding_mode="floor") * num_verts
+def _corner_rows(faces, frame, face, num_verts):
+    """For each corner of the given faces in the given frames (N,), its row (N,) in per-vertex
+    tables flattened to (B * V,)."""
+    frame_start = frame * num_verts
     return [corner.index_select(0, face) + frame_start for corner in faces.T]
 
 
@@ -334,16 +336,16 @@ def _gather_columns(table, rows):
     return [column.index_select(0, rows) for column in table.T.contiguous()]
 
 
-def _barycentrics(verts, faces, focal, principal, height, width, pixel, face):
-    """Perspective-correct barycentrics (3, N) of the given faces at the given flat pixel indices."""
-    fixed = _snap(verts, focal, height, width, principal)
+def _barycentrics(verts, faces, focal, principal, image_size, frame, row, column, face):
+    """Perspective-correct barycentrics (3, N) of the given faces at the given pixels (N,)."""
+    fixed = _snap(verts, focal, *image_size, principal)
     inv_z = 1.0 / verts.detach().to(torch.float64)[..., 2:]
     table = torch.cat([fixed, inv_z], -1).flatten(0, 1)  # (B * V, 3): x, y, 1/z
-    rows = _corner_rows(faces, pixel, face, height * width, verts.shape[1])
+    rows = _corner_rows(faces, frame, face, verts.shape[1])
     (x0, y0, iz0), (x1, y1, iz1), (x2, y2, iz2) = (_gather_columns(table, r) for r in rows)
     # Pixel centres in fixed point; float64 is exact enough here (only the depth test must be exact).
-    px = (pixel % width).to(torch.float64) * SUBPIXEL + SUBPIXEL // 2
-    py = (torch.div(pixel, width, rounding_mode="floor") % height).to(torch.float64) * SUBPIXEL + SUBPIXEL // 2
+    px = column.to(torch.float64) * SUBPIXEL + SUBPIXEL // 2
+    py = row.to(torch.float64) * SUBPIXEL + SUBPIXEL // 2
     # Screen-space weights divided by z; the sign of the winding cancels in the ratio.
     weight = [_edge(x1, y1, x2, y2, px, py) * iz0, _edge(x2, y2, x0, y0, px, py) * iz1, _edge(x0, y0, x1, y1, px, py) * iz2]
     total = weight[0] + weight[1] + weight[2]
@@ -364,8 +366,7 @@ def vertex_normals(verts, faces):
 def _interpolate_columns(raster, faces, attributes):
     """Per-vertex attributes (B, V, C) interpolated at the N covered pixels, as C columns (N,)."""
     faces = torch.as_tensor(faces, dtype=torch.int64)
-    num_pixels = raster.face[0].numel()
-    rows = _corner_rows(faces, raster.pixel, raster.pixel_face, num_pixels, attributes.shape[1])
+    rows = _corner_rows(faces, raster.pixel_frame, raster.pixel_face, attributes.shape[1])
     table = attributes.flatten(0, 1)
     corners = [_gather_columns(table, r) for r in rows]  # corners[i][channel]
     b0, b1, b2 = raster.pixel_bary.to(attributes.dtype)
@@ -386,9 +387,8 @@ def _normalised_depth(raster, depth_span):
     """Depth channel at the covered pixels (N,): 1 at the nearest visible point of each frame,
     decreasing linearly to 0 at the farthest one (depth_span None) or depth_span camera units
     behind the nearest."""
-    batch = raster.face.shape[0]
-    frame = torch.div(raster.pixel, raster.face[0].numel(), rounding_mode="floor")
-    depth = raster.depth.flatten()[raster.pixel]
+    batch, frame = raster.face.shape[0], raster.pixel_frame
+    depth = raster.depth.view(-1).index_select(0, raster.pixel)
     per_frame = depth.new_zeros(batch)
     near = per_frame.scatter_reduce(0, frame, depth, "amin", include_self=False)[frame]
     if depth_span is None:
@@ -435,9 +435,9 @@ def conditioning_image(
         channels += [(label == region).float() for region in (REGION_LEFT_EYE, REGION_RIGHT_EYE, REGION_MOUTH)]
     channels.append(torch.ones_like(nx))
     batch, height, width = raster.face.shape
-    image = _BACKGROUND[:, None].repeat(1, batch * height * width)
-    for plane, values in zip(image, channels):
-        plane.index_copy_(0, raster.pixel, values)
+    image = torch.empty(len(channels), batch * height * width)
+    for plane, background, values in zip(image, _BACKGROUND.tolist(), channels):
+        plane.fill_(background).index_copy_(0, raster.pixel, values)
     return image.view(-1, batch, height, width).transpose(0, 1).contiguous()
 
 

@@ -1,0 +1,70 @@
+"""Temporal video denoising (model/temporal.py): exact chunking, frame ranges, and the strength-0 limit."""
+import pytest
+import torch
+
+from model.config import SD1
+from model.sampling import DDIMSampler, DPMSolverPP2MSampler, EulerSampler, NoiseSchedule, sample
+from model.temporal import chunk_plan, coupling_depth, denoise_video, temporal_weights
+
+SHAPE = (4, 6, 6)
+TARGETS = torch.randn(20, *SHAPE, generator=torch.Generator().manual_seed(0))
+
+
+def toy_model(x, t, frame_ids):
+    """A stand-in denoiser whose output depends on the input, the timestep and each frame's 'conditioning'."""
+    target = TARGETS[frame_ids]
+    cond = 0.3 * x * torch.cos(torch.tensor(t / 1000.0)) + 0.5 * target + 0.1 * torch.tanh(x)
+    uncond = 0.2 * x
+    return cond, uncond
+
+
+SAMPLERS = {
+    "ddim": lambda s: DDIMSampler(s, 8),
+    "ddim_eta": lambda s: DDIMSampler(s, 8, eta=0.5),
+    "euler": lambda s: EulerSampler(s, 8),
+    "dpmpp_2m": lambda s: DPMSolverPP2MSampler(s, 8),
+}
+
+
+@pytest.mark.parametrize("name", SAMPLERS)
+def test_chunked_equals_unchunked(name):
+    sampler = SAMPLERS[name](NoiseSchedule.from_config(SD1))
+    noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1))
+    run = lambda chunk, frames=None: denoise_video(toy_model, 20, sampler, noise, strength=0.5, fade_steps=4,
+                                                   guidance=3.0, chunk=chunk, seed=7, frames=frames, progress=False)
+    whole = run(20)
+    assert torch.isfinite(whole).all()
+    for chunk in (4, 7):
+        assert torch.allclose(run(chunk), whole, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(run(5, range(9, 16)), whole[9:16], atol=1e-5, rtol=1e-5)
+
+
+def test_strength_zero_is_per_frame_sampling():
+    """With no temporal pull every frame is the ordinary sampler loop (model/sampling.sample) from the shared noise."""
+    sampler = DPMSolverPP2MSampler(NoiseSchedule.from_config(SD1), 6)
+    noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(2))
+    video = denoise_video(toy_model, 3, sampler, noise, strength=0.0, fade_steps=3, guidance=2.0, chunk=3,
+                          progress=False)
+    for f in range(3):
+        def guided(x, t, f=f):
+            cond, uncond = toy_model(x, t, [f])
+            return uncond + 2.0 * (cond - uncond)
+        single = sample(guided, noise[None], sampler)
+        assert torch.allclose(video[f:f + 1], single, atol=1e-5, rtol=1e-5)
+
+
+def test_temporal_pull_brings_frames_together():
+    sampler = DDIMSampler(NoiseSchedule.from_config(SD1), 10)
+    noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(3))
+    change = lambda v: (v[1:] - v[:-1]).abs().mean().item()
+    free = denoise_video(toy_model, 8, sampler, noise, strength=0.0, fade_steps=5, chunk=8, progress=False)
+    tied = denoise_video(toy_model, 8, sampler, noise, strength=0.8, fade_steps=5, chunk=8, progress=False)
+    assert change(tied) < 0.9 * change(free)
+
+
+def test_plan_and_weights():
+    weights = temporal_weights(10, 0.6, 4)
+    assert weights[:5] == pytest.approx([0.6, 0.45, 0.3, 0.15, 0.0]) and coupling_depth(weights) == 3
+    assert chunk_plan(0, 10, 5, 2) == [(0, 0, 5), (3, 5, 8), (6, 8, 10)]
+    with pytest.raises(ValueError, match="must exceed the temporal overlap"):
+        chunk_plan(0, 10, 2, 2)

@@ -227,6 +227,11 @@ def test_conditioning_image_channels():
     # Left of the image is the left eye (x right); the mouth is below the centre (y down).
     assert channel["left_eye"].nonzero()[:, 1].float().mean() < 24 < channel["right_eye"].nonzero()[:, 1].float().mean()
     assert channel["mouth"].nonzero()[:, 0].float().mean() > 20
+    # Frames of a batch are rendered and normalised independently.
+    moved = verts + torch.tensor([0.2, -0.1, 0.5])
+    batch = conditioning_image(torch.cat([moved, verts]), faces, 64.0, (40, 48), face_labels=labels)
+    assert torch.equal(batch[1], image[0])
+    assert torch.equal(batch[0], conditioning_image(moved, faces, 64.0, (40, 48), face_labels=labels)[0])
     # A fixed depth span is in camera units behind the nearest point (radius 0.5 sphere: <= 0.5).
     span = conditioning_image(verts, faces, focal=64.0, image_size=(40, 48), depth_span=2.0)[0, 3]
     near = raster.depth[0][fg].min()

@@ -9,13 +9,21 @@ Conventions (OpenCV pinhole camera):
 - Projected vertices are snapped to a fixed-point grid of 1/256 pixel, like GPU rasterizers, so that
   coverage is decided by exact integer edge functions. A pixel centre on a shared edge belongs to
   exactly one of the two triangles (top-left fill rule, y down), so meshes have no cracks and no
-  double-covered pixels. Both windings are drawn (no back-face culling).
+  double-covered pixels. Both windings are drawn unless back faces are culled on request
+  (counter-clockwise around the outward normal = front, as for FLAME).
 - Depth test: the smaller camera z (rounded to float32) wins; equal depths go to the smaller face
   index. This is one int64 key per pixel (float32 depth bits above the face index), reduced with
   scatter_reduce(amin), so the result does not depend on processing order.
 - Triangles with a vertex at z <= near, or projecting more than 2^20 pixels off-screen, are dropped
   (there is no clipping; only geometry touching the camera plane is affected).
 - Attributes are interpolated perspective-correctly with the winning face's barycentrics.
+
+Algorithm: per-triangle setup (fixed-point corners, bounding box, edge functions and 1/z as affine
+functions of the pixel), then the bounding boxes are cut into 2 x 4 pixel tiles; tiles wholly
+outside an edge are dropped, the rest are tested pixel by pixel in int64 and their depth keys
+scatter-min'ed into the z-buffer, a chunk of triangles at a time. A second pass computes the
+barycentrics of the winning face at each covered pixel. tests/test_render.py checks face ids and
+depths pixel-exactly against a brute-force loop over pixels and triangles.
 """
 from dataclasses import dataclass, fields
 
@@ -100,9 +108,9 @@ def project(verts, focal, image_size=512, principal=None):
     f = _per_frame(focal, batch, torch.float64, 1)
     c = _per_frame((width / 2, height / 2) if principal is None else principal, batch, torch.float64, 2)
     z = v[..., 2]
-    u = v[..., 0] / z * f + c[:, :1]
-    w = v[..., 1] / z * f + c[:, 1:]
-    return torch.stack([u, w], dim=-1)
+    column = v[..., 0] / z * f + c[:, :1]
+    row = v[..., 1] / z * f + c[:, 1:]
+    return torch.stack([column, row], dim=-1)
 
 
 def _edge(ax, ay, bx, by, px, py):

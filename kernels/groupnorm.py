@@ -9,7 +9,7 @@ Forward, two passes in fp32:
    program, so the grid is (sample x channel, split of the spatial axis). Each program reduces its slice
    tile by tile; within a tile mean and M2 = sum (x - mean)^2 are computed exactly, and tiles are merged
    with Chan's parallel formula. This avoids the cancellation of E[x^2] - E[x]^2 when |mean| >> std.
-   The (count, mean, M2) partials of one group are merged the same way in PyTorch (a few small ops).
+   A tiny kernel, one program per group, merges the group's (count, mean, M2) partials the same way.
 2. Apply. One program per (sample x channel, spatial block): y = (x - mean) * rstd * w + b, then SiLU.
 
 Backward. With x_hat = (x - mean) * rstd, z = w x_hat + b, y = silu(z) (or z) and dz = dy * dy/dz:
@@ -66,6 +66,22 @@ def _group_norm_stats_kernel(X, COUNT, MEAN, M2, row_len, chunk_len, num_chunks,
     tl.store(COUNT + out, count)
     tl.store(MEAN + out, mean)
     tl.store(M2 + out, m2)
+
+
+@triton.jit
+def _group_norm_finalize_kernel(COUNT, MEAN, M2, GROUP_MEAN, GROUP_RSTD, parts, eps, PARTS: tl.constexpr):
+    """Merge one group's `parts` (count, mean, M2) partials (Chan et al.) into its mean and 1/std."""
+    group = tl.program_id(0)
+    offsets = group * parts + tl.arange(0, PARTS)
+    inside = tl.arange(0, PARTS) < parts
+    count = tl.load(COUNT + offsets, mask=inside, other=0.0)  # padding has count 0: it drops out
+    mean = tl.load(MEAN + offsets, mask=inside, other=0.0)
+    m2 = tl.load(M2 + offsets, mask=inside, other=0.0)
+    total = tl.sum(count, 0)
+    group_mean = tl.sum(count * mean, 0) / total
+    group_m2 = tl.sum(m2 + count * (mean - group_mean) * (mean - group_mean), 0)
+    tl.store(GROUP_MEAN + group, group_mean)
+    tl.store(GROUP_RSTD + group, tl.rsqrt(group_m2 / total + eps))
 
 
 @triton.jit
@@ -177,13 +193,10 @@ def _group_norm_forward(x, num_groups, weight, bias, eps, silu, blocks):
     count, mean, m2 = (torch.empty(rows, num_chunks, device=x.device, dtype=torch.float32) for _ in range(3))
     _group_norm_stats_kernel[(rows, num_chunks)](x, count, mean, m2, row_len, chunk_len, num_chunks,
                                                  BLOCK=blocks.block, num_warps=blocks.num_warps)
-    # Merge the partials of each group (Chan et al. again, vectorised).
-    count, mean, m2 = (t.view(batch * num_groups, -1) for t in (count, mean, m2))
-    group_count = count.sum(1, keepdim=True)
-    group_mean = (count * mean).sum(1, keepdim=True) / group_count
-    group_m2 = (m2 + count * (mean - group_mean) ** 2).sum(1, keepdim=True)
-    group_rstd = torch.rsqrt(group_m2 / group_count + eps)
-    group_mean, group_rstd = group_mean.view(-1), group_rstd.view(-1)
+    group_mean, group_rstd = (torch.empty(batch * num_groups, device=x.device, dtype=torch.float32) for _ in range(2))
+    parts = channels // num_groups * num_chunks  # partials per group: its channels x chunks
+    _group_norm_finalize_kernel[(batch * num_groups,)](count, mean, m2, group_mean, group_rstd, parts, eps,
+                                                       PARTS=triton.next_power_of_2(parts))
 
     y = torch.empty_like(x)
     grid = (rows, triton.cdiv(row_len, blocks.block))

@@ -1,47 +1,76 @@
-"""Triton kernels vs their PyTorch references, on the CPU through the Triton interpreter.
+"""Triton kernels vs their PyTorch references: compiled on a CUDA machine, interpreted on the CPU.
 
-TRITON_INTERPRET=1 is read when @triton.jit decorates a function, i.e. when a kernel module executes.
-Other test files may already have imported `kernels` compiled for the GPU, so these tests load private
-copies of the kernel modules with the interpreter switched on (`interpreted` below): the same kernel
-source as the GPU path, run by the interpreter on CPU tensors. `test_kernels_are_interpreted` checks
-that this worked.
+Without CUDA the kernels run in the Triton interpreter (TRITON_INTERPRET=1), on CPU tensors. The
+interpreter is chosen when @triton.jit decorates a function, and triton.language's own helpers (tl.sum,
+tl.max, ...) are decorated when triton is first imported, so the variable must be set before that: at
+the top of this file. Other test files may already have imported `kernels` (hence triton) compiled
+for the GPU; then `kernel_module` loads private copies of the kernel modules with the interpreter on
+(the same source as the GPU path), and if triton itself was imported first the in-process tests are
+skipped and `test_in_a_fresh_interpreter_process` runs this file again in a process of its own.
 
 Tolerances are relative, ||out - ref|| / ||ref||, against the reference evaluated in float64 on the same
-(already rounded) inputs: 1e-5 for fp32 and 2e-3 for fp16. bf16 is not tested here: the interpreter's
-bf16 tl.dot is broken (rel. error ~1e9), which says nothing about the compiled kernel.
+(already rounded) inputs: 1e-5 for fp32, 2e-3 for fp16, 1e-2 for bf16. bf16 is only tested compiled:
+the interpreter's bf16 tl.dot is broken (rel. error ~1e9), which says nothing about the real kernel.
 """
 import importlib
 import importlib.util
 import os
 import pathlib
+import subprocess
+import sys
 import types
 
 import pytest
 import torch
 
+ON_GPU = torch.cuda.is_available()
+if not ON_GPU:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import triton.language  # noqa: E402  (after TRITON_INTERPRET on purpose)
+from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+
+DEVICE = "cuda" if ON_GPU else "cpu"
+# tl.sum & co. are interpreted only if triton was first imported with TRITON_INTERPRET=1.
+CAN_RUN_KERNELS = ON_GPU or isinstance(triton.language.sum, InterpretedFunction)
+needs_kernels = pytest.mark.skipif(not CAN_RUN_KERNELS, reason="triton was imported compiled before this file and "
+                                   "there is no GPU: test_in_a_fresh_interpreter_process runs these tests")
 KERNELS_DIR = pathlib.Path(__file__).resolve().parents[1] / "kernels"
-TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3}
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if ON_GPU else [])
 
 
 @pytest.fixture(scope="module")
-def interpreted():
-    """name -> a private copy of kernels/<name>.py whose kernels run in the Triton interpreter."""
-    previous = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
+def kernel_module():
+    """name -> kernels/<name>.py: the package module on a GPU; without one, a private interpreted copy."""
     modules = {}
 
     def load(name):
+        if ON_GPU:
+            return importlib.import_module(f"kernels.{name}")
         if name not in modules:
-            spec = importlib.util.spec_from_file_location(f"interpreted_kernels_{name}", KERNELS_DIR / f"{name}.py")
-            modules[name] = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(modules[name])
+            previous = os.environ.get("TRITON_INTERPRET")
+            os.environ["TRITON_INTERPRET"] = "1"
+            try:
+                spec = importlib.util.spec_from_file_location(f"interpreted_kernels_{name}", KERNELS_DIR / f"{name}.py")
+                modules[name] = importlib.util.module_from_spec(spec)
+                spec.loader.exec_module(modules[name])
+            finally:
+                if previous is None:
+                    del os.environ["TRITON_INTERPRET"]
+                else:
+                    os.environ["TRITON_INTERPRET"] = previous
         return modules[name]
 
-    yield load
-    if previous is None:
-        del os.environ["TRITON_INTERPRET"]
-    else:
-        os.environ["TRITON_INTERPRET"] = previous
+    return load
+
+
+@pytest.mark.skipif(CAN_RUN_KERNELS, reason="the kernel tests run in this process")
+def test_in_a_fresh_interpreter_process():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+                            env=env, capture_output=True, text=True, cwd=pathlib.Path(__file__).parents[1])
+    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-2000:]
 
 
 def relative_error(out, ref):
@@ -59,17 +88,18 @@ def assert_close(outs, refs, dtype):
 
 def forward_backward(fn, inputs, grad_out_seed=1):
     """fn(*inputs) and the gradients of <fn(*inputs), random> w.r.t. every input."""
-    inputs = [t.detach().requires_grad_() for t in inputs]
+    inputs = [t.detach().to(DEVICE).requires_grad_() for t in inputs]
     out = fn(*inputs)
-    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_out_seed)).to(out.dtype)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_out_seed)).to(out)
     return [out.detach(), *torch.autograd.grad(out, inputs, grad_out)]
 
 
-def test_kernels_are_interpreted(interpreted):
-    from triton.runtime.interpreter import InterpretedFunction
-    assert isinstance(interpreted("attention")._attention_forward_kernel, InterpretedFunction)
-    assert isinstance(interpreted("groupnorm")._group_norm_forward_kernel, InterpretedFunction)
-    assert isinstance(interpreted("temporal")._temporal_step_kernel, InterpretedFunction)
+@needs_kernels
+@pytest.mark.skipif(ON_GPU, reason="compiled kernels on the GPU")
+def test_kernels_are_interpreted(kernel_module):
+    assert isinstance(kernel_module("attention")._attention_forward_kernel, InterpretedFunction)
+    assert isinstance(kernel_module("groupnorm")._group_norm_forward_kernel, InterpretedFunction)
+    assert isinstance(kernel_module("temporal")._temporal_step_kernel, InterpretedFunction)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -89,35 +119,38 @@ def check_attention(module, q, k, v, causal, config):
     assert_close(outs, refs, q.dtype)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@needs_kernels
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("len_q, len_k, head_dim, causal", [
     (24, 77, 40, False),  # SD1 cross-attention: 77 text tokens, head dim 40 padded to 64
     (40, 40, 80, False),  # self-attention, length not a multiple of the block, head dim 80 -> 128
     (32, 32, 64, True),  # SD2 head dim, causal (CLIP), exact blocks
     (21, 21, 40, True),  # causal with a ragged last block
 ])
-def test_attention_matches_reference(interpreted, dtype, len_q, len_k, head_dim, causal):
-    module = interpreted("attention")
+def test_attention_matches_reference(kernel_module, dtype, len_q, len_k, head_dim, causal):
+    module = kernel_module("attention")
     gen = torch.Generator().manual_seed(len_q * 1000 + head_dim)
     q, k, v = (torch.randn(1, 2, n, head_dim, generator=gen).to(dtype) for n in (len_q, len_k, len_k))
     check_attention(module, q, k, v, causal, small_attention_config(module))
 
 
-def test_attention_strided_views(interpreted):
+@needs_kernels
+def test_attention_strided_views(kernel_module):
     """q, k, v as transposed views of (B, L, H, D) projections and slices of a packed qkv: no copies."""
-    module = interpreted("attention")
+    module = kernel_module("attention")
     gen = torch.Generator().manual_seed(3)
     batch, length, heads, head_dim = 2, 19, 2, 40
-    qkv = torch.randn(batch, length, 3, heads, head_dim, generator=gen)
+    qkv = torch.randn(batch, length, 3, heads, head_dim, generator=gen).to(DEVICE)
     q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
     assert not q.is_contiguous()
     check_attention(module, q, k, v, False, small_attention_config(module))
 
 
+@needs_kernels
 @pytest.mark.parametrize("len_q, len_k, head_dim", [(64, 77, 40), (20, 77, 160)])
-def test_attention_default_config(interpreted, len_q, len_k, head_dim):
+def test_attention_default_config(kernel_module, len_q, len_k, head_dim):
     """The GPU tile sizes themselves (head dim 160 -> 256 takes the widest tile path)."""
-    module = interpreted("attention")
+    module = kernel_module("attention")
     gen = torch.Generator().manual_seed(head_dim)
     q, k, v = (torch.randn(1, 1, n, head_dim, generator=gen) for n in (len_q, len_k, len_k))
     check_attention(module, q, k, v, False, module.default_attention_config(head_dim, q.dtype))
@@ -127,14 +160,15 @@ def test_attention_default_config(interpreted, len_q, len_k, head_dim):
 # GroupNorm
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@needs_kernels
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape, num_groups, silu, tiny_blocks", [
     ((2, 8, 5, 7), 4, True, True),  # 35-element rows over 16-element tiles, 2 tiles per chunk: 2 chunks
     ((1, 6, 33), 3, False, False),  # 1-D spatial, default blocks
     ((2, 4, 3, 3, 3), 2, True, True),  # 3-D spatial (video), one tile per chunk
 ])
-def test_group_norm_matches_reference(interpreted, dtype, shape, num_groups, silu, tiny_blocks):
-    module = interpreted("groupnorm")
+def test_group_norm_matches_reference(kernel_module, dtype, shape, num_groups, silu, tiny_blocks):
+    module = kernel_module("groupnorm")
     gen = torch.Generator().manual_seed(sum(shape))
     # Offset mean and large scale: E[x^2] - E[x]^2 would lose digits here; Welford/Chan must not.
     x = (torch.randn(shape, generator=gen) * 3 + 5).to(dtype)
@@ -147,8 +181,9 @@ def test_group_norm_matches_reference(interpreted, dtype, shape, num_groups, sil
     assert_close(outs, refs, dtype)
 
 
-def test_group_norm_without_affine(interpreted):
-    module = interpreted("groupnorm")
+@needs_kernels
+def test_group_norm_without_affine(kernel_module):
+    module = kernel_module("groupnorm")
     x = torch.randn(2, 6, 4, 4, generator=torch.Generator().manual_seed(5))
     outs = forward_backward(lambda x: module.fused_group_norm(x, 3, None, None, 1e-6, True), [x])
     refs = forward_backward(lambda x: module.group_norm_reference(x, 3, None, None, 1e-6, True), [x.double()])
@@ -172,15 +207,16 @@ def step_inputs(dtype, present):
     return x, cond, inputs
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@needs_kernels
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("present", [
     ("uncond", "x0_prev", "noise", "prev_frame_x0", "shared_noise"),  # every term
     ("uncond", "x0_prev"),  # DPM-Solver++(2M), no temporal pull
     (),  # first step, no guidance
     ("prev_frame_x0",),  # temporal pull without re-noising
 ])
-def test_temporal_step_matches_reference(interpreted, dtype, present):
-    module = interpreted("temporal")
+def test_temporal_step_matches_reference(kernel_module, dtype, present):
+    module = kernel_module("temporal")
     x, cond, inputs = step_inputs(dtype, present)
     coefficients = dict(STEP_COEFFICIENTS)
     for name, coefficient in (("x0_prev", "c_1"), ("noise", "c_n"), ("shared_noise", "r_n")):
@@ -188,6 +224,7 @@ def test_temporal_step_matches_reference(interpreted, dtype, present):
             coefficients[coefficient] = 0.0
     args = (x, cond, inputs["uncond"], inputs["x0_prev"], inputs["noise"], inputs["shared_noise"],
             inputs["prev_frame_x0"], *coefficients.values())
+    args = [t.to(DEVICE) if torch.is_tensor(t) else t for t in args]
     outs = module.fused_temporal_step(*args, block=64)
     refs = module.temporal_step_reference(*[t.double() if torch.is_tensor(t) else t for t in args])
     assert_close(outs, refs, dtype)

@@ -95,6 +95,8 @@ def test_failed_write_leaves_nothing_behind(tmp_path):
     with pytest.raises(VideoError, match="no frames"):
         write_video(path, [], 25)
     assert path.read_bytes() == before and os.listdir(tmp_path) == ["out.mp4"]
+    with pytest.raises(VideoNotFoundError, match="output folder does not exist"):
+        write_video(tmp_path / "no" / "out.mp4", frames, 25)
 
 
 def _audio_file(path, with_video_stream):

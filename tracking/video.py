@@ -112,6 +112,8 @@ def write_video(path, frames, fps, crf=18):
     if rate <= 0:
         raise VideoError(path, f"frame rate must be positive, got {fps}")
     folder, name = os.path.split(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise VideoNotFoundError(path, "the output folder does not exist")
     temp = os.path.join(folder, f".{name}.{uuid.uuid4().hex}.tmp")
     try:
         count = _encode(temp, path, frames, rate, crf)

@@ -3,8 +3,8 @@
     python bench/kernels.py            # needs a CUDA GPU; prints markdown tables
 
 Each row times our kernel and the baseline in the same run (triton.testing.do_bench, mean ms) and
-reports throughput plus speedup = baseline time / our time. It also reports the relative error of our
-output against the baseline, a first check of the compiled kernels (the tests only run the interpreter):
+reports throughput plus speedup = baseline time / our time. It also reports the relative error against
+the baseline (worst of output and gradients), a first check of the compiled kernels:
   attention  (B, H, Lq, Lk, D) at 512 px with CFG batch 2   F.scaled_dot_product_attention
              TFLOP/s of the matmuls: fwd 4*B*H*Lq*Lk*D, fwd+bwd 3.5x that (the backward does 2.5x)
   groupnorm  UNet and VAE-decoder activations, 32 groups    F.group_norm then F.silu
@@ -52,6 +52,15 @@ def relative_error(out, ref) -> float:
     return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
 
 
+def worst_error(ours, baseline, inputs, grad_out) -> float:
+    """Largest relative error over the output and the gradient of every input."""
+    results = []
+    for fn in (ours, baseline):
+        out = fn(*inputs)
+        results.append([out, *torch.autograd.grad(out, inputs, grad_out)])
+    return max(relative_error(a, b) for a, b in zip(*results))
+
+
 def table(title, header, rows):
     print(f"\n### {title}\n")
     print("| " + " | ".join(header) + " |")
@@ -73,7 +82,7 @@ def bench_attention():
                     for _ in range(2))
             ours, baseline = attention_module.flash_attention, F.scaled_dot_product_attention
             grad_out = torch.randn_like(q)
-            error = relative_error(ours(q, k, v), baseline(q, k, v))
+            error = worst_error(ours, baseline, (q, k, v), grad_out)
             flops = 4 * batch * heads * len_q * len_k * head_dim
             fwd = [time_ms(lambda f=f: f(q, k, v)) for f in (ours, baseline)]
             both = [time_ms(forward_backward(f, (q, k, v), grad_out)) for f in (ours, baseline)]
@@ -100,7 +109,7 @@ def bench_group_norm(num_groups=32):
                 return F.silu(F.group_norm(x, num_groups, weight, bias, 1e-5))
 
             grad_out = torch.randn_like(x)
-            error = relative_error(ours(x, weight, bias), baseline(x, weight, bias))
+            error = worst_error(ours, baseline, (x, weight, bias), grad_out)
             size = x.numel() * x.element_size()
             fwd = [time_ms(lambda f=f: f(x, weight, bias)) for f in (ours, baseline)]
             both = [time_ms(forward_backward(f, (x, weight, bias), grad_out)) for f in (ours, baseline)]

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.dispatch import use_triton
+from kernels.dispatch import on_device, use_triton
 
 LOG2E = 1.4426950408889634
 
@@ -345,7 +345,8 @@ def _attention_backward(q, k, v, out, lse, grad_out, causal: bool, blocks: Atten
 class FlashAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, causal: bool, config: AttentionConfig):
-        out, lse = _attention_forward(q, k, v, causal, config.forward)
+        with on_device(q):
+            out, lse = _attention_forward(q, k, v, causal, config.forward)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.causal, ctx.config = causal, config
         return out
@@ -353,7 +354,8 @@ class FlashAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = _attention_backward(q, k, v, out, lse, grad_out, ctx.causal, ctx.config.backward)
+        with on_device(q):
+            dq, dk, dv = _attention_backward(q, k, v, out, lse, grad_out, ctx.causal, ctx.config.backward)
         return dq, dk, dv, None, None
 
 
@@ -369,7 +371,7 @@ def _kernel_supports(q, k, v) -> bool:
     return (q.dim() == k.dim() == v.dim() == 4 and q.dtype == k.dtype == v.dtype
             and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
             and q.shape[:2] == k.shape[:2] == v.shape[:2] and k.shape[2] == v.shape[2]
-            and q.shape[3] == k.shape[3] == v.shape[3] <= 256)
+            and q.shape[3] == k.shape[3] == v.shape[3] <= 256 and q.numel() > 0 and k.numel() > 0)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False) -> torch.Tensor:

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.dispatch import use_triton
+from kernels.dispatch import on_device, use_triton
 
 
 def group_norm_reference(x, num_groups, weight, bias, eps=1e-5, silu=False):
@@ -232,7 +232,8 @@ def _group_norm_backward(x, grad_y, weight, bias, mean, rstd, num_groups, silu, 
 class FusedGroupNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, num_groups, weight, bias, eps, silu, blocks):
-        y, mean, rstd = _group_norm_forward(x, num_groups, weight, bias, eps, silu, blocks)
+        with on_device(x):
+            y, mean, rstd = _group_norm_forward(x, num_groups, weight, bias, eps, silu, blocks)
         ctx.save_for_backward(x, weight, bias, mean, rstd)
         ctx.num_groups, ctx.silu, ctx.blocks = num_groups, silu, blocks
         return y
@@ -240,8 +241,9 @@ class FusedGroupNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         x, weight, bias, mean, rstd = ctx.saved_tensors
-        grad_x, grad_weight, grad_bias = _group_norm_backward(
-            x, grad_y.contiguous(), weight, bias, mean, rstd, ctx.num_groups, ctx.silu, ctx.blocks)
+        with on_device(x):
+            grad_x, grad_weight, grad_bias = _group_norm_backward(
+                x, grad_y.contiguous(), weight, bias, mean, rstd, ctx.num_groups, ctx.silu, ctx.blocks)
         return grad_x, None, grad_weight.to(weight.dtype), grad_bias.to(bias.dtype), None, None, None
 
 

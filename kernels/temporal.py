@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.dispatch import use_triton
+from kernels.dispatch import on_device, use_triton
 
 
 def temporal_step_reference(x, cond, uncond, x0_prev, noise, shared_noise, prev_frame_x0,
@@ -80,13 +80,14 @@ def fused_temporal_step(x, cond, uncond, x0_prev, noise, shared_noise, prev_fram
         return x if t is None else t.contiguous()
 
     x_next, x0 = torch.empty_like(x), torch.empty_like(x)
-    _temporal_step_kernel[(triton.cdiv(x.numel(), block),)](
-        x, pointer(cond), pointer(uncond), pointer(x0_prev), pointer(noise), pointer(shared_noise),
-        pointer(prev_frame_x0), x_next, x0,
-        x.numel(), x[0].numel(), guidance, a, b, c_x, c_0, c_1, c_n, r_0, r_n, w,
-        HAS_UNCOND=uncond is not None, HAS_X0_PREV=x0_prev is not None, HAS_NOISE=noise is not None,
-        HAS_PREV_FRAME=prev_frame_x0 is not None, HAS_SHARED_NOISE=shared_noise is not None, BLOCK=block,
-    )
+    with on_device(x):
+        _temporal_step_kernel[(triton.cdiv(x.numel(), block),)](
+            x, pointer(cond), pointer(uncond), pointer(x0_prev), pointer(noise), pointer(shared_noise),
+            pointer(prev_frame_x0), x_next, x0,
+            x.numel(), x[0].numel(), guidance, a, b, c_x, c_0, c_1, c_n, r_0, r_n, w,
+            HAS_UNCOND=uncond is not None, HAS_X0_PREV=x0_prev is not None, HAS_NOISE=noise is not None,
+            HAS_PREV_FRAME=prev_frame_x0 is not None, HAS_SHARED_NOISE=shared_noise is not None, BLOCK=block,
+        )
     return x_next, x0
 
 

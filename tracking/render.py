@@ -19,7 +19,7 @@ Conventions (OpenCV pinhole camera):
 - Attributes are interpolated perspective-correctly with the winning face's barycentrics.
 
 Algorithm: per-triangle setup (fixed-point corners, bounding box, edge functions and 1/z as affine
-functions of the pixel), then the bounding boxes are cut into 2 x 4 pixel tiles; tiles wholly
+functions of the pixel), then the bounding boxes are cut into 4 x 4 pixel tiles; tiles wholly
 outside an edge are dropped, the rest are tested pixel by pixel in int64 and their depth keys
 scatter-min'ed into the z-buffer, a chunk of triangles at a time. A second pass computes the
 barycentrics of the winning face at each covered pixel. tests/test_render.py checks face ids and
@@ -232,7 +232,7 @@ def _chunks(counts, max_count):
 
 # Bounding boxes are covered by tiles of _TILE_H x _TILE_W pixels; each tile's pixels are one slab
 # of a (TILE_H * TILE_W, ...) tensor, so all per-pixel work runs on long contiguous rows.
-_TILE_H, _TILE_W = 2, 4
+_TILE_H, _TILE_W = 4, 4
 
 
 def _tiles(tri, start, stop):

@@ -126,6 +126,7 @@ def check_attention(module, q, k, v, causal, config):
     (40, 40, 80, False),  # self-attention, length not a multiple of the block, head dim 80 -> 128
     (32, 32, 64, True),  # SD2 head dim, causal (CLIP), exact blocks
     (21, 21, 40, True),  # causal with a ragged last block
+    (20, 37, 40, True),  # causal with Lq != Lk: top-left aligned like SDPA, the last keys seen by no query
 ])
 def test_attention_matches_reference(kernel_module, dtype, len_q, len_k, head_dim, causal):
     module = kernel_module("attention")
@@ -147,7 +148,7 @@ def test_attention_strided_views(kernel_module):
 
 
 @needs_kernels
-@pytest.mark.parametrize("len_q, len_k, head_dim", [(64, 77, 40), (20, 77, 160)])
+@pytest.mark.parametrize("len_q, len_k, head_dim", [(150, 77, 40), (20, 77, 160)])
 def test_attention_default_config(kernel_module, len_q, len_k, head_dim):
     """The GPU tile sizes themselves (head dim 160 -> 256 takes the widest tile path)."""
     module = kernel_module("attention")

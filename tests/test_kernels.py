@@ -294,3 +294,76 @@ def test_kernel_path_is_chosen_for_cuda_tensors(monkeypatch):
     kernels.attention(q, q, q)
     kernels.group_norm(torch.randn(1, 4, 2, 2), 2, None, None)
     assert calls == ["flash_attention", "fused_group_norm"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Compiling for the GPU, without one
+
+FLOAT_ARGS = {"qk_scale", "sm_scale", "eps", "guidance", "a", "b", "c_x", "c_0", "c_1", "c_n", "r_0", "r_n", "w"}
+FP32_POINTERS = {"LSE", "DELTA", "COUNT", "MEAN", "M2", "GROUP_MEAN", "GROUP_RSTD", "RSTD", "SUM_DZ", "SUM_DZ_XHAT",
+                 "MEAN_WDZ", "MEAN_WDZ_XHAT"}
+MAX_SHARED_MEMORY = 99 * 1024  # per block on every NVIDIA GPU from sm_80 on (A100 and H100 allow more)
+
+
+def compile_for_gpu(kernel, element: str, constexprs: dict, num_warps: int, num_stages: int = 1):
+    """Compile a kernel to an sm_90 cubin, as a launch on an H100 would, and return its shared memory use.
+
+    The interpreter never runs Triton's compiler, which rejects code the interpreter accepts (a loop-carried
+    variable changing type, dots under 16x16, ...). Arguments are typed by the kernels' naming convention:
+    upper case = pointer (to `element`, or fp32 for statistics), FLOAT_ARGS = fp32, other = int32.
+    """
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    def arg_type(param):
+        if param.is_constexpr:
+            return "constexpr"
+        if param.name.isupper():
+            return "*fp32" if param.name in FP32_POINTERS else f"*{element}"
+        return "fp32" if param.name in FLOAT_ARGS else "i32"
+
+    signature = {param.name: arg_type(param) for param in kernel.params}
+    names = list(signature)
+    source = ASTSource(kernel, signature, constexprs={(names.index(k),): v for k, v in constexprs.items()})
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": num_warps, "num_stages": num_stages})
+    return compiled.metadata.shared
+
+
+compile_test = pytest.mark.skipif(ON_GPU, reason="the GPU tests above compile and run the kernels for real")
+
+
+@pytest.mark.slow
+@compile_test
+@pytest.mark.parametrize("head_dim, element, causal", [(40, "fp16", True), (80, "bf16", False), (160, "fp16", False)])
+def test_attention_compiles_for_gpu(head_dim, element, causal):
+    module = importlib.import_module("kernels.attention")
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[element]
+    config = module.default_attention_config(head_dim, dtype)
+    block_d = module.padded_head_dim(head_dim)
+    for kernel, blocks in ((module._attention_forward_kernel, config.forward),
+                           (module._attention_backward_dkdv_kernel, config.backward),
+                           (module._attention_backward_dq_kernel, config.backward)):
+        constexprs = dict(CAUSAL=causal, PRECISION="tf32", BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n,
+                          BLOCK_D=block_d)
+        assert compile_for_gpu(kernel, element, constexprs, blocks.num_warps, blocks.num_stages) <= MAX_SHARED_MEMORY
+    compile_for_gpu(module._attention_backward_delta_kernel, element,
+                    dict(BLOCK_M=config.backward.block_m, BLOCK_D=block_d), config.backward.num_warps)
+
+
+@pytest.mark.slow
+@compile_test
+@pytest.mark.parametrize("row_len", [64, 4096])
+def test_group_norm_and_temporal_compile_for_gpu(row_len):
+    module = importlib.import_module("kernels.groupnorm")
+    blocks = module.default_group_norm_blocks(row_len)
+    tile = dict(BLOCK=blocks.block)
+    for kernel, constexprs in ((module._group_norm_stats_kernel, tile),
+                               (module._group_norm_finalize_kernel, dict(PARTS=64)),
+                               (module._group_norm_forward_kernel, dict(tile, SILU=True)),
+                               (module._group_norm_backward_reduce_kernel, dict(tile, SILU=True)),
+                               (module._group_norm_backward_dx_kernel, dict(tile, SILU=False))):
+        assert compile_for_gpu(kernel, "bf16", constexprs, blocks.num_warps) <= MAX_SHARED_MEMORY
+    flags = dict(HAS_UNCOND=True, HAS_X0_PREV=True, HAS_NOISE=True, HAS_PREV_FRAME=True, HAS_SHARED_NOISE=True)
+    compile_for_gpu(importlib.import_module("kernels.temporal")._temporal_step_kernel, "fp16",
+                    dict(flags, BLOCK=1024), num_warps=4)

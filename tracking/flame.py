@@ -373,39 +373,45 @@ class FLAME(nn.Module):
                 eye_rots=None, translation=None, landmarks_only=False):
         """-> (vertices (B,V,3), landmarks (B,68,3)); with landmarks_only, vertices is None and
         only the vertices under the landmarks are skinned (what fitting needs, much cheaper)."""
-        batch = max(shape.shape[0], expression.shape[0])
+        given = (shape, expression, global_rot, neck_rot, jaw_rot, eye_rots, translation)
+        batch = max(x.shape[0] for x in given if x is not None)
+        expression = expression.expand(batch, -1)
         rots = self.pose_matrices(batch, global_rot, neck_rot, jaw_rot, eye_rots)
         ids = self.lmk_vertex_ids if landmarks_only else None
-        vertices = self.skin(self.blend_coeffs(shape, expression, batch), rots, ids)
+        vertices = self.skin(self.padded(shape, self.n_shape), self.padded(expression, self.n_exp), rots, ids)
         if translation is not None:
             vertices = vertices + translation[:, None, :]
         landmarks = self.landmarks(vertices, rots, local=landmarks_only)
         return (None if landmarks_only else vertices), landmarks
 
-    def blend_coeffs(self, shape, expression, batch):
-        """Shape and expression padded with zeros to the model's sizes, as one (B,S+E) vector."""
-        pad = lambda x, n: torch.nn.functional.pad(x, (0, n - x.shape[1])).expand(batch, n)
-        return torch.cat([pad(shape, self.n_shape), pad(expression, self.n_exp)], 1)
+    @staticmethod
+    def padded(coeffs, n):
+        """Coefficients (B,<=n) padded with zeros to n components."""
+        return torch.nn.functional.pad(coeffs, (0, n - coeffs.shape[1]))
 
-    def skin(self, coeffs, rots, vertex_ids=None):
+    def skin(self, shape, expression, rots, vertex_ids=None):
         """Linear blend skinning of all vertices, or of `vertex_ids` only -> (B,V',3).
 
         Blendshapes, pose correctives from (R - I) of the 4 non-root joints, then the kinematic
-        chain; joints are regressed from the shaped (unposed) mesh.
+        chain; joints are regressed from the shaped (unposed) mesh. A shape batch of 1 is shared
+        by all frames (computed once).
         """
         template, dirs, posedirs, weights = self.v_template, self.shapedirs, self.posedirs, self.lbs_weights
         if vertex_ids is not None:
             template, dirs, weights = template[vertex_ids], dirs[vertex_ids], weights[vertex_ids]
             posedirs = posedirs[:, vertex_ids]
-        v_shaped = template + torch.einsum("bl,vkl->bvk", coeffs, dirs)
-        joints = self.J_template + torch.einsum("bl,jkl->bjk", coeffs, self.J_dirs)
+        n = self.n_shape
+        v_shaped = (template + torch.einsum("bl,vkl->bvk", shape, dirs[..., :n])
+                    + torch.einsum("bl,vkl->bvk", expression, dirs[..., n:]))
+        joints = (self.J_template + torch.einsum("bl,jkl->bjk", shape, self.J_dirs[..., :n])
+                  + torch.einsum("bl,jkl->bjk", expression, self.J_dirs[..., n:]))
         eye = torch.eye(3, dtype=rots.dtype, device=rots.device)
         pose_feature = (rots[:, 1:] - eye).flatten(1)                    # (B,36)
         v_posed = v_shaped + torch.einsum("bp,pvk->bvk", pose_feature, posedirs)
         world_rot, world_offset = self.joint_transforms(rots, joints)
-        blended_rot = torch.einsum("vj,bjkl->bvkl", weights, world_rot)
-        blended_offset = torch.einsum("vj,bjk->bvk", weights, world_offset)
-        return (blended_rot @ v_posed[..., None])[..., 0] + blended_offset
+        blended = torch.einsum("vj,bjkl->bvkl", weights, torch.cat([world_rot, world_offset[..., None]], -1))
+        # (B,V,3,4) affine per vertex; elementwise products beat a bmm over B*V tiny matrices
+        return (blended[..., :3] * v_posed[:, :, None, :]).sum(-1) + blended[..., 3]
 
     def joint_transforms(self, rots, joints):
         """World rotation R_j and offset t_j of each joint, so a rest-pose point x maps to R_j x + t_j."""

@@ -321,6 +321,9 @@ def _similarity_matrices(from_shape, to_shapes):
     return np.stack([np.stack([p, -q], -1), np.stack([q, p], -1)], -2).astype(np.float32)
 
 
+_FACES_PER_PASS = 128  # larger batches gain nothing and leave the cache (leaf gathers grow with N)
+
+
 class LandmarkPredictor:
     """dlib's 68-point shape predictor, batched over faces. Load with LandmarkPredictor.load()."""
 
@@ -356,6 +359,9 @@ class LandmarkPredictor:
             return self.predict([images], boxes[None])[0]
         if boxes.ndim != 2 or boxes.shape[1] != 4 or len(images) != len(boxes):
             raise ValueError(f"need boxes (N,4) for N={len(images)} images, got {boxes.shape}")
+        if len(boxes) > _FACES_PER_PASS:
+            return np.concatenate([self.predict(images[i:i + _FACES_PER_PASS], boxes[i:i + _FACES_PER_PASS])
+                                   for i in range(0, len(boxes), _FACES_PER_PASS)])
         pixels, sizes = _image_batch(images)
         shapes = np.repeat(self.initial_shape[None], len(boxes), axis=0)
         for stage in range(len(self.leaf_values)):

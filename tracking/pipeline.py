@@ -24,6 +24,7 @@ from tracking.video import crop_frames, read_video, smooth_crop_boxes, write_vid
 
 log = logging.getLogger(__name__)
 
+DEPTH_SPAN = 0.3      # metres from the nearest point to depth 0: one fixed scale keeps the depth map steady over a video
 DEFAULT_MAX_GAP = 10  # frames: longer stretches without a face are an error, shorter ones are interpolated
 EMBEDDING_NAMES = ("landmark_embedding.npy", "flame_static_embedding.pkl")
 TOY_FLAME_DIR = os.path.join(os.path.expanduser("~"), ".cache", "svp", "toyhead")
@@ -134,7 +135,8 @@ def render_conditioning(flame: FLAME, seq: FlameSequence, size: int, frames=slic
     """Conditioning images (T, C, size, size) of the sequence (see tracking/render.py for the channels)."""
     verts = posed_vertices(flame, seq, frames, shape)
     focal = seq.focal * size / seq.image_size[1]
-    return torch.cat([conditioning_image(verts[i:i + batch], flame.render_faces, focal, size, flame.face_regions)
+    return torch.cat([conditioning_image(verts[i:i + batch], flame.render_faces, focal, size, flame.face_regions,
+                                         depth_span=DEPTH_SPAN)
                       for i in range(0, len(verts), batch)])
 
 

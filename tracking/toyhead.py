@@ -174,11 +174,31 @@ def _rigid_eyes(field, parts):
     return field
 
 
+def _similarity_fields(verts):
+    """(V*3, 7) displacement fields of an infinitesimal rotation (3), translation (3) and scale."""
+    fields = [np.cross(np.eye(3)[axis], verts) for axis in range(3)]
+    fields += [np.broadcast_to(np.eye(3)[axis], verts.shape) for axis in range(3)] + [verts]
+    return np.stack([f.reshape(-1) for f in fields], 1)
+
+
+def _without_face_rigid_motion(fields, verts, parts):
+    """Remove from (V,3,K) fields the similarity motion (rotation, translation, scale) that best
+    fits them over the face, so no combination of them can imitate a head pose in the landmarks
+    (as in a PCA of rigidly aligned scans). The correction fades out behind the face."""
+    face = (parts == 0) & (verts[:, 2] > 0.02)
+    mask = _smoothstep(-0.02, 0.03, verts[:, 2]) * (parts == 0)
+    similarity = _similarity_fields(verts)                                      # (V*3,7)
+    flat = fields.reshape(-1, fields.shape[-1])
+    coeffs = np.linalg.lstsq(similarity[np.repeat(face, 3)], flat[np.repeat(face, 3)], rcond=None)[0]
+    return fields - mask[:, None, None] * (similarity @ coeffs).reshape(fields.shape)
+
+
 def shape_basis(verts, parts, rng):
     """(V,3,300) smooth global fields (sums of wide Gaussians), amplitude decaying with index."""
     centres = verts[rng.choice(np.nonzero(parts == 0)[0], 48, replace=False)]
     kernels = np.stack([_gauss(verts, c, 0.06) for c in centres], 1)              # (V,48)
     basis = np.einsum("vc,kcd->vdk", kernels, rng.normal(size=(N_SHAPE, len(centres), 3)))
+    basis = _without_face_rigid_motion(basis, verts, parts)
     basis /= np.linalg.norm(basis.reshape(-1, N_SHAPE), axis=0) / np.sqrt(len(verts))
     basis *= 0.004 / (1 + np.arange(N_SHAPE) / 4)                                # metres per unit
     return np.stack([_rigid_eyes(basis[..., k], parts) for k in range(N_SHAPE)], -1)
@@ -209,7 +229,7 @@ def expression_basis(verts, parts, rng):
         w = _gauss(verts[:, :2], centre, rng.uniform(0.01, 0.025)) * (verts[:, 2] > 0)
         amp = 0.003 / (1 + (len(fields) - len(_NAMED_EXPRESSIONS)) / 10)
         fields.append(w[:, None] * rng.normal(size=3) * amp)
-    basis = np.stack(fields, -1)
+    basis = _without_face_rigid_motion(np.stack(fields, -1), verts, parts)
     basis[parts != 0] = 0
     return basis
 

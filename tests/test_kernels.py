@@ -3,10 +3,13 @@
 Without CUDA the kernels run in the Triton interpreter (TRITON_INTERPRET=1), on CPU tensors. The
 interpreter is chosen when @triton.jit decorates a function, and triton.language's own helpers (tl.sum,
 tl.max, ...) are decorated when triton is first imported, so the variable must be set before that: at
-the top of this file. Other test files may already have imported `kernels` (hence triton) compiled
-for the GPU; then `kernel_module` loads private copies of the kernel modules with the interpreter on
-(the same source as the GPU path), and if triton itself was imported first the in-process tests are
-skipped and `test_in_a_fresh_interpreter_process` runs this file again in a process of its own.
+the top of this file. `kernel_module` loads private copies of the kernel modules with the interpreter on
+(the same source as the GPU path), in case another test file imported `kernels` compiled already.
+
+The interpreter never runs Triton's compiler, so the `test_compile_*` tests compile every kernel for an
+H100 (sm_90) without one. One process can hold triton in one mode only: whichever group of tests this
+process cannot run, a `test_*_in_a_fresh_process` runs in a process of its own (e.g. when another test
+file imported triton compiled before this file could set TRITON_INTERPRET).
 
 Tolerances are relative, ||out - ref|| / ||ref||, against the reference evaluated in float64 on the same
 (already rounded) inputs: 1e-5 for fp32, 2e-3 for fp16, 1e-2 for bf16. bf16 is only tested compiled:
@@ -24,7 +27,7 @@ import pytest
 import torch
 
 ON_GPU = torch.cuda.is_available()
-if not ON_GPU:
+if not ON_GPU and "triton" not in sys.modules:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import triton.language  # noqa: E402  (after TRITON_INTERPRET on purpose)
@@ -32,12 +35,31 @@ from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 DEVICE = "cuda" if ON_GPU else "cpu"
 # tl.sum & co. are interpreted only if triton was first imported with TRITON_INTERPRET=1.
-CAN_RUN_KERNELS = ON_GPU or isinstance(triton.language.sum, InterpretedFunction)
-needs_kernels = pytest.mark.skipif(not CAN_RUN_KERNELS, reason="triton was imported compiled before this file and "
-                                   "there is no GPU: test_in_a_fresh_interpreter_process runs these tests")
+INTERPRETED = isinstance(triton.language.sum, InterpretedFunction)
+needs_kernels = pytest.mark.skipif(not (ON_GPU or INTERPRETED), reason="triton was imported compiled and there is "
+                                   "no GPU: test_kernels_in_a_fresh_process runs these tests")
+compile_test = pytest.mark.skipif(ON_GPU or INTERPRETED, reason="the GPU runs the kernels for real" if ON_GPU else
+                                  "triton is interpreted here: test_compilation_in_a_fresh_process runs these tests")
 KERNELS_DIR = pathlib.Path(__file__).resolve().parents[1] / "kernels"
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if ON_GPU else [])
+
+
+def load_private_copy(name: str, interpret: bool):
+    """A fresh copy of kernels/<name>.py whose kernels are decorated interpreted or compiled, whichever way
+    the package's own `kernels.<name>` was imported (by this or another test file)."""
+    previous = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1" if interpret else "0"
+    try:
+        spec = importlib.util.spec_from_file_location(f"kernels_{name}_interpret_{interpret}", KERNELS_DIR / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        if previous is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = previous
+    return module
 
 
 @pytest.fixture(scope="module")
@@ -49,28 +71,28 @@ def kernel_module():
         if ON_GPU:
             return importlib.import_module(f"kernels.{name}")
         if name not in modules:
-            previous = os.environ.get("TRITON_INTERPRET")
-            os.environ["TRITON_INTERPRET"] = "1"
-            try:
-                spec = importlib.util.spec_from_file_location(f"interpreted_kernels_{name}", KERNELS_DIR / f"{name}.py")
-                modules[name] = importlib.util.module_from_spec(spec)
-                spec.loader.exec_module(modules[name])
-            finally:
-                if previous is None:
-                    del os.environ["TRITON_INTERPRET"]
-                else:
-                    os.environ["TRITON_INTERPRET"] = previous
+            modules[name] = load_private_copy(name, interpret=True)
         return modules[name]
 
     return load
 
 
-@pytest.mark.skipif(CAN_RUN_KERNELS, reason="the kernel tests run in this process")
-def test_in_a_fresh_interpreter_process():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+def run_in_fresh_process(selection: str, interpret: bool):
+    env = dict(os.environ, TRITON_INTERPRET="1" if interpret else "0")
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", selection, __file__],
                             env=env, capture_output=True, text=True, cwd=pathlib.Path(__file__).parents[1])
     assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-2000:]
+
+
+@pytest.mark.skipif(ON_GPU or INTERPRETED, reason="the kernel tests run in this process")
+def test_kernels_in_a_fresh_process():
+    run_in_fresh_process("not test_compile_ and not fresh_process", interpret=True)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(ON_GPU or not INTERPRETED, reason="the compilation tests run in this process")
+def test_compilation_in_a_fresh_process():
+    run_in_fresh_process("test_compile_", interpret=False)
 
 
 def relative_error(out, ref):
@@ -330,14 +352,11 @@ def compile_for_gpu(kernel, element: str, constexprs: dict, num_warps: int, num_
     return compiled.metadata.shared
 
 
-compile_test = pytest.mark.skipif(ON_GPU, reason="the GPU tests above compile and run the kernels for real")
-
-
 @pytest.mark.slow
 @compile_test
 @pytest.mark.parametrize("head_dim, element, causal", [(40, "fp16", True), (80, "bf16", False), (160, "fp16", False)])
-def test_attention_compiles_for_gpu(head_dim, element, causal):
-    module = importlib.import_module("kernels.attention")
+def test_compile_attention_for_gpu(head_dim, element, causal):
+    module = load_private_copy("attention", interpret=False)
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[element]
     config = module.default_attention_config(head_dim, dtype)
     block_d = module.padded_head_dim(head_dim)
@@ -354,8 +373,8 @@ def test_attention_compiles_for_gpu(head_dim, element, causal):
 @pytest.mark.slow
 @compile_test
 @pytest.mark.parametrize("row_len", [64, 4096])
-def test_group_norm_and_temporal_compile_for_gpu(row_len):
-    module = importlib.import_module("kernels.groupnorm")
+def test_compile_group_norm_and_temporal_for_gpu(row_len):
+    module = load_private_copy("groupnorm", interpret=False)
     blocks = module.default_group_norm_blocks(row_len)
     tile = dict(BLOCK=blocks.block)
     for kernel, constexprs in ((module._group_norm_stats_kernel, tile),
@@ -365,5 +384,5 @@ def test_group_norm_and_temporal_compile_for_gpu(row_len):
                                (module._group_norm_backward_dx_kernel, dict(tile, SILU=False))):
         assert compile_for_gpu(kernel, "bf16", constexprs, blocks.num_warps) <= MAX_SHARED_MEMORY
     flags = dict(HAS_UNCOND=True, HAS_X0_PREV=True, HAS_NOISE=True, HAS_PREV_FRAME=True, HAS_SHARED_NOISE=True)
-    compile_for_gpu(importlib.import_module("kernels.temporal")._temporal_step_kernel, "fp16",
+    compile_for_gpu(load_private_copy("temporal", interpret=False)._temporal_step_kernel, "fp16",
                     dict(flags, BLOCK=1024), num_warps=4)

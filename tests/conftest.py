@@ -13,6 +13,14 @@ from pathlib import Path
 
 import pytest
 
+# Without a GPU, Triton kernels are tested in its interpreter, which must be chosen before triton is
+# first imported (kernels/ imports it at module level). The dispatcher still sends CPU tensors to the
+# PyTorch references; tests/test_kernels.py launches the kernels on CPU tensors explicitly.
+import torch  # noqa: E402
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 # Tests import the project as top-level packages (model, kernels, tracking), like train.py does.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

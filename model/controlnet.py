@@ -191,13 +191,17 @@ def check_diffusers_heads(config_path: str, unet_config: UNetConfig):
     Runs after the strict load, so the levels and widths are known to match.
     """
     config = read_json(config_path)
-    widths = config["block_out_channels"]
-    heads = config.get("num_attention_heads") or config["attention_head_dim"]  # diffusers' historic misnomer
-    heads = [heads] * len(widths) if isinstance(heads, int) else heads
-    for level in unet_config.attention_levels:
-        if heads[level] != unet_config.heads_for(widths[level])[0]:
-            raise CheckpointError(f"{config_path}: {heads[level]} attention heads at level {level}, but the UNet "
-                                  f"has {unet_config.heads_for(widths[level])[0]}")
+    try:
+        widths = config["block_out_channels"]
+        heads = config.get("num_attention_heads") or config["attention_head_dim"]  # diffusers' historic misnomer
+        heads = [heads] * len(widths) if isinstance(heads, int) else heads
+        file_heads = {level: heads[level] for level in unet_config.attention_levels}
+    except (KeyError, IndexError, TypeError) as e:
+        raise CheckpointError(f"{config_path}: no usable block_out_channels / attention_head_dim ({e!r})") from e
+    for level, count in file_heads.items():
+        ours = unet_config.heads_for(widths[level])[0]
+        if count != ours:
+            raise CheckpointError(f"{config_path}: {count} attention heads at level {level}, but the UNet has {ours}")
 
 
 def save_controlnet(controlnet: ControlNet, path: str):

@@ -325,11 +325,12 @@ class FLAME(nn.Module):
         shapedirs = np.concatenate([model["shapedirs"][:, :, :n_shape],
                                     model["shapedirs"][:, :, SHAPE_SPACE_DIM:SHAPE_SPACE_DIM + n_exp]], 2)
         self.register_buffer("v_template", f32(model["v_template"]))
-        self.register_buffer("shapedirs", f32(shapedirs))                           # (V,3,S+E)
+        # component-major layouts, so that blending coefficients is one plain matrix product
+        self.register_buffer("shapedirs", f32(shapedirs.transpose(2, 0, 1)))       # (S+E,V,3)
         self.register_buffer("posedirs", f32(model["posedirs"].transpose(2, 0, 1)))  # (36,V,3)
         # joints are linear in the blend coefficients: regress template and directions once
         self.register_buffer("J_template", f32(model["J_regressor"] @ model["v_template"]))
-        self.register_buffer("J_dirs", f32(np.einsum("jv,vkl->jkl", model["J_regressor"], shapedirs)))
+        self.register_buffer("J_dirs", f32(np.einsum("jv,vkl->ljk", model["J_regressor"], shapedirs)))
         self.register_buffer("lbs_weights", f32(model["weights"]))                  # (V,5)
         self.register_buffer("faces", torch.tensor(model["f"], dtype=torch.long))
         parents = model["kintree_table"][0].copy()
@@ -347,6 +348,10 @@ class FLAME(nn.Module):
         # Fitting only needs the vertices under the landmarks: `landmarks_only` skins just these.
         ids = torch.unique(torch.cat(corner_sets))
         self.register_buffer("lmk_vertex_ids", ids)
+        self.register_buffer("lmk_v_template", self.v_template[ids])  # their rows for those vertices
+        self.register_buffer("lmk_lbs_weights", self.lbs_weights[ids])
+        self.register_buffer("lmk_shapedirs", self.shapedirs[:, ids].contiguous())
+        self.register_buffer("lmk_posedirs", self.posedirs[:, ids].contiguous())
         self.register_buffer("lmk_corners_local", torch.searchsorted(ids, self.lmk_corners))
         if dynamic_contour:
             self.register_buffer("contour_corners_local", torch.searchsorted(ids, self.contour_corners))
@@ -377,8 +382,8 @@ class FLAME(nn.Module):
         batch = max(x.shape[0] for x in given if x is not None)
         expression = expression.expand(batch, -1)
         rots = self.pose_matrices(batch, global_rot, neck_rot, jaw_rot, eye_rots)
-        ids = self.lmk_vertex_ids if landmarks_only else None
-        vertices = self.skin(self.padded(shape, self.n_shape), self.padded(expression, self.n_exp), rots, ids)
+        vertices = self.skin(self.padded(shape, self.n_shape), self.padded(expression, self.n_exp), rots,
+                             landmarks_only)
         if translation is not None:
             vertices = vertices + translation[:, None, :]
         landmarks = self.landmarks(vertices, rots, local=landmarks_only)
@@ -389,22 +394,21 @@ class FLAME(nn.Module):
         """Coefficients (B,<=n) padded with zeros to n components."""
         return torch.nn.functional.pad(coeffs, (0, n - coeffs.shape[1]))
 
-    def skin(self, shape, expression, rots, vertex_ids=None):
-        """Linear blend skinning of all vertices, or of `vertex_ids` only -> (B,V',3).
+    def skin(self, shape, expression, rots, landmark_vertices_only=False):
+        """Linear blend skinning of all vertices, or of `lmk_vertex_ids` only -> (B,V',3).
 
         Blendshapes, pose correctives from (R - I) of the 4 non-root joints, then the kinematic
         chain; joints are regressed from the shaped (unposed) mesh. A shape batch of 1 is shared
         by all frames (computed once).
         """
-        template, dirs, posedirs, weights = self.v_template, self.shapedirs, self.posedirs, self.lbs_weights
-        if vertex_ids is not None:
-            template, dirs, weights = template[vertex_ids], dirs[vertex_ids], weights[vertex_ids]
-            posedirs = posedirs[:, vertex_ids]
+        prefix = "lmk_" if landmark_vertices_only else ""
+        template, dirs, posedirs, weights = (getattr(self, prefix + name) for name in (
+            "v_template", "shapedirs", "posedirs", "lbs_weights"))
         n = self.n_shape
-        v_shaped = (template + torch.einsum("bl,vkl->bvk", shape, dirs[..., :n])
-                    + torch.einsum("bl,vkl->bvk", expression, dirs[..., n:]))
-        joints = (self.J_template + torch.einsum("bl,jkl->bjk", shape, self.J_dirs[..., :n])
-                  + torch.einsum("bl,jkl->bjk", expression, self.J_dirs[..., n:]))
+        v_shaped = (template + torch.einsum("bl,lvk->bvk", shape, dirs[:n])
+                    + torch.einsum("bl,lvk->bvk", expression, dirs[n:]))
+        joints = (self.J_template + torch.einsum("bl,ljk->bjk", shape, self.J_dirs[:n])
+                  + torch.einsum("bl,ljk->bjk", expression, self.J_dirs[n:]))
         eye = torch.eye(3, dtype=rots.dtype, device=rots.device)
         pose_feature = (rots[:, 1:] - eye).flatten(1)                    # (B,36)
         v_posed = v_shaped + torch.einsum("bp,pvk->bvk", pose_feature, posedirs)

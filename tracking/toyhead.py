@@ -7,8 +7,9 @@
 
 Differences from the real FLAME: about 2k vertices instead of 5023 (every array keeps FLAME's
 layout, with V = the toy's vertex count); the identity/expression bases are smooth procedural
-fields rather than PCA of scans; the dynamic contour table repeats the frontal contour in
-every row (the toy has no per-yaw silhouette table).
+fields rather than PCA of scans (with, as in a PCA of rigidly aligned scans, no rigid motion or
+scale of the face, so they cannot imitate head pose); the dynamic contour table repeats the
+frontal contour in every row (the toy has no per-yaw silhouette table).
 
 Geometry (metres, y up, face towards +z, like FLAME): a surface of revolution (skull + neck,
 open at the neck) with a nose bump, eye sockets and a one-row mouth slit (a hole whose lips

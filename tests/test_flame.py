@@ -1,5 +1,4 @@
 """FLAME loading (safe unpickling, wrong files), the toy head files, and parity with smplx's FLAME."""
-import copyreg
 import os
 import pickle
 import shutil
@@ -156,6 +155,11 @@ def test_axis_angle_round_trip():
     aa = aa / aa.norm(dim=1, keepdim=True) * torch.linspace(0, 3.1, 50, dtype=torch.float64)[:, None]
     back = flame.matrix_to_axis_angle(flame.axis_angle_to_matrix(aa).numpy())
     np.testing.assert_allclose(back, aa.numpy(), atol=1e-6)
+    half_turns = torch.tensor([[1.0, -1.0, 0.5], [0.2, 0.3, -1.0]], dtype=torch.float64)
+    half_turns = half_turns / half_turns.norm(dim=1, keepdim=True) * np.pi  # axis sign is free at pi
+    rot = flame.axis_angle_to_matrix(half_turns).numpy()
+    again = flame.axis_angle_to_matrix(torch.tensor(flame.matrix_to_axis_angle(rot))).numpy()
+    np.testing.assert_allclose(again, rot, atol=1e-6)
 
 
 # --------------------------------------------------------------------------- render regions

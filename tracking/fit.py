@@ -35,7 +35,6 @@ seq.npz (version 1), the contract between tracking, training and sample.py. T = 
   crop_boxes     float32 (T, 4)      optional, added by the pipeline: x0, y0, x1, y1 of each
                                      tracked frame in the original video's pixels
 """
-import dataclasses
 import os
 import time
 from dataclasses import dataclass
@@ -43,7 +42,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .flame import NECK, GLOBAL, axis_angle_to_matrix, matrix_to_axis_angle
+from .flame import GLOBAL, axis_angle_to_matrix, matrix_to_axis_angle
 
 SEQ_VERSION = 1
 

@@ -288,11 +288,14 @@ def matrix_to_axis_angle(rot):
     sin = np.sin(angle)[..., None]
     small = sin < 1e-6
     axis = vec / np.where(small, 1.0, 2 * sin)
-    # near pi the antisymmetric part vanishes: take the axis from the symmetric part instead
+    # near pi the antisymmetric part vanishes: (R + I) / 2 ~ axis axis^T, so its largest column
+    # is the axis (the sign is irrelevant at pi)
     near_pi = (angle > np.pi - 1e-3)[..., None]
-    sym_axis = np.sqrt(np.clip((np.diagonal(rot, axis1=-2, axis2=-1) + 1) / 2, 0, None))
-    sym_axis = sym_axis * np.where(vec >= 0, 1.0, -1.0)
-    axis = np.where(near_pi, sym_axis, axis)
+    outer = (rot + np.eye(3)) / 2
+    column = np.diagonal(outer, axis1=-2, axis2=-1).argmax(-1)[..., None, None]
+    pi_axis = np.take_along_axis(outer, np.broadcast_to(column, outer.shape[:-1] + (1,)), -1)[..., 0]
+    pi_axis /= np.linalg.norm(pi_axis, axis=-1, keepdims=True)
+    axis = np.where(near_pi, pi_axis * np.where((pi_axis * vec).sum(-1, keepdims=True) < 0, -1, 1), axis)
     return np.where(small & ~near_pi, vec / 2, axis * angle[..., None])
 
 

@@ -19,9 +19,9 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
-from model.config import SDConfig, UNetConfig
+from model.config import UNetConfig
 from model.loading import CheckpointError, assign_weights, open_safetensors, read_json, read_tensors, weights_file
-from model.unet import (UNet, _diffusers_to_ldm_prefixes, _rename, build_input_blocks, build_middle_block,
+from model.unet import (UNet, build_input_blocks, build_middle_block, diffusers_to_ldm_prefixes, rename_key,
                         build_time_embed, run_block, timestep_features)
 
 CONTROLNET_PREFIX = "control_model."
@@ -114,7 +114,7 @@ def diffusers_to_ldm_controlnet(state_dict: dict, config: UNetConfig) -> dict:
     """
     hint_convs = {key.split(".")[2] for key in state_dict if key.startswith("controlnet_cond_embedding.blocks.")}
     table = {
-        **_diffusers_to_ldm_prefixes(config),
+        **diffusers_to_ldm_prefixes(config),
         "controlnet_cond_embedding.conv_in": "input_hint_block.0",
         # blocks.i is the (i+1)-th conv of the stack; a SiLU sits after each conv in the Sequential
         **{f"controlnet_cond_embedding.blocks.{i}": f"input_hint_block.{2 * i + 2}" for i in range(len(hint_convs))},
@@ -122,7 +122,7 @@ def diffusers_to_ldm_controlnet(state_dict: dict, config: UNetConfig) -> dict:
         **{f"controlnet_down_blocks.{i}": f"zero_convs.{i}.0" for i in range(num_input_blocks(config))},
         "controlnet_mid_block": "middle_block_out.0",
     }
-    return {_rename(key, table): tensor for key, tensor in state_dict.items()}
+    return {rename_key(key, table): tensor for key, tensor in state_dict.items()}
 
 
 def num_input_blocks(config: UNetConfig) -> int:
@@ -150,12 +150,10 @@ def load_controlnet(path: str, unet_config: UNetConfig, dtype: torch.dtype = tor
     if hint_channels is not None and hint_channels != file_hint_channels:
         raise CheckpointError(f"{path}: this ControlNet takes {file_hint_channels}-channel hints, but ours have "
                               f"{hint_channels} channels; start from a matching checkpoint or from the UNet")
-    # assign_weights names the mismatch against a family; ours is the UNet config we attach to.
-    family = SDConfig(name=f"UNet model_channels={unet_config.model_channels} "
-                           f"channel_mult={unet_config.channel_mult} context_dim={unet_config.context_dim}",
-                      unet=unet_config)
+    expected_as = (f"the UNet it attaches to (model_channels={unet_config.model_channels}, "
+                   f"channel_mult={unet_config.channel_mult}, context_dim={unet_config.context_dim})")
     controlnet = assign_weights(lambda: ControlNet(unet_config, file_hint_channels, widths), state,
-                                "ControlNet", path, family)
+                                "ControlNet", path, expected_as)
     if folder:
         check_diffusers_heads(os.path.join(folder, "config.json"), unet_config)
     return controlnet

@@ -82,8 +82,10 @@ def read_tensors(handle, prefix: str, dtype: torch.dtype | None) -> dict:
     return out
 
 
-def assign_weights(module_fn, state: dict, what: str, path: str, config: SDConfig):
-    """Build `module_fn()` on the meta device and hand it `state` strictly, by assignment."""
+def assign_weights(module_fn, state: dict, what: str, path: str, expected_as: str):
+    """Build `module_fn()` on the meta device and hand it `state` strictly, by assignment.
+
+    `expected_as` names what the file was taken for (a family), for the error message."""
     with torch.device("meta"):
         module = module_fn()
     expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
@@ -95,10 +97,14 @@ def assign_weights(module_fn, state: dict, what: str, path: str, config: SDConfi
         problems = [f"{name} ({len(keys)}): {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
                     for name, keys in (("missing", missing), ("unexpected", unexpected),
                                        ("wrong shape", misshaped)) if keys]
-        raise CheckpointError(f"{path}: the {what} does not match family '{config.name}'; "
+        raise CheckpointError(f"{path}: the {what} does not match {expected_as}; "
                               + "; ".join(problems))
     module.load_state_dict(state, strict=True, assign=True)
     return module.eval().requires_grad_(False)
+
+
+def described(config: SDConfig) -> str:
+    return f"family '{config.name}'"
 
 
 def convert_clip(to_ours, state: dict, path: str, config: SDConfig) -> dict:
@@ -138,12 +144,13 @@ def load_single_file(path: str, dtype=torch.float32, prediction_type: str | None
     if prediction_type:
         config = replace(config, prediction_type=prediction_type)
     unet = assign_weights(lambda: UNet(config.unet), read_tensors(handle, UNET_PREFIX, dtype),
-                          "UNet", path, config)
+                          "UNet", path, described(config))
     vae = assign_weights(lambda: AutoencoderKL(config.vae), read_tensors(handle, VAE_PREFIX, dtype),
-                         "VAE", path, config)
+                         "VAE", path, described(config))
     to_ours = openclip_to_ours if config.clip.layout == "openclip" else hf_to_ours
     clip_state = convert_clip(to_ours, read_tensors(handle, CLIP_PREFIX[config.clip.layout], dtype), path, config)
-    text_encoder = assign_weights(lambda: CLIPTextModel(config.clip), clip_state, "text encoder", path, config)
+    text_encoder = assign_weights(lambda: CLIPTextModel(config.clip), clip_state, "text encoder", path,
+                                  described(config))
     return StableDiffusion(config, unet, vae, text_encoder, load_tokenizer(config, tokenizer or find_tokenizer(path)))
 
 
@@ -247,12 +254,14 @@ def load_diffusers(root: str, dtype=torch.float32, prediction_type: str | None =
         return read_tensors(open_safetensors(path), "", dtype), path
 
     state, path = tensors("unet")
-    unet = assign_weights(lambda: UNet(config.unet), diffusers_to_ldm_unet(state, config.unet), "UNet", path, config)
+    unet = assign_weights(lambda: UNet(config.unet), diffusers_to_ldm_unet(state, config.unet), "UNet", path,
+                          described(config))
     state, path = tensors("vae")
-    vae = assign_weights(lambda: AutoencoderKL(config.vae), diffusers_to_ldm_vae(state, config.vae), "VAE", path, config)
+    vae = assign_weights(lambda: AutoencoderKL(config.vae), diffusers_to_ldm_vae(state, config.vae), "VAE", path,
+                         described(config))
     state, path = tensors("text_encoder")
     text_encoder = assign_weights(lambda: CLIPTextModel(config.clip), convert_clip(hf_to_ours, state, path, config),
-                                  "text encoder", path, config)
+                                  "text encoder", path, described(config))
     tok = CLIPTokenizer.from_path(tokenizer or os.path.join(root, "tokenizer"), pad_with_eos=config.clip.pad_with_eos)
     return StableDiffusion(config, unet, vae, text_encoder, tok)
 

@@ -29,34 +29,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from kernels import attention, group_norm
+from kernels import attention
 from model.config import UNetConfig
+from model.layers import GroupNorm, Upsample
 
 # LDM's SpatialTransformer normalises with eps=1e-6; the ResBlocks use config.norm_eps.
 TRANSFORMER_NORM_EPS = 1e-6
 
 
 # ----------------------------------------------------------------------------- layers
-
-class GroupNorm(nn.Module):
-    """nn.GroupNorm's parameters, computed by `kernels.group_norm`.
-
-    `silu=True` fuses the SiLU that follows the norm in the LDM graph; the modules that do so keep an
-    `nn.Identity` where LDM had its `nn.SiLU`, so the checkpoint's Sequential indices stay valid.
-    """
-
-    def __init__(self, num_groups: int, channels: int, eps: float, silu: bool = False):
-        super().__init__()
-        self.num_groups, self.eps, self.silu = num_groups, eps, silu
-        self.weight = nn.Parameter(torch.ones(channels))
-        self.bias = nn.Parameter(torch.zeros(channels))
-
-    def forward(self, x):
-        return group_norm(x, self.num_groups, self.weight, self.bias, self.eps, silu=self.silu)
-
-    def extra_repr(self):
-        return f"{self.num_groups}, {self.weight.shape[0]}, eps={self.eps}, silu={self.silu}"
-
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """(B,) timesteps -> (B, dim) float32 features [cos(t f_i), sin(t f_i)], f_i = max_period^(-i / (dim/2)).
@@ -195,15 +176,6 @@ class Downsample(nn.Module):
 
     def forward(self, x):
         return self.op(x)
-
-
-class Upsample(nn.Module):
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x):
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 class TimestepEmbedSequential(nn.Sequential):
@@ -360,7 +332,7 @@ _RESNET_RENAMES = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_pro
                    "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
 
 
-def _diffusers_to_ldm_prefixes(config: UNetConfig) -> dict[str, str]:
+def diffusers_to_ldm_prefixes(config: UNetConfig) -> dict[str, str]:
     """diffusers module path -> LDM module path, for every module whose name differs."""
     table = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
              "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
@@ -398,11 +370,11 @@ def diffusers_to_ldm_unet(state_dict: dict, config: UNetConfig) -> dict:
     Inside the transformers the two layouts share names. A key with no counterpart passes through
     unchanged, so the strict load that follows names it.
     """
-    table = _diffusers_to_ldm_prefixes(config)
-    return {_rename(key, table): tensor for key, tensor in state_dict.items()}
+    table = diffusers_to_ldm_prefixes(config)
+    return {rename_key(key, table): tensor for key, tensor in state_dict.items()}
 
 
-def _rename(key: str, table: dict[str, str]) -> str:
+def rename_key(key: str, table: dict[str, str]) -> str:
     parts = key.split(".")
     for n in range(len(parts) - 1, 0, -1):                # longest module path first
         prefix = ".".join(parts[:n])

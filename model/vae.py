@@ -14,19 +14,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels import attention, group_norm
+from kernels import attention
 from model.config import VAEConfig
+from model.layers import GroupNorm, Upsample
 
 
-class GroupNorm(nn.GroupNorm):
-    """nn.GroupNorm routed through kernels.group_norm, with SiLU fused when the caller asks."""
-
-    def forward(self, x: torch.Tensor, silu: bool = False) -> torch.Tensor:
-        return group_norm(x, self.num_groups, self.weight, self.bias, self.eps, silu=silu)
-
-
-def _norm(channels: int, config: VAEConfig) -> GroupNorm:
-    return GroupNorm(config.norm_groups, channels, eps=config.norm_eps)
+def _norm(channels: int, config: VAEConfig, silu: bool = False) -> GroupNorm:
+    return GroupNorm(config.norm_groups, channels, config.norm_eps, silu)
 
 
 class ResnetBlock(nn.Module):
@@ -34,16 +28,16 @@ class ResnetBlock(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, config: VAEConfig):
         super().__init__()
-        self.norm1 = _norm(in_channels, config)
+        self.norm1 = _norm(in_channels, config, silu=True)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm2 = _norm(out_channels, config)
+        self.norm2 = _norm(out_channels, config, silu=True)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         if in_channels != out_channels:
             self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1)
 
     def forward(self, x):
-        h = self.conv1(self.norm1(x, silu=True))
-        h = self.conv2(self.norm2(h, silu=True))
+        h = self.conv1(self.norm1(x))
+        h = self.conv2(self.norm2(h))
         shortcut = self.nin_shortcut(x) if hasattr(self, "nin_shortcut") else x
         return shortcut + h
 
@@ -81,15 +75,6 @@ class Downsample(nn.Module):
         return self.conv(F.pad(x, (0, 1, 0, 1)))
 
 
-class Upsample(nn.Module):
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x):
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
-
-
 class MidBlock(nn.Module):
     """block_1 -> attn_1 -> block_2 at the lowest resolution (the only attention in the VAE)."""
 
@@ -122,7 +107,7 @@ class Encoder(nn.Module):
                 stage.downsample = Downsample(width)
             self.down.append(stage)
         self.mid = MidBlock(block_in, config)
-        self.norm_out = _norm(block_in, config)
+        self.norm_out = _norm(block_in, config, silu=True)
         self.conv_out = nn.Conv2d(block_in, 2 * config.z_channels, 3, padding=1)
 
     def forward(self, x):
@@ -133,7 +118,7 @@ class Encoder(nn.Module):
             if hasattr(stage, "downsample"):
                 h = stage.downsample(h)
         h = self.mid(h)
-        return self.conv_out(self.norm_out(h, silu=True))
+        return self.conv_out(self.norm_out(h))
 
 
 class Decoder(nn.Module):
@@ -157,7 +142,7 @@ class Decoder(nn.Module):
                 stage.upsample = Upsample(block_in)
             stages.insert(0, stage)
         self.up = nn.ModuleList(stages)
-        self.norm_out = _norm(block_in, config)
+        self.norm_out = _norm(block_in, config, silu=True)
         self.conv_out = nn.Conv2d(block_in, config.out_channels, 3, padding=1)
 
     def forward(self, z):
@@ -167,7 +152,7 @@ class Decoder(nn.Module):
                 h = block(h)
             if hasattr(stage, "upsample"):
                 h = stage.upsample(h)
-        return self.conv_out(self.norm_out(h, silu=True))
+        return self.conv_out(self.norm_out(h))
 
 
 class DiagonalGaussian:

@@ -44,8 +44,11 @@ def load_flame(flame_path: str | None = None, n_shape: int = 100, n_exp: int = 5
         raise FileNotFoundError(f"{folder}: no FLAME landmark embedding beside {os.path.basename(flame_path)}; "
                                 f"put {' or '.join(EMBEDDING_NAMES)} there (DECA / the FLAME website provide them)")
     model = load_flame_model(flame_path)
+    embedding = load_landmark_embedding(embeddings[0])
     n_exp = min(n_exp, model["shapedirs"].shape[2] - 300)
-    return FLAME(model, load_landmark_embedding(embeddings[0]), n_shape=n_shape, n_exp=n_exp)
+    # The jaw-line landmarks slide with head yaw where the embedding says how (DECA's contour table).
+    return FLAME(model, embedding, n_shape=n_shape, n_exp=n_exp,
+                 dynamic_contour=embedding.contour_faces_idx is not None)
 
 
 def check_gaps(valid: np.ndarray, max_gap: int, video: str):

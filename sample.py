@@ -1,4 +1,10 @@
-"""Sample from Stable Diffusion.
+"""Sample a trained avatar as video, or plain Stable Diffusion as images.
+
+Drive an avatar with a FLAME sequence (any seq.npz: the person's own, or another person's for re-enactment;
+expression and pose come from the sequence, the identity shape from the avatar):
+    python sample.py --avatar runs/me --params seq.npz --prompt "a photo of sks person" --out out.mp4
+    python sample.py --avatar runs/me --params seq.npz --morph "Tom Cruise" --morph-weight 0.5 --out morph.mp4
+    torchrun --nproc_per_node 4 sample.py --avatar runs/me --params seq.npz --out out.mp4   # frames split over GPUs
 
 Text to image:
     python sample.py --ckpt SD.safetensors --prompt "a photo of an astronaut" --out img.png
@@ -7,25 +13,43 @@ import argparse
 import os
 import sys
 
+import numpy as np
 import torch
 from PIL import Image
 
-from model.loading import CheckpointError, load_stable_diffusion
+from model.loading import load_stable_diffusion
 from model.pipeline import SAMPLER_NAMES, text_to_image
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="single-file .safetensors checkpoint or diffusers folder")
-    p.add_argument("--prompt", required=True, help="text prompt")
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--avatar", help="run folder of `python train.py` (holds avatar.safetensors): video mode")
+    mode.add_argument("--ckpt", help="single-file .safetensors checkpoint or diffusers folder: text-to-image mode")
+    p.add_argument("--prompt", default=None, help="text prompt (avatar default: its training caption)")
     p.add_argument("--negative-prompt", default="", help="what to steer away from (classifier-free guidance)")
-    p.add_argument("--out", default="sample.png", help="output image (.png/.jpg); with --num-images N, "
-                   "files are named <stem>-<i><ext>")
-    p.add_argument("--num-images", type=int, default=1)
+    p.add_argument("--out", default=None, help="output video (.mp4; default out.mp4) or image (.png/.jpg; default "
+                   "sample.png); with --num-images N, files are named <stem>-<i><ext>")
+    p.add_argument("--num-images", type=int, default=1, help="text-to-image: images per prompt")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=30, help="sampler steps")
-    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (1 = off)")
-    p.add_argument("--sampler", default="dpmpp_2m", choices=SAMPLER_NAMES)
+    p.add_argument("--steps", type=int, default=None, help="sampler steps (default 30; avatar 25)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale, 1 = off (default 7.5; avatar 3)")
+    p.add_argument("--sampler", default=None, choices=SAMPLER_NAMES, help="default dpmpp_2m; avatar ddim")
+    video = p.add_argument_group("avatar video")
+    video.add_argument("--params", help="FLAME sequence (seq.npz, see tracking/fit.py) that drives the avatar")
+    video.add_argument("--frames", type=parse_frames, default=None, help="a:b, only frames a..b-1")
+    video.add_argument("--base", default=None, help="the avatar's base checkpoint, if it moved since training")
+    video.add_argument("--flame", default=None, help="FLAME generic_model.pkl, if it moved since training")
+    video.add_argument("--temporal-strength", type=float, default=0.5,
+                       help="pull of each frame toward the previous one while denoising (0 = independent frames)")
+    video.add_argument("--temporal-fade", type=float, default=0.5,
+                       help="fraction of the steps over which that pull fades to 0")
+    video.add_argument("--batch-frames", type=int, default=8, help="frames denoised together in lock-step")
+    video.add_argument("--morph", default=None, help='morph toward "a photo of <MORPH>" (e.g. "Tom Cruise")')
+    video.add_argument("--morph-weight", type=float, default=0.5, help="0 = the avatar, 1 = the --morph prompt")
+    video.add_argument("--side-by-side", action="store_true", help="conditioning | output in each frame")
+    video.add_argument("--png-dir", default=None, help="also write every frame as a PNG here")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity (0 = deterministic)")
     p.add_argument("--height", type=int, default=None, help="pixels; default: the family's native size")
     p.add_argument("--width", type=int, default=None)
@@ -42,6 +66,16 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def parse_frames(text: str) -> range:
+    try:
+        a, b = (int(v) for v in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--frames wants a:b, got {text!r}") from None
+    if not 0 <= a < b:
+        raise argparse.ArgumentTypeError(f"--frames {text!r}: need 0 <= a < b")
+    return range(a, b)
+
+
 def save_image_atomic(image, path: str):
     """Write via a temp file in the same folder, so an interrupted run leaves no half-written image."""
     stem, ext = os.path.splitext(path)
@@ -50,25 +84,84 @@ def save_image_atomic(image, path: str):
     os.replace(tmp, path)
 
 
+def text_to_image_main(args, device, dtype):
+    if not args.prompt:
+        raise ValueError("--prompt is required with --ckpt")
+    sd = load_stable_diffusion(args.ckpt, dtype=dtype, prediction_type=args.prediction_type,
+                               tokenizer=args.tokenizer).to(device)
+    images = text_to_image(sd, args.prompt, args.negative_prompt, steps=args.steps or 30,
+                           guidance=7.5 if args.guidance is None else args.guidance,
+                           sampler=args.sampler or "dpmpp_2m", height=args.height, width=args.width,
+                           seed=args.seed, num_images=args.num_images, eta=args.eta)
+    out = args.out or "sample.png"
+    stem, ext = os.path.splitext(out)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    for i, image in enumerate(images):
+        path = out if len(images) == 1 else f"{stem}-{i}{ext}"
+        save_image_atomic(image, path)
+        print(f"wrote {path}")
+
+
+def split_frames(frames: range, rank: int, world: int) -> range:
+    """This process's contiguous share of the frames (torchrun); each share is exact on its own."""
+    bounds = [frames.start + len(frames) * r // world for r in range(world + 1)]
+    return range(bounds[rank], bounds[rank + 1])
+
+
+def avatar_main(args, device, dtype):
+    import svp
+    from tracking.video import write_video
+    if not args.params:
+        raise ValueError("--params seq.npz is required with --avatar")
+    seq = svp.load_seq(args.params)
+    frames = args.frames or range(seq.n_frames)
+    if frames.stop > seq.n_frames:
+        raise ValueError(f"--frames {frames.start}:{frames.stop}: {args.params} has {seq.n_frames} frames")
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1:
+        import torch.distributed as dist
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    avatar = svp.load_avatar(args.avatar, base=args.base, flame=args.flame, device=device, dtype=dtype,
+                             tokenizer=args.tokenizer)
+    images, cond = avatar.render(seq, args.prompt, args.morph, args.morph_weight, args.negative_prompt,
+                                 split_frames(frames, rank, world), steps=args.steps or 25,
+                                 guidance=3.0 if args.guidance is None else args.guidance,
+                                 sampler=args.sampler or "ddim", seed=args.seed,
+                                 temporal_strength=args.temporal_strength, temporal_fade=args.temporal_fade,
+                                 batch_frames=args.batch_frames, progress=rank == 0)
+    if args.side_by_side:
+        normals = (cond[:, :3].permute(0, 2, 3, 1).numpy() * 255).round().astype("uint8")
+        images = np.concatenate([normals, images], axis=2)
+    if world > 1:
+        import torch.distributed as dist
+        shares = [None] * world
+        dist.gather_object(images, shares if rank == 0 else None, dst=0)
+        if rank != 0:
+            return
+        images = np.concatenate(shares)
+    out = args.out or "out.mp4"
+    write_video(out, images, seq.fps)
+    if args.png_dir:
+        os.makedirs(args.png_dir, exist_ok=True)
+        for i, image in zip(frames, images):
+            save_image_atomic(torch.from_numpy(image), os.path.join(args.png_dir, f"{i:05d}.png"))
+    print(f"wrote {out} ({len(images)} frames)")
+
+
 def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     dtype = args.dtype or ("fp16" if device.type == "cuda" else "fp32")
-    sd = load_stable_diffusion(args.ckpt, dtype=dtype, prediction_type=args.prediction_type,
-                               tokenizer=args.tokenizer).to(device)
-    images = text_to_image(sd, args.prompt, args.negative_prompt, steps=args.steps, guidance=args.guidance,
-                           sampler=args.sampler, height=args.height, width=args.width, seed=args.seed,
-                           num_images=args.num_images, eta=args.eta)
-    stem, ext = os.path.splitext(args.out)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    for i, image in enumerate(images):
-        path = args.out if len(images) == 1 else f"{stem}-{i}{ext}"
-        save_image_atomic(image, path)
-        print(f"wrote {path}")
+    if args.avatar:
+        avatar_main(args, device, dtype)
+    else:
+        text_to_image_main(args, device, dtype)
 
 
 if __name__ == "__main__":
     try:
         main()
-    except (CheckpointError, FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError) as e:  # every svp input error derives from these
         sys.exit(f"error: {e}")

@@ -9,14 +9,21 @@ Example (runs offline in a few minutes on a CPU):
     sd = svp.load("v1-5-pruned-emaonly.safetensors")            # your own SD weights
     images = svp.text_to_image(sd, "a photo of an astronaut", steps=25)   # uint8 (1, 512, 512, 3)
 """
+import json
 import os
+from dataclasses import dataclass
 
-from model.loading import StableDiffusion, load_stable_diffusion as load
-from model.pipeline import text_to_image
+import numpy as np
+import torch
+
+from model.controlnet import ControlNet
+from model.loading import StableDiffusion, load_stable_diffusion, load_stable_diffusion as load
+from model.pipeline import encode_prompts, make_sampler, text_to_image, to_uint8
+from model.temporal import coupling_depth, denoise_video, temporal_weights
+from tracking.fit import FlameSequence, load_seq
 from tracking.pipeline import TrackedVideo, load_flame, render_conditioning, track_video
 
-__all__ = ["load", "text_to_image", "track", "load_flame", "render_conditioning", "StableDiffusion",
-           "TrackedVideo"]
+__all__ = ["load", "text_to_image", "track", "load_avatar", "Avatar", "load_seq", "temporal_flicker"]
 
 
 def track(video: str, out_dir: str, flame: str | None = None, size: int = 512, **options) -> TrackedVideo:
@@ -30,3 +37,129 @@ def track(video: str, out_dir: str, flame: str | None = None, size: int = 512, *
         os.makedirs(out_dir, exist_ok=True)
         video = write_demo_video(os.path.join(out_dir, "demo.mp4"))
     return track_video(video, out_dir, load_flame(flame), size=size, **options)
+
+
+# ----------------------------------------------------------------------------- the avatar
+
+@dataclass
+class Avatar:
+    """A trained avatar on its base model: render FLAME sequences as video of the person."""
+    sd: StableDiffusion
+    controlnet: ControlNet
+    meta: dict              # the avatar's config (train.py's avatar_meta)
+    flame: object           # tracking.flame.FLAME the avatar was trained with
+    shape: np.ndarray       # the person's identity shape (from the training video's seq.npz)
+
+    @property
+    def resolution(self) -> int:
+        return int(self.meta["resolution"])
+
+    def conditioning(self, seq: FlameSequence, frames: range) -> torch.Tensor:
+        """Conditioning images of `seq`: its expression and pose, the avatar's identity shape."""
+        if seq.shape.shape != self.shape.shape:
+            raise ValueError(f"the sequence has {len(seq.shape)} shape components, the avatar {len(self.shape)}")
+        return render_conditioning(self.flame, seq, self.resolution, frames=slice(frames.start, frames.stop),
+                                   shape=self.shape)
+
+    def text_context(self, prompt: str | None, morph: str | None = None, morph_weight: float = 0.0):
+        """The prompt's text embedding, blended toward "a photo of <morph>" by `morph_weight` (0..1).
+
+        Why a blend of embeddings: the fine-tuned UNet still understands the text, so moving the
+        conditioning part of the way to a celebrity's prompt moves the identity part of the way, every
+        frame alike, with the geometry still set by the 3DMM rendering. No test-time fine-tuning.
+        """
+        context = encode_prompts(self.sd, [prompt or self.meta["prompt"]])
+        if morph and morph_weight:
+            if not 0.0 <= morph_weight <= 1.0:
+                raise ValueError(f"--morph-weight must be in [0, 1], got {morph_weight}")
+            target = encode_prompts(self.sd, [f"a photo of {morph}"])
+            context = (1 - morph_weight) * context + morph_weight * target
+        return context
+
+    @torch.no_grad()
+    def render(self, seq: FlameSequence, prompt: str | None = None, morph: str | None = None,
+               morph_weight: float = 0.0, negative_prompt: str = "", frames: range | None = None,
+               steps: int = 25, guidance: float = 3.0, sampler: str = "ddim", seed: int = 0,
+               temporal_strength: float = 0.5, temporal_fade: float = 0.5, batch_frames: int = 8,
+               progress: bool = True) -> tuple[np.ndarray, torch.Tensor]:
+        """Frames (T, H, W, 3) uint8 for `frames` of `seq`, and their conditioning images (T, C, H, W).
+
+        temporal_strength: pull toward the previous frame (0 = independent frames); temporal_fade: the
+        fraction of the steps over which that pull fades out (model/temporal.py explains both).
+        """
+        frames = frames if frames is not None else range(seq.n_frames)
+        if not (0 <= frames.start < frames.stop <= seq.n_frames):
+            raise ValueError(f"frames {frames.start}:{frames.stop} are outside the sequence's 0:{seq.n_frames}")
+        device, dtype = next(self.sd.unet.parameters()).device, next(self.sd.unet.parameters()).dtype
+        fade_steps = max(1, round(temporal_fade * steps))
+        overlap = coupling_depth(temporal_weights(steps, temporal_strength, fade_steps))
+        first = max(0, frames.start - overlap)  # warm-up frames before the range (model/temporal.py)
+        hints = self.conditioning(seq, range(first, frames.stop)).to(device, dtype)
+        context = self.text_context(prompt, morph, morph_weight)
+        uncond = encode_prompts(self.sd, [negative_prompt]) if guidance != 1.0 else None
+        latent = self.resolution // self.sd.vae.downscale
+        shared_noise = torch.randn((self.sd.config.unet.in_channels, latent, latent),
+                                   generator=torch.Generator().manual_seed(seed)).to(device, dtype)
+
+        def model_fn(x, t, frame_ids):
+            hint = hints[[f - first for f in frame_ids]]
+            n = len(frame_ids)
+            if uncond is None:
+                ctx = context.expand(n, -1, -1)
+                return self.sd.unet(x, t, ctx, *self.controlnet(x, t, ctx, hint)), None
+            ctx = torch.cat([uncond.expand(n, -1, -1), context.expand(n, -1, -1)])
+            x2, hint2 = torch.cat([x, x]), torch.cat([hint, hint])
+            out_uncond, out_cond = self.sd.unet(x2, t, ctx, *self.controlnet(x2, t, ctx, hint2)).chunk(2)
+            return out_cond, out_uncond
+
+        latents = denoise_video(model_fn, seq.n_frames, make_sampler(self.sd, sampler, steps), shared_noise,
+                                temporal_strength, fade_steps, guidance, chunk=batch_frames, seed=seed,
+                                frames=frames, progress=progress)
+        images = torch.cat([to_uint8(self.sd.vae.decode_latents(latents[i:i + batch_frames]))
+                            for i in range(0, len(latents), batch_frames)])
+        return images.numpy(), hints[frames.start - first:].float().cpu()
+
+
+def load_avatar(run_dir: str, base: str | None = None, flame: str | None = None, device=None,
+                dtype: str = "fp32", tokenizer: str | None = None) -> Avatar:
+    """The avatar that `python train.py --out run_dir` wrote, on its base model.
+
+    base: the base checkpoint (default: the path recorded at training time); it must be the same file
+    (checked by fingerprint). flame: FLAME generic_model.pkl (default: the one recorded, else the toy head).
+    """
+    from train import fingerprint, load_avatar as read_avatar_weights
+    path = os.path.join(run_dir, "avatar.safetensors")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{run_dir}: no avatar.safetensors here; train one with python train.py --out {run_dir}")
+    meta = read_avatar_meta(path)
+    base = base or meta["base"]
+    if not os.path.exists(base):
+        raise FileNotFoundError(f"{path}: its base checkpoint {base} is missing; pass --base")
+    if fingerprint(base) != meta["base_fingerprint"]:
+        raise ValueError(f"{path} was trained on another base model than {base}")
+    sd = load_stable_diffusion(base, dtype=dtype, tokenizer=tokenizer).to(device)
+    controlnet, meta = read_avatar_weights(path, sd)
+    shape = load_seq(meta["seq"]).shape
+    return Avatar(sd, controlnet.eval(), meta, load_flame(flame or meta.get("flame")), shape)
+
+
+def read_avatar_meta(path: str) -> dict:
+    from safetensors import safe_open
+    with safe_open(path, framework="pt") as f:
+        meta = (f.metadata() or {}).get("svp_avatar")
+    if meta is None:
+        raise ValueError(f"{path}: not an svp avatar (no 'svp_avatar' metadata)")
+    return json.loads(meta)
+
+
+def temporal_flicker(frames: np.ndarray, conditioning: torch.Tensor) -> float:
+    """Mean absolute change between consecutive output frames in excess of the change in the conditioning.
+
+    Both are measured on [0, 1] images; a video that moves exactly as much as its 3DMM drive scores ~0,
+    one that flickers scores high. (Output pixels and normal maps are different images, so this is a
+    comparison between samplings of the same sequence, not an absolute number.)"""
+    video = torch.from_numpy(frames).float() / 255
+    cond = conditioning[:, :3].permute(0, 2, 3, 1)
+    change = (video[1:] - video[:-1]).abs().mean().item()
+    drive = (cond[1:] - cond[:-1]).abs().mean().item()
+    return max(change - drive, 0.0) if len(frames) > 1 else 0.0

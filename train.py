@@ -1,0 +1,665 @@
+"""Person-specific fine-tuning: Stable Diffusion + a ControlNet on one person's tracked video.
+
+    python train.py --video me.mp4 --base SD.safetensors --flame generic_model.pkl --out runs/me
+    python train.py --video demo --preset tiny --out runs/demo        # offline, CPU, a few minutes
+
+1. The video is tracked into <out>/tracking/ (FLAME sequence and face crops, re-used on rerun).
+2. Each frame's FLAME conditioning image is rendered once (<out>/cache/cond.npy, fp16, memory-mapped)
+   and each crop encoded once by the VAE to the mean of its posterior (<out>/cache/latents.npy, fp16;
+   the mean makes the cache independent of any seed). <out>/cache/meta.json says what the caches were
+   built from; they are rebuilt when that differs from the current run.
+3. The ControlNet (and, with --train, the UNet or its attention layers) learns the diffusion loss of
+   the checkpoint's prediction type, captioned "a photo of <token> person". The LAST frames are held
+   out; their denoising loss at fixed timesteps and fixed noise is logged at step 0, every --val-every
+   steps and at the end.
+4. Outputs: <out>/avatar.safetensors (the trained weights only: `control_model.*` plus the trained
+   `model.diffusion_model.*` UNet tensors; the metadata key `svp_avatar` holds a JSON config),
+   <out>/previews/step_XXXXX.png (held-out conditioning | ground truth | sample), <out>/log.jsonl.
+
+Randomness is a pure function of (seed, step): the data order is a seeded permutation per epoch and each
+micro-batch's timesteps and noise come from a generator seeded with (seed, step, micro-batch, rank). So a
+resumed run replays exactly what an uninterrupted one would have done. <out>/checkpoint.pt (torch.save,
+written to a temp file then renamed, read back with weights_only=True) holds the trainable weights, the
+optimizer, the step and the global RNG states. Under torchrun every rank trains on its own shard of each
+batch (DDP); rank 0 alone tracks, builds the caches and writes files.
+"""
+import argparse
+import hashlib
+import json
+import logging
+import os
+import random
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from model.config import TINY, config_to_dict
+from model.controlnet import CONTROLNET_PREFIX, ControlNet, load_controlnet
+from model.loading import (DTYPES, UNET_PREFIX, CheckpointError, StableDiffusion, load_stable_diffusion,
+                           load_tokenizer, save_single_file, weights_file)
+from model.pipeline import encode_prompts, guided_denoiser, make_sampler, to_uint8
+from model.sampling import NoiseSchedule, sample
+from tracking.__main__ import add_tracking_args
+from tracking.pipeline import load_flame, render_conditioning, track_video
+from tracking.render import CONDITIONING_CHANNELS
+
+log = logging.getLogger("train")
+
+TRAIN_MODES = ("controlnet", "controlnet+unet", "controlnet+attn")
+PRESETS = {  # defaults that --flags override
+    "tiny": dict(resolution=64, max_steps=300, lr=1e-3, batch_size=4, val_every=50, preview_every=100,
+                 save_every=100, preview_steps=10),
+    "sd": dict(resolution=512, max_steps=3000, lr=1e-5, batch_size=4, val_every=250, preview_every=250,
+               save_every=500, preview_steps=25),
+}
+VAL_TIMESTEP_FRACTIONS = (0.05, 0.2, 0.35, 0.5, 0.65, 0.8, 0.95)  # of num_train_timesteps
+FINGERPRINT_BYTES = 1 << 20
+# What a run is: --resume and a rerun into the same --out must agree on all of these.
+IDENTITY_FIELDS = ("preset", "video", "train", "prompt", "resolution", "lr", "batch_size", "grad_accum", "seed",
+                   "val_fraction", "max_frames", "conditioning_dropout")
+
+
+@dataclass
+class TrainConfig:
+    video: str
+    out: str
+    base: str | None
+    preset: str
+    flame: str | None
+    bbox: tuple | None
+    max_frames: int | None
+    max_gap: int
+    train: str
+    prompt: str
+    resolution: int
+    max_steps: int
+    lr: float
+    batch_size: int
+    grad_accum: int
+    val_fraction: float
+    val_every: int
+    preview_every: int
+    preview_steps: int
+    save_every: int
+    seed: int
+    conditioning_dropout: float
+    dtype: str | None
+    device: str | None
+    gradient_checkpointing: bool
+    tokenizer: str | None
+    prediction_type: str | None
+    resume: bool
+    stop_after: int | None
+
+
+def parse_args(argv=None) -> TrainConfig:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--video", required=True, help="the person's video (mp4, ...) or `demo` for the offline demo")
+    p.add_argument("--out", required=True, help="run folder: tracking, caches, checkpoint, avatar, previews, log")
+    p.add_argument("--base", default=None, help="Stable Diffusion .safetensors or diffusers folder "
+                   "(--preset tiny: default <out>/base.safetensors, a seeded random tiny model written once)")
+    p.add_argument("--preset", default="sd", choices=PRESETS, help="default settings: sd (512 px, real SD "
+                   "weights) or tiny (64 px random model, runs on a CPU); --flags override them")
+    add_tracking_args(p)
+    p.add_argument("--train", default="controlnet+unet", choices=TRAIN_MODES, help="what learns besides the "
+                   "ControlNet: nothing, the whole UNet, or the UNet's attention layers (attn1/attn2)")
+    p.add_argument("--prompt", default="a photo of sks person", help="training caption")
+    p.add_argument("--token", default=None, help="identity token replacing `sks` in --prompt")
+    p.add_argument("--resolution", type=int, help="side of the square face crops in pixels")
+    p.add_argument("--max-steps", type=int, help="optimizer steps in total (a resumed run counts from 0 too)")
+    p.add_argument("--lr", type=float, help="AdamW learning rate (constant)")
+    p.add_argument("--batch-size", type=int, help="frames per micro-batch on each process")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="share of frames held out (the last ones)")
+    p.add_argument("--val-every", type=int, help="steps between held-out losses")
+    p.add_argument("--preview-every", type=int, help="steps between preview images")
+    p.add_argument("--preview-steps", type=int, help="DDIM steps of a preview sample")
+    p.add_argument("--save-every", type=int, help="steps between checkpoints")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--conditioning-dropout", type=float, default=0.0,
+                   help="probability of a zeroed conditioning image (for guidance on the conditioning)")
+    p.add_argument("--dtype", choices=DTYPES, default=None,
+                   help="autocast dtype (weights stay fp32); default bf16 on CUDA, fp32 on the CPU")
+    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available; "
+                   "under torchrun: cuda:LOCAL_RANK)")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in the "
+                   "backward pass (less memory, about 30%% slower)")
+    p.add_argument("--tokenizer", default=None, help="CLIP vocabulary (see sample.py --tokenizer)")
+    p.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default=None,
+                   help="override the checkpoint's detected prediction type")
+    p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
+    p.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)  # tests: SIGKILL itself
+    args = vars(p.parse_args(argv))
+    for key, value in PRESETS[args["preset"]].items():
+        args[key] = value if args.get(key) is None else args[key]
+    if args["preset"] == "sd" and args["base"] is None:
+        p.error("--base is required (a Stable Diffusion checkpoint), unless --preset tiny")
+    token = args.pop("token")
+    if token:
+        args["prompt"] = args["prompt"].replace("sks", token)
+    if args["resolution"] % 8:
+        p.error(f"--resolution must be a multiple of 8, got {args['resolution']}")
+    return TrainConfig(**args)
+
+
+# ----------------------------------------------------------------------------- processes
+
+@dataclass
+class Dist:
+    rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self):
+        if self.world > 1:
+            dist.barrier()
+
+
+def init_distributed(device: str | None) -> Dist:
+    """One process, or one of torchrun's (RANK/WORLD_SIZE set): nccl on CUDA, gloo on the CPU."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "cuda" and world > 1:
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Dist(int(os.environ.get("RANK", 0)), world, device)
+
+
+# ----------------------------------------------------------------------------- base model and run identity
+
+def fingerprint(path: str) -> str:
+    """sha256 of the first MiB plus the byte size: cheap even for a 5 GB checkpoint, and enough to tell
+    checkpoints apart (their headers and first tensors differ). A folder: its UNet weights file."""
+    if os.path.isdir(path):
+        path = weights_file(os.path.join(path, "unet"))
+    with open(path, "rb") as f:
+        digest = hashlib.sha256(f.read(FINGERPRINT_BYTES)).hexdigest()
+    return f"{digest}:{os.path.getsize(path)}"
+
+
+def write_tiny_base(path: str, seed: int):
+    """A random-initialised TINY model (seeded) in the single-file layout.
+
+    Its VAE's latent scale is measured the way LDM measured SD's 0.18215: one over the standard deviation
+    of the latents of some images (here: demo frames). A random encoder's latents are small (std ~0.4),
+    and unscaled they would drown in the noise at every timestep, leaving nothing for the hint to explain.
+    """
+    from model.clip import CLIPTextModel
+    from model.unet import UNet
+    from model.vae import AutoencoderKL
+    from tracking.demo import demo_frames
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(TINY.vae)
+    images = torch.from_numpy(demo_frames(8, TINY.image_size, seed)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    with torch.no_grad():
+        scale = 1 / vae.encode(images).mean.std().item()
+    config = replace(TINY, vae=replace(TINY.vae, scale_factor=round(scale, 5)))
+    vae.config = config.vae
+    sd = StableDiffusion(config, UNet(config.unet), vae, CLIPTextModel(config.clip), load_tokenizer(config, ""))
+    save_single_file(sd, path)
+
+
+def load_base(cfg: TrainConfig, ranks: Dist) -> tuple[StableDiffusion, str]:
+    base = cfg.base or os.path.join(cfg.out, "base.safetensors")
+    if cfg.base is None and ranks.main and not os.path.exists(base):
+        write_tiny_base(base, cfg.seed)
+    ranks.barrier()
+    sd = load_stable_diffusion(base, prediction_type=cfg.prediction_type, tokenizer=cfg.tokenizer)
+    return sd.to(ranks.device), base
+
+
+def run_identity(cfg: TrainConfig, sd: StableDiffusion, base: str, ranks: Dist) -> dict:
+    return {**{k: getattr(cfg, k) for k in IDENTITY_FIELDS}, "base_fingerprint": fingerprint(base),
+            "family": sd.config.name, "prediction_type": sd.config.prediction_type, "world_size": ranks.world}
+
+
+def check_same_run(stored: dict, current: dict, where: str):
+    diffs = [f"{k}: {stored.get(k)!r} there, {current[k]!r} now" for k in current if stored.get(k) != current[k]]
+    if diffs:
+        what = "another base model" if "base_fingerprint" in " ".join(diffs) else "other settings"
+        raise ValueError(f"{where} holds a run with {what} ({'; '.join(diffs)}); use another --out")
+
+
+def check_out_dir(cfg: TrainConfig, identity: dict):
+    """Refuse an --out that holds another run (<out>/run.json is written beside every checkpoint)."""
+    run_file = os.path.join(cfg.out, "run.json")
+    if os.path.exists(run_file):
+        check_same_run(read_json(run_file), identity, cfg.out)
+        if not cfg.resume:
+            raise ValueError(f"{cfg.out} already holds this run's checkpoint; pass --resume to continue it, "
+                             "or use another --out")
+
+
+def read_json(path: str):
+    with open(path) as f:
+        return json.load(f)
+
+
+def write_json(path: str, obj):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- data
+
+@dataclass
+class FrameData:
+    latents: torch.Tensor    # (T, 4, h, w) float32, the VAE posterior means, scaled
+    cond: np.ndarray         # (T, C, S, S) float16 conditioning images (memory-mapped)
+    crops: np.ndarray        # (T, S, S, 3) uint8
+    n_train: int             # frames [0, n_train) train, the rest are held out
+    seq_path: str
+
+    def hints(self, idx, device) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(self.cond[idx])).to(device, torch.float32)
+
+
+def track(cfg: TrainConfig, flame):
+    folder = os.path.join(cfg.out, "tracking")
+    video = cfg.video
+    if video == "demo":
+        from tracking.demo import write_demo_video
+        os.makedirs(folder, exist_ok=True)
+        video = os.path.join(folder, "demo.mp4")
+        if not os.path.exists(video):
+            write_demo_video(video, n_frames=cfg.max_frames or 48)
+    tracked = track_video(video, folder, flame, size=cfg.resolution, bbox=cfg.bbox, max_frames=cfg.max_frames,
+                          max_gap=cfg.max_gap)
+    if tracked.crops.shape[1] != cfg.resolution:
+        raise ValueError(f"{folder} holds crops of {tracked.crops.shape[1]} px but --resolution is "
+                         f"{cfg.resolution}; use another --out")
+    return tracked
+
+
+def build_caches(cfg: TrainConfig, sd: StableDiffusion, flame, tracked, base: str, device):
+    """Render the conditioning and encode the latents, unless <out>/cache already holds them."""
+    folder = os.path.join(cfg.out, "cache")
+    os.makedirs(folder, exist_ok=True)
+    seq_file = os.path.join(cfg.out, "tracking", "seq.npz")
+    with open(seq_file, "rb") as f:
+        key = {"base": fingerprint(base), "resolution": cfg.resolution,
+               "seq_sha256": hashlib.sha256(f.read()).hexdigest()}
+    meta_file = os.path.join(folder, "meta.json")
+    if os.path.exists(meta_file) and read_json(meta_file) == key:
+        return
+    n = tracked.seq.n_frames
+    shape = (n, len(CONDITIONING_CHANNELS), cfg.resolution, cfg.resolution)
+    cond = np.lib.format.open_memmap(os.path.join(folder, "cond.tmp.npy"), "w+", np.float16, shape)
+    latents = []
+    for start in tqdm(range(0, n, 8), desc="caching", leave=False):
+        frames = slice(start, min(n, start + 8))
+        cond[frames] = render_conditioning(flame, tracked.seq, cfg.resolution, frames=frames).numpy()
+        crops = torch.from_numpy(tracked.crops[frames]).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
+        with torch.no_grad():
+            latents.append((sd.vae.encode(crops).mean * sd.config.vae.scale_factor).half().cpu().numpy())
+    cond.flush()
+    del cond
+    os.replace(os.path.join(folder, "cond.tmp.npy"), os.path.join(folder, "cond.npy"))
+    np.save(os.path.join(folder, "latents.tmp.npy"), np.concatenate(latents))
+    os.replace(os.path.join(folder, "latents.tmp.npy"), os.path.join(folder, "latents.npy"))
+    write_json(meta_file, key)  # last: it vouches for the two arrays
+
+
+def prepare_data(cfg: TrainConfig, sd: StableDiffusion, base: str, ranks: Dist) -> FrameData:
+    """Track and cache on rank 0; the other ranks wait, then read the same files."""
+    flame = load_flame(cfg.flame)
+    if ranks.main:
+        build_caches(cfg, sd, flame, track(cfg, flame), base, ranks.device)
+    ranks.barrier()
+    tracked = track(cfg, flame)
+    folder = os.path.join(cfg.out, "cache")
+    latents = torch.from_numpy(np.load(os.path.join(folder, "latents.npy"))).float()
+    n = len(latents)
+    n_val = max(1, round(n * cfg.val_fraction))
+    if n - n_val < 1:
+        raise ValueError(f"{cfg.video}: {n} tracked frames leave none for training after holding out {n_val}")
+    return FrameData(latents, np.load(os.path.join(folder, "cond.npy"), mmap_mode="r"), tracked.crops,
+                     n - n_val, os.path.join(cfg.out, "tracking", "seq.npz"))
+
+
+def epoch_order(n: int, epoch: int, seed: int) -> torch.Tensor:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+
+
+def batch_indices(step: int, micro: int, cfg: TrainConfig, ranks: Dist, n_train: int) -> list[int]:
+    """This rank's frames of a micro-batch: a stateless walk through seeded per-epoch permutations.
+
+    The global batch (world x batch_size frames) is cut into one contiguous share per rank, like
+    DistributedSampler, and the position in the stream depends only on (step, micro-batch).
+    """
+    start = ((step * cfg.grad_accum + micro) * ranks.world + ranks.rank) * cfg.batch_size
+    positions = range(start, start + cfg.batch_size)
+    return [int(epoch_order(n_train, p // n_train, cfg.seed)[p % n_train]) for p in positions]
+
+
+def step_generator(*keys: int) -> torch.Generator:
+    return torch.Generator().manual_seed(int(np.random.SeedSequence(list(keys)).generate_state(1)[0]))
+
+
+# ----------------------------------------------------------------------------- model and loss
+
+class Denoiser(nn.Module):
+    """The UNet driven by the ControlNet: (noisy latents, t, text context, hint) -> model output."""
+
+    def __init__(self, unet: nn.Module, controlnet: ControlNet):
+        super().__init__()
+        self.unet, self.controlnet = unet, controlnet
+
+    def forward(self, x, t, context, hint):
+        return self.unet(x, t, context, *self.controlnet(x, t, context, hint))
+
+    def trainable_state(self) -> dict:
+        """The trained tensors under their checkpoint names: all of the ControlNet, the UNet's trained ones."""
+        state = {CONTROLNET_PREFIX + k: v for k, v in self.controlnet.state_dict().items()}
+        state.update({UNET_PREFIX + k: p for k, p in self.unet.named_parameters() if p.requires_grad})
+        return {k: v.detach().contiguous() for k, v in state.items()}
+
+    def load_trainable_state(self, state: dict):
+        load_trained_unet(self.unet, {k: v for k, v in state.items() if k.startswith(UNET_PREFIX)})
+        self.controlnet.load_state_dict({k[len(CONTROLNET_PREFIX):]: v for k, v in state.items()
+                                         if k.startswith(CONTROLNET_PREFIX)})
+
+
+def load_trained_unet(unet: nn.Module, state: dict):
+    params = dict(unet.named_parameters())
+    with torch.no_grad():
+        for key, value in state.items():
+            name = key[len(UNET_PREFIX):]
+            if name not in params or params[name].shape != value.shape:
+                raise CheckpointError(f"UNet tensor {key} {tuple(value.shape)} does not fit the base model")
+            params[name].copy_(value)
+
+
+def init_hint_encoder(controlnet: ControlNet):
+    """He-initialise the hint encoder's convs (all but its final zero conv), biases zero.
+
+    PyTorch's default conv init scales a signal by about 1/sqrt(3) per conv, and its random biases
+    soon dominate: after the encoder's seven convs the hint barely reaches the output (~1e-3 of it),
+    and learning to use it takes thousands of steps. He init keeps the hint's features at unit scale.
+    The final conv stays zero, so the fresh ControlNet still leaves the UNet unchanged.
+    """
+    convs = [m for m in controlnet.input_hint_block if isinstance(m, nn.Conv2d)][:-1]
+    for conv in convs:
+        nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")  # SiLU is close enough to ReLU here
+        nn.init.zeros_(conv.bias)
+
+
+def build_denoiser(sd: StableDiffusion, mode: str, hint_channels: int, checkpointing: bool) -> Denoiser:
+    controlnet = ControlNet.from_unet(sd.unet, hint_channels).train().requires_grad_(True)
+    init_hint_encoder(controlnet)
+    for name, param in sd.unet.named_parameters():
+        param.requires_grad_(mode == "controlnet+unet" or (mode == "controlnet+attn" and
+                                                          ("attn1" in name or "attn2" in name)))
+    sd.unet.gradient_checkpointing = controlnet.gradient_checkpointing = checkpointing
+    return Denoiser(sd.unet, controlnet).train()
+
+
+def diffusion_loss(model, schedule: NoiseSchedule, x0, hint, context, generator, dropout: float = 0.0):
+    """The mean squared error to the checkpoint's training target at uniformly drawn timesteps."""
+    t = torch.randint(0, schedule.num_train_timesteps, (len(x0),), generator=generator).to(x0.device)
+    noise = torch.randn(x0.shape, generator=generator).to(x0.device)
+    keep = (torch.rand(len(x0), generator=generator) >= dropout).to(hint)
+    out = model(schedule.add_noise(x0, noise, t), t, context.expand(len(x0), -1, -1), hint * keep[:, None, None, None])
+    return F.mse_loss(out.float(), schedule.training_target(x0, noise, t))
+
+
+@torch.no_grad()
+def held_out_loss(denoiser: Denoiser, schedule: NoiseSchedule, data: FrameData, context, seed: int,
+                  batch_size: int, autocast=nullcontext, zero_hint: bool = False) -> float:
+    """The diffusion loss on the held-out frames at fixed timesteps and fixed noise."""
+    device = context.device
+    frames = range(data.n_train, len(data.latents))
+    timesteps = [int(f * schedule.num_train_timesteps) for f in VAL_TIMESTEP_FRACTIONS]
+    pairs = [(i, t) for i in frames for t in timesteps]
+    noise = torch.randn((len(pairs),) + tuple(data.latents.shape[1:]), generator=torch.Generator().manual_seed(seed))
+    was_training = denoiser.training
+    denoiser.eval()
+    total = 0.0
+    for start in range(0, len(pairs), batch_size):
+        idx, t = zip(*pairs[start:start + batch_size])
+        x0, eps = data.latents[list(idx)].to(device), noise[start:start + len(idx)].to(device)
+        t = torch.tensor(t, device=device)
+        hint = data.hints(list(idx), device) * (0.0 if zero_hint else 1.0)
+        with autocast():
+            out = denoiser(schedule.add_noise(x0, eps, t), t, context.expand(len(idx), -1, -1), hint)
+        total += F.mse_loss(out.float(), schedule.training_target(x0, eps, t), reduction="sum").item()
+    denoiser.train(was_training)
+    return total / (len(pairs) * data.latents[0].numel())
+
+
+# ----------------------------------------------------------------------------- outputs
+
+def save_avatar(path: str, denoiser: Denoiser, meta: dict):
+    tmp = path + ".tmp"
+    save_file({k: v.cpu() for k, v in denoiser.trainable_state().items()}, tmp, metadata={"svp_avatar": json.dumps(meta)})
+    os.replace(tmp, path)
+
+
+def load_avatar(path: str, sd: StableDiffusion) -> tuple[ControlNet, dict]:
+    """Read an avatar onto a loaded base model: the trained UNet tensors go into sd.unet in place;
+    returns the ControlNet and the avatar's config (see `avatar_meta`)."""
+    with safe_open(path, framework="pt") as f:
+        meta = json.loads((f.metadata() or {}).get("svp_avatar", "null") or "null")
+        unet_state = {k: f.get_tensor(k) for k in f.keys() if k.startswith(UNET_PREFIX)}
+    if meta is None:
+        raise CheckpointError(f"{path}: not an svp avatar (no 'svp_avatar' metadata)")
+    param = next(sd.unet.parameters())
+    load_trained_unet(sd.unet, {k: v.to(param.dtype) for k, v in unet_state.items()})
+    controlnet = load_controlnet(path, sd.config.unet, param.dtype, hint_channels=meta["hint_channels"])
+    return controlnet.to(param.device), meta
+
+
+def avatar_meta(cfg: TrainConfig, sd: StableDiffusion, identity: dict, base: str, data: FrameData, step: int) -> dict:
+    return {"base": base, "base_fingerprint": identity["base_fingerprint"], "family": config_to_dict(sd.config),
+            "prompt": cfg.prompt, "hint_channels": data.cond.shape[1], "resolution": cfg.resolution,
+            "train": cfg.train, "seq": data.seq_path, "step": step}
+
+
+@torch.no_grad()
+def save_preview(path: str, sd: StableDiffusion, denoiser: Denoiser, data: FrameData, context, steps: int, seed: int):
+    """Held-out conditioning (its normals as colours) | ground truth | a DDIM sample (no guidance)."""
+    frame = data.n_train
+    device = context.device
+    hint = data.hints([frame], device)
+    noise = torch.randn((1,) + tuple(data.latents.shape[1:]), generator=torch.Generator().manual_seed(seed)).to(device)
+    denoiser.eval()
+    model_fn = guided_denoiser(denoiser.unet, context, None, 1.0,
+                               residual_fn=lambda x, t, ctx: denoiser.controlnet(x, t, ctx, hint))
+    image = to_uint8(sd.vae.decode_latents(sample(model_fn, noise, make_sampler(sd, "ddim", steps))))[0].numpy()
+    denoiser.train()
+    normals = (data.cond[frame][:3].transpose(1, 2, 0).astype(np.float32) * 255).round().astype(np.uint8)
+    from PIL import Image
+    tmp = path + ".tmp.png"
+    Image.fromarray(np.concatenate([normals, data.crops[frame], image], axis=1)).save(tmp)
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(legacy=False), "torch": torch.get_rng_state()}
+    state["numpy"]["state"]["key"] = torch.from_numpy(state["numpy"]["state"]["key"].astype(np.int64))
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict):
+    random.setstate(state["python"])
+    numpy_state = state["numpy"]
+    numpy_state["state"]["key"] = numpy_state["state"]["key"].numpy().astype(np.uint32)
+    np.random.set_state(numpy_state)
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: str, checkpoint: dict):
+    """torch.save to a temp file, then rename: a failed write leaves the previous checkpoint intact."""
+    tmp = path + ".tmp"
+    try:
+        torch.save(checkpoint, tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise OSError(f"{path}: could not write the checkpoint ({e}); the previous one is unchanged") from e
+
+
+def load_checkpoint(path: str) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def append_log(path: str, record: dict):
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def truncate_log(path: str, step: int):
+    """Keep the records up to `step` (none for a fresh run): those a killed run wrote after its last
+    checkpoint are written again by the resumed run."""
+    kept = []
+    if step and os.path.exists(path):
+        with open(path) as f:
+            kept = [line for line in f if json.loads(line)["step"] <= step]
+    with open(path + ".tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(path + ".tmp", path)
+
+
+# ----------------------------------------------------------------------------- training
+
+def autocast_for(cfg: TrainConfig, device: torch.device):
+    dtype = DTYPES[cfg.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    if dtype == torch.float32:
+        return nullcontext, None
+    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+    return (lambda: torch.autocast(device.type, dtype=dtype)), scaler
+
+
+def train(cfg: TrainConfig) -> Denoiser:
+    if cfg.video != "demo" and not os.path.isfile(cfg.video):
+        raise FileNotFoundError(f"{cfg.video}: no such video file")
+    ranks = init_distributed(cfg.device)
+    os.makedirs(os.path.join(cfg.out, "previews"), exist_ok=True)
+    sd, base = load_base(cfg, ranks)
+    identity = run_identity(cfg, sd, base, ranks)
+    check_out_dir(cfg, identity)
+    data = prepare_data(cfg, sd, base, ranks)
+    device, schedule = ranks.device, NoiseSchedule.from_config(sd.config)
+    context = encode_prompts(sd, [cfg.prompt])
+    denoiser = build_denoiser(sd, cfg.train, data.cond.shape[1], cfg.gradient_checkpointing)
+    params = [p for p in denoiser.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, fused=device.type == "cuda")
+    autocast, scaler = autocast_for(cfg, device)
+    model = nn.parallel.DistributedDataParallel(denoiser) if ranks.world > 1 else denoiser
+    paths = {k: os.path.join(cfg.out, k) for k in ("checkpoint.pt", "log.jsonl", "avatar.safetensors")}
+
+    step = 0
+    if cfg.resume and os.path.exists(paths["checkpoint.pt"]):
+        checkpoint = load_checkpoint(paths["checkpoint.pt"])
+        check_same_run(checkpoint["identity"], identity, paths["checkpoint.pt"])
+        denoiser.load_trainable_state(checkpoint["trainable"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        if scaler is not None:
+            scaler.load_state_dict(checkpoint["scaler"])
+        set_rng_state(checkpoint["rng"])
+        step = checkpoint["step"]
+        log.info("resuming at step %d", step)
+    if ranks.main:
+        truncate_log(paths["log.jsonl"], step)
+
+    def validate(record):
+        if ranks.main:
+            record["val_loss"] = held_out_loss(denoiser, schedule, data, context, cfg.seed + 1, cfg.batch_size, autocast)
+    if step == 0:
+        record = {"step": 0}
+        validate(record)
+        if ranks.main:
+            append_log(paths["log.jsonl"], record)
+
+    bar = tqdm(total=cfg.max_steps, initial=step, disable=not ranks.main, desc="training")
+    while step < cfg.max_steps:
+        started = time.perf_counter()
+        loss = 0.0
+        for micro in range(cfg.grad_accum):
+            idx = batch_indices(step, micro, cfg, ranks, data.n_train)
+            generator = step_generator(cfg.seed, step, micro, ranks.rank)
+            last = micro == cfg.grad_accum - 1
+            with (model.no_sync() if ranks.world > 1 and not last else nullcontext()), autocast():
+                micro_loss = diffusion_loss(model, schedule, data.latents[idx].to(device), data.hints(idx, device),
+                                            context, generator, cfg.conditioning_dropout) / cfg.grad_accum
+            (scaler.scale(micro_loss) if scaler else micro_loss).backward()
+            loss += micro_loss.detach()
+        if scaler:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if ranks.world > 1:
+            dist.all_reduce(loss, op=dist.ReduceOp.AVG)
+        step += 1
+
+        record = {"step": step, "loss": loss.item(), "lr": cfg.lr, "it_s": 1 / (time.perf_counter() - started)}
+        if step % cfg.val_every == 0 or step == cfg.max_steps:
+            validate(record)
+        if ranks.main:
+            append_log(paths["log.jsonl"], record)
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", **({"val": f"{record['val_loss']:.4f}"}
+                                                            if "val_loss" in record else {}))
+            if step % cfg.preview_every == 0 or step == cfg.max_steps:
+                save_preview(os.path.join(cfg.out, "previews", f"step_{step:05d}.png"), sd, denoiser, data, context,
+                             cfg.preview_steps, cfg.seed)
+            if step % cfg.save_every == 0 or step == cfg.max_steps:
+                write_json(os.path.join(cfg.out, "run.json"), identity)
+                save_checkpoint(paths["checkpoint.pt"], {
+                    "step": step, "identity": identity, "trainable": denoiser.trainable_state(),
+                    "optimizer": optimizer.state_dict(), "rng": rng_state(),
+                    **({"scaler": scaler.state_dict()} if scaler else {})})
+        if step == cfg.stop_after:
+            os.kill(os.getpid(), signal.SIGKILL)  # tests: an interruption without any clean-up
+    bar.close()
+    if ranks.main:
+        save_avatar(paths["avatar.safetensors"], denoiser, avatar_meta(cfg, sd, identity, base, data, step))
+        log.info("wrote %s", paths["avatar.safetensors"])
+    ranks.barrier()
+    return denoiser
+
+
+def main(argv=None) -> Denoiser:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    cfg = parse_args(argv)
+    try:
+        return train(cfg)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError, OSError) as e:  # every svp input error derives from these
+        sys.exit(f"error: {e}")

@@ -324,11 +324,11 @@ def build_caches(cfg: TrainConfig, sd: StableDiffusion, flame, tracked, base: st
 
 def prepare_data(cfg: TrainConfig, sd: StableDiffusion, base: str, ranks: Dist) -> FrameData:
     """Track and cache on rank 0; the other ranks wait, then read the same files."""
-    flame = load_flame(cfg.flame)
+    flame = load_flame(cfg.flame) if ranks.main else None  # rank 0 first: the toy head is written on first use
     if ranks.main:
         build_caches(cfg, sd, flame, track(cfg, flame), base, ranks.device)
     ranks.barrier()
-    tracked = track(cfg, flame)
+    tracked = track(cfg, flame if ranks.main else load_flame(cfg.flame))
     folder = os.path.join(cfg.out, "cache")
     latents = torch.from_numpy(np.load(os.path.join(folder, "latents.npy"))).float()
     n = len(latents)
@@ -392,7 +392,7 @@ def load_trained_unet(unet: nn.Module, state: dict):
             params[name].copy_(value)
 
 
-def init_hint_encoder(controlnet: ControlNet):
+def init_hint_encoder(controlnet: ControlNet, seed: int):
     """He-initialise the hint encoder's convs (all but its final zero conv), biases zero.
 
     PyTorch's default conv init scales a signal by about 1/sqrt(3) per conv, and its random biases
@@ -400,15 +400,18 @@ def init_hint_encoder(controlnet: ControlNet):
     and learning to use it takes thousands of steps. He init keeps the hint's features at unit scale.
     The final conv stays zero, so the fresh ControlNet still leaves the UNet unchanged.
     """
+    generator = torch.Generator().manual_seed(seed)
     convs = [m for m in controlnet.input_hint_block if isinstance(m, nn.Conv2d)][:-1]
-    for conv in convs:
-        nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")  # SiLU is close enough to ReLU here
+    for conv in convs:  # drawn on the CPU, so every device and every rank starts alike
+        weight = torch.empty(conv.weight.shape)
+        nn.init.kaiming_normal_(weight, nonlinearity="relu", generator=generator)  # SiLU is close enough to ReLU
+        conv.weight.data.copy_(weight)
         nn.init.zeros_(conv.bias)
 
 
-def build_denoiser(sd: StableDiffusion, mode: str, hint_channels: int, checkpointing: bool) -> Denoiser:
+def build_denoiser(sd: StableDiffusion, mode: str, hint_channels: int, checkpointing: bool, seed: int) -> Denoiser:
     controlnet = ControlNet.from_unet(sd.unet, hint_channels).train().requires_grad_(True)
-    init_hint_encoder(controlnet)
+    init_hint_encoder(controlnet, seed)
     for name, param in sd.unet.named_parameters():
         param.requires_grad_(mode == "controlnet+unet" or (mode == "controlnet+attn" and
                                                           ("attn1" in name or "attn2" in name)))
@@ -568,7 +571,7 @@ def train(cfg: TrainConfig) -> Denoiser:
     data = prepare_data(cfg, sd, base, ranks)
     device, schedule = ranks.device, NoiseSchedule.from_config(sd.config)
     context = encode_prompts(sd, [cfg.prompt])
-    denoiser = build_denoiser(sd, cfg.train, data.cond.shape[1], cfg.gradient_checkpointing)
+    denoiser = build_denoiser(sd, cfg.train, data.cond.shape[1], cfg.gradient_checkpointing, cfg.seed)
     params = [p for p in denoiser.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, fused=device.type == "cuda")
     autocast, scaler = autocast_for(cfg, device)

@@ -95,18 +95,18 @@ def test_held_out_loss_falls(demo_run):
     assert drop >= 0.5
 
 
-def pose_sweep(src, dst, frames=24):
+def pose_sweep(src, dst, frames=24, period=8):
     """A tracking folder whose "video" is its own conditioning: the demo's head turning +-35 degrees.
 
     Each frame is the rendered normal map of its pose, so a frame is fully determined by its
-    conditioning image and a model that reads the hint can denoise a held-out pose far better than one
-    that cannot. The sweep covers 1.5 periods, so the held-out last frames revisit trained poses.
+    conditioning image, and a model that reads the hint can denoise it far better than one that cannot.
+    The motion repeats every `period` frames, so the held-out last frames show poses seen in training.
     """
     seq = load_seq(os.path.join(src, "tracking", "seq.npz"))
-    pick = np.arange(frames) % seq.n_frames
+    pick = np.arange(frames) % period
     per_frame = {f.name: getattr(seq, f.name)[pick] for f in dataclasses.fields(seq)
                  if f.name not in ("shape", "focal", "image_size", "fps") and getattr(seq, f.name) is not None}
-    yaw = np.deg2rad(35) * np.sin(np.linspace(0, 3 * np.pi, frames))
+    yaw = np.deg2rad(35) * np.sin(2 * np.pi * pick / period)
     per_frame["global_rot"] = np.stack([np.zeros(frames), yaw, np.zeros(frames)], 1).astype(np.float32)
     seq = dataclasses.replace(seq, **per_frame)
     normals = render_conditioning(load_flame(None), seq, 64)[:, :3]
@@ -120,7 +120,7 @@ def test_it_learns_to_use_the_conditioning(demo_run, tmp_path):
     out = clone_run(demo_run[0], tmp_path / "sweep", parts=("base.safetensors",))
     pose_sweep(demo_run[0], out)
     # The UNet stays frozen, so whatever the model learns about a frame comes through the ControlNet.
-    denoiser = run_train(out, "--max-steps", "150", "--max-frames", "24", "--val-fraction", "0.15",
+    denoiser = run_train(out, "--max-steps", "300", "--max-frames", "24", "--val-fraction", "0.15",
                          "--train", "controlnet", "--lr", "3e-3")
     sd = load_stable_diffusion(str(out / "base.safetensors"))
     latents = torch.from_numpy(np.load(out / "cache" / "latents.npy")).float()

@@ -245,7 +245,7 @@ def check_out_dir(cfg: TrainConfig, identity: dict):
     run_file = os.path.join(cfg.out, "run.json")
     if os.path.exists(run_file):
         check_same_run(read_json(run_file), identity, cfg.out)
-        if not cfg.resume:
+        if not cfg.resume and os.path.exists(os.path.join(cfg.out, "checkpoint.pt")):
             raise ValueError(f"{cfg.out} already holds this run's checkpoint; pass --resume to continue it, "
                              "or use another --out")
 

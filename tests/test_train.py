@@ -5,7 +5,6 @@ tests copy its tracking and caches (re-used, never recomputed) into fresh run fo
 """
 import dataclasses
 import json
-import multiprocessing
 import os
 import shutil
 import socket

@@ -9,13 +9,13 @@ Example (runs offline in a few minutes on a CPU):
     sd = svp.load("v1-5-pruned-emaonly.safetensors")            # your own SD weights
     images = svp.text_to_image(sd, "a photo of an astronaut", steps=25)   # uint8 (1, 512, 512, 3)
 """
-import json
 import os
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from model.avatar import fingerprint, load_avatar as read_avatar_weights, read_avatar_meta
 from model.controlnet import ControlNet
 from model.loading import StableDiffusion, load_stable_diffusion, load_stable_diffusion as load
 from model.pipeline import encode_prompts, make_sampler, text_to_image, to_uint8
@@ -127,7 +127,6 @@ def load_avatar(run_dir: str, base: str | None = None, flame: str | None = None,
     base: the base checkpoint (default: the path recorded at training time); it must be the same file
     (checked by fingerprint). flame: FLAME generic_model.pkl (default: the one recorded, else the toy head).
     """
-    from train import fingerprint, load_avatar as read_avatar_weights
     path = os.path.join(run_dir, "avatar.safetensors")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{run_dir}: no avatar.safetensors here; train one with python train.py --out {run_dir}")
@@ -141,15 +140,6 @@ def load_avatar(run_dir: str, base: str | None = None, flame: str | None = None,
     controlnet, meta = read_avatar_weights(path, sd)
     shape = load_seq(meta["seq"]).shape
     return Avatar(sd, controlnet.eval(), meta, load_flame(flame or meta.get("flame")), shape)
-
-
-def read_avatar_meta(path: str) -> dict:
-    from safetensors import safe_open
-    with safe_open(path, framework="pt") as f:
-        meta = (f.metadata() or {}).get("svp_avatar")
-    if meta is None:
-        raise ValueError(f"{path}: not an svp avatar (no 'svp_avatar' metadata)")
-    return json.loads(meta)
 
 
 def temporal_flicker(frames: np.ndarray, conditioning: torch.Tensor) -> float:

@@ -40,14 +40,12 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from model.avatar import Denoiser, fingerprint, save_avatar
 from model.config import TINY, config_to_dict
-from model.controlnet import CONTROLNET_PREFIX, ControlNet, load_controlnet
-from model.loading import (DTYPES, UNET_PREFIX, CheckpointError, StableDiffusion, load_stable_diffusion,
-                           load_tokenizer, save_single_file, weights_file)
+from model.controlnet import ControlNet
+from model.loading import DTYPES, StableDiffusion, load_stable_diffusion, load_tokenizer, save_single_file
 from model.pipeline import encode_prompts, guided_denoiser, make_sampler, to_uint8
 from model.sampling import NoiseSchedule, sample
 from tracking.__main__ import add_tracking_args
@@ -64,7 +62,6 @@ PRESETS = {  # defaults that --flags override
                save_every=500, preview_steps=25),
 }
 VAL_TIMESTEP_FRACTIONS = (0.05, 0.2, 0.35, 0.5, 0.65, 0.8, 0.95)  # of num_train_timesteps
-FINGERPRINT_BYTES = 1 << 20
 # What a run is: --resume and a rerun into the same --out must agree on all of these.
 IDENTITY_FIELDS = ("preset", "video", "train", "prompt", "resolution", "lr", "batch_size", "grad_accum", "seed",
                    "val_fraction", "max_frames", "conditioning_dropout")
@@ -186,16 +183,6 @@ def init_distributed(device: str | None) -> Dist:
 
 
 # ----------------------------------------------------------------------------- base model and run identity
-
-def fingerprint(path: str) -> str:
-    """sha256 of the first MiB plus the byte size: cheap even for a 5 GB checkpoint, and enough to tell
-    checkpoints apart (their headers and first tensors differ). A folder: its UNet weights file."""
-    if os.path.isdir(path):
-        path = weights_file(os.path.join(path, "unet"))
-    with open(path, "rb") as f:
-        digest = hashlib.sha256(f.read(FINGERPRINT_BYTES)).hexdigest()
-    return f"{digest}:{os.path.getsize(path)}"
-
 
 def write_tiny_base(path: str, seed: int):
     """A random-initialised TINY model (seeded) in the single-file layout.
@@ -360,38 +347,6 @@ def step_generator(*keys: int) -> torch.Generator:
 
 # ----------------------------------------------------------------------------- model and loss
 
-class Denoiser(nn.Module):
-    """The UNet driven by the ControlNet: (noisy latents, t, text context, hint) -> model output."""
-
-    def __init__(self, unet: nn.Module, controlnet: ControlNet):
-        super().__init__()
-        self.unet, self.controlnet = unet, controlnet
-
-    def forward(self, x, t, context, hint):
-        return self.unet(x, t, context, *self.controlnet(x, t, context, hint))
-
-    def trainable_state(self) -> dict:
-        """The trained tensors under their checkpoint names: all of the ControlNet, the UNet's trained ones."""
-        state = {CONTROLNET_PREFIX + k: v for k, v in self.controlnet.state_dict().items()}
-        state.update({UNET_PREFIX + k: p for k, p in self.unet.named_parameters() if p.requires_grad})
-        return {k: v.detach().contiguous() for k, v in state.items()}
-
-    def load_trainable_state(self, state: dict):
-        load_trained_unet(self.unet, {k: v for k, v in state.items() if k.startswith(UNET_PREFIX)})
-        self.controlnet.load_state_dict({k[len(CONTROLNET_PREFIX):]: v for k, v in state.items()
-                                         if k.startswith(CONTROLNET_PREFIX)})
-
-
-def load_trained_unet(unet: nn.Module, state: dict):
-    params = dict(unet.named_parameters())
-    with torch.no_grad():
-        for key, value in state.items():
-            name = key[len(UNET_PREFIX):]
-            if name not in params or params[name].shape != value.shape:
-                raise CheckpointError(f"UNet tensor {key} {tuple(value.shape)} does not fit the base model")
-            params[name].copy_(value)
-
-
 def init_hint_encoder(controlnet: ControlNet, seed: int):
     """He-initialise the hint encoder's convs (all but its final zero conv), biases zero.
 
@@ -454,30 +409,10 @@ def held_out_loss(denoiser: Denoiser, schedule: NoiseSchedule, data: FrameData, 
 
 # ----------------------------------------------------------------------------- outputs
 
-def save_avatar(path: str, denoiser: Denoiser, meta: dict):
-    tmp = path + ".tmp"
-    save_file({k: v.cpu() for k, v in denoiser.trainable_state().items()}, tmp, metadata={"svp_avatar": json.dumps(meta)})
-    os.replace(tmp, path)
-
-
-def load_avatar(path: str, sd: StableDiffusion) -> tuple[ControlNet, dict]:
-    """Read an avatar onto a loaded base model: the trained UNet tensors go into sd.unet in place;
-    returns the ControlNet and the avatar's config (see `avatar_meta`)."""
-    with safe_open(path, framework="pt") as f:
-        meta = json.loads((f.metadata() or {}).get("svp_avatar", "null") or "null")
-        unet_state = {k: f.get_tensor(k) for k in f.keys() if k.startswith(UNET_PREFIX)}
-    if meta is None:
-        raise CheckpointError(f"{path}: not an svp avatar (no 'svp_avatar' metadata)")
-    param = next(sd.unet.parameters())
-    load_trained_unet(sd.unet, {k: v.to(param.dtype) for k, v in unet_state.items()})
-    controlnet = load_controlnet(path, sd.config.unet, param.dtype, hint_channels=meta["hint_channels"])
-    return controlnet.to(param.device), meta
-
-
 def avatar_meta(cfg: TrainConfig, sd: StableDiffusion, identity: dict, base: str, data: FrameData, step: int) -> dict:
     return {"base": base, "base_fingerprint": identity["base_fingerprint"], "family": config_to_dict(sd.config),
             "prompt": cfg.prompt, "hint_channels": data.cond.shape[1], "resolution": cfg.resolution,
-            "train": cfg.train, "seq": data.seq_path, "step": step}
+            "train": cfg.train, "seq": data.seq_path, "flame": cfg.flame, "step": step}
 
 
 @torch.no_grad()

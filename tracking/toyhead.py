@@ -322,7 +322,7 @@ def build_toy_flame(seed=0):
 
 
 def _atomic_write(path, write):
-    tmp = path + ".tmp"
+    tmp = f"{path}.{os.getpid()}.tmp"  # per process: two processes may write the same toy head at once
     with open(tmp, "wb") as f:
         write(f)
     os.replace(tmp, path)

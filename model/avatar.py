@@ -1,0 +1,88 @@
+"""An avatar: the trained weights that turn a base Stable Diffusion into one person, and their file.
+
+`avatar.safetensors` holds only what training changed: the ControlNet under `control_model.*` and the
+UNet tensors that were trained under `model.diffusion_model.*` (the single-file names), plus a JSON
+config in the metadata key `svp_avatar` (base checkpoint path and fingerprint, family, caption, hint
+channels, resolution, training mode, the tracked seq.npz and FLAME file).
+"""
+import hashlib
+import json
+import os
+
+import torch
+import torch.nn as nn
+from safetensors.torch import save_file
+
+from model.controlnet import CONTROLNET_PREFIX, ControlNet, load_controlnet
+from model.loading import UNET_PREFIX, CheckpointError, StableDiffusion, open_safetensors, weights_file
+
+FINGERPRINT_BYTES = 1 << 20
+
+
+def fingerprint(path: str) -> str:
+    """sha256 of the first MiB plus the byte size: cheap even for a 5 GB checkpoint, and enough to tell
+    checkpoints apart (their headers and first tensors differ). A folder: its UNet weights file."""
+    if os.path.isdir(path):
+        path = weights_file(os.path.join(path, "unet"))
+    with open(path, "rb") as f:
+        digest = hashlib.sha256(f.read(FINGERPRINT_BYTES)).hexdigest()
+    return f"{digest}:{os.path.getsize(path)}"
+
+
+class Denoiser(nn.Module):
+    """The UNet driven by the ControlNet: (noisy latents, t, text context, hint) -> model output."""
+
+    def __init__(self, unet: nn.Module, controlnet: ControlNet):
+        super().__init__()
+        self.unet, self.controlnet = unet, controlnet
+
+    def forward(self, x, t, context, hint):
+        return self.unet(x, t, context, *self.controlnet(x, t, context, hint))
+
+    def trainable_state(self) -> dict:
+        """The trained tensors under their checkpoint names: all of the ControlNet, the UNet's trained ones."""
+        state = {CONTROLNET_PREFIX + k: v for k, v in self.controlnet.state_dict().items()}
+        state.update({UNET_PREFIX + k: p for k, p in self.unet.named_parameters() if p.requires_grad})
+        return {k: v.detach().contiguous() for k, v in state.items()}
+
+    def load_trainable_state(self, state: dict):
+        load_trained_unet(self.unet, {k: v for k, v in state.items() if k.startswith(UNET_PREFIX)})
+        self.controlnet.load_state_dict({k[len(CONTROLNET_PREFIX):]: v for k, v in state.items()
+                                         if k.startswith(CONTROLNET_PREFIX)})
+
+
+def load_trained_unet(unet: nn.Module, state: dict):
+    params = dict(unet.named_parameters())
+    with torch.no_grad():
+        for key, value in state.items():
+            name = key[len(UNET_PREFIX):]
+            if name not in params or params[name].shape != value.shape:
+                raise CheckpointError(f"UNet tensor {key} {tuple(value.shape)} does not fit the base model")
+            params[name].copy_(value)
+
+
+def save_avatar(path: str, denoiser: Denoiser, meta: dict):
+    tmp = path + ".tmp"
+    save_file({k: v.cpu() for k, v in denoiser.trainable_state().items()}, tmp, metadata={"svp_avatar": json.dumps(meta)})
+    os.replace(tmp, path)
+
+
+def read_avatar_meta(path: str) -> dict:
+    """The JSON config that train.py stores in an avatar's safetensors metadata (see its avatar_meta)."""
+    with open_safetensors(path) as f:
+        meta = (f.metadata() or {}).get("svp_avatar")
+    if meta is None:
+        raise CheckpointError(f"{path}: not an svp avatar (no 'svp_avatar' metadata)")
+    return json.loads(meta)
+
+
+def load_avatar(path: str, sd: StableDiffusion) -> tuple[ControlNet, dict]:
+    """Read an avatar onto a loaded base model: the trained UNet tensors go into sd.unet in place;
+    returns the ControlNet and the avatar's config."""
+    meta = read_avatar_meta(path)
+    with open_safetensors(path) as f:
+        unet_state = {k: f.get_tensor(k) for k in f.keys() if k.startswith(UNET_PREFIX)}
+    param = next(sd.unet.parameters())
+    load_trained_unet(sd.unet, {k: v.to(param.dtype) for k, v in unet_state.items()})
+    controlnet = load_controlnet(path, sd.config.unet, param.dtype, hint_channels=meta["hint_channels"])
+    return controlnet.to(param.device), meta

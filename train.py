@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 
 from model.avatar import Denoiser, fingerprint, save_avatar
 from model.config import TINY, config_to_dict
-from model.controlnet import ControlNet
+from model.controlnet import ControlNet, load_controlnet
 from model.loading import DTYPES, StableDiffusion, load_stable_diffusion, load_tokenizer, save_single_file
 from model.pipeline import encode_prompts, guided_denoiser, make_sampler, to_uint8
 from model.sampling import NoiseSchedule, sample
@@ -63,7 +63,7 @@ PRESETS = {  # defaults that --flags override
 }
 VAL_TIMESTEP_FRACTIONS = (0.05, 0.2, 0.35, 0.5, 0.65, 0.8, 0.95)  # of num_train_timesteps
 # What a run is: --resume and a rerun into the same --out must agree on all of these.
-IDENTITY_FIELDS = ("preset", "video", "train", "prompt", "resolution", "lr", "batch_size", "grad_accum", "seed",
+IDENTITY_FIELDS = ("preset", "video", "controlnet", "train", "prompt", "resolution", "lr", "batch_size", "grad_accum", "seed",
                    "val_fraction", "max_frames", "conditioning_dropout")
 
 
@@ -72,6 +72,7 @@ class TrainConfig:
     video: str
     out: str
     base: str | None
+    controlnet: str | None
     preset: str
     flame: str | None
     bbox: tuple | None
@@ -108,6 +109,9 @@ def parse_args(argv=None) -> TrainConfig:
                    "(--preset tiny: default <out>/base.safetensors, a seeded random tiny model written once)")
     p.add_argument("--preset", default="sd", choices=PRESETS, help="default settings: sd (512 px, real SD "
                    "weights) or tiny (64 px random model, runs on a CPU); --flags override them")
+    p.add_argument("--controlnet", default=None, help="start the conditioning encoder from this ControlNet "
+                   "(.safetensors, original or diffusers layout) instead of a copy of the UNet; its hint channels "
+                   "must match ours")
     add_tracking_args(p)
     p.add_argument("--train", default="controlnet+unet", choices=TRAIN_MODES, help="what learns besides the "
                    "ControlNet: nothing, the whole UNet, or the UNet's attention layers (attn1/attn2)")
@@ -364,9 +368,17 @@ def init_hint_encoder(controlnet: ControlNet, seed: int):
         nn.init.zeros_(conv.bias)
 
 
-def build_denoiser(sd: StableDiffusion, mode: str, hint_channels: int, checkpointing: bool, seed: int) -> Denoiser:
-    controlnet = ControlNet.from_unet(sd.unet, hint_channels).train().requires_grad_(True)
-    init_hint_encoder(controlnet, seed)
+def build_denoiser(sd: StableDiffusion, mode: str, hint_channels: int, checkpointing: bool, seed: int,
+                   start_from: str | None = None) -> Denoiser:
+    """The ControlNet (a copy of the UNet's encoder, or the `start_from` checkpoint) on the base UNet, with
+    the parameters of `mode` trainable."""
+    if start_from:
+        param = next(sd.unet.parameters())
+        controlnet = load_controlnet(start_from, sd.config.unet, param.dtype, hint_channels).to(param.device)
+    else:
+        controlnet = ControlNet.from_unet(sd.unet, hint_channels)
+        init_hint_encoder(controlnet, seed)
+    controlnet.train().requires_grad_(True)
     for name, param in sd.unet.named_parameters():
         param.requires_grad_(mode == "controlnet+unet" or (mode == "controlnet+attn" and
                                                           ("attn1" in name or "attn2" in name)))
@@ -506,7 +518,7 @@ def train(cfg: TrainConfig) -> Denoiser:
     data = prepare_data(cfg, sd, base, ranks)
     device, schedule = ranks.device, NoiseSchedule.from_config(sd.config)
     context = encode_prompts(sd, [cfg.prompt])
-    denoiser = build_denoiser(sd, cfg.train, data.cond.shape[1], cfg.gradient_checkpointing, cfg.seed)
+    denoiser = build_denoiser(sd, cfg.train, data.cond.shape[1], cfg.gradient_checkpointing, cfg.seed, cfg.controlnet)
     params = [p for p in denoiser.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, fused=device.type == "cuda")
     autocast, scaler = autocast_for(cfg, device)

@@ -271,3 +271,22 @@ def test_sample_py_drives_the_trained_avatar(demo_run, tmp_path):
     result = sample("broken")
     assert result.returncode != 0 and "broken.npz" in result.stderr and "NaN" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "broken.mp4").exists()
+
+
+def test_training_can_start_from_an_existing_controlnet(demo_run, tmp_path):
+    """--controlnet: the encoder starts from a ControlNet checkpoint (here: the demo run's, re-saved in the
+    original single-file layout) instead of a copy of the UNet; a wrong hint width is refused."""
+    from safetensors.torch import save_file
+    out, trained = demo_run
+    start = tmp_path / "controlnet.safetensors"
+    controlnet_state = {k: v for k, v in trained.items() if k.startswith(CONTROLNET_PREFIX)}
+    save_file(controlnet_state, str(start))
+    run = clone_run(out, tmp_path / "run")
+    denoiser = run_train(run, "--max-steps", "0", "--controlnet", str(start))
+    for key, value in denoiser.controlnet.state_dict().items():
+        assert torch.equal(value, trained[CONTROLNET_PREFIX + key]), key
+    wrong = {k: (v[:, :3].contiguous() if k.endswith("input_hint_block.0.weight") else v) for k, v in controlnet_state.items()}
+    save_file(wrong, str(tmp_path / "wrong.safetensors"))
+    with pytest.raises(CheckpointError, match="3-channel hints, but ours have 8"):
+        run_train(clone_run(out, tmp_path / "run2"), "--max-steps", "0", "--controlnet",
+                  str(tmp_path / "wrong.safetensors"))

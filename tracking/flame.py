@@ -342,22 +342,11 @@ class FLAME(nn.Module):
         # landmarks as corner vertex ids (68,3) and barycentric weights; contour table (79,17,3)
         self.register_buffer("lmk_corners", self.faces[torch.tensor(embedding.faces_idx, dtype=torch.long)])
         self.register_buffer("lmk_bary_coords", f32(embedding.bary_coords))
-        corner_sets = [self.lmk_corners.flatten()]
         if dynamic_contour:
             contour = self.faces[torch.tensor(embedding.contour_faces_idx, dtype=torch.long)]
             self.register_buffer("contour_corners", contour)
             self.register_buffer("contour_bary_coords", f32(embedding.contour_bary_coords))
-            corner_sets.append(contour.flatten())
-        # Fitting only needs the vertices under the landmarks: `landmarks_only` skins just these.
-        ids = torch.unique(torch.cat(corner_sets))
-        self.register_buffer("lmk_vertex_ids", ids)
-        self.register_buffer("lmk_v_template", self.v_template[ids])  # their rows for those vertices
-        self.register_buffer("lmk_lbs_weights", self.lbs_weights[ids])
-        self.register_buffer("lmk_shapedirs", self.shapedirs[:, ids].contiguous())
-        self.register_buffer("lmk_posedirs", self.posedirs[:, ids].contiguous())
-        self.register_buffer("lmk_corners_local", torch.searchsorted(ids, self.lmk_corners))
-        if dynamic_contour:
-            self.register_buffer("contour_corners_local", torch.searchsorted(ids, self.contour_corners))
+        self._landmark_buffers()
         render_faces, regions = face_regions(model["f"], model["weights"], model["v_template"],
                                              embedding)
         self.register_buffer("render_faces", torch.tensor(render_faces, dtype=torch.long))
@@ -380,45 +369,118 @@ class FLAME(nn.Module):
     def forward(self, shape, expression, global_rot=None, neck_rot=None, jaw_rot=None,
                 eye_rots=None, translation=None, landmarks_only=False):
         """-> (vertices (B,V,3), landmarks (B,68,3)); with landmarks_only, vertices is None and
-        only the vertices under the landmarks are skinned (what fitting needs, much cheaper)."""
+        only what the landmarks need is computed (what fitting needs, much cheaper)."""
         given = (shape, expression, global_rot, neck_rot, jaw_rot, eye_rots, translation)
         batch = max(x.shape[0] for x in given if x is not None)
-        expression = expression.expand(batch, -1)
         rots = self.pose_matrices(batch, global_rot, neck_rot, jaw_rot, eye_rots)
-        vertices = self.skin(self.padded(shape, self.n_shape), self.padded(expression, self.n_exp), rots,
-                             landmarks_only)
+        shape, expression = self.padded(shape, self.n_shape), self.padded(expression.expand(batch, -1), self.n_exp)
+        if landmarks_only:
+            vertices, landmarks = None, self.skinned_landmarks(shape, expression, rots)
+        else:
+            vertices = self.skin(shape, expression, rots)
+            landmarks = self.landmarks(vertices, rots)
         if translation is not None:
-            vertices = vertices + translation[:, None, :]
-        landmarks = self.landmarks(vertices, rots, local=landmarks_only)
-        return (None if landmarks_only else vertices), landmarks
+            landmarks = landmarks + translation[:, None, :]
+            if vertices is not None:
+                vertices = vertices + translation[:, None, :]
+        return vertices, landmarks
 
     @staticmethod
     def padded(coeffs, n):
         """Coefficients (B,<=n) padded with zeros to n components."""
         return torch.nn.functional.pad(coeffs, (0, n - coeffs.shape[1]))
 
-    def skin(self, shape, expression, rots, landmark_vertices_only=False):
-        """Linear blend skinning of all vertices, or of `lmk_vertex_ids` only -> (B,V',3).
-
-        Blendshapes, pose correctives from (R - I) of the 4 non-root joints, then the kinematic
-        chain; joints are regressed from the shaped (unposed) mesh. A shape batch of 1 is shared
-        by all frames (computed once).
-        """
-        prefix = "lmk_" if landmark_vertices_only else ""
-        template, dirs, posedirs, weights = (getattr(self, prefix + name) for name in (
-            "v_template", "shapedirs", "posedirs", "lbs_weights"))
+    def joints(self, shape, expression):
+        """Joint positions (B,5,3) regressed from the shaped (unposed) mesh."""
         n = self.n_shape
-        v_shaped = (template + torch.einsum("bl,lvk->bvk", shape, dirs[:n])
-                    + torch.einsum("bl,lvk->bvk", expression, dirs[n:]))
-        joints = (self.J_template + torch.einsum("bl,ljk->bjk", shape, self.J_dirs[:n])
-                  + torch.einsum("bl,ljk->bjk", expression, self.J_dirs[n:]))
-        eye = torch.eye(3, dtype=rots.dtype, device=rots.device)
-        pose_feature = (rots[:, 1:] - eye).flatten(1)                    # (B,36)
-        v_posed = v_shaped + torch.einsum("bp,pvk->bvk", pose_feature, posedirs)
-        world_rot, world_offset = self.joint_transforms(rots, joints)
-        blended = torch.einsum("vj,bjkl->bvkl", weights, torch.cat([world_rot, world_offset[..., None]], -1))
+        return (self.J_template + torch.einsum("bl,ljk->bjk", shape, self.J_dirs[:n])
+                + torch.einsum("bl,ljk->bjk", expression, self.J_dirs[n:]))
+
+    @staticmethod
+    def pose_feature(rots):
+        """(B,36) input of the pose correctives: R - I of the 4 non-root joints."""
+        return (rots[:, 1:] - torch.eye(3, dtype=rots.dtype, device=rots.device)).flatten(1)
+
+    def skin(self, shape, expression, rots):
+        """Linear blend skinning of all vertices -> (B,V,3).
+
+        Blendshapes, pose correctives, then the kinematic chain. A shape batch of 1 is shared by
+        all frames (computed once).
+        """
+        n = self.n_shape
+        v_shaped = (self.v_template + torch.einsum("bl,lvk->bvk", shape, self.shapedirs[:n])
+                    + torch.einsum("bl,lvk->bvk", expression, self.shapedirs[n:]))
+        v_posed = v_shaped + torch.einsum("bp,pvk->bvk", self.pose_feature(rots), self.posedirs)
+        world_rot, world_offset = self.joint_transforms(rots, self.joints(shape, expression))
+        blended = torch.einsum("vj,bjkl->bvkl", self.lbs_weights,
+                               torch.cat([world_rot, world_offset[..., None]], -1))
         # (B,V,3,4) affine per vertex; elementwise products beat a bmm over B*V tiny matrices
         return (blended[..., :3] * v_posed[:, :, None, :]).sum(-1) + blended[..., 3]
+
+    def _landmark_buffers(self):
+        """Precomputed terms of `skinned_landmarks`."""
+        n = self.n_shape
+        weights = [self.lmk_bary_coords[..., None] * self.lbs_weights[self.lmk_corners]]  # (68,3,5)
+        if self.dynamic_contour:
+            weights.append(self.contour_bary_coords[..., None] * self.lbs_weights[self.contour_corners])
+        # only the joints that move some landmark (the head and the jaw for FLAME)
+        self.lmk_joints = [j for j in range(N_JOINTS) if any((w[..., j] > 0).any() for w in weights)]
+        weights = [w[..., self.lmk_joints] for w in weights]
+        frame_dirs = torch.cat([self.shapedirs[n:], self.posedirs])
+
+        def fold(dirs):  # (C,V,3) -> (C, joint * axis * 68): p_j of each component
+            return torch.einsum("lcj,klcm->kjml", weights[0], dirs[:, self.lmk_corners]).flatten(1)
+
+        self.register_buffer("lmk_points_template", fold(self.v_template[None])[0])
+        self.register_buffer("lmk_points_shape_dirs", fold(self.shapedirs[:n]))
+        self.register_buffer("lmk_points_frame_dirs", fold(frame_dirs))
+        self.register_buffer("lmk_weight_sums", weights[0].sum(1).T.contiguous())          # (joint,68)
+        if self.dynamic_contour:  # the table's vertices, and its corners as indices among them
+            ids, corners = torch.unique(self.contour_corners, return_inverse=True)
+            self.register_buffer("contour_v_template", self.v_template[ids].flatten())
+            self.register_buffer("contour_shape_dirs", self.shapedirs[:n, ids].flatten(1))
+            self.register_buffer("contour_frame_dirs", frame_dirs[:, ids].flatten(1))
+            self.register_buffer("contour_corners_local", corners)
+            self.register_buffer("contour_corner_weights", weights[1])                     # (79,17,3,joint)
+
+    def skinned_landmarks(self, shape, expression, rots):
+        """The 68 landmarks (B,68,3) of `skin`, without skinning the mesh.
+
+        A landmark mixes three corners c with barycentric weights b_c, and skinning maps each
+        corner's rest position x_c to sum_j w_cj (R_j x_c + t_j). So the landmark is
+        sum_j R_j p_j + a_j t_j with p_j = sum_c b_c w_cj x_c and a_j = sum_c b_c w_cj. For a fixed
+        embedding p_j is linear in the blend coefficients like x_c is: its blendshapes are folded
+        at load time, and a landmark costs one small matrix product per frame over the joints
+        that move landmarks. The landmark index is the last dimension throughout: on the CPU,
+        elementwise work over tiny trailing dimensions (3 axes, a few joints) is many times
+        slower than over long ones.
+        """
+        batch, joints = rots.shape[0], self.lmk_joints
+        coeffs = torch.cat([expression, self.pose_feature(rots)], 1)
+        points = _blend(self.lmk_points_template, self.lmk_points_shape_dirs, self.lmk_points_frame_dirs,
+                        shape, coeffs).view(batch, -1, N_LANDMARKS)               # (B,joint*axis,68)
+        weight_sums = self.lmk_weight_sums.expand(batch, -1, -1)
+        if self.dynamic_contour:
+            contour_points, contour_sums = self._contour_points(shape, coeffs, rots)
+            points = torch.cat([contour_points, points[..., N_CONTOUR:]], 2)
+            weight_sums = torch.cat([contour_sums, weight_sums[..., N_CONTOUR:]], 2)
+        world_rot, world_offset = self.joint_transforms(rots, self.joints(shape, expression))
+        transforms = torch.cat([world_rot[:, joints].permute(0, 2, 1, 3).flatten(2),
+                                world_offset[:, joints].transpose(1, 2)], 2)    # (B,3,joint*axis+joint)
+        return torch.bmm(transforms, torch.cat([points, weight_sums], 1)).transpose(1, 2)
+
+    def _contour_points(self, shape, coeffs, rots):
+        """p_j (B,joint*axis,17) and a_j (B,joint,17) of `skinned_landmarks` for the contour points
+        the head yaw selects: blendshapes of the contour table's vertices, then per-frame corners."""
+        batch = rots.shape[0]
+        rest = _blend(self.contour_v_template, self.contour_shape_dirs, self.contour_frame_dirs, shape, coeffs)
+        row = self.contour_row(rots)
+        corners, weights = self.contour_corners_local[row], self.contour_corner_weights[row]
+        columns = corners.transpose(1, 2)[:, :, None] * 3 + torch.arange(3)[:, None]   # (B,corner,axis,17)
+        x = torch.gather(rest, 1, columns.flatten(1)).view(batch, 3, 3, N_CONTOUR)
+        w = weights.permute(0, 2, 3, 1)                                                # (B,corner,joint,17)
+        p = sum(w[:, c, :, None] * x[:, c, None] for c in range(3))                   # (B,joint,axis,17)
+        return p.flatten(1, 2), w.sum(1)
 
     def joint_transforms(self, rots, joints):
         """World rotation R_j and offset t_j of each joint, so a rest-pose point x maps to R_j x + t_j."""
@@ -434,22 +496,28 @@ class FLAME(nn.Module):
         world_rot, world_pos = torch.stack(world_rot, 1), torch.stack(world_pos, 1)
         return world_rot, world_pos - (world_rot @ joints[..., None])[..., 0]
 
-    def landmarks(self, vertices, rots, local=False):
-        """68 iBUG landmarks (B,68,3) by barycentric interpolation on the posed mesh.
+    @staticmethod
+    def contour_row(rots):
+        """Row of the contour table per frame: yaw of the head (global rotation, then neck)."""
+        return rotation_yaw_index(rots[:, GLOBAL] @ rots[:, NECK])
 
-        `vertices` holds all vertices, or (local) only those listed in `lmk_vertex_ids`.
-        """
+    def landmarks(self, vertices, rots):
+        """68 iBUG landmarks (B,68,3) by barycentric interpolation on the posed mesh (B,V,3)."""
         batch = vertices.shape[0]
-        corners = (self.lmk_corners_local if local else self.lmk_corners).expand(batch, -1, -1)
+        corners = self.lmk_corners.expand(batch, -1, -1)
         bary = self.lmk_bary_coords.expand(batch, -1, -1)
         if self.dynamic_contour:
-            # yaw of the head relative to the camera: global rotation composed with the neck
-            row = rotation_yaw_index(rots[:, GLOBAL] @ rots[:, NECK])
-            contour = self.contour_corners_local if local else self.contour_corners
-            corners = torch.cat([contour[row], corners[:, N_CONTOUR:]], 1)
+            row = self.contour_row(rots)
+            corners = torch.cat([self.contour_corners[row], corners[:, N_CONTOUR:]], 1)
             bary = torch.cat([self.contour_bary_coords[row], bary[:, N_CONTOUR:]], 1)
         corner_pos = torch.gather(vertices, 1, corners.flatten(1)[..., None].expand(-1, -1, 3))
         return (corner_pos.view(batch, -1, 3, 3) * bary[..., None]).sum(2)
+
+
+def _blend(template, shape_dirs, frame_dirs, shape, frame_coeffs):
+    """template + shape @ shape_dirs + frame_coeffs @ frame_dirs: flattened blendshapes (B,C)
+    whose shape coefficients may be shared by all frames (a batch of 1)."""
+    return torch.addmm(torch.addmm(template, shape, shape_dirs), frame_coeffs, frame_dirs)
 
 
 # --------------------------------------------------------------------------- render regions

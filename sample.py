@@ -19,6 +19,9 @@ from PIL import Image
 
 from model.loading import load_stable_diffusion
 from model.pipeline import SAMPLER_NAMES, text_to_image
+from svp import VideoSampling
+
+VIDEO = VideoSampling()  # the video defaults
 
 
 def parse_args(argv=None):
@@ -32,20 +35,20 @@ def parse_args(argv=None):
                    "sample.png); with --num-images N, files are named <stem>-<i><ext>")
     p.add_argument("--num-images", type=int, default=1, help="text-to-image: images per prompt")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=None, help="sampler steps (default 30; avatar 25)")
+    p.add_argument("--steps", type=int, default=None, help=f"sampler steps (default 30; avatar {VIDEO.steps})")
     p.add_argument("--guidance", type=float, default=None,
-                   help="classifier-free guidance scale, 1 = off (default 7.5; avatar 3)")
-    p.add_argument("--sampler", default=None, choices=SAMPLER_NAMES, help="default dpmpp_2m; avatar ddim")
+                   help=f"classifier-free guidance scale, 1 = off (default 7.5; avatar {VIDEO.guidance:g})")
+    p.add_argument("--sampler", default=None, choices=SAMPLER_NAMES, help=f"default dpmpp_2m; avatar {VIDEO.sampler}")
     video = p.add_argument_group("avatar video")
     video.add_argument("--params", help="FLAME sequence (seq.npz, see tracking/fit.py) that drives the avatar")
     video.add_argument("--frames", type=parse_frames, default=None, help="a:b, only frames a..b-1")
     video.add_argument("--base", default=None, help="the avatar's base checkpoint, if it moved since training")
     video.add_argument("--flame", default=None, help="FLAME generic_model.pkl, if it moved since training")
-    video.add_argument("--temporal-strength", type=float, default=0.5,
+    video.add_argument("--temporal-strength", type=float, default=VIDEO.temporal_strength,
                        help="pull of each frame toward the previous one while denoising (0 = independent frames)")
-    video.add_argument("--temporal-fade", type=float, default=0.5,
+    video.add_argument("--temporal-fade", type=float, default=VIDEO.temporal_fade,
                        help="fraction of the steps over which that pull fades to 0")
-    video.add_argument("--batch-frames", type=int, default=8, help="frames denoised together in lock-step")
+    video.add_argument("--batch-frames", type=int, default=VIDEO.batch_frames, help="frames denoised together in lock-step")
     video.add_argument("--morph", default=None, help='morph toward "a photo of <MORPH>" (e.g. "Tom Cruise")')
     video.add_argument("--morph-weight", type=float, default=0.5, help="0 = the avatar, 1 = the --morph prompt")
     video.add_argument("--side-by-side", action="store_true", help="conditioning | output in each frame")
@@ -123,12 +126,13 @@ def avatar_main(args, device, dtype):
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     avatar = svp.load_avatar(args.avatar, base=args.base, flame=args.flame, device=device, dtype=dtype,
                              tokenizer=args.tokenizer)
+    settings = VideoSampling(steps=args.steps or VIDEO.steps,
+                             guidance=VIDEO.guidance if args.guidance is None else args.guidance,
+                             sampler=args.sampler or VIDEO.sampler, eta=args.eta, seed=args.seed,
+                             temporal_strength=args.temporal_strength, temporal_fade=args.temporal_fade,
+                             batch_frames=args.batch_frames)
     images, cond = avatar.render(seq, args.prompt, args.morph, args.morph_weight, args.negative_prompt,
-                                 split_frames(frames, rank, world), steps=args.steps or 25,
-                                 guidance=3.0 if args.guidance is None else args.guidance,
-                                 sampler=args.sampler or "ddim", seed=args.seed,
-                                 temporal_strength=args.temporal_strength, temporal_fade=args.temporal_fade,
-                                 batch_frames=args.batch_frames, progress=rank == 0)
+                                 split_frames(frames, rank, world), settings, progress=rank == 0)
     if args.side_by_side:
         normals = (cond[:, :3].permute(0, 2, 3, 1).numpy() * 255).round().astype("uint8")
         images = np.concatenate([normals, images], axis=2)

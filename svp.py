@@ -23,7 +23,8 @@ from model.temporal import coupling_depth, denoise_video, temporal_weights
 from tracking.fit import FlameSequence, load_seq
 from tracking.pipeline import TrackedVideo, load_flame, render_conditioning, track_video
 
-__all__ = ["load", "text_to_image", "track", "load_avatar", "Avatar", "load_seq", "temporal_flicker"]
+__all__ = ["load", "text_to_image", "track", "load_avatar", "Avatar", "VideoSampling", "load_seq",
+           "temporal_flicker"]
 
 
 def track(video: str, out_dir: str, flame: str | None = None, size: int = 512, **options) -> TrackedVideo:
@@ -79,27 +80,36 @@ class Avatar:
     @torch.no_grad()
     def render(self, seq: FlameSequence, prompt: str | None = None, morph: str | None = None,
                morph_weight: float = 0.0, negative_prompt: str = "", frames: range | None = None,
-               steps: int = 25, guidance: float = 3.0, sampler: str = "ddim", seed: int = 0,
-               temporal_strength: float = 0.5, temporal_fade: float = 0.5, batch_frames: int = 8,
-               progress: bool = True) -> tuple[np.ndarray, torch.Tensor]:
-        """Frames (T, H, W, 3) uint8 for `frames` of `seq`, and their conditioning images (T, C, H, W).
-
-        temporal_strength: pull toward the previous frame (0 = independent frames); temporal_fade: the
-        fraction of the steps over which that pull fades out (model/temporal.py explains both).
-        """
+               settings: "VideoSampling | None" = None, progress: bool = True) -> tuple[np.ndarray, torch.Tensor]:
+        """Frames (T, H, W, 3) uint8 for `frames` of `seq`, and their conditioning images (T, C, H, W)."""
+        settings = settings or VideoSampling()
         frames = frames if frames is not None else range(seq.n_frames)
         if not (0 <= frames.start < frames.stop <= seq.n_frames):
             raise ValueError(f"frames {frames.start}:{frames.stop} are outside the sequence's 0:{seq.n_frames}")
-        device, dtype = next(self.sd.unet.parameters()).device, next(self.sd.unet.parameters()).dtype
-        fade_steps = max(1, round(temporal_fade * steps))
-        overlap = coupling_depth(temporal_weights(steps, temporal_strength, fade_steps))
-        first = max(0, frames.start - overlap)  # warm-up frames before the range (model/temporal.py)
-        hints = self.conditioning(seq, range(first, frames.stop)).to(device, dtype)
+        first = max(0, frames.start - settings.overlap)  # warm-up frames before the range (model/temporal.py)
+        hints = self.conditioning(seq, range(first, frames.stop))
         context = self.text_context(prompt, morph, morph_weight)
-        uncond = encode_prompts(self.sd, [negative_prompt]) if guidance != 1.0 else None
+        uncond = encode_prompts(self.sd, [negative_prompt]) if settings.guidance != 1.0 else None
+        images = self.sample(hints, first, frames, context, uncond, settings, progress)
+        return images, hints[frames.start - first:].float().cpu()
+
+    @torch.no_grad()
+    def sample(self, hints: torch.Tensor, first: int, frames: range, context: torch.Tensor,
+               uncond: torch.Tensor | None = None, settings: "VideoSampling | None" = None,
+               progress: bool = True) -> np.ndarray:
+        """Denoise and decode `frames` given the conditioning images `hints` of frames first, first+1, ...
+
+        context, uncond: (1, 77, D) text embeddings of the prompt and of the negative prompt (classifier-free
+        guidance; None when settings.guidance is 1). `hints` must start at least `settings.overlap` frames
+        before `frames` (or at frame 0): those warm-up frames make any sub-range exact (model/temporal.py).
+        Returns uint8 (T, H, W, 3).
+        """
+        settings = settings or VideoSampling()
+        device, dtype = next(self.sd.unet.parameters()).device, next(self.sd.unet.parameters()).dtype
+        hints = hints.to(device, dtype)
         latent = self.resolution // self.sd.vae.downscale
         shared_noise = torch.randn((self.sd.config.unet.in_channels, latent, latent),
-                                   generator=torch.Generator().manual_seed(seed)).to(device, dtype)
+                                   generator=torch.Generator().manual_seed(settings.seed)).to(device, dtype)
 
         def model_fn(x, t, frame_ids):
             hint = hints[[f - first for f in frame_ids]]
@@ -112,12 +122,40 @@ class Avatar:
             out_uncond, out_cond = self.sd.unet(x2, t, ctx, *self.controlnet(x2, t, ctx, hint2)).chunk(2)
             return out_cond, out_uncond
 
-        latents = denoise_video(model_fn, seq.n_frames, make_sampler(self.sd, sampler, steps), shared_noise,
-                                temporal_strength, fade_steps, guidance, chunk=batch_frames, seed=seed,
-                                frames=frames, progress=progress)
-        images = torch.cat([to_uint8(self.sd.vae.decode_latents(latents[i:i + batch_frames]))
-                            for i in range(0, len(latents), batch_frames)])
-        return images.numpy(), hints[frames.start - first:].float().cpu()
+        latents = denoise_video(model_fn, first + len(hints), make_sampler(self.sd, settings.sampler, settings.steps, settings.eta),
+                                shared_noise, settings.temporal_strength, settings.fade_steps, settings.guidance,
+                                chunk=settings.batch_frames, seed=settings.seed, frames=frames, progress=progress)
+        chunk = settings.batch_frames
+        return torch.cat([to_uint8(self.sd.vae.decode_latents(latents[i:i + chunk]))
+                          for i in range(0, len(latents), chunk)]).numpy()
+
+
+@dataclass
+class VideoSampling:
+    """How a video is sampled (sample.py's flags of the same names).
+
+    eta: DDIM's stochasticity (0 = deterministic; each frame draws its own step noise, which flickers);
+    temporal_strength: pull of each frame toward the previous one (0 = independent frames);
+    temporal_fade: the fraction of the steps over which that pull fades out (model/temporal.py explains
+    both); batch_frames: frames denoised together in lock-step (one UNet batch).
+    """
+    steps: int = 25
+    guidance: float = 3.0
+    sampler: str = "ddim"
+    eta: float = 0.0
+    seed: int = 0
+    temporal_strength: float = 0.9
+    temporal_fade: float = 0.8
+    batch_frames: int = 8
+
+    @property
+    def fade_steps(self) -> int:
+        return max(1, round(self.temporal_fade * self.steps))
+
+    @property
+    def overlap(self) -> int:
+        """Frames before a range that its first frame depends on (the warm-up of model/temporal.py)."""
+        return coupling_depth(temporal_weights(self.steps, self.temporal_strength, self.fade_steps))
 
 
 def load_avatar(run_dir: str, base: str | None = None, flame: str | None = None, device=None,
@@ -142,14 +180,14 @@ def load_avatar(run_dir: str, base: str | None = None, flame: str | None = None,
     return Avatar(sd, controlnet.eval(), meta, load_flame(flame or meta.get("flame")), shape)
 
 
-def temporal_flicker(frames: np.ndarray, conditioning: torch.Tensor) -> float:
-    """Mean absolute change between consecutive output frames in excess of the change in the conditioning.
+def temporal_flicker(frames: np.ndarray) -> float:
+    """Flicker of a video: the mean absolute difference between each frame and the average of its two
+    neighbours, on [0, 1] pixels, halved (mean |x[t+1] - 2 x[t] + x[t-1]| / 2).
 
-    Both are measured on [0, 1] images; a video that moves exactly as much as its 3DMM drive scores ~0,
-    one that flickers scores high. (Output pixels and normal maps are different images, so this is a
-    comparison between samplings of the same sequence, not an absolute number.)"""
+    Motion that is locally steady (a head turning, a mouth opening) cancels out; what a frame does on
+    its own, against both neighbours (details that pop in and out), does not. It is a comparison
+    between samplings of the same sequence: the motion of the sequence itself adds a floor."""
+    if len(frames) < 3:
+        raise ValueError(f"flicker needs at least 3 frames, got {len(frames)}")
     video = torch.from_numpy(frames).float() / 255
-    cond = conditioning[:, :3].permute(0, 2, 3, 1)
-    change = (video[1:] - video[:-1]).abs().mean().item()
-    drive = (cond[1:] - cond[:-1]).abs().mean().item()
-    return max(change - drive, 0.0) if len(frames) > 1 else 0.0
+    return (video[2:] - 2 * video[1:-1] + video[:-2]).abs().mean().item() / 2

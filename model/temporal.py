@@ -14,10 +14,13 @@ tie the frames together here (SVP's temporal denoising):
 The whole step (guidance, x0 estimate, solver update, pull) is one fused kernel on the GPU
 (kernels/temporal.py). Frames are denoised in lock-step chunks of `chunk` frames (one UNet batch).
 
-Chunks are exact, not approximate. Frame f at step i depends on frame f-1 at step i-1 only while
-w > 0, so its result depends on at most `fade_steps` predecessors (a light cone). Each chunk
-therefore re-runs the `overlap = fade_steps - 1` frames before it as a warm-up and discards them:
-chunked, unchunked and multi-process sampling give the same frames for the same seed.
+Chunks are exact, not approximate. A chunk's first frame is pulled toward the previous chunk's last
+frame: that chunk hands over its last frame's estimates of every step (`carry`), so chunked and
+unchunked sampling do the same arithmetic. A range that starts mid-video (`frames`, or one torchrun
+process's share) has no previous chunk; but frame f at step i depends on frame f-1 at step i-1 only
+while w > 0, so f depends on at most `coupling_depth` predecessors (a light cone), and the range is
+preceded once by that many warm-up frames, sampled and discarded. Every split of a video therefore
+gives the same frames for the same seed.
 """
 import torch
 from tqdm.auto import tqdm
@@ -32,24 +35,14 @@ def temporal_weights(num_steps: int, strength: float, fade_steps: int) -> list[f
 
 
 def coupling_depth(weights: list[float]) -> int:
-    """How many earlier frames a frame's result depends on: steps i >= 1 with w_i > 0 each reach one further."""
-    return sum(1 for w in weights[1:] if w > 0)
+    """How many earlier frames a frame's result depends on.
 
-
-def chunk_plan(first: int, last: int, chunk: int, overlap: int) -> list[tuple[int, int, int]]:
-    """(run_from, keep_from, stop) per chunk, covering frames first..last-1: each chunk denoises
-    run_from..stop-1 (at most `chunk` frames), of which keep_from..stop-1 are exact and kept; the
-    `overlap` frames before keep_from are its warm-up (none before frame 0)."""
-    plan, keep_from = [], first
-    while keep_from < last:
-        run_from = max(0, keep_from - overlap)
-        stop = min(run_from + chunk, last)
-        if stop <= keep_from:
-            raise ValueError(f"--batch-frames ({chunk}) must exceed the temporal overlap ({overlap} frames); "
-                             "raise it, or shorten the temporal fade")
-        plan.append((run_from, keep_from, stop))
-        keep_from = stop
-    return plan
+    The pull of step i uses the predecessor's estimate of step i-1, and that estimate depends on the
+    predecessor's own pulls only up to step i-2: each frame further back is reached two steps earlier.
+    With pulls up to step L (steps 1..L, w_0 is never used), frame f-d matters while L + 1 - 2d >= 0.
+    """
+    last = max((i for i, w in enumerate(weights) if i >= 1 and w > 0), default=0)
+    return (last + 1) // 2
 
 
 def step_noise_generator(seed: int, frame: int, device) -> torch.Generator:
@@ -59,15 +52,17 @@ def step_noise_generator(seed: int, frame: int, device) -> torch.Generator:
 
 @torch.no_grad()
 def denoise_chunk(model_fn, frames: range, sampler: Sampler, shared_noise: torch.Tensor, weights: list[float],
-                  guidance: float, seed: int) -> torch.Tensor:
-    """Denoise frames[0]..frames[-1] in lock-step; the first frame of the range gets no temporal pull.
+                  guidance: float, seed: int, carry: list[torch.Tensor] | None = None):
+    """Denoise frames[0]..frames[-1] in lock-step.
 
     model_fn(x, t, frame_ids) -> (cond_out, uncond_out or None) for the batch x of those frames.
-    Returns the clean latents (len(frames), C, H, W).
+    carry: the clean estimates of every step of the frame before the range (the previous chunk's
+    last frame), which the range's first frame is pulled toward; None: no frame before it.
+    Returns the clean latents (len(frames), C, H, W) and the carry for the next chunk.
     """
     x = shared_noise.expand(len(frames), *shared_noise.shape).clone() * sampler.init_noise_sigma
     generators = [step_noise_generator(seed, f, shared_noise.device) for f in frames]
-    x0_prev = None
+    x0_prev, estimates = None, []
     for i in range(len(sampler)):
         cond, uncond = model_fn(x * sampler.input_scale(i), sampler.timesteps[i], list(frames))
         p, c = sampler.x0_coefficients(i), sampler.coefficients(i)
@@ -76,17 +71,21 @@ def denoise_chunk(model_fn, frames: range, sampler: Sampler, shared_noise: torch
             noise = torch.stack([torch.randn(shared_noise.shape, generator=g, device=x.device, dtype=x.dtype)
                                  for g in generators])
         w = weights[i] if x0_prev is not None else 0.0
-        # Frame k is pulled toward frame k-1's estimate of the previous step. The range's first frame has no
-        # predecessor here and is pulled toward its own: for frame 0 of the video that is the rule, and for
-        # a chunk's first warm-up frame it does not matter (warm-up frames are discarded).
-        pull_from = torch.cat([x0_prev[:1], x0_prev[:-1]]) if w > 0 else None
+        # Frame k is pulled toward frame k-1's estimate of the previous step. Without a frame before the
+        # range its first frame is pulled toward its own: for frame 0 of the video that is the rule, and
+        # the first warm-up frame's pull does not reach the frames that are kept.
+        pull_from = None
+        if w > 0:
+            before = carry[i - 1] if carry is not None else x0_prev[:1]
+            pull_from = torch.cat([before, x0_prev[:-1]])
         r_0, r_n = sampler.renoise_coefficients(i)
         x_next, x0 = temporal_step(x, cond, uncond, x0_prev=x0_prev if c.c_1 != 0 else None, noise=noise,
                                    shared_noise=shared_noise if pull_from is not None else None,
                                    prev_frame_x0=pull_from, guidance=guidance, a=p.a, b=p.b, c_x=c.c_x,
                                    c_0=c.c_0, c_1=c.c_1, c_n=c.c_n, r_0=r_0, r_n=r_n, w=w)
         x, x0_prev = x_next, x0
-    return x
+        estimates.append(x0[-1:])
+    return x, estimates
 
 
 def denoise_video(model_fn, num_frames: int, sampler: Sampler, shared_noise: torch.Tensor, strength: float,
@@ -95,12 +94,15 @@ def denoise_video(model_fn, num_frames: int, sampler: Sampler, shared_noise: tor
     """Clean latents for `frames` (default all `num_frames`) of a video, chunk by chunk (see module doc)."""
     frames = frames if frames is not None else range(num_frames)
     weights = temporal_weights(len(sampler), strength, fade_steps)
-    overlap = coupling_depth(weights)
-    out = []
+    warm_up_from = max(0, frames.start - coupling_depth(weights))
+    out, carry = [], None
     bar = tqdm(total=len(frames), disable=not progress, desc="frames", unit="frame")
-    for run_from, keep_from, stop in chunk_plan(frames.start, frames.stop, chunk, overlap):
-        latents = denoise_chunk(model_fn, range(run_from, stop), sampler, shared_noise, weights, guidance, seed)
-        out.append(latents[keep_from - run_from:])
-        bar.update(stop - keep_from)
+    for start in range(warm_up_from, frames.stop, chunk):
+        stop = min(start + chunk, frames.stop)
+        latents, carry = denoise_chunk(model_fn, range(start, stop), sampler, shared_noise, weights, guidance, seed,
+                                       carry)
+        kept = latents[max(0, frames.start - start):]
+        out.append(kept)
+        bar.update(len(kept))
     bar.close()
     return torch.cat(out)

@@ -167,6 +167,11 @@ class DiagonalGaussian:
         noise = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
         return self.mean + self.std * noise
 
+    def kl(self) -> torch.Tensor:
+        """KL divergence to N(0, 1), summed over a latent and averaged over the batch (LDM's KL term)."""
+        kl = 0.5 * (self.mean ** 2 + self.std ** 2 - 1.0 - self.logvar)
+        return kl.flatten(1).sum(1).mean()
+
 
 class AutoencoderKL(nn.Module):
     def __init__(self, config: VAEConfig):

@@ -4,7 +4,7 @@ import torch
 
 from model.config import SD1
 from model.sampling import DDIMSampler, DPMSolverPP2MSampler, EulerSampler, NoiseSchedule, sample
-from model.temporal import chunk_plan, coupling_depth, denoise_video, temporal_weights
+from model.temporal import coupling_depth, denoise_chunk, denoise_video, temporal_weights
 
 SHAPE = (4, 6, 6)
 TARGETS = torch.randn(20, *SHAPE, generator=torch.Generator().manual_seed(0))
@@ -34,9 +34,10 @@ def test_chunked_equals_unchunked(name):
                                                    guidance=3.0, chunk=chunk, seed=7, frames=frames, progress=False)
     whole = run(20)
     assert torch.isfinite(whole).all()
-    for chunk in (4, 7):
+    for chunk in (1, 4, 7):
         assert torch.allclose(run(chunk), whole, atol=1e-5, rtol=1e-5)
-    assert torch.allclose(run(5, range(9, 16)), whole[9:16], atol=1e-5, rtol=1e-5)
+    for chunk in (2, 5):  # a range mid-video: warm-up frames, then chunks
+        assert torch.allclose(run(chunk, range(9, 16)), whole[9:16], atol=1e-5, rtol=1e-5)
 
 
 def test_strength_zero_is_per_frame_sampling():
@@ -62,9 +63,17 @@ def test_temporal_pull_brings_frames_together():
     assert change(tied) < 0.9 * change(free)
 
 
-def test_plan_and_weights():
-    weights = temporal_weights(10, 0.6, 4)
-    assert weights[:5] == pytest.approx([0.6, 0.45, 0.3, 0.15, 0.0]) and coupling_depth(weights) == 3
-    assert chunk_plan(0, 10, 5, 2) == [(0, 0, 5), (3, 5, 8), (6, 8, 10)]
-    with pytest.raises(ValueError, match="must exceed the temporal overlap"):
-        chunk_plan(0, 10, 2, 2)
+def test_weights_and_light_cone():
+    """A frame depends on exactly coupling_depth predecessors: with that many before it, it is exact; with
+    one fewer, it is not (so the warm-up is as short as it can be)."""
+    sampler = DDIMSampler(NoiseSchedule.from_config(SD1), 10)
+    noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(4))
+    for fade_steps in (2, 3, 4, 5, 8):
+        weights = temporal_weights(10, 0.6, fade_steps)
+        depth = coupling_depth(weights)
+        assert depth == fade_steps // 2  # pulls at steps 1..fade_steps-1
+        whole, _ = denoise_chunk(toy_model, range(0, 12), sampler, noise, weights, 1.0, seed=0)
+        from_1, _ = denoise_chunk(toy_model, range(1, 12), sampler, noise, weights, 1.0, seed=0)
+        assert torch.allclose(from_1[depth:], whole[1 + depth:], atol=1e-5, rtol=1e-5), fade_steps
+        assert not torch.allclose(from_1[depth - 1], whole[depth], atol=1e-3, rtol=1e-3), fade_steps
+    assert temporal_weights(10, 0.6, 4)[:5] == pytest.approx([0.6, 0.45, 0.3, 0.15, 0.0])

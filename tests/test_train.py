@@ -30,7 +30,8 @@ from tracking.video import write_video
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FRAMES = 12
 DEMO_STEPS = 60
-TINY_ARGS = ["--preset", "tiny", "--max-frames", str(FRAMES), "--val-every", "20", "--preview-every", "30"]
+TINY_ARGS = ["--preset", "tiny", "--max-frames", str(FRAMES), "--val-every", "20", "--preview-every", "30",
+             "--vae-steps", "50"]  # tests/test_sample.py trains the recognisable avatar
 
 
 def run_train(out, *extra, video="demo"):
@@ -236,41 +237,10 @@ def test_video_without_a_face(tmp_path):
 
 def test_out_dir_of_another_base_model_is_refused(demo_run, tmp_path):
     other = tmp_path / "other.safetensors"
-    train.write_tiny_base(str(other), seed=1)
+    train.write_tiny_base(str(other), seed=1, crops=np.load(demo_run[0] / "tracking" / "crops.npy"), vae_steps=0)
     for resume in ([], ["--resume"]):
         with pytest.raises(ValueError, match="another base model"):
             run_train(demo_run[0], "--base", str(other), *resume)
-
-
-def test_sample_py_drives_the_trained_avatar(demo_run, tmp_path):
-    """sample.py's video mode on the trained demo avatar: an mp4 of the requested frames, the same frames
-    however they are chunked, and a clear error (and no mp4) for a broken sequence file."""
-    from tracking.video import read_video
-    out, _ = demo_run
-    seq = str(out / "tracking" / "seq.npz")
-
-    def sample(name, *extra):
-        cmd = [sys.executable, "sample.py", "--avatar", str(out), "--params", seq, "--frames", "2:6", "--steps", "4",
-               "--out", str(tmp_path / f"{name}.mp4"), "--png-dir", str(tmp_path / name), *extra]
-        return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-
-    for name, chunk in (("whole", "8"), ("chunked", "3")):
-        result = sample(name, "--batch-frames", chunk)
-        assert result.returncode == 0, result.stderr[-2000:]
-    frames, _ = read_video(str(tmp_path / "whole.mp4"))
-    assert frames.shape == (4, 64, 64, 3)
-    for i in range(2, 6):
-        whole = np.asarray(Image.open(tmp_path / "whole" / f"{i:05d}.png"), dtype=np.int16)
-        chunked = np.asarray(Image.open(tmp_path / "chunked" / f"{i:05d}.png"), dtype=np.int16)
-        assert np.abs(whole - chunked).max() <= 1  # exact up to rounding of batched convolutions
-
-    broken = dict(np.load(seq))
-    broken["expression"][1, 0] = np.nan
-    np.savez(tmp_path / "broken.npz", **broken)
-    seq = str(tmp_path / "broken.npz")
-    result = sample("broken")
-    assert result.returncode != 0 and "broken.npz" in result.stderr and "NaN" in result.stderr
-    assert "Traceback" not in result.stderr and not (tmp_path / "broken.mp4").exists()
 
 
 def test_training_can_start_from_an_existing_controlnet(demo_run, tmp_path):

@@ -131,3 +131,11 @@ def test_tiled_decode():
     assert rel_err(larger, full) < rel_err(blended, full) < rel_err(hard_seams, full) < 1
     with pytest.raises(ValueError, match="overlap"):
         vae.decode(z, tile_size=8, tile_overlap=8)
+
+
+def test_kl_matches_diffusers():
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+    from model.vae import DiagonalGaussian
+    moments = torch.randn(3, 8, 5, 5, generator=torch.Generator().manual_seed(0)) * 2
+    expected = DiagonalGaussianDistribution(moments).kl().mean()
+    torch.testing.assert_close(DiagonalGaussian(moments).kl(), expected, rtol=1e-6, atol=0)

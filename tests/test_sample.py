@@ -1,0 +1,144 @@
+"""Driving a trained avatar: temporal denoising's proof, determinism, sample.py's CLI and its bad input.
+
+One module-scoped run trains the tiny preset on the offline demo video as a user would (48 frames, the
+last 5 held out, 300 steps, the tiny VAE fitted to the training frames first), then the tests sample it.
+"""
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import svp
+import train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HELD_OUT = range(43, 48)  # train.py holds out the last 10% of the demo's 48 frames
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("avatar")
+    train.main(["--video", "demo", "--preset", "tiny", "--out", str(out)])
+    return out
+
+
+@pytest.fixture(scope="module")
+def avatar(run):
+    return svp.load_avatar(str(run))
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return 10 * np.log10(255 ** 2 / mse)
+
+
+def test_temporal_denoising_is_smoother_and_as_faithful(run, avatar):
+    """The method's claim on the tiny demo avatar: pulling each frame toward the previous one lowers the
+    flicker clearly, while the held-out frames stay as close to the real video (PSNR, within 1 dB)."""
+    seq = svp.load_seq(str(run / "tracking" / "seq.npz"))
+    truth = np.load(run / "tracking" / "crops.npy")[HELD_OUT.start:HELD_OUT.stop]
+    frames = range(HELD_OUT.start - 7, HELD_OUT.stop)
+    scores = {}
+    for strength in (0.0, svp.VideoSampling.temporal_strength):  # off, and the default
+        video, _ = avatar.render(seq, frames=frames, settings=svp.VideoSampling(temporal_strength=strength),
+                                 progress=False)
+        held_out = video[HELD_OUT.start - frames.start:]
+        scores[strength] = svp.temporal_flicker(video), psnr(held_out, truth)
+    (flicker_0, psnr_0), (flicker_t, psnr_t) = scores.values()
+    print(f"flicker {flicker_0:.4f} -> {flicker_t:.4f}; held-out PSNR {psnr_0:.2f} -> {psnr_t:.2f} dB")
+    assert psnr_0 > 15, "the avatar does not reproduce the held-out frames at all"
+    assert flicker_t < 0.7 * flicker_0
+    assert psnr_t > psnr_0 - 1.0
+
+
+def test_same_seed_same_frames(run, avatar):
+    seq = svp.load_seq(str(run / "tracking" / "seq.npz"))
+    settings = svp.VideoSampling(steps=6, seed=3)
+    first, _ = avatar.render(seq, frames=range(4, 8), settings=settings, progress=False)
+    again, _ = avatar.render(seq, frames=range(4, 8), settings=settings, progress=False)
+    other, _ = avatar.render(seq, frames=range(4, 8), settings=svp.VideoSampling(steps=6, seed=4), progress=False)
+    assert np.array_equal(first, again)
+    assert not np.array_equal(first, other)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def sample(run, out, *extra, params=None, launcher=(sys.executable,)):
+    cmd = [*launcher, "sample.py", "--avatar", str(run), "--params", str(params or run / "tracking" / "seq.npz"),
+           "--frames", "2:8", "--steps", "4", "--out", str(out) + ".mp4", "--png-dir", str(out), *extra]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+
+
+def read_pngs(folder, frames=range(2, 8)) -> np.ndarray:
+    return np.stack([np.asarray(Image.open(os.path.join(folder, f"{i:05d}.png")), dtype=np.int16) for i in frames])
+
+
+def test_sample_py_writes_the_same_frames_however_they_are_split(run, tmp_path):
+    """One process, smaller lock-step chunks, and two torchrun processes give the same frames."""
+    from tracking.video import read_video
+    whole = sample(run, tmp_path / "whole", "--batch-frames", "8")
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    frames, _ = read_video(str(tmp_path / "whole.mp4"))
+    assert frames.shape == (6, 64, 64, 3)
+    chunked = sample(run, tmp_path / "chunked", "--batch-frames", "4")
+    assert chunked.returncode == 0, chunked.stderr[-2000:]
+    torchrun = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()))
+    split = sample(run, tmp_path / "split", launcher=torchrun)
+    assert split.returncode == 0, split.stderr[-2000:]
+    reference = read_pngs(tmp_path / "whole")
+    for name in ("chunked", "split"):
+        assert np.abs(read_pngs(tmp_path / name) - reference).max() <= 1, name  # up to rounding of batched convs
+
+
+def test_side_by_side_shows_the_conditioning(run, tmp_path):
+    result = sample(run, tmp_path / "sbs", "--side-by-side", "--frames", "0:2")
+    assert result.returncode == 0, result.stderr[-2000:]
+    frames = read_pngs(tmp_path / "sbs", range(0, 2))
+    assert frames.shape == (2, 64, 128, 3)
+
+
+def broken_seq(run, tmp_path, name, edit) -> str:
+    seq = dict(np.load(run / "tracking" / "seq.npz"))
+    edit(seq)
+    path = tmp_path / f"{name}.npz"
+    np.savez(path, **seq)
+    return str(path)
+
+
+def assert_clean_failure(result, out, *words):
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr[-2000:]
+    for word in words:
+        assert word in result.stderr, result.stderr
+    assert not os.path.exists(str(out) + ".mp4") and not os.path.exists(out)
+    assert not [f for f in os.listdir(os.path.dirname(out)) if ".tmp" in f], "a temporary file was left behind"
+
+
+@pytest.mark.parametrize("name, edit, words", [
+    ("nan", lambda s: s["expression"].__setitem__((1, 0), np.nan), ("nan.npz", "NaN")),
+    ("missing", lambda s: s.pop("jaw_rot"), ("missing.npz", "jaw_rot", "missing")),
+    ("mismatch", lambda s: s.__setitem__("neck_rot", s["neck_rot"][:-3]), ("mismatch.npz", "neck_rot", "shape")),
+])
+def test_broken_sequence_files(run, tmp_path, name, edit, words):
+    params = broken_seq(run, tmp_path, name, edit)
+    assert_clean_failure(sample(run, tmp_path / name, params=params), tmp_path / name, *words)
+
+
+def test_frames_beyond_the_sequence(run, tmp_path):
+    result = sample(run, tmp_path / "beyond", "--frames", "40:60")
+    assert_clean_failure(result, tmp_path / "beyond", "seq.npz", "48 frames")
+
+
+def test_avatar_on_another_base_model(run, tmp_path):
+    other_base = tmp_path / "other.safetensors"
+    train.write_tiny_base(str(other_base), seed=1, crops=np.load(run / "tracking" / "crops.npy")[:4], vae_steps=0)
+    result = sample(run, tmp_path / "other", "--base", str(other_base))
+    assert_clean_failure(result, tmp_path / "other", "another base model")

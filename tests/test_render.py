@@ -239,6 +239,32 @@ def test_conditioning_image_channels():
     assert span[fg].min() > 0.75
 
 
+def test_conditioning_normals_are_exact_smooth_normals():
+    # Reference: cast the ray through each pixel centre onto the visible (unsnapped) face, take the
+    # barycentrics of the hit point in 3D, mix the vertex normals, normalise; all in float64.
+    verts, faces = uv_ellipsoid(12, 20)
+    verts = verts * torch.tensor([0.5, 0.6, 0.4]) + torch.tensor([0.1, -0.05, 1.5])
+    turn = torch.tensor([[0.8, 0.0, 0.6], [0.0, 1.0, 0.0], [-0.6, 0.0, 0.8]])
+    batch = torch.stack([verts, (verts - verts.mean(0)) @ turn.T + verts.mean(0)])
+    focal, principal = torch.tensor([40.0, 52.0]), torch.tensor([[23.0, 19.5], [25.5, 21.0]])
+    image = conditioning_image(batch, faces, focal, (40, 48), principal=principal)
+    raster = rasterize(batch, faces, focal, (40, 48), principal)
+    frame, row, column = raster.mask.nonzero(as_tuple=True)
+    corners = batch.double()[frame[:, None], faces[raster.face[raster.mask]]]  # (N, 3, 3)
+    centre = torch.stack([column, row], -1).double() + 0.5
+    ray = torch.cat([(centre - principal.double()[frame]) / focal.double()[frame, None], torch.ones(len(frame), 1)], 1)
+    a, b, c = corners.unbind(1)
+    normal = torch.linalg.cross(b - a, c - a)
+    hit = ray * ((normal * a).sum(-1) / (normal * ray).sum(-1))[:, None]
+    area = (normal * normal).sum(-1)
+    bary = [(normal * torch.linalg.cross(q - p, hit - p)).sum(-1) / area for p, q in ((b, c), (c, a), (a, b))]
+    vertex = vertex_normals(batch.double(), faces)[frame[:, None], faces[raster.face[raster.mask]]]
+    want = torch.nn.functional.normalize(sum(w[:, None] * vertex[:, i] for i, w in enumerate(bary)), dim=-1)
+    got = image[:, :3].permute(0, 2, 3, 1)[raster.mask] * 2 - 1
+    assert len(want) > 1000
+    torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=0)
+
+
 def test_overlay_and_landmarks_draw_on_uint8_frames():
     verts, faces = uv_ellipsoid(8, 12)
     verts = (verts * 0.5 + torch.tensor([0.0, 0.0, 2.0]))[None]

@@ -20,12 +20,16 @@ Conventions (OpenCV pinhole camera):
 
 Algorithm: per-triangle setup (fixed-point corners, bounding box, edge functions and 1/z as affine
 functions of the pixel), then the bounding boxes are cut into 4 x 4 pixel tiles; tiles wholly
-outside an edge are dropped, the rest are tested pixel by pixel in int64 and their depth keys
-scatter-min'ed into the z-buffer, a chunk of triangles at a time. A second pass computes the
-barycentrics of the winning face at each covered pixel. tests/test_render.py checks face ids and
-depths pixel-exactly against a brute-force loop over pixels and triangles.
+outside an edge are dropped, the rest are tested pixel by pixel in int64, and the depth keys of the
+covered pixels are scatter-min'ed into the z-buffer, a chunk of triangles at a time. Barycentrics of
+the winning face are computed on demand (`Raster.pixel_bary`). The conditioning maps skip them: a
+perspective-correct attribute is a ratio of two affine functions of the pixel per face, and normals,
+normalised anyway, need only the numerator, one plane per face and channel. tests/test_render.py
+checks face ids and depths pixel-exactly against a brute-force loop over pixels and triangles, and
+the normals against rays cast in float64.
 """
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -56,19 +60,41 @@ class Raster:
     """Result of `rasterize` for B frames of H x W pixels.
 
     Per-pixel maps, plus the same data listed for the N covered pixels only (what interpolation
-    works on, so that it never touches the background).
+    works on, so that it never touches the background). The lists and the barycentrics are
+    computed on first use: the conditioning maps need neither.
     """
 
     face: torch.Tensor  # (B, H, W) int64 index of the visible face, -1 on the background
     depth: torch.Tensor  # (B, H, W) float32 camera-space z of the visible surface, 0 on the background
-    pixel: torch.Tensor  # (N,) int64 flat indices into (B, H, W) of the covered pixels, ascending
-    pixel_frame: torch.Tensor  # (N,) int64 their frames
-    pixel_face: torch.Tensor  # (N,) int64 their visible faces
-    pixel_bary: torch.Tensor  # (3, N) float32 their perspective-correct barycentrics
+    camera: tuple  # (verts, faces, focal, principal) as given to `rasterize`
 
     @property
     def mask(self):
         return self.face >= 0
+
+    @cached_property
+    def pixel(self):
+        """(N,) int64 flat indices into (B, H, W) of the covered pixels, ascending."""
+        return self.mask.view(-1).nonzero().view(-1)
+
+    @cached_property
+    def pixel_frame(self):
+        """(N,) int64 frame of each covered pixel."""
+        return torch.div(self.pixel, self.face[0].numel(), rounding_mode="floor")
+
+    @cached_property
+    def pixel_face(self):
+        """(N,) int64 visible face at each covered pixel."""
+        return self.face.view(-1).index_select(0, self.pixel)
+
+    @cached_property
+    def pixel_bary(self):
+        """(3, N) float32 perspective-correct barycentrics at the covered pixels."""
+        height, width = self.face.shape[1:]
+        row, column = torch.div(self.pixel, width, rounding_mode="floor") % height, self.pixel % width
+        verts, faces, focal, principal = self.camera
+        return _barycentrics(verts, faces, focal, principal, (height, width), self.pixel_frame, row, column,
+                             self.pixel_face)
 
     @property
     def bary(self):
@@ -131,7 +157,7 @@ class _Triangles:
     Corners are reordered (1 <-> 2) where needed so that every triangle has a positive area. Edge
     functions and 1/z are affine in the pixel position, so each triangle keeps their values at the
     centre of the first pixel of its bounding box and their steps per pixel. Every field is a 1-D
-    tensor over the triangles (or a tuple of them, one per edge): gathers stay one-dimensional.
+    tensor over the triangles, or (3, T) with one row per edge.
     """
 
     face: torch.Tensor  # int64 face index
@@ -140,21 +166,14 @@ class _Triangles:
     first_y: torch.Tensor  # int64 row of the bounding box's first pixel
     box_x: torch.Tensor  # int64 bounding box width - 1
     box_y: torch.Tensor  # int64 bounding box height - 1
-    edge_origin: tuple  # 3 x int64 edge functions (i opposite corner i) minus the fill bias
-    step_x: tuple  # 3 x int64 change of each edge function per pixel in x
-    step_y: tuple  # 3 x int64 ... in y
+    edge_origin: torch.Tensor  # (3, T) int64 edge functions (i opposite corner i) minus the fill bias
+    step_x: torch.Tensor  # (3, T) int64 change of each edge function per pixel in x
+    step_y: torch.Tensor  # (3, T) int64 ... in y
     offset_x: torch.Tensor  # int64 first pixel centre minus corner 0, x, fixed point
     offset_y: torch.Tensor  # int64 ... y
     inv_z: torch.Tensor  # float64 1/z at corner 0
     grad_x: torch.Tensor  # float64 change of 1/z per fixed-point unit in x
     grad_y: torch.Tensor  # float64 ... in y
-
-    def take(self, index):
-        """The triangles at index (1-D int64), in that order."""
-        def take(value):
-            return tuple(map(take, value)) if isinstance(value, tuple) else value.index_select(0, index)
-
-        return _Triangles(**{f.name: take(getattr(self, f.name)) for f in fields(self)})
 
 
 def _snap(verts, focal, height, width, principal):
@@ -202,9 +221,9 @@ def _setup_triangles(verts, faces, focal, height, width, principal, near, cull_b
         first_y=first[:, 1],
         box_x=last[:, 0] - first[:, 0],
         box_y=last[:, 1] - first[:, 1],
-        edge_origin=tuple(_edge(*e, cx, cy) - (~_is_top_left(*e)).long() for e in edges),
-        step_x=tuple(step * SUBPIXEL for step in step_x),
-        step_y=tuple(step * SUBPIXEL for step in step_y),
+        edge_origin=torch.stack([_edge(*e, cx, cy) - (~_is_top_left(*e)).long() for e in edges]),
+        step_x=torch.stack(step_x) * SUBPIXEL,
+        step_y=torch.stack(step_y) * SUBPIXEL,
         offset_x=cx - x0,
         offset_y=cy - y0,
         inv_z=inv_z[0],
@@ -267,33 +286,33 @@ def _depth_test(tri, zbuffer, height, width, max_pixels):
 
     zbuffer: (B * height * width,) with height, width the image size plus a margin of one tile.
     """
-    k = torch.arange(_TILE_H * _TILE_W)[:, None]  # pixel k of a tile is at (k % TW, k // TW)
+    k = torch.arange(_TILE_H * _TILE_W)  # pixel k of a tile is at (k % TW, k // TW) from its corner
     pixel_x, pixel_y = k % _TILE_W, torch.div(k, _TILE_W, rounding_mode="floor")
     pixels = (tri.box_x + _TILE_W) * (tri.box_y + _TILE_H)  # upper bound of the tiled area
     for start, stop in _chunks(pixels, max_pixels):
         t, x, y = _tiles(tri, start, stop)
-        tile = tri.take(t)
-        origin = [o + sx * x + sy * y for o, sx, sy in zip(tile.edge_origin, tile.step_x, tile.step_y)]
+        step_x, step_y = tri.step_x.index_select(1, t), tri.step_y.index_select(1, t)
+        origin = tri.edge_origin.index_select(1, t) + step_x * x + step_y * y
         # Skip tiles that lie wholly outside an edge: its largest value over the tile is negative.
-        reach = [
-            o + sx.clamp(min=0) * (_TILE_W - 1) + sy.clamp(min=0) * (_TILE_H - 1)
-            for o, sx, sy in zip(origin, tile.step_x, tile.step_y)
-        ]
-        touched = ((reach[0] | reach[1] | reach[2]) >= 0).nonzero(as_tuple=True)[0]
-        tile, x, y = tile.take(touched), x[touched], y[touched]
-        origin = torch.stack(origin).index_select(1, touched)
-        w = _tile_edges(origin, torch.stack(tile.step_x), torch.stack(tile.step_y))  # (K, 3, N)
-        inside = (w[:, 0] | w[:, 1] | w[:, 2]) >= 0  # no sign bit set: all >= their fill bias
+        reach = origin + step_x.clamp(min=0) * (_TILE_W - 1) + step_y.clamp(min=0) * (_TILE_H - 1)
+        touched = ((reach[0] | reach[1] | reach[2]) >= 0).nonzero().view(-1)
+        t, x, y = t[touched], x[touched], y[touched]
+        w = _tile_edges(origin[:, touched], step_x[:, touched], step_y[:, touched])  # (K, 3, N)
+        # The covered pairs (tile pixel k, tile n): no sign bit set, all edges >= their fill bias.
+        k, n = ((w[:, 0] | w[:, 1] | w[:, 2]) >= 0).nonzero(as_tuple=True)
+        # Per tile: its first pixel centre relative to corner 0 in fixed point, and its index.
+        tile_px, tile_py = tri.offset_x[t] + x * SUBPIXEL, tri.offset_y[t] + y * SUBPIXEL
+        tile_pixel = (tri.frame[t] * height + tri.first_y[t] + y) * width + tri.first_x[t] + x
+        t = t.index_select(0, n)
         # 1/z = 1/z0 + grad . (p - p0), p - p0 in fixed point, exact in float64.
-        px = (tile.offset_x + x * SUBPIXEL).to(torch.float64) + pixel_x * float(SUBPIXEL)
-        py = (tile.offset_y + y * SUBPIXEL).to(torch.float64) + pixel_y * float(SUBPIXEL)
-        depth = (1.0 / (tile.inv_z + tile.grad_x * px + tile.grad_y * py)).to(torch.float32)
+        px = (tile_px.index_select(0, n) + pixel_x.index_select(0, k) * SUBPIXEL).to(torch.float64)
+        py = (tile_py.index_select(0, n) + pixel_y.index_select(0, k) * SUBPIXEL).to(torch.float64)
+        inv_z = tri.inv_z.index_select(0, t) + tri.grad_x.index_select(0, t) * px + tri.grad_y.index_select(0, t) * py
+        depth = (1.0 / inv_z).to(torch.float32)
         # Positive float32 bit patterns order like their values: depth above, face index below.
-        key = (depth.view(torch.int32).to(torch.int64) << 32) | tile.face
-        key = torch.where(inside, key, _BACKGROUND_KEY)
-        first_pixel = (tile.frame * height + tile.first_y + y) * width + tile.first_x + x
-        pixel = first_pixel + pixel_y * width + pixel_x
-        zbuffer.scatter_reduce_(0, pixel.flatten(), key.flatten(), "amin")
+        key = (depth.view(torch.int32).to(torch.int64) << 32) | tri.face.index_select(0, t)
+        pixel = tile_pixel.index_select(0, n) + pixel_y.index_select(0, k) * width + pixel_x.index_select(0, k)
+        zbuffer.scatter_reduce_(0, pixel, key, "amin")
 
 
 def rasterize(
@@ -314,20 +333,12 @@ def rasterize(
     tri = _setup_triangles(verts, faces, focal, height, width, principal, near, cull_back_faces)
     zbuffer = torch.full((batch, height + _TILE_H, width + _TILE_W), _BACKGROUND_KEY, dtype=torch.int64)
     _depth_test(tri, zbuffer.view(-1), height + _TILE_H, width + _TILE_W, max_pixels)
-    zbuffer = zbuffer[:, :height, :width].contiguous()
-
+    zbuffer = zbuffer[:, :height, :width]
     hit = zbuffer != _BACKGROUND_KEY
-    frame, row, column = hit.nonzero(as_tuple=True)
-    pixel = (frame * height + row) * width + column
-    face = torch.where(hit, zbuffer & 0xFFFFFFFF, -1)
-    pixel_face = face.view(-1).index_select(0, pixel)
     return Raster(
-        face=face,
+        face=torch.where(hit, zbuffer & 0xFFFFFFFF, -1),
         depth=torch.where(hit, (zbuffer >> 32).to(torch.int32).view(torch.float32), 0.0),
-        pixel=pixel,
-        pixel_frame=frame,
-        pixel_face=pixel_face,
-        pixel_bary=_barycentrics(verts, faces, focal, principal, (height, width), frame, row, column, pixel_face),
+        camera=(verts, faces, focal, principal),
     )
 
 
@@ -363,12 +374,18 @@ def _barycentrics(verts, faces, focal, principal, image_size, frame, row, column
 def vertex_normals(verts, faces):
     """Area-weighted unit vertex normals (B, V, 3); outward for counter-clockwise faces (right hand)."""
     faces = torch.as_tensor(faces, dtype=torch.int64)
+    batch, num_verts = verts.shape[:2]
     v0, v1, v2 = (verts[:, faces[:, i]] for i in range(3))
     face_normals = torch.cross(v1 - v0, v2 - v0, dim=-1)  # length = 2 x area: larger faces weigh more
-    normals = torch.zeros_like(verts)
-    for i in range(3):
-        normals.index_add_(1, faces[:, i], face_normals)
-    return F.normalize(normals, dim=-1)
+    # each face's normal added to its corners' rows, one coordinate at a time (1-D index_add is fast)
+    rows = [(corner + torch.arange(batch)[:, None] * num_verts).view(-1) for corner in faces.T]
+    normals = []
+    for column in face_normals.flatten(0, 1).T:
+        normal = column.new_zeros(batch * num_verts)
+        for r in rows:
+            normal.index_add_(0, r, column)
+        normals.append(normal)
+    return F.normalize(torch.stack(normals, 1).view(batch, num_verts, 3), dim=-1)
 
 
 def _interpolate_columns(raster, faces, attributes):
@@ -391,24 +408,61 @@ def interpolate(raster, faces, attributes):
     return _scatter_pixels(raster.pixel, interpolate_pixels(raster, faces, attributes), raster.face.shape)
 
 
-def _normalised_depth(raster, depth_span):
-    """Depth channel at the covered pixels (N,): 1 at the nearest visible point of each frame,
-    decreasing linearly to 0 at the farthest one (depth_span None) or depth_span camera units
-    behind the nearest."""
-    batch, frame = raster.face.shape[0], raster.pixel_frame
-    depth = raster.depth.view(-1).index_select(0, raster.pixel)
-    per_frame = depth.new_zeros(batch)
-    near = per_frame.scatter_reduce(0, frame, depth, "amin", include_self=False)[frame]
+def _attribute_planes(verts, faces, attributes, focal):
+    """Perspective-correct interpolation of per-vertex attributes (B, V, C), as planes per face.
+
+    With e_i(p) the edge function opposite corner i (an affine function of the pixel p), the
+    interpolated attribute is sum_i e_i(p) a_i / z_i divided by sum_i e_i(p) / z_i. The numerator
+    is affine in p too: A p_x + B p_y + C per channel, p relative to the principal point. Returns
+    (A, B, C), each (C, B * F) float32 (rows frame * F + face), signed so that the (dropped)
+    denominator is positive: enough for directions, which are normalised afterwards anyway.
+    """
+    v = verts.detach().to(torch.float64)
+    inv_z = 1.0 / v[..., 2]
+    q = v[..., :2] * (inv_z[..., None] * _per_frame(focal, len(v), torch.float64, 1)[:, None])  # pixels
+    (x0, y0), (x1, y1), (x2, y2) = (q[:, corner].unbind(-1) for corner in faces.T)
+    edges = ((x1, y1, x2, y2), (x2, y2, x0, y0), (x0, y0, x1, y1))  # edge i is opposite corner i
+    # e(p) = (bx - ax)(py - ay) - (by - ay)(px - ax) = step_x px + step_y py + at_origin
+    steps_x = [ay - by for ax, ay, bx, by in edges]
+    steps_y = [bx - ax for ax, ay, bx, by in edges]
+    at_origin = [ax * by - ay * bx for ax, ay, bx, by in edges]
+    sign = torch.sign(at_origin[0] + at_origin[1] + at_origin[2])  # edge functions sum to 2 x area
+    weights = [(inv_z[:, corner] * sign)[..., None] * attributes[:, corner].to(torch.float64) for corner in faces.T]
+
+    def plane(coefficients):
+        total = sum(c[..., None] * w for c, w in zip(coefficients, weights))  # (B, F, C)
+        return total.flatten(0, 1).T.to(torch.float32).contiguous()
+
+    return plane(steps_x), plane(steps_y), plane(at_origin)
+
+
+def _normal_maps(raster, verts, faces, focal, principal):
+    """Unit camera-space normals (3 maps (B, H, W)) of the visible surface, smooth shading; any
+    value on the background. (In-place arithmetic on the image-sized maps: on the CPU, writing
+    into fresh large tensors costs more than the arithmetic, a page fault per 4 KiB.)"""
+    batch, height, width = raster.face.shape
+    planes = _attribute_planes(verts, faces, vertex_normals(verts.detach().float(), faces), focal)
+    centre = _per_frame((width / 2, height / 2) if principal is None else principal, batch, torch.float32, 2)
+    px = (torch.arange(width) + 0.5) - centre[:, :1, None]  # (B, 1, W) pixel centres from the principal point
+    py = (torch.arange(height)[:, None] + 0.5) - centre[:, 1:, None]  # (B, H, 1)
+    rows = raster.face.clamp(min=0).add_(torch.arange(batch)[:, None, None] * len(faces)).view(-1)
+    gather = lambda column: column.index_select(0, rows).view(batch, height, width)  # noqa: E731
+    normal = [gather(a).mul_(px).add_(gather(b).mul_(py)).add_(gather(c)) for a, b, c in zip(*planes)]
+    inv_length = (normal[0] * normal[0]).addcmul_(normal[1], normal[1]).addcmul_(normal[2], normal[2]).rsqrt_()
+    return [n.mul_(inv_length) for n in normal]
+
+
+def _depth_map(raster, depth_span):
+    """Depth channel (B, H, W): 1 at the nearest visible point of each frame, decreasing linearly
+    to 0 at the farthest one (depth_span None) or depth_span camera units behind the nearest;
+    0 on the background."""
+    mask, depth = raster.mask, raster.depth
+    near = torch.where(mask, depth, torch.inf).amin((1, 2), keepdim=True)
     if depth_span is None:
-        far = per_frame.scatter_reduce(0, frame, depth, "amax", include_self=False)[frame]
-        span = (far - near).clamp(min=torch.finfo(torch.float32).tiny)
+        span = (depth.amax((1, 2), keepdim=True) - near).clamp(min=torch.finfo(torch.float32).tiny)
     else:
         span = torch.as_tensor(depth_span, dtype=torch.float32)
-    return (1 - (depth - near) / span).clamp(0, 1)
-
-
-# Value of each conditioning channel where no face is visible.
-_BACKGROUND = torch.tensor([0.5, 0.5, 0.5, 0.0, 0.0, 0.0, 0.0, 0.0])
+    return (near - depth).div_(span).add_(1).clamp_(0, 1).mul_(mask)
 
 
 def conditioning_image(
@@ -433,20 +487,21 @@ def conditioning_image(
     """
     faces = torch.as_tensor(faces, dtype=torch.int64)
     raster = rasterize(verts, faces, focal, image_size, principal, near, cull_back_faces)
-    nx, ny, nz = _interpolate_columns(raster, faces, vertex_normals(verts.detach().float(), faces))
-    length = (nx * nx + ny * ny + nz * nz).sqrt().clamp(min=1e-12)
-    channels = [(n / length + 1) / 2 for n in (nx, ny, nz)] + [_normalised_depth(raster, depth_span)]
-    if face_labels is None:
-        channels += [torch.zeros_like(nx)] * 3
-    else:
-        label = torch.as_tensor(face_labels, dtype=torch.int64).index_select(0, raster.pixel_face)
-        channels += [(label == region).float() for region in (REGION_LEFT_EYE, REGION_RIGHT_EYE, REGION_MOUTH)]
-    channels.append(torch.ones_like(nx))
-    batch, height, width = raster.face.shape
-    image = torch.empty(len(channels), batch * height * width)
-    for plane, background, values in zip(image, _BACKGROUND.tolist(), channels):
-        plane.fill_(background).index_copy_(0, raster.pixel, values)
-    return image.view(-1, batch, height, width).transpose(0, 1).contiguous()
+    mask = raster.mask
+    batch, height, width = mask.shape
+    image = torch.empty(batch, len(CONDITIONING_CHANNELS), height, width)
+    for k, normal in enumerate(_normal_maps(raster, verts, faces, focal, principal)):
+        torch.where(mask, normal.add_(1).mul_(0.5), torch.tensor(0.5), out=image[:, k])
+    image[:, 3] = _depth_map(raster, depth_span)
+    # region label of every pixel, -1 on the background (index 0 of the table)
+    labels = torch.full((len(faces) + 1,), -1, dtype=torch.int64)
+    if face_labels is not None:
+        labels[1:] = torch.as_tensor(face_labels, dtype=torch.int64)
+    label = labels.index_select(0, (raster.face + 1).view(-1)).view(mask.shape)
+    for k, region in enumerate((REGION_LEFT_EYE, REGION_RIGHT_EYE, REGION_MOUTH), 4):
+        torch.eq(label, region, out=image[:, k])
+    image[:, 7] = mask
+    return image
 
 
 def overlay(frame, verts, faces, focal, principal=None, color=(170, 200, 255), alpha=0.6):

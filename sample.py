@@ -3,6 +3,7 @@
 Drive an avatar with a FLAME sequence (any seq.npz: the person's own, or another person's for re-enactment;
 expression and pose come from the sequence, the identity shape from the avatar):
     python sample.py --avatar runs/me --params seq.npz --prompt "a photo of sks person" --out out.mp4
+    python sample.py --params runs/me/tracking/seq.npz --prompt "..."     # the avatar of the run that tracked it
     python sample.py --avatar runs/me --params seq.npz --morph "Tom Cruise" --morph-weight 0.5 --out morph.mp4
     torchrun --nproc_per_node 4 sample.py --avatar runs/me --params seq.npz --out out.mp4   # frames split over GPUs
 
@@ -26,8 +27,9 @@ VIDEO = VideoSampling()  # the video defaults
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    mode = p.add_mutually_exclusive_group(required=True)
-    mode.add_argument("--avatar", help="run folder of `python train.py` (holds avatar.safetensors): video mode")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--avatar", help="run folder of `python train.py` (holds avatar.safetensors): video mode; "
+                      "default: the run whose tracking/ holds --params")
     mode.add_argument("--ckpt", help="single-file .safetensors checkpoint or diffusers folder: text-to-image mode")
     p.add_argument("--prompt", default=None, help="text prompt (avatar default: its training caption)")
     p.add_argument("--negative-prompt", default="", help="what to steer away from (classifier-free guidance)")
@@ -105,6 +107,16 @@ def text_to_image_main(args, device, dtype):
         print(f"wrote {path}")
 
 
+def run_of(params: str | None) -> str:
+    """The train.py run folder that tracked `params` (<run>/tracking/seq.npz): the default --avatar."""
+    if params:
+        run = os.path.dirname(os.path.dirname(os.path.abspath(params)))
+        if os.path.isfile(os.path.join(run, "avatar.safetensors")):
+            return run
+    where = f" ({params} is not in the tracking/ folder of a trained run)" if params else ""
+    raise ValueError(f"which avatar? pass --avatar RUN, the run folder of train.py{where}; or --ckpt for text to image")
+
+
 def split_frames(frames: range, rank: int, world: int) -> range:
     """This process's contiguous share of the frames (torchrun); each share is exact on its own."""
     bounds = [frames.start + len(frames) * r // world for r in range(world + 1)]
@@ -158,10 +170,11 @@ def main(argv=None):
     if device.type == "cuda" and "LOCAL_RANK" in os.environ:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     dtype = args.dtype or ("fp16" if device.type == "cuda" else "fp32")
-    if args.avatar:
-        avatar_main(args, device, dtype)
-    else:
+    if args.ckpt:
         text_to_image_main(args, device, dtype)
+    else:
+        args.avatar = args.avatar or run_of(args.params)
+        avatar_main(args, device, dtype)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,13 @@ Example (runs offline in a few minutes on a CPU):
     tracked = svp.track("demo", "runs/demo/tracking", size=128)   # offline demo video, toy head
     print(tracked.seq.n_frames, tracked.crops.shape)
 
+    # after `python train.py --video demo --preset tiny --out runs/demo` (a few minutes on a CPU):
+    avatar = svp.load_avatar("runs/demo")
+    seq = svp.load_seq("runs/demo/tracking/seq.npz")             # or another person's, to re-enact
+    frames, conditioning = avatar.render(seq, frames=range(8))   # uint8 (8, 64, 64, 3), temporally smooth
+    morphed, _ = avatar.render(seq, frames=range(8), morph="Tom Cruise", morph_weight=0.5)
+    print(svp.temporal_flicker(frames))
+
     sd = svp.load("v1-5-pruned-emaonly.safetensors")            # your own SD weights
     images = svp.text_to_image(sd, "a photo of an astronaut", steps=25)   # uint8 (1, 512, 512, 3)
 """

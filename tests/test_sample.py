@@ -98,11 +98,22 @@ def test_sample_py_writes_the_same_frames_however_they_are_split(run, tmp_path):
         assert np.abs(read_pngs(tmp_path / name) - reference).max() <= 1, name  # up to rounding of batched convs
 
 
-def test_side_by_side_shows_the_conditioning(run, tmp_path):
-    result = sample(run, tmp_path / "sbs", "--side-by-side", "--frames", "0:2")
+def test_side_by_side_and_the_default_avatar(run, tmp_path):
+    """Without --avatar, the run that tracked --params drives it (the mission's `sample.py --params seq.npz`)."""
+    out = tmp_path / "sbs"
+    cmd = [sys.executable, "sample.py", "--params", str(run / "tracking" / "seq.npz"), "--prompt", "a photo of sks person",
+           "--frames", "0:3", "--steps", "4", "--side-by-side", "--out", str(out) + ".mp4", "--png-dir", str(out)]
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
-    frames = read_pngs(tmp_path / "sbs", range(0, 2))
-    assert frames.shape == (2, 64, 128, 3)
+    frames = read_pngs(out, range(0, 3))
+    assert frames.shape == (3, 64, 128, 3)
+    assert np.abs(frames[:, :, :64] - 128).max() > 50, "the left half should show the conditioning's normals"
+
+    elsewhere = tmp_path / "seq.npz"
+    elsewhere.write_bytes((run / "tracking" / "seq.npz").read_bytes())
+    cmd[cmd.index("--params") + 1] = str(elsewhere)
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    assert result.returncode != 0 and "--avatar" in result.stderr and "Traceback" not in result.stderr
 
 
 def broken_seq(run, tmp_path, name, edit) -> str:
@@ -142,3 +153,11 @@ def test_avatar_on_another_base_model(run, tmp_path):
     train.write_tiny_base(str(other_base), seed=1, crops=np.load(run / "tracking" / "crops.npy")[:4], vae_steps=0)
     result = sample(run, tmp_path / "other", "--base", str(other_base))
     assert_clean_failure(result, tmp_path / "other", "another base model")
+
+
+def test_the_avatar_example_in_svps_docstring_runs(run, capsys):
+    """svp's module docstring shows the API on the demo run: it runs as written (on this run's folder)."""
+    import textwrap
+    example = svp.__doc__[svp.__doc__.index("    # after"):svp.__doc__.index("    sd = svp.load(")]
+    exec(textwrap.dedent(example).replace("runs/demo", str(run)), {"svp": svp})
+    assert float(capsys.readouterr().out) > 0

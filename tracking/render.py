@@ -19,14 +19,14 @@ Conventions (OpenCV pinhole camera):
 - Attributes are interpolated perspective-correctly with the winning face's barycentrics.
 
 Algorithm: per-triangle setup (fixed-point corners, bounding box, edge functions and 1/z as affine
-functions of the pixel), then the bounding boxes are cut into 4 x 4 pixel tiles; tiles wholly
-outside an edge are dropped, the rest are tested pixel by pixel in int64, and the depth keys of the
-covered pixels are scatter-min'ed into the z-buffer, a chunk of triangles at a time. Barycentrics of
-the winning face are computed on demand (`Raster.pixel_bary`). The conditioning maps skip them: a
-perspective-correct attribute is a ratio of two affine functions of the pixel per face, and normals,
-normalised anyway, need only the numerator, one plane per face and channel. tests/test_render.py
-checks face ids and depths pixel-exactly against a brute-force loop over pixels and triangles, and
-the normals against rays cast in float64.
+functions of the pixel), then each row of each bounding box gets its run of covered pixels from
+the edge functions by exact integer division; the depth keys of those pixels are scatter-min'ed into
+the z-buffer, a chunk of triangles at a time. Barycentrics of the winning face are computed on
+demand (`Raster.pixel_bary`). The conditioning maps skip them: a perspective-correct attribute is a
+ratio of two affine functions of the pixel per face, and normals, normalised anyway, need only the
+numerator, one plane per face and channel. tests/test_render.py checks face ids and depths
+pixel-exactly against a brute-force loop over pixels and triangles, and the normals against rays
+cast in float64.
 """
 from dataclasses import dataclass
 from functools import cached_property
@@ -37,7 +37,8 @@ import torch.nn.functional as F
 
 SUBPIXEL = 256  # fixed-point steps per pixel (8 subpixel bits)
 _GUARD = 2**28  # max |fixed-point coordinate|; keeps every edge-function product far below 2^63
-_BACKGROUND_KEY = torch.iinfo(torch.int64).max
+_MAX_INT64 = torch.iinfo(torch.int64).max
+_BACKGROUND_KEY = _MAX_INT64
 
 # Per-face region labels understood by `conditioning_image`.
 REGION_SKIN, REGION_LEFT_EYE, REGION_RIGHT_EYE, REGION_MOUTH = 0, 1, 2, 3
@@ -249,74 +250,56 @@ def _chunks(counts, max_count):
         start = stop
 
 
-# Bounding boxes are covered by tiles of _TILE_H x _TILE_W pixels; each tile's pixels are one slab
-# of a (TILE_H * TILE_W, ...) tensor, so all per-pixel work runs on long contiguous rows.
-_TILE_H, _TILE_W = 4, 4
+def _repeat_ranges(counts):
+    """For ranges of the given lengths (R,): the range of each element (P,) and its index in it."""
+    owner = torch.repeat_interleave(torch.arange(len(counts)), counts)
+    return owner, torch.arange(len(owner)) - (torch.cumsum(counts, 0) - counts).index_select(0, owner)
 
 
-def _tiles(tri, start, stop):
-    """The tiles covering the bounding boxes of triangles start:stop: triangle index (N,) and the
-    offsets x, y (N,) in pixels of each tile from its box corner. Tiles may reach up to a tile past
-    the box and the image; the z-buffer has a margin of one tile to catch those pixels."""
-    tiles_x = torch.div(tri.box_x[start:stop], _TILE_W, rounding_mode="floor") + 1
-    tiles = tiles_x * (torch.div(tri.box_y[start:stop], _TILE_H, rounding_mode="floor") + 1)
-    local = torch.repeat_interleave(torch.arange(stop - start), tiles)
-    index = torch.arange(len(local)) - (torch.cumsum(tiles, 0) - tiles)[local]
-    tile_y = torch.div(index, tiles_x[local], rounding_mode="floor")
-    tile_x = index - tile_y * tiles_x[local]
-    return local + start, tile_x * _TILE_W, tile_y * _TILE_H
+def _spans(tri, start, stop):
+    """The covered pixels of triangles start:stop as runs along their bounding boxes' rows:
+    triangle (R,), row y and first column x (R,) in pixels from the box corner, length (R,) >= 0.
 
-
-def _tile_edges(origin, step_x, step_y):
-    """Edge functions (K, 3, N) at the K pixels of N tiles from their values at the tiles' first
-    pixels (3, N) and steps per pixel (3, N): one addition per pixel, exact in integers."""
-    w = origin.new_empty(_TILE_H * _TILE_W, *origin.shape)
-    for k in range(_TILE_H * _TILE_W):
-        if k == 0:
-            w[0] = origin
-        elif k % _TILE_W:
-            torch.add(w[k - 1], step_x, out=w[k])
-        else:
-            torch.add(w[k - _TILE_W], step_y, out=w[k])
-    return w
+    Along a row an edge function is e + step * x; pixel x is on the inner side where that is >= 0
+    (the fill bias is already subtracted), i.e. x >= ceil(-e / step) for a positive step and
+    x <= floor(e / -step) for a negative one: exact integer divisions, no pixel is tested.
+    """
+    t, y = _repeat_ranges(tri.box_y[start:stop] + 1)
+    t += start
+    step = tri.step_x.index_select(1, t)
+    edge = tri.edge_origin.index_select(1, t) + tri.step_y.index_select(1, t) * y  # (3, R) at each row's start
+    bound = torch.div(edge, step.abs().clamp(min=1), rounding_mode="floor")
+    first = torch.where(step > 0, -bound, 0)
+    last = torch.where(step < 0, bound, torch.where((step == 0) & (edge < 0), -1, _MAX_INT64))
+    first = torch.maximum(torch.maximum(first[0], first[1]), first[2]).clamp_(min=0)
+    last = torch.minimum(torch.minimum(torch.minimum(last[0], last[1]), last[2]), tri.box_x.index_select(0, t))
+    return t, y, first, (last - first + 1).clamp_(min=0)
 
 
 def _depth_test(tri, zbuffer, height, width, max_pixels):
-    """Scatter the depth key of every covered (triangle, pixel) pair into zbuffer with amin.
-
-    zbuffer: (B * height * width,) with height, width the image size plus a margin of one tile.
-    """
-    k = torch.arange(_TILE_H * _TILE_W)  # pixel k of a tile is at (k % TW, k // TW) from its corner
-    pixel_x, pixel_y = k % _TILE_W, torch.div(k, _TILE_W, rounding_mode="floor")
-    pixels = (tri.box_x + _TILE_W) * (tri.box_y + _TILE_H)  # upper bound of the tiled area
+    """Scatter the depth key of every covered (triangle, pixel) pair into zbuffer (B * H * W,) with amin."""
+    pixels = (tri.box_x + 1) * (tri.box_y + 1)
     for start, stop in _chunks(pixels, max_pixels):
-        t, x, y = _tiles(tri, start, stop)
-        step_x, step_y = tri.step_x.index_select(1, t), tri.step_y.index_select(1, t)
-        origin = tri.edge_origin.index_select(1, t) + step_x * x + step_y * y
-        # Skip tiles that lie wholly outside an edge: its largest value over the tile is negative.
-        reach = origin + step_x.clamp(min=0) * (_TILE_W - 1) + step_y.clamp(min=0) * (_TILE_H - 1)
-        touched = ((reach[0] | reach[1] | reach[2]) >= 0).nonzero().view(-1)
-        t, x, y = t[touched], x[touched], y[touched]
-        w = _tile_edges(origin[:, touched], step_x[:, touched], step_y[:, touched])  # (K, 3, N)
-        # The covered pairs (tile pixel k, tile n): no sign bit set, all edges >= their fill bias.
-        k, n = ((w[:, 0] | w[:, 1] | w[:, 2]) >= 0).nonzero(as_tuple=True)
-        # Per tile: its first pixel centre relative to corner 0 in fixed point, and its index.
-        tile_px, tile_py = tri.offset_x[t] + x * SUBPIXEL, tri.offset_y[t] + y * SUBPIXEL
-        tile_pixel = (tri.frame[t] * height + tri.first_y[t] + y) * width + tri.first_x[t] + x
-        t = t.index_select(0, n)
+        t, y, first, length = _spans(tri, start, stop)
+        # Per run: its first pixel centre relative to corner 0 in fixed point, and its index.
+        of_run = lambda values: values.index_select(0, t)  # noqa: E731
+        run_px = of_run(tri.offset_x) + first * SUBPIXEL
+        run_py = of_run(tri.offset_y) + y * SUBPIXEL
+        run_pixel = (of_run(tri.frame) * height + of_run(tri.first_y) + y) * width + of_run(tri.first_x) + first
+        run, offset = _repeat_ranges(length)  # per covered pixel: its run and its place in the run
+        triangle = t.index_select(0, run)
+        of_pixel = lambda values: values.index_select(0, triangle)  # noqa: E731
         # 1/z = 1/z0 + grad . (p - p0), p - p0 in fixed point, exact in float64.
-        px = (tile_px.index_select(0, n) + pixel_x.index_select(0, k) * SUBPIXEL).to(torch.float64)
-        py = (tile_py.index_select(0, n) + pixel_y.index_select(0, k) * SUBPIXEL).to(torch.float64)
-        inv_z = tri.inv_z.index_select(0, t) + tri.grad_x.index_select(0, t) * px + tri.grad_y.index_select(0, t) * py
-        depth = (1.0 / inv_z).to(torch.float32)
+        px = (run_px.index_select(0, run) + offset * SUBPIXEL).to(torch.float64)
+        py = run_py.index_select(0, run).to(torch.float64)
+        depth = (1.0 / (of_pixel(tri.inv_z) + of_pixel(tri.grad_x) * px + of_pixel(tri.grad_y) * py)).to(torch.float32)
         # Positive float32 bit patterns order like their values: depth above, face index below.
-        key = (depth.view(torch.int32).to(torch.int64) << 32) | tri.face.index_select(0, t)
-        pixel = tile_pixel.index_select(0, n) + pixel_y.index_select(0, k) * width + pixel_x.index_select(0, k)
-        zbuffer.scatter_reduce_(0, pixel, key, "amin")
+        key = (depth.view(torch.int32).to(torch.int64) << 32) | of_pixel(tri.face)
+        zbuffer.scatter_reduce_(0, run_pixel.index_select(0, run) + offset, key, "amin")
 
 
 def rasterize(
-    verts, faces, focal, image_size=512, principal=None, near=1e-3, cull_back_faces=False, max_pixels=1 << 18
+    verts, faces, focal, image_size=512, principal=None, near=1e-3, cull_back_faces=False, max_pixels=1 << 19
 ):
     """Z-buffered rasterization of camera-space triangles (see the module docstring).
 
@@ -331,9 +314,8 @@ def rasterize(
     batch = verts.shape[0]
     faces = torch.as_tensor(faces, dtype=torch.int64)
     tri = _setup_triangles(verts, faces, focal, height, width, principal, near, cull_back_faces)
-    zbuffer = torch.full((batch, height + _TILE_H, width + _TILE_W), _BACKGROUND_KEY, dtype=torch.int64)
-    _depth_test(tri, zbuffer.view(-1), height + _TILE_H, width + _TILE_W, max_pixels)
-    zbuffer = zbuffer[:, :height, :width]
+    zbuffer = torch.full((batch, height, width), _BACKGROUND_KEY, dtype=torch.int64)
+    _depth_test(tri, zbuffer.view(-1), height, width, max_pixels)
     hit = zbuffer != _BACKGROUND_KEY
     return Raster(
         face=torch.where(hit, zbuffer & 0xFFFFFFFF, -1),

@@ -73,8 +73,9 @@ def main():
         f"{len(verts)} vertices, {len(faces)} faces, {args.size}x{args.size}, batch {args.batch}, "
         f"cull {args.cull_back_faces}, {torch.get_num_threads()} threads, coverage {coverage:.2f}: "
         f"{args.batch / min(wall):.1f} frames/s best, {args.batch / sorted(wall)[len(wall) // 2]:.1f} median "
-        f"({1000 * min(cpu) / args.batch:.0f} ms CPU/frame best)"
+        f"({1000 * min(cpu) / args.batch:.0f} ms CPU/frame best), load average {os.getloadavg()[0]:.2f}"
     )
+
 
 if __name__ == "__main__":
     main()

@@ -282,19 +282,19 @@ def _depth_test(tri, zbuffer, height, width, max_pixels):
     for start, stop in _chunks(pixels, max_pixels):
         t, y, first, length = _spans(tri, start, stop)
         # Per run: its first pixel centre relative to corner 0 in fixed point, and its index.
-        of_run = lambda values: values.index_select(0, t)  # noqa: E731
-        run_px = of_run(tri.offset_x) + first * SUBPIXEL
-        run_py = of_run(tri.offset_y) + y * SUBPIXEL
-        run_pixel = (of_run(tri.frame) * height + of_run(tri.first_y) + y) * width + of_run(tri.first_x) + first
+        run_px = tri.offset_x.index_select(0, t) + first * SUBPIXEL
+        run_py = tri.offset_y.index_select(0, t) + y * SUBPIXEL
+        row = (tri.frame.index_select(0, t) * height + tri.first_y.index_select(0, t) + y) * width
+        run_pixel = row + tri.first_x.index_select(0, t) + first
         run, offset = _repeat_ranges(length)  # per covered pixel: its run and its place in the run
         triangle = t.index_select(0, run)
-        of_pixel = lambda values: values.index_select(0, triangle)  # noqa: E731
+        inv_z, grad_x, grad_y, face = (v.index_select(0, triangle) for v in (tri.inv_z, tri.grad_x, tri.grad_y, tri.face))
         # 1/z = 1/z0 + grad . (p - p0), p - p0 in fixed point, exact in float64.
         px = (run_px.index_select(0, run) + offset * SUBPIXEL).to(torch.float64)
         py = run_py.index_select(0, run).to(torch.float64)
-        depth = (1.0 / (of_pixel(tri.inv_z) + of_pixel(tri.grad_x) * px + of_pixel(tri.grad_y) * py)).to(torch.float32)
+        depth = (1.0 / (inv_z + grad_x * px + grad_y * py)).to(torch.float32)
         # Positive float32 bit patterns order like their values: depth above, face index below.
-        key = (depth.view(torch.int32).to(torch.int64) << 32) | of_pixel(tri.face)
+        key = (depth.view(torch.int32).to(torch.int64) << 32) | face
         zbuffer.scatter_reduce_(0, run_pixel.index_select(0, run) + offset, key, "amin")
 
 

@@ -79,6 +79,17 @@ def test_missing_detections_are_bridged(toy_flame):
     assert np.abs(result.translation[5] - neighbours).max() < 0.01
 
 
+def test_fit_runs_on_its_own_thread_count(toy_flame, monkeypatch):
+    """Small tensors: the fit pins PyTorch to FitConfig.threads, and restores the caller's count."""
+    seen, loss = [], fit._Fit.loss
+    monkeypatch.setattr(fit._Fit, "loss", lambda self: seen.append(torch.get_num_threads()) or loss(self))
+    torch.set_num_threads(2)
+    _, _, noisy = _noisy_observation(toy_flame, 3, seed=2)
+    fit.fit_sequence(toy_flame, noisy, IMAGE_SIZE, config=FitConfig(
+        focal=FOCAL, fit_focal=False, rigid_iters=2, shape_iters=2, full_iters=2, threads=1))
+    assert seen and set(seen) == {1} and torch.get_num_threads() == 2
+
+
 def test_project_convention():
     points = torch.tensor([[0.0, 0.0, -1.0], [0.1, 0.0, -1.0], [0.0, 0.1, -1.0]])
     pixels = fit.project(points, 100.0, (200, 300))

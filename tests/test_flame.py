@@ -122,11 +122,16 @@ def test_landmarks_only_path_matches_full_mesh(oracle_dir, contour):
     ours = FLAME.from_files(os.path.join(oracle_dir, "FLAME_NEUTRAL.pkl"),
                             os.path.join(oracle_dir, "flame_static_embedding.pkl"),
                             n_shape=300, n_exp=100, dynamic_contour=contour)
-    params = _random_params(6, torch.Generator().manual_seed(5))
+    params = {k: v.requires_grad_() for k, v in _random_params(6, torch.Generator().manual_seed(5)).items()}
     _, full = ours(**params)
     none, fast = ours(**params, landmarks_only=True)
     assert none is None
     torch.testing.assert_close(fast, full, rtol=1e-6, atol=1e-6)
+    # the gradients that fitting follows agree too
+    weights = torch.randn(full.shape, generator=torch.Generator().manual_seed(6))
+    grads = [torch.autograd.grad((lmks * weights).sum(), list(params.values())) for lmks in (full, fast)]
+    for name, want, got in zip(params, *grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_fewer_components_equal_zero_padding(toy_dir):

@@ -327,6 +327,7 @@ def fit_sequence(flame, landmarks, image_size, fps=25.0, confidence=None, config
 
 @contextlib.contextmanager
 def _intra_op_threads(threads):
+    """Run the block with `threads` PyTorch intra-op threads (None: unchanged), then restore."""
     previous = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)

@@ -430,7 +430,8 @@ def _normal_maps(raster, verts, faces, focal, principal):
     rows = raster.face.clamp(min=0).add_(torch.arange(batch)[:, None, None] * len(faces)).view(-1)
     gather = lambda column: column.index_select(0, rows).view(batch, height, width)  # noqa: E731
     normal = [gather(a).mul_(px).add_(gather(b).mul_(py)).add_(gather(c)) for a, b, c in zip(*planes)]
-    inv_length = (normal[0] * normal[0]).addcmul_(normal[1], normal[1]).addcmul_(normal[2], normal[2]).rsqrt_()
+    squared = (normal[0] * normal[0]).addcmul_(normal[1], normal[1]).addcmul_(normal[2], normal[2])
+    inv_length = squared.clamp_(min=1e-30).rsqrt_()
     return [n.mul_(inv_length) for n in normal]
 
 

@@ -428,8 +428,11 @@ def _normal_maps(raster, verts, faces, focal, principal):
     px = (torch.arange(width) + 0.5) - centre[:, :1, None]  # (B, 1, W) pixel centres from the principal point
     py = (torch.arange(height)[:, None] + 0.5) - centre[:, 1:, None]  # (B, H, 1)
     rows = raster.face.clamp(min=0).add_(torch.arange(batch)[:, None, None] * len(faces)).view(-1)
-    gather = lambda column: column.index_select(0, rows).view(batch, height, width)  # noqa: E731
-    normal = [gather(a).mul_(px).add_(gather(b).mul_(py)).add_(gather(c)) for a, b, c in zip(*planes)]
+
+    def at_pixels(column):
+        return column.index_select(0, rows).view(batch, height, width)
+
+    normal = [at_pixels(a).mul_(px).add_(at_pixels(b).mul_(py)).add_(at_pixels(c)) for a, b, c in zip(*planes)]
     squared = (normal[0] * normal[0]).addcmul_(normal[1], normal[1]).addcmul_(normal[2], normal[2])
     inv_length = squared.clamp_(min=1e-30).rsqrt_()
     return [n.mul_(inv_length) for n in normal]
@@ -496,8 +499,7 @@ def overlay(frame, verts, faces, focal, principal=None, color=(170, 200, 255), a
     verts = torch.as_tensor(verts, dtype=torch.float32)[None]
     faces = torch.as_tensor(faces, dtype=torch.int64)
     raster = rasterize(verts, faces, focal, (height, width), principal)
-    normals = F.normalize(interpolate(raster, faces, vertex_normals(verts, faces)), dim=-1)[0]
-    shade = 0.25 + 0.75 * normals[..., 2].abs()
+    shade = 0.25 + 0.75 * _normal_maps(raster, verts, faces, focal, principal)[2][0].abs()
     mask = raster.mask[0].numpy()
     mesh = shade.numpy()[..., None] * np.asarray(color, np.float32)
     out = frame.astype(np.float32)

@@ -269,6 +269,24 @@ def test_tracking_follows_motion_and_recovers_after_loss(predictor):
     assert np.abs(result.landmarks[7:9] - result.landmarks[:2]).max() < 2.0
 
 
+def test_a_face_the_detector_misses_keeps_its_track_if_it_looks_like_the_last_frame(predictor, monkeypatch):
+    """The frontal detector misses strongly turned faces: simulated by making it fail on frames 2-4. The
+    track holds there (each frame still looks like the one before); a cut to another image on which the
+    detector also fails loses it."""
+    face = shifted_frames(6)
+    other = np.ascontiguousarray(np.rot90(skimage.data.coffee()[:400, :400]))
+    frames = face + [other]
+    misses = {id(f) for f in frames[2:5] + [other]}
+    detector = lm.face_near
+    monkeypatch.setattr(lm, "face_near", lambda image, box: id(image) not in misses and detector(image, box))
+    result, lost = lm.FaceTracker(predictor).track(frames)
+    np.testing.assert_array_equal(result.valid, [1, 1, 1, 1, 1, 1, 0])
+    assert lost == [6]
+    patch = lambda image, t: lm.face_patch(image, result.boxes[t])  # noqa: E731
+    assert patch(face[2], 2) @ patch(face[1], 1) > 0.95  # what kept the track on frames 2-4
+    assert patch(other, 5) @ patch(face[5], 5) < 0.5     # what loses it on the cut
+
+
 def test_tracking_with_user_box_and_no_face(predictor):
     frames = shifted_frames(2)
     result = lm.track_landmarks(frames, bbox=(150, 60, 250, 160), predictor=predictor)

@@ -435,6 +435,7 @@ class LandmarkPredictor:
 _DETECT_MAX_SIDE = 480    # full-frame detection runs on a copy downscaled to this size
 _MIN_FACE_FRACTION = 0.1  # smallest face searched, as a fraction of the shorter image side
 _CHECK_FACE_SIZE = 64     # a tracked face is re-checked at about this size in pixels
+_PATCH_SIZE = 16          # side of the grayscale patch that compares a face with the previous frame's
 _cascade = None
 
 
@@ -490,6 +491,21 @@ def face_near(image, box):
     return any(_box_iou(box, other) > 0.3 for other in found)
 
 
+def face_patch(image, box):
+    """The box's content as a (_PATCH_SIZE²,) vector: grayscale, area-averaged, zero mean, unit norm.
+
+    Two patches' dot product is their normalised cross-correlation: near 1 for the same face a frame
+    later (turned a little, lit alike), near 0 for unrelated content."""
+    gray = to_gray(image).astype(np.float64)
+    samples = 4 * _PATCH_SIZE  # 4x4 samples averaged per patch pixel
+    xs = np.clip(np.linspace(box[0], box[2], samples).round().astype(int), 0, gray.shape[1] - 1)
+    ys = np.clip(np.linspace(box[1], box[3], samples).round().astype(int), 0, gray.shape[0] - 1)
+    patch = gray[np.ix_(ys, xs)].reshape(_PATCH_SIZE, 4, _PATCH_SIZE, 4).mean(axis=(1, 3)).ravel()
+    patch -= patch.mean()
+    norm = np.linalg.norm(patch)
+    return patch / norm if norm > 0 else patch
+
+
 def _box_iou(a, b):
     width = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
     height = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
@@ -519,14 +535,18 @@ class FaceTracker:
 
     The track is lost when the refitted box leaves the image or becomes tiny, when the landmarks
     disagree with the box they were predicted in (IoU with the box refitted to them below
-    `min_iou`: the cascade did not settle), or, with `verify`, when the detector finds no face
-    around them (the regression cascade outputs a face-like shape even on a background).
+    `min_iou`: the cascade did not settle), or, with `verify`, when neither the detector finds a face
+    around them nor the face looks like the previous frame's (normalised cross-correlation of
+    `face_patch`es below `min_similarity`). The regression cascade outputs a face-like shape even on a
+    background, hence the check; the frontal-face detector misses strongly turned faces, hence the
+    similarity to the previous frame, which a turned face keeps and a cut to other content does not.
     """
 
-    def __init__(self, predictor=None, min_iou=0.5, min_size=24, refine_steps=2, verify=True):
+    def __init__(self, predictor=None, min_iou=0.5, min_size=24, refine_steps=2, verify=True,
+                 min_similarity=0.8):
         self.predictor = predictor or LandmarkPredictor.load()
         self.min_iou, self.min_size = min_iou, min_size
-        self.refine_steps, self.verify = refine_steps, verify
+        self.refine_steps, self.verify, self.min_similarity = refine_steps, verify, min_similarity
 
     def fit(self, image, box):
         """(landmarks, box) from a rough box, re-boxed `refine_steps` times in the model's convention."""
@@ -537,17 +557,20 @@ class FaceTracker:
             landmarks = self.predictor.predict(image, box)
         return landmarks, box
 
-    def is_lost(self, image, box, landmarks):
+    def is_lost(self, image, box, landmarks, previous_patch=None):
         refit = self.predictor.box_from_landmarks(landmarks)
-        return (_visible_fraction(refit, image.shape) < 0.5
+        if (_visible_fraction(refit, image.shape) < 0.5
                 or min(refit[2] - refit[0], refit[3] - refit[1]) < self.min_size
-                or _box_iou(box, refit) < self.min_iou
-                or (self.verify and not face_near(image, refit)))
+                or _box_iou(box, refit) < self.min_iou):
+            return True
+        if not self.verify or face_near(image, refit):
+            return False
+        return previous_patch is None or float(face_patch(image, refit) @ previous_patch) < self.min_similarity
 
     def track(self, frames, bbox=None):
         """-> (TrackResult, frames where a running track was lost); see track_landmarks."""
         landmarks, boxes, lost = [], [], []
-        previous = None  # landmarks of the previous frame while the track holds
+        previous = previous_patch = None  # landmarks and face_patch of the previous frame while the track holds
         for t, frame in enumerate(frames):
             frame = np.asarray(frame)
             result = None
@@ -556,7 +579,7 @@ class FaceTracker:
                 result = self.predictor.predict(frame, box), box
             elif t == 0 and bbox is not None:
                 result = self.fit(frame, bbox)
-            if result is not None and self.is_lost(frame, result[1], result[0]):
+            if result is not None and self.is_lost(frame, result[1], result[0], previous_patch):
                 lost.append(t)
                 result = None
             if result is None:
@@ -565,6 +588,8 @@ class FaceTracker:
                 if result is not None and self.is_lost(frame, result[1], result[0]):
                     result = None
             previous = result[0] if result is not None else None
+            if self.verify and previous is not None:
+                previous_patch = face_patch(frame, self.predictor.box_from_landmarks(previous))
             landmarks.append(previous if previous is not None
                              else np.full((self.predictor.num_parts, 2), np.nan))
             boxes.append(result[1] if result is not None else np.full(4, np.nan))

@@ -51,6 +51,8 @@ def parse_args(argv=None):
     video.add_argument("--temporal-fade", type=float, default=VIDEO.temporal_fade,
                        help="fraction of the steps over which that pull fades to 0")
     video.add_argument("--batch-frames", type=int, default=VIDEO.batch_frames, help="frames denoised together in lock-step")
+    video.add_argument("--conditioning-scale", type=float, default=VIDEO.conditioning_scale,
+                       help="strength of the 3DMM conditioning (multiplies the ControlNet's residuals)")
     video.add_argument("--morph", default=None, help='morph toward "a photo of <MORPH>" (e.g. "Tom Cruise")')
     video.add_argument("--morph-weight", type=float, default=0.5, help="0 = the avatar, 1 = the --morph prompt")
     video.add_argument("--side-by-side", action="store_true", help="conditioning | output in each frame")
@@ -142,7 +144,7 @@ def avatar_main(args, device, dtype):
                              guidance=VIDEO.guidance if args.guidance is None else args.guidance,
                              sampler=args.sampler or VIDEO.sampler, eta=args.eta, seed=args.seed,
                              temporal_strength=args.temporal_strength, temporal_fade=args.temporal_fade,
-                             batch_frames=args.batch_frames)
+                             batch_frames=args.batch_frames, conditioning_scale=args.conditioning_scale)
     images, cond = avatar.render(seq, args.prompt, args.morph, args.morph_weight, args.negative_prompt,
                                  split_frames(frames, rank, world), settings, progress=rank == 0)
     if args.side_by_side:

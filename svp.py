@@ -121,12 +121,13 @@ class Avatar:
         def model_fn(x, t, frame_ids):
             hint = hints[[f - first for f in frame_ids]]
             n = len(frame_ids)
+            scale = settings.conditioning_scale
             if uncond is None:
                 ctx = context.expand(n, -1, -1)
-                return self.sd.unet(x, t, ctx, *self.controlnet(x, t, ctx, hint)), None
+                return self.sd.unet(x, t, ctx, *self.controlnet(x, t, ctx, hint, scale)), None
             ctx = torch.cat([uncond.expand(n, -1, -1), context.expand(n, -1, -1)])
             x2, hint2 = torch.cat([x, x]), torch.cat([hint, hint])
-            out_uncond, out_cond = self.sd.unet(x2, t, ctx, *self.controlnet(x2, t, ctx, hint2)).chunk(2)
+            out_uncond, out_cond = self.sd.unet(x2, t, ctx, *self.controlnet(x2, t, ctx, hint2, scale)).chunk(2)
             return out_cond, out_uncond
 
         latents = denoise_video(model_fn, first + len(hints), make_sampler(self.sd, settings.sampler, settings.steps, settings.eta),
@@ -144,7 +145,8 @@ class VideoSampling:
     eta: DDIM's stochasticity (0 = deterministic; each frame draws its own step noise, which flickers);
     temporal_strength: pull of each frame toward the previous one (0 = independent frames);
     temporal_fade: the fraction of the steps over which that pull fades out (model/temporal.py explains
-    both); batch_frames: frames denoised together in lock-step (one UNet batch).
+    both); batch_frames: frames denoised together in lock-step (one UNet batch); conditioning_scale:
+    multiplies the ControlNet's residuals (how strongly the 3DMM rendering steers; 0 = plain text-to-image).
     """
     steps: int = 25
     guidance: float = 3.0
@@ -154,6 +156,7 @@ class VideoSampling:
     temporal_strength: float = 0.9
     temporal_fade: float = 0.8
     batch_frames: int = 8
+    conditioning_scale: float = 1.0
 
     @property
     def fade_steps(self) -> int:

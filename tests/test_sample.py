@@ -65,6 +65,17 @@ def test_same_seed_same_frames(run, avatar):
     assert not np.array_equal(first, other)
 
 
+def test_conditioning_scale_zero_ignores_the_3dmm(run, avatar):
+    """With the ControlNet's residuals scaled to 0 every frame is the same text-to-image sample (same
+    noise, same prompt): the sequence no longer steers; at scale 1 it does."""
+    seq = svp.load_seq(str(run / "tracking" / "seq.npz"))
+    for scale in (0.0, 1.0):
+        settings = svp.VideoSampling(steps=6, conditioning_scale=scale)
+        frames, _ = avatar.render(seq, frames=range(0, 12), settings=settings, progress=False)
+        spread = np.abs(frames.astype(np.int16) - frames[:1]).max()
+        assert (spread <= 1) if scale == 0 else (spread > 10), (scale, spread)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -5,10 +5,9 @@
 Fitting runs on synthetic sequences (tracking.fit.synthetic_sequence) of two models:
 - the toy head (1973 vertices; its contour table repeats one row);
 - a FLAME-sized model: the toy head padded to FLAME's exact layout (5023 vertices, 9976 faces,
-  300 + 100 components) with a dynamic contour table whose 79 rows all differ. Per contour point
-  the row for |yaw| = k degrees takes the k-th nearest face to the frontal one, so the table
-  spans far more vertices than a real silhouette table, which moves the contour only a few faces:
-  a pessimistic stand-in for fitting real FLAME (the fit's cost grows with those vertices).
+  300 + 100 components) with a dynamic contour table whose rows move the jaw-line points across
+  the cheek with the head's yaw (0.5 mm per degree), like a silhouette table: the fit's cost grows
+  with the vertices such a table spans.
 The first row is the toy head's first fit in the process (cold: library and allocator start-up),
 what a single track command pays; the rows after it are warm. The fit pins its own thread count
 (FitConfig.threads, 1 by default); --fit-threads overrides it.
@@ -54,11 +53,15 @@ def write_flame_sized_model(directory):
     copied = faces[(faces < len(copies)).all(1)] + n_verts
     model["f"] = np.concatenate([faces, _pad_rows(copied, FLAME_FACES - len(faces))]).astype(np.uint32)
 
+    # Row |yaw| = k: each contour point slides k * 0.5 mm towards the face's midline, to the face
+    # nearest to that spot (the silhouette moving across the cheek as the head turns).
     centres = model["v_template"][faces].mean(1)
     row = np.arange(CONTOUR_LUT_ROWS)
     abs_yaw = np.where(row < 40, row, row - 39)  # rows: yaw 0..39 degrees, then -1..-39
-    nearest = np.argsort(((centres[None] - centres[lmk_faces[:N_CONTOUR], None]) ** 2).sum(-1), 1)  # (17,F)
-    contour_faces = nearest[:, abs_yaw].T                                            # (79,17)
+    start = centres[lmk_faces[:N_CONTOUR]]                                           # (17,3)
+    slide = np.stack([-np.sign(start[:, 0]), np.zeros(N_CONTOUR), np.zeros(N_CONTOUR)], 1) * 5e-4
+    spots = start[None] + abs_yaw[:, None, None] * slide[None]                       # (79,17,3)
+    contour_faces = ((spots[:, :, None] - centres[None, None]) ** 2).sum(-1).argmin(-1)  # (79,17)
     contour_bary = np.broadcast_to(lmk_bary[:N_CONTOUR], (CONTOUR_LUT_ROWS, N_CONTOUR, 3))
     embedding = {"full_lmk_faces_idx": lmk_faces[None], "full_lmk_bary_coords": lmk_bary[None],
                  "dynamic_lmk_faces_idx": contour_faces, "dynamic_lmk_bary_coords": contour_bary.copy()}

@@ -281,20 +281,19 @@ def _depth_test(tri, zbuffer, height, width, max_pixels):
     pixels = (tri.box_x + 1) * (tri.box_y + 1)
     for start, stop in _chunks(pixels, max_pixels):
         t, y, first, length = _spans(tri, start, stop)
-        # Per run: its first pixel centre relative to corner 0 in fixed point, and its index.
-        run_px = tri.offset_x.index_select(0, t) + first * SUBPIXEL
-        run_py = tri.offset_y.index_select(0, t) + y * SUBPIXEL
+        # 1/z = 1/z0 + grad . (p - p0), p - p0 in fixed point, exact in float64: per run, all but
+        # the x term (the row's y term is the same for the whole run), then per pixel.
+        inv_z, grad_x, grad_y, face = (v.index_select(0, t) for v in (tri.inv_z, tri.grad_x, tri.grad_y, tri.face))
+        run_px = tri.offset_x.index_select(0, t) + first * SUBPIXEL  # first pixel centre - corner 0
+        y_term = grad_y * (tri.offset_y.index_select(0, t) + y * SUBPIXEL).to(torch.float64)
         row = (tri.frame.index_select(0, t) * height + tri.first_y.index_select(0, t) + y) * width
         run_pixel = row + tri.first_x.index_select(0, t) + first
         run, offset = _repeat_ranges(length)  # per covered pixel: its run and its place in the run
-        triangle = t.index_select(0, run)
-        inv_z, grad_x, grad_y, face = (v.index_select(0, triangle) for v in (tri.inv_z, tri.grad_x, tri.grad_y, tri.face))
-        # 1/z = 1/z0 + grad . (p - p0), p - p0 in fixed point, exact in float64.
         px = (run_px.index_select(0, run) + offset * SUBPIXEL).to(torch.float64)
-        py = run_py.index_select(0, run).to(torch.float64)
-        depth = (1.0 / (inv_z + grad_x * px + grad_y * py)).to(torch.float32)
+        inv_z = inv_z.index_select(0, run) + grad_x.index_select(0, run) * px + y_term.index_select(0, run)
+        depth = (1.0 / inv_z).to(torch.float32)
         # Positive float32 bit patterns order like their values: depth above, face index below.
-        key = (depth.view(torch.int32).to(torch.int64) << 32) | face
+        key = (depth.view(torch.int32).to(torch.int64) << 32) | face.index_select(0, run)
         zbuffer.scatter_reduce_(0, run_pixel.index_select(0, run) + offset, key, "amin")
 
 

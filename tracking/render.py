@@ -266,13 +266,13 @@ def _spans(tri, start, stop):
     """
     t, y = _repeat_ranges(tri.box_y[start:stop] + 1)
     t += start
-    step = tri.step_x.index_select(1, t)
-    edge = tri.edge_origin.index_select(1, t) + tri.step_y.index_select(1, t) * y  # (3, R) at each row's start
-    bound = torch.div(edge, step.abs().clamp(min=1), rounding_mode="floor")
-    first = torch.where(step > 0, -bound, 0)
-    last = torch.where(step < 0, bound, torch.where((step == 0) & (edge < 0), -1, _MAX_INT64))
-    first = torch.maximum(torch.maximum(first[0], first[1]), first[2]).clamp_(min=0)
-    last = torch.minimum(torch.minimum(torch.minimum(last[0], last[1]), last[2]), tri.box_x.index_select(0, t))
+    first, last = torch.zeros_like(t), tri.box_x.index_select(0, t)
+    for origin, step_x, step_y in zip(tri.edge_origin, tri.step_x, tri.step_y):  # the three edges
+        step = step_x.index_select(0, t)
+        edge = origin.index_select(0, t) + step_y.index_select(0, t) * y  # at each row's first pixel
+        bound = torch.div(edge, step.abs().clamp(min=1), rounding_mode="floor")
+        first = torch.maximum(first, torch.where(step > 0, -bound, 0))
+        last = torch.minimum(last, torch.where(step < 0, bound, torch.where((step == 0) & (edge < 0), -1, _MAX_INT64)))
     return t, y, first, (last - first + 1).clamp_(min=0)
 
 

@@ -188,6 +188,24 @@ def test_face_regions_find_eyes_and_mouth(toy_dir):
     assert mouth_area(0.3) > 5 * mouth_area(0.0)  # opening the jaw opens the mouth-interior fan
 
 
+def test_toy_head_is_wound_like_flame(toy_dir):
+    """Counter-clockwise around outward normals, as FLAME: every closed part (eyeballs, the head with its
+    mouth fan, open only at the neck) encloses a positive volume, and the rendered head looks the same
+    with back faces culled (render_conditioning culls them)."""
+    from tracking.render import conditioning_image
+    ours = FLAME.from_files(os.path.join(toy_dir, "generic_model.pkl"),
+                            os.path.join(toy_dir, "landmark_embedding.npy"))
+    verts, faces = ours.v_template.double(), ours.render_faces
+    for label in (flame.LEFT_EYE_REGION, flame.RIGHT_EYE_REGION):
+        tri = verts[faces[ours.face_regions == label]]
+        assert torch.linalg.det(tri).sum() > 0  # 6x the enclosed volume
+    assert torch.linalg.det(verts[faces]).sum() > 0
+    camera = ours.v_template * torch.tensor([1.0, -1.0, -1.0]) + torch.tensor([0.0, 0.0, 0.5])  # OpenCV, facing it
+    full = conditioning_image(camera[None], faces, 300.0, 96, ours.face_regions)
+    culled = conditioning_image(camera[None], faces, 300.0, 96, ours.face_regions, cull_back_faces=True)
+    assert full[:, -1].mean() > 0.2 and torch.equal(full, culled)
+
+
 # --------------------------------------------------------------------------- safe loading
 
 class _Evil:

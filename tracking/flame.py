@@ -539,9 +539,21 @@ def face_regions(faces, weights, v_template, embedding):
     if not loops:
         return faces, regions
     mouth = min(loops, key=lambda loop: np.linalg.norm(v_template[loop].mean(0) - lips))
-    fan = np.stack([np.full(len(mouth) - 2, mouth[0]), mouth[2:], mouth[1:-1]], 1)
+    # Fan out from the loop vertex whose fan is smallest on the template (mouth closed): the fan then
+    # stays between the lips, whichever vertex the loop happens to be read from.
+    fans = [_fan(np.roll(mouth, -k)) for k in range(len(mouth))]
+    fan = min(fans, key=lambda fan: _area(v_template[fan]))
     return (np.concatenate([faces, fan]),
             np.concatenate([regions, np.full(len(fan), MOUTH_INTERIOR, dtype=np.int64)]))
+
+
+def _fan(loop):
+    """Triangles from loop[0] to every other edge of the loop, wound against the loop (as the mesh)."""
+    return np.stack([np.full(len(loop) - 2, loop[0]), loop[2:], loop[1:-1]], 1)
+
+
+def _area(triangles):
+    return np.linalg.norm(np.cross(triangles[:, 1] - triangles[:, 0], triangles[:, 2] - triangles[:, 0]), axis=1).sum() / 2
 
 
 def _embedding_points(vertices, faces, embedding):

@@ -135,11 +135,15 @@ def posed_vertices(flame: FLAME, seq: FlameSequence, frames=slice(None), shape=N
 
 def render_conditioning(flame: FLAME, seq: FlameSequence, size: int, frames=slice(None), shape=None,
                         batch: int = 16) -> torch.Tensor:
-    """Conditioning images (T, C, size, size) of the sequence (see tracking/render.py for the channels)."""
+    """Conditioning images (T, C, size, size) of the sequence (see tracking/render.py for the channels).
+
+    Back faces are culled: FLAME (and the toy head) are wound counter-clockwise around outward normals
+    and the mouth is closed by a fan, so a back face is hidden behind a front one anyway (except
+    looking into the open neck), and skipping them makes the rasterizer about 1.5x faster."""
     verts = posed_vertices(flame, seq, frames, shape)
     focal = seq.focal * size / seq.image_size[1]
     return torch.cat([conditioning_image(verts[i:i + batch], flame.render_faces, focal, size, flame.face_regions,
-                                         depth_span=DEPTH_SPAN)
+                                         depth_span=DEPTH_SPAN, cull_back_faces=True)
                       for i in range(0, len(verts), batch)])
 
 

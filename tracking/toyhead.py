@@ -60,14 +60,15 @@ def _skin_grid():
 
 
 def _grid_faces(n_rings, columns, first=1):
-    """Triangles of a pole-capped ring grid (vertex 0 = pole, ring r column c = first + r*C + c)."""
+    """Triangles of a pole-capped ring grid (vertex 0 = pole, ring r column c = first + r*C + c),
+    counter-clockwise seen from outside (FLAME's winding: outward normals, the renderer's front)."""
     c = np.arange(columns)
     c1 = (c + 1) % columns
-    faces = [np.stack([np.zeros(columns, int), first + c1, first + c], 1)] if first else []
+    faces = [np.stack([np.zeros(columns, int), first + c, first + c1], 1)] if first else []
     for r in range(n_rings - 1):
         a, b = first + r * columns + c, first + (r + 1) * columns + c
         a1, b1 = first + r * columns + c1, first + (r + 1) * columns + c1
-        faces += [np.stack([a, a1, b], 1), np.stack([a1, b1, b], 1)]
+        faces += [np.stack([a, b, a1], 1), np.stack([a1, b, b1], 1)]
     return np.concatenate(faces)
 
 
@@ -104,7 +105,7 @@ def _eyeball(centre, n_rings=8, columns=12):
     faces = _grid_faces(n_rings, columns)
     bottom, last_ring = len(verts) - 1, 1 + (n_rings - 1) * columns
     c = np.arange(columns)
-    cap = np.stack([np.full(columns, bottom), last_ring + c, last_ring + (c + 1) % columns], 1)
+    cap = np.stack([np.full(columns, bottom), last_ring + (c + 1) % columns, last_ring + c], 1)
     return verts, np.concatenate([faces, cap])
 
 

@@ -135,6 +135,8 @@ def avatar_main(args, device, dtype):
     if frames.stop > seq.n_frames:
         raise ValueError(f"--frames {frames.start}:{frames.stop}: {args.params} has {seq.n_frames} frames")
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if len(frames) < world:
+        raise ValueError(f"{len(frames)} frames cannot be split over {world} processes; use fewer processes")
     if world > 1:
         import torch.distributed as dist
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")

@@ -82,10 +82,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def sample(run, out, *extra, params=None, launcher=(sys.executable,)):
+def sample(run, out, *extra, params=None, launcher=(sys.executable,), env=None):
     cmd = [*launcher, "sample.py", "--avatar", str(run), "--params", str(params or run / "tracking" / "seq.npz"),
            "--frames", "2:8", "--steps", "4", "--out", str(out) + ".mp4", "--png-dir", str(out), *extra]
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, **(env or {})})
 
 
 def read_pngs(folder, frames=range(2, 8)) -> np.ndarray:
@@ -154,9 +154,11 @@ def test_broken_sequence_files(run, tmp_path, name, edit, words):
     assert_clean_failure(sample(run, tmp_path / name, params=params), tmp_path / name, *words)
 
 
-def test_frames_beyond_the_sequence(run, tmp_path):
+def test_frames_beyond_the_sequence_or_too_few_for_the_processes(run, tmp_path):
     result = sample(run, tmp_path / "beyond", "--frames", "40:60")
     assert_clean_failure(result, tmp_path / "beyond", "seq.npz", "48 frames")
+    result = sample(run, tmp_path / "few", "--frames", "0:2", env={"RANK": "0", "WORLD_SIZE": "4"})
+    assert_clean_failure(result, tmp_path / "few", "2 frames", "4 processes")
 
 
 def test_avatar_on_another_base_model(run, tmp_path):

@@ -20,9 +20,7 @@ from PIL import Image
 
 from model.loading import load_stable_diffusion
 from model.pipeline import SAMPLER_NAMES, text_to_image
-from svp import VideoSampling
-
-VIDEO = VideoSampling()  # the video defaults
+from svp import VideoSampling  # its class attributes are the video defaults
 
 
 def parse_args(argv=None):
@@ -37,21 +35,23 @@ def parse_args(argv=None):
                    "sample.png); with --num-images N, files are named <stem>-<i><ext>")
     p.add_argument("--num-images", type=int, default=1, help="text-to-image: images per prompt")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=None, help=f"sampler steps (default 30; avatar {VIDEO.steps})")
+    p.add_argument("--steps", type=int, default=None, help=f"sampler steps (default 30; avatar {VideoSampling.steps})")
     p.add_argument("--guidance", type=float, default=None,
-                   help=f"classifier-free guidance scale, 1 = off (default 7.5; avatar {VIDEO.guidance:g})")
-    p.add_argument("--sampler", default=None, choices=SAMPLER_NAMES, help=f"default dpmpp_2m; avatar {VIDEO.sampler}")
+                   help=f"classifier-free guidance scale, 1 = off (default 7.5; avatar {VideoSampling.guidance:g})")
+    p.add_argument("--sampler", default=None, choices=SAMPLER_NAMES,
+                   help=f"default dpmpp_2m; avatar {VideoSampling.sampler}")
     video = p.add_argument_group("avatar video")
     video.add_argument("--params", help="FLAME sequence (seq.npz, see tracking/fit.py) that drives the avatar")
     video.add_argument("--frames", type=parse_frames, default=None, help="a:b, only frames a..b-1")
     video.add_argument("--base", default=None, help="the avatar's base checkpoint, if it moved since training")
     video.add_argument("--flame", default=None, help="FLAME generic_model.pkl, if it moved since training")
-    video.add_argument("--temporal-strength", type=float, default=VIDEO.temporal_strength,
+    video.add_argument("--temporal-strength", type=float, default=VideoSampling.temporal_strength,
                        help="pull of each frame toward the previous one while denoising (0 = independent frames)")
-    video.add_argument("--temporal-fade", type=float, default=VIDEO.temporal_fade,
+    video.add_argument("--temporal-fade", type=float, default=VideoSampling.temporal_fade,
                        help="fraction of the steps over which that pull fades to 0")
-    video.add_argument("--batch-frames", type=int, default=VIDEO.batch_frames, help="frames denoised together in lock-step")
-    video.add_argument("--conditioning-scale", type=float, default=VIDEO.conditioning_scale,
+    video.add_argument("--batch-frames", type=int, default=VideoSampling.batch_frames,
+                       help="frames denoised together in lock-step")
+    video.add_argument("--conditioning-scale", type=float, default=VideoSampling.conditioning_scale,
                        help="strength of the 3DMM conditioning (multiplies the ControlNet's residuals)")
     video.add_argument("--morph", default=None, help='morph toward "a photo of <MORPH>" (e.g. "Tom Cruise")')
     video.add_argument("--morph-weight", type=float, default=0.5, help="0 = the avatar, 1 = the --morph prompt")
@@ -142,9 +142,9 @@ def avatar_main(args, device, dtype):
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     avatar = svp.load_avatar(args.avatar, base=args.base, flame=args.flame, device=device, dtype=dtype,
                              tokenizer=args.tokenizer)
-    settings = VideoSampling(steps=args.steps or VIDEO.steps,
-                             guidance=VIDEO.guidance if args.guidance is None else args.guidance,
-                             sampler=args.sampler or VIDEO.sampler, eta=args.eta, seed=args.seed,
+    settings = VideoSampling(steps=args.steps or VideoSampling.steps,
+                             guidance=VideoSampling.guidance if args.guidance is None else args.guidance,
+                             sampler=args.sampler or VideoSampling.sampler, eta=args.eta, seed=args.seed,
                              temporal_strength=args.temporal_strength, temporal_fade=args.temporal_fade,
                              batch_frames=args.batch_frames, conditioning_scale=args.conditioning_scale)
     images, cond = avatar.render(seq, args.prompt, args.morph, args.morph_weight, args.negative_prompt,

@@ -26,7 +26,7 @@ from model.avatar import fingerprint, load_avatar as read_avatar_weights, read_a
 from model.controlnet import ControlNet
 from model.loading import StableDiffusion, load_stable_diffusion, load_stable_diffusion as load
 from model.pipeline import encode_prompts, make_sampler, text_to_image, to_uint8
-from model.temporal import coupling_depth, denoise_video, temporal_weights
+from model.temporal import denoise_video, temporal_weights, warm_up_start
 from tracking.fit import FlameSequence, load_seq
 from tracking.pipeline import TrackedVideo, load_flame, render_conditioning, track_video
 
@@ -93,12 +93,12 @@ class Avatar:
         frames = frames if frames is not None else range(seq.n_frames)
         if not (0 <= frames.start < frames.stop <= seq.n_frames):
             raise ValueError(f"frames {frames.start}:{frames.stop} are outside the sequence's 0:{seq.n_frames}")
-        first = max(0, frames.start - settings.overlap)  # warm-up frames before the range (model/temporal.py)
+        first = warm_up_start(frames.start, settings.weights)  # warm-up frames before the range
         hints = self.conditioning(seq, range(first, frames.stop))
         context = self.text_context(prompt, morph, morph_weight)
         uncond = encode_prompts(self.sd, [negative_prompt]) if settings.guidance != 1.0 else None
         images = self.sample(hints, first, frames, context, uncond, settings, progress)
-        return images, hints[frames.start - first:].float().cpu()
+        return images, hints[frames.start - first:]
 
     @torch.no_grad()
     def sample(self, hints: torch.Tensor, first: int, frames: range, context: torch.Tensor,
@@ -107,8 +107,9 @@ class Avatar:
         """Denoise and decode `frames` given the conditioning images `hints` of frames first, first+1, ...
 
         context, uncond: (1, 77, D) text embeddings of the prompt and of the negative prompt (classifier-free
-        guidance; None when settings.guidance is 1). `hints` must start at least `settings.overlap` frames
-        before `frames` (or at frame 0): those warm-up frames make any sub-range exact (model/temporal.py).
+        guidance; None when settings.guidance is 1). `hints` must start no later than
+        `warm_up_start(frames.start, settings.weights)`: those warm-up frames make any sub-range exact
+        (model/temporal.py).
         Returns uint8 (T, H, W, 3).
         """
         settings = settings or VideoSampling()
@@ -119,7 +120,7 @@ class Avatar:
                                    generator=torch.Generator().manual_seed(settings.seed)).to(device, dtype)
 
         def model_fn(x, t, frame_ids):
-            hint = hints[[f - first for f in frame_ids]]
+            hint = hints[frame_ids[0] - first:frame_ids[-1] + 1 - first]  # a chunk's frames are consecutive
             n = len(frame_ids)
             scale = settings.conditioning_scale
             if uncond is None:
@@ -130,7 +131,8 @@ class Avatar:
             out_uncond, out_cond = self.sd.unet(x2, t, ctx, *self.controlnet(x2, t, ctx, hint2, scale)).chunk(2)
             return out_cond, out_uncond
 
-        latents = denoise_video(model_fn, first + len(hints), make_sampler(self.sd, settings.sampler, settings.steps, settings.eta),
+        sampler = make_sampler(self.sd, settings.sampler, settings.steps, settings.eta)
+        latents = denoise_video(model_fn, first + len(hints), sampler,
                                 shared_noise, settings.temporal_strength, settings.fade_steps, settings.guidance,
                                 chunk=settings.batch_frames, seed=settings.seed, frames=frames, progress=progress)
         chunk = settings.batch_frames
@@ -163,9 +165,9 @@ class VideoSampling:
         return max(1, round(self.temporal_fade * self.steps))
 
     @property
-    def overlap(self) -> int:
-        """Frames before a range that its first frame depends on (the warm-up of model/temporal.py)."""
-        return coupling_depth(temporal_weights(self.steps, self.temporal_strength, self.fade_steps))
+    def weights(self) -> list[float]:
+        """The pull's weight at every step (model/temporal.py)."""
+        return temporal_weights(self.steps, self.temporal_strength, self.fade_steps)
 
 
 def load_avatar(run_dir: str, base: str | None = None, flame: str | None = None, device=None,

@@ -45,6 +45,11 @@ def coupling_depth(weights: list[float]) -> int:
     return (last + 1) // 2
 
 
+def warm_up_start(start: int, weights: list[float]) -> int:
+    """The first frame that a range starting at frame `start` depends on (sampled, then discarded)."""
+    return max(0, start - coupling_depth(weights))
+
+
 def step_noise_generator(seed: int, frame: int, device) -> torch.Generator:
     """Per-frame generator for DDIM's step noise: the same draws however the frames are chunked."""
     return torch.Generator(device).manual_seed(seed * 1_000_003 + frame)
@@ -94,7 +99,7 @@ def denoise_video(model_fn, num_frames: int, sampler: Sampler, shared_noise: tor
     """Clean latents for `frames` (default all `num_frames`) of a video, chunk by chunk (see module doc)."""
     frames = frames if frames is not None else range(num_frames)
     weights = temporal_weights(len(sampler), strength, fade_steps)
-    warm_up_from = max(0, frames.start - coupling_depth(weights))
+    warm_up_from = warm_up_start(frames.start, weights)
     out, carry = [], None
     bar = tqdm(total=len(frames), disable=not progress, desc="frames", unit="frame")
     for start in range(warm_up_from, frames.stop, chunk):

@@ -557,7 +557,9 @@ class FaceTracker:
             landmarks = self.predictor.predict(image, box)
         return landmarks, box
 
-    def is_lost(self, image, box, landmarks, previous_patch=None):
+    def is_lost(self, image, box, landmarks, previous_image=None):
+        """Whether the track is lost (class doc). `box`: the box the landmarks were predicted in, for a
+        running track the one refitted to the landmarks of `previous_image` (None: no running track)."""
         refit = self.predictor.box_from_landmarks(landmarks)
         if (_visible_fraction(refit, image.shape) < 0.5
                 or min(refit[2] - refit[0], refit[3] - refit[1]) < self.min_size
@@ -565,12 +567,14 @@ class FaceTracker:
             return True
         if not self.verify or face_near(image, refit):
             return False
-        return previous_patch is None or float(face_patch(image, refit) @ previous_patch) < self.min_similarity
+        if previous_image is None:
+            return True
+        return float(face_patch(image, refit) @ face_patch(previous_image, box)) < self.min_similarity
 
     def track(self, frames, bbox=None):
         """-> (TrackResult, frames where a running track was lost); see track_landmarks."""
         landmarks, boxes, lost = [], [], []
-        previous = previous_patch = None  # landmarks and face_patch of the previous frame while the track holds
+        previous = previous_image = None  # landmarks and image of the previous frame while the track holds
         for t, frame in enumerate(frames):
             frame = np.asarray(frame)
             result = None
@@ -579,7 +583,7 @@ class FaceTracker:
                 result = self.predictor.predict(frame, box), box
             elif t == 0 and bbox is not None:
                 result = self.fit(frame, bbox)
-            if result is not None and self.is_lost(frame, result[1], result[0], previous_patch):
+            if result is not None and self.is_lost(frame, result[1], result[0], previous_image):
                 lost.append(t)
                 result = None
             if result is None:
@@ -588,8 +592,7 @@ class FaceTracker:
                 if result is not None and self.is_lost(frame, result[1], result[0]):
                     result = None
             previous = result[0] if result is not None else None
-            if self.verify and previous is not None:
-                previous_patch = face_patch(frame, self.predictor.box_from_landmarks(previous))
+            previous_image = frame if result is not None else None
             landmarks.append(previous if previous is not None
                              else np.full((self.predictor.num_parts, 2), np.nan))
             boxes.append(result[1] if result is not None else np.full(4, np.nan))

@@ -1,0 +1,36 @@
+"""Writing files so that an interrupted run never leaves a half-written one: write a temp file in the same
+folder, then rename it over the target (a rename within a folder is atomic on POSIX and Windows).
+
+Every file svp writes (checkpoints, avatars, caches, seq.npz, videos, images, JSON) goes through
+`atomic_write`, so a reader either finds the previous complete file or the new complete file.
+"""
+import json
+import os
+from contextlib import contextmanager
+
+
+@contextmanager
+def atomic_write(path: str):
+    """Yield a temp path beside `path` to write to; on success it replaces `path`, on failure it is removed.
+
+    The temp name keeps `path`'s extension (writers such as np.save and PIL pick the format from it) and
+    holds the pid, so two processes writing the same target never share a temp file.
+    """
+    stem, ext = os.path.splitext(path)
+    tmp = f"{stem}.tmp{os.getpid()}{ext}"
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def read_json(path: str):
+    with open(path) as f:
+        return json.load(f)
+
+
+def write_json(path: str, obj):
+    with atomic_write(path) as tmp, open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)

@@ -5,13 +5,15 @@ import pytest
 import torch
 
 from bench.render import uv_ellipsoid
-from tracking.render import (
+from tracking.conditioning import (
     CONDITIONING_CHANNELS,
     REGION_LEFT_EYE,
     REGION_MOUTH,
     REGION_RIGHT_EYE,
-    SUBPIXEL,
     conditioning_image,
+)
+from tracking.render import (
+    SUBPIXEL,
     draw_landmarks,
     interpolate,
     overlay,

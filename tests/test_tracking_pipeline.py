@@ -11,7 +11,7 @@ from tracking.conditioning import CONDITIONING_CHANNELS, render_conditioning
 from tracking.demo import write_demo_video
 from tracking.pipeline import TrackingError, check_gaps, load_flame, track_video
 from tracking.sequence import load_seq
-from tracking.video import VideoError, read_video, write_video
+from tracking.video import read_video, write_video
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

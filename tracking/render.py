@@ -50,7 +50,7 @@ class Raster:
 
     Per-pixel maps, plus the same data listed for the N covered pixels only (what interpolation
     works on, so that it never touches the background). The lists and the barycentrics are
-    computed on first use: the conditioning maps need neither.
+    computed on first use: the normal maps need neither.
     """
 
     face: torch.Tensor  # (B, H, W) int64 index of the visible face, -1 on the background

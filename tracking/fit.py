@@ -10,8 +10,8 @@ second stage adds the identity shape and jaw, a third the expression and neck. B
 frames are solved at once and tied by the smoothness terms, no sequential frame-to-frame warm
 start is needed. Eye rotations are not observable from the 68 iBUG points (no pupils) and stay
 zero. Neck and global rotation are nearly interchangeable under landmarks (both turn the head);
-the neck prior decides the split, and evaluation should compare their composition (the global
-rotation's matrix times the neck's).
+the neck prior decides the split, and evaluation should compare their composition
+(`head_rotation` in tests/test_fit.py).
 
 Landmarks are projected with the rasterizer's `project` after `opengl_to_opencv` (the sequence's
 camera space has OpenGL axes), so the fitted mesh renders where the landmarks were seen.
@@ -30,6 +30,7 @@ from .sequence import FlameSequence
 def default_focal(image_size):
     """Initial focal length in pixels: a ~45 degree field of view across the larger side."""
     return 1.2 * max(image_size)
+
 
 @dataclass
 class FitConfig:

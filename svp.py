@@ -27,8 +27,9 @@ from model.controlnet import ControlNet
 from model.loading import StableDiffusion, load_stable_diffusion, load_stable_diffusion as load
 from model.pipeline import encode_prompts, make_sampler, text_to_image, to_uint8
 from model.temporal import denoise_video, temporal_weights, warm_up_start
-from tracking.fit import FlameSequence, load_seq
-from tracking.pipeline import TrackedVideo, load_flame, render_conditioning, track_video
+from tracking.conditioning import render_conditioning
+from tracking.pipeline import TrackedVideo, load_flame, track_video
+from tracking.sequence import FlameSequence, load_seq
 
 __all__ = ["load", "text_to_image", "track", "load_avatar", "Avatar", "VideoSampling", "load_seq",
            "temporal_flicker"]

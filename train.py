@@ -48,9 +48,9 @@ from model.controlnet import ControlNet, load_controlnet
 from model.loading import DTYPES, StableDiffusion, load_stable_diffusion, load_tokenizer, save_single_file
 from model.pipeline import encode_prompts, guided_denoiser, make_sampler, to_uint8
 from model.sampling import NoiseSchedule, sample
-from tracking.__main__ import add_tracking_args
-from tracking.pipeline import load_flame, render_conditioning, track_video
-from tracking.render import CONDITIONING_CHANNELS
+from tracking.cli import add_tracking_args
+from tracking.conditioning import CONDITIONING_CHANNELS, render_conditioning
+from tracking.pipeline import load_flame, track_video
 
 log = logging.getLogger("train")
 

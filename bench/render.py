@@ -13,7 +13,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from tracking.render import conditioning_image  # noqa: E402
+from tracking.conditioning import conditioning_image  # noqa: E402
 
 
 def uv_ellipsoid(rings, segments, radii=(1.0, 1.0, 1.0)):

@@ -2,7 +2,7 @@
 
     python bench/tracking.py [--frames 300] [--threads 2] [--video-frames 48] [--skip-command]
 
-Fitting runs on synthetic sequences (tracking.fit.synthetic_sequence) of two models:
+Fitting runs on synthetic sequences (`synthetic_sequence`, also the tests' ground truth) of two models:
 - the toy head (1973 vertices; its contour table repeats one row);
 - a FLAME-sized model: the toy head padded to FLAME's exact layout (5023 vertices, 9976 faces,
   300 + 100 components) with a dynamic contour table whose rows move the jaw-line points across
@@ -20,6 +20,7 @@ import pickle
 import sys
 import tempfile
 import time
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -27,12 +28,60 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tracking.demo import write_demo_video  # noqa: E402
-from tracking.fit import FitConfig, measure_fit_speed  # noqa: E402
+from tracking.fit import FitConfig, fit_sequence  # noqa: E402
 from tracking.flame import CONTOUR_LUT_ROWS, N_CONTOUR  # noqa: E402
 from tracking.pipeline import load_flame, track_video  # noqa: E402
+from tracking.render import opengl_to_opencv, project  # noqa: E402
+from tracking.sequence import FlameSequence  # noqa: E402
 from tracking.toyhead import build_toy_flame  # noqa: E402
 
 FLAME_VERTICES, FLAME_FACES = 5023, 9976
+
+
+def seq_landmarks_2d(flame, seq):
+    """Pixel landmarks (T,68,2) of a FlameSequence, as its camera sees them."""
+    with torch.no_grad():
+        _, lmk3d = flame(**seq.torch_params(), landmarks_only=True)
+        return project(opengl_to_opencv(lmk3d), seq.focal, seq.image_size).numpy()
+
+
+def _smooth_trajectory(rng, n_frames, n_dims, amplitude, fps, n_waves=3):
+    """Sum of a few random slow sinusoids (0.2-0.8 Hz, like head motion) per dimension: (T, n_dims)."""
+    t = np.arange(n_frames)[:, None, None] / fps
+    freq = rng.uniform(0.2, 0.8, size=(n_waves, n_dims))
+    phase = rng.uniform(0, 2 * np.pi, size=(n_waves, n_dims))
+    waves = np.sin(2 * np.pi * freq * t + phase).sum(1) / np.sqrt(n_waves)
+    return waves * np.asarray(amplitude)
+
+
+def synthetic_sequence(flame, n_frames, image_size=(512, 512), focal=700.0, fps=25.0, seed=0):
+    """A random smooth FlameSequence (known ground truth) for tests and benchmarks."""
+    rng = np.random.default_rng(seed)
+    exp_std = 1.0 / (1 + np.arange(flame.n_exp) / 5)
+    wave = lambda n_dims, amplitude: _smooth_trajectory(rng, n_frames, n_dims, amplitude, fps)
+    jaw = wave(3, [0.1, 0.01, 0.01])
+    jaw[:, 0] = np.abs(jaw[:, 0]) + 0.02                                     # open, never through the skull
+    translation = wave(3, [0.02, 0.02, 0.03]) + [0, 0, -0.6]
+    f32 = lambda a: np.asarray(a, np.float32)
+    return FlameSequence(
+        shape=f32(rng.normal(size=flame.n_shape) * 0.8 / (1 + np.arange(flame.n_shape) / 10)),
+        expression=f32(wave(flame.n_exp, 0.8 * exp_std)),
+        global_rot=f32(wave(3, [0.15, 0.4, 0.08])),
+        neck_rot=f32(wave(3, [0.05, 0.05, 0.02])),
+        jaw_rot=f32(jaw), eye_rots=np.zeros((n_frames, 6), np.float32), translation=f32(translation),
+        focal=focal, image_size=tuple(image_size), fps=fps)
+
+
+def measure_fit_speed(flame, n_frames=300, threads=1, config=None, seed=0):
+    """Fit a synthetic n_frames sequence with `threads` intra-op threads; returns {'fps', 'seconds',
+    'cpu_seconds', 'frames'} (fit only; CPU time of this process, which on a busy machine says
+    more than the wall clock)."""
+    truth = synthetic_sequence(flame, n_frames, seed=seed)
+    observed = seq_landmarks_2d(flame, truth)
+    start, start_cpu = time.perf_counter(), time.process_time()
+    fit_sequence(flame, observed, truth.image_size, truth.fps, config=replace(config or FitConfig(), threads=threads))
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - start_cpu
+    return {"fps": n_frames / seconds, "seconds": seconds, "cpu_seconds": cpu_seconds, "frames": n_frames}
 
 
 def _pad_rows(a, n):

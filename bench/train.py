@@ -30,7 +30,7 @@ from model.config import SD1  # noqa: E402
 from model.controlnet import HINT_WIDTHS, ControlNet, diffusers_to_ldm_controlnet  # noqa: E402
 from model.unet import UNet, diffusers_to_ldm_unet  # noqa: E402
 
-HINT_CHANNELS = 8  # tracking.render.CONDITIONING_CHANNELS
+HINT_CHANNELS = 8  # tracking.conditioning.CONDITIONING_CHANNELS
 
 
 def build_pairs(channels: int, device):

@@ -1,12 +1,12 @@
-"""FLAME fitting on a synthetic toy-head video with known parameters, and the seq.npz contract."""
-import os
-
+"""FLAME fitting on a synthetic toy-head video with known parameters."""
 import numpy as np
 import pytest
 import torch
 
+from bench.tracking import seq_landmarks_2d, synthetic_sequence
 from tracking import fit, flame, toyhead
-from tracking.fit import FitConfig, SeqFileError
+from tracking.fit import FitConfig
+from tracking.render import opengl_to_opencv, project
 
 IMAGE_SIZE, FOCAL = (512, 512), 700.0
 
@@ -27,9 +27,21 @@ def one_thread():
     torch.set_num_threads(previous)
 
 
+def head_rotation(global_rot, neck_rot):
+    """(T,3,3) rotation of the head in camera space: the global rotation composed with the neck."""
+    t = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float64)
+    return (flame.axis_angle_to_matrix(t(global_rot)) @ flame.axis_angle_to_matrix(t(neck_rot))).numpy()
+
+
+def rotation_error_degrees(rot_a, rot_b):
+    """Geodesic angle (degrees) between two batches of rotation matrices."""
+    cos = (np.einsum("tij,tij->t", rot_a, rot_b) - 1) / 2
+    return np.degrees(np.arccos(np.clip(cos, -1, 1)))
+
+
 def _noisy_observation(toy_flame, n_frames, seed):
-    truth = fit.synthetic_sequence(toy_flame, n_frames, IMAGE_SIZE, FOCAL, seed=seed)
-    clean = fit.seq_landmarks_2d(toy_flame, truth)
+    truth = synthetic_sequence(toy_flame, n_frames, IMAGE_SIZE, FOCAL, seed=seed)
+    clean = seq_landmarks_2d(toy_flame, truth)
     noisy = clean + np.random.default_rng(seed).normal(scale=0.5, size=clean.shape)
     return truth, clean, noisy
 
@@ -39,9 +51,9 @@ def test_fit_recovers_synthetic_sequence(toy_flame):
     truth, clean, noisy = _noisy_observation(toy_flame, 60, seed=0)
     result = fit.fit_sequence(toy_flame, noisy, IMAGE_SIZE, fps=truth.fps,
                               config=FitConfig(focal=FOCAL, fit_focal=False))
-    reprojection = np.linalg.norm(fit.seq_landmarks_2d(toy_flame, result) - clean, axis=-1)
-    rotation = fit.rotation_error_degrees(fit.head_rotation(result.global_rot, result.neck_rot),
-                                          fit.head_rotation(truth.global_rot, truth.neck_rot))
+    reprojection = np.linalg.norm(seq_landmarks_2d(toy_flame, result) - clean, axis=-1)
+    rotation = rotation_error_degrees(head_rotation(result.global_rot, result.neck_rot),
+                                      head_rotation(truth.global_rot, truth.neck_rot))
     assert reprojection.mean() <= 1.0, reprojection.mean()
     assert rotation.mean() <= 2.0, rotation.mean()
     assert np.abs(result.jaw_rot[:, 0] - truth.jaw_rot[:, 0]).mean() < np.abs(truth.jaw_rot[:, 0]).mean() / 2
@@ -58,11 +70,11 @@ def test_procrustes_init_recovers_rigid_pose(toy_flame):
     with torch.no_grad():
         _, lmk = toy_flame(torch.zeros(1, 1), torch.zeros(1, 1), global_rot=rot, translation=trans)
         neutral = toy_flame(torch.zeros(1, 1), torch.zeros(1, 1))[1][0]
-    observed = fit.project(lmk, focal, IMAGE_SIZE).numpy()
+    observed = project(opengl_to_opencv(lmk), focal, IMAGE_SIZE).numpy()
     got_rot, got_trans = fit._procrustes_init(neutral.double().numpy(), observed, np.ones((n_frames, 68)),
                                               focal, IMAGE_SIZE, toy_flame.J_template[0].double().numpy())
     want_rot = flame.axis_angle_to_matrix(rot.double()).numpy()
-    assert fit.rotation_error_degrees(got_rot, want_rot).max() < 0.1
+    assert rotation_error_degrees(got_rot, want_rot).max() < 0.1
     np.testing.assert_allclose(got_trans[:, :2], trans[:, :2].numpy(), atol=2e-3)
     np.testing.assert_allclose(got_trans[:, 2], trans[:, 2].numpy(), rtol=1e-3)
 
@@ -88,64 +100,3 @@ def test_fit_runs_on_its_own_thread_count(toy_flame, monkeypatch):
     fit.fit_sequence(toy_flame, noisy, IMAGE_SIZE, config=FitConfig(
         focal=FOCAL, fit_focal=False, rigid_iters=2, shape_iters=2, full_iters=2, threads=1))
     assert seen and set(seen) == {1} and torch.get_num_threads() == 2
-
-
-def test_project_convention():
-    points = torch.tensor([[0.0, 0.0, -1.0], [0.1, 0.0, -1.0], [0.0, 0.1, -1.0]])
-    pixels = fit.project(points, 100.0, (200, 300))
-    np.testing.assert_allclose(pixels.numpy(), [[150, 100], [160, 100], [150, 90]])
-
-
-# --------------------------------------------------------------------------- seq.npz
-
-def _sequence(n_frames=4, crop=True):
-    rng = np.random.default_rng(0)
-    r = lambda *s: rng.normal(size=s).astype(np.float32)
-    return fit.FlameSequence(shape=r(100), expression=r(n_frames, 50), global_rot=r(n_frames, 3),
-                             neck_rot=r(n_frames, 3), jaw_rot=r(n_frames, 3), eye_rots=r(n_frames, 6),
-                             translation=r(n_frames, 3), focal=700.0, image_size=(512, 384), fps=30.0,
-                             crop_boxes=r(n_frames, 4) if crop else None)
-
-
-def test_seq_round_trip(tmp_path):
-    path = str(tmp_path / "seq.npz")
-    for seq in (_sequence(crop=True), _sequence(crop=False)):
-        fit.save_seq(path, seq)
-        back = fit.load_seq(path)
-        for key, value in seq.to_npz_dict().items():
-            np.testing.assert_array_equal(back.to_npz_dict()[key], value)
-        assert back.image_size == (512, 384) and back.n_frames == 4
-        assert (back.crop_boxes is None) == (seq.crop_boxes is None)
-    assert os.listdir(tmp_path) == ["seq.npz"]  # no temporary file left behind
-    d = np.load(path)
-    assert d["expression"].dtype == np.float32 and d["version"].dtype == np.int64
-
-
-def _write(path, d):
-    np.savez(path, **d)
-    return str(path)
-
-
-@pytest.mark.parametrize("change, message", [
-    (lambda d: d.pop("jaw_rot"), "'jaw_rot' is missing"),
-    (lambda d: d["expression"].__setitem__((1, 2), np.nan), "'expression' contains NaN"),
-    (lambda d: d.__setitem__("neck_rot", np.zeros((3, 3), np.float32)), r"'neck_rot' has shape \(3, 3\)"),
-    (lambda d: d.__setitem__("shape", np.zeros(7, np.float32)), r"'shape' has shape \(7,\)"),
-    (lambda d: d.__setitem__("version", np.int64(99)), "'version' is 99"),
-    (lambda d: d.__setitem__("focal", np.float32(-1)), "'focal' must be positive"),
-])
-def test_load_seq_rejects_bad_files(tmp_path, change, message):
-    d = _sequence().to_npz_dict()
-    change(d)
-    path = _write(tmp_path / "bad.npz", d)
-    with pytest.raises(SeqFileError, match="bad.npz.*" + message):
-        fit.load_seq(path)
-
-
-def test_load_seq_rejects_missing_and_garbage(tmp_path):
-    with pytest.raises(SeqFileError, match="nothere.npz.*not found"):
-        fit.load_seq(str(tmp_path / "nothere.npz"))
-    garbage = tmp_path / "garbage.npz"
-    garbage.write_bytes(b"not a zip file at all")
-    with pytest.raises(SeqFileError, match="garbage.npz"):
-        fit.load_seq(str(garbage))

@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from tracking import flame, toyhead
+from tracking.conditioning import REGION_LEFT_EYE, REGION_MOUTH, REGION_RIGHT_EYE, conditioning_image
 from tracking.flame import FLAME, FlameFileError
+from tracking.render import opengl_to_opencv
 
 
 @pytest.fixture(scope="module")
@@ -174,10 +176,10 @@ def test_face_regions_find_eyes_and_mouth(toy_dir):
                             os.path.join(toy_dir, "landmark_embedding.npy"))
     regions, faces = ours.face_regions, ours.render_faces
     weights = ours.lbs_weights
-    for label, joint in ((flame.LEFT_EYE_REGION, flame.LEFT_EYE), (flame.RIGHT_EYE_REGION, flame.RIGHT_EYE)):
+    for label, joint in ((REGION_LEFT_EYE, flame.LEFT_EYE), (REGION_RIGHT_EYE, flame.RIGHT_EYE)):
         eye_faces = faces[regions == label]
         assert len(eye_faces) > 0 and (weights[eye_faces, joint] > 0.5).all()
-    mouth = faces[regions == flame.MOUTH_INTERIOR]
+    mouth = faces[regions == REGION_MOUTH]
     assert len(mouth) > 0
 
     def mouth_area(jaw):
@@ -192,15 +194,14 @@ def test_toy_head_is_wound_like_flame(toy_dir):
     """Counter-clockwise around outward normals, as FLAME: every closed part (eyeballs, the head with its
     mouth fan, open only at the neck) encloses a positive volume, and the rendered head looks the same
     with back faces culled (render_conditioning culls them)."""
-    from tracking.render import conditioning_image
     ours = FLAME.from_files(os.path.join(toy_dir, "generic_model.pkl"),
                             os.path.join(toy_dir, "landmark_embedding.npy"))
     verts, faces = ours.v_template.double(), ours.render_faces
-    for label in (flame.LEFT_EYE_REGION, flame.RIGHT_EYE_REGION):
+    for label in (REGION_LEFT_EYE, REGION_RIGHT_EYE):
         tri = verts[faces[ours.face_regions == label]]
         assert torch.linalg.det(tri).sum() > 0  # 6x the enclosed volume
     assert torch.linalg.det(verts[faces]).sum() > 0
-    camera = ours.v_template * torch.tensor([1.0, -1.0, -1.0]) + torch.tensor([0.0, 0.0, 0.5])  # OpenCV, facing it
+    camera = opengl_to_opencv(ours.v_template) + torch.tensor([0.0, 0.0, 0.5])  # facing the camera
     full = conditioning_image(camera[None], faces, 300.0, 96, ours.face_regions)
     culled = conditioning_image(camera[None], faces, 300.0, 96, ours.face_regions, cull_back_faces=True)
     assert full[:, -1].mean() > 0.2 and torch.equal(full, culled)

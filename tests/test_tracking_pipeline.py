@@ -6,11 +6,12 @@ import sys
 import numpy as np
 import pytest
 
+from bench.tracking import seq_landmarks_2d
+from tracking.conditioning import CONDITIONING_CHANNELS, render_conditioning
 from tracking.demo import write_demo_video
-from tracking.fit import load_seq
-from tracking.pipeline import TrackingError, check_gaps, load_flame, render_conditioning, track_video
-from tracking.render import CONDITIONING_CHANNELS
-from tracking.video import VideoError, read_video, write_video
+from tracking.pipeline import TrackingError, check_gaps, load_flame, track_video
+from tracking.sequence import load_seq
+from tracking.video import read_video, write_video
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -32,12 +33,11 @@ def test_demo_video_tracks_end_to_end(demo_video, flame, tmp_path):
     seq = load_seq(os.path.join(out, "seq.npz"))
     assert seq.n_frames == 8 and seq.crop_boxes.shape == (8, 4) and tracked.crops.shape == (8, 96, 96, 3)
     # The fitted model's landmarks land on the tracked ones (the toy head is not the astronaut, so a few px).
-    from tracking.fit import seq_landmarks_2d
     error = np.linalg.norm(seq_landmarks_2d(flame, seq) - tracked.landmarks, axis=-1).mean()
     assert error < 96 * 0.04, f"mean landmark reprojection {error:.2f} px at 96 px"
-    cond = render_conditioning(flame, seq, 96)
-    assert cond.shape == (8, len(CONDITIONING_CHANNELS), 96, 96)
-    foreground = cond[:, CONDITIONING_CHANNELS.index("foreground")].mean().item()
+    hints = render_conditioning(flame, seq, 96)
+    assert hints.shape == (8, len(CONDITIONING_CHANNELS), 96, 96)
+    foreground = hints[:, CONDITIONING_CHANNELS.index("foreground")].mean().item()
     assert 0.1 < foreground < 0.9  # the head fills a good part of the crop, not all of it
     frames, _ = read_video(os.path.join(out, "preview.mp4"))
     assert frames.shape == (8, 96, 96, 3)

@@ -23,8 +23,9 @@ from model.controlnet import CONTROLNET_PREFIX
 from model.loading import UNET_PREFIX, CheckpointError, load_stable_diffusion
 from model.pipeline import encode_prompts
 from model.sampling import NoiseSchedule
-from tracking.fit import load_seq, save_seq
-from tracking.pipeline import load_flame, render_conditioning
+from tracking.conditioning import render_conditioning
+from tracking.pipeline import load_flame
+from tracking.sequence import load_seq, save_seq
 from tracking.video import write_video
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -1,4 +1,4 @@
-"""Fit FLAME to a video's 2D landmarks, and the `seq.npz` file that carries the result.
+"""Fit FLAME to a video's 2D landmarks -> FlameSequence (tracking/sequence.py, which also states the camera).
 
 Fitting: one identity shape and one pinhole camera per video; per frame the expression, jaw,
 neck, head rotation and translation. Landmarks are the 68 iBUG points in pixels. The loss is a
@@ -11,151 +11,26 @@ frames are solved at once and tied by the smoothness terms, no sequential frame-
 start is needed. Eye rotations are not observable from the 68 iBUG points (no pupils) and stay
 zero. Neck and global rotation are nearly interchangeable under landmarks (both turn the head);
 the neck prior decides the split, and evaluation should compare their composition
-(`head_rotation`).
+(`head_rotation` in tests/test_fit.py).
 
-Camera: camera space is FLAME space after the head rotation and translation (metres, x right,
-y up, the camera at the origin looking along -z, OpenGL style). A point (x, y, z) lands on
-pixel u = cx + focal * x / -z, v = cy - focal * y / -z with (cx, cy) = (width / 2, height / 2),
-in continuous pixel coordinates whose origin is the top-left corner of the image.
-
-seq.npz (version 1), the contract between tracking, training and sample.py. T = frames.
-  version        int64   ()          1
-  image_size     int64   (2,)        (height, width) in pixels of the frames that were tracked
-  focal          float32 ()          focal length in pixels (fx = fy); principal point = centre
-  fps            float32 ()          frames per second
-  flame_n_shape  int64   ()          number of identity components used (S)
-  flame_n_exp    int64   ()          number of expression components used (E)
-  shape          float32 (S,)        identity, shared by all frames
-  expression     float32 (T, E)
-  global_rot     float32 (T, 3)      axis-angle, radians: head rotation about the root joint
-  neck_rot       float32 (T, 3)      axis-angle, radians
-  jaw_rot        float32 (T, 3)      axis-angle, radians (+x opens the mouth)
-  eye_rots       float32 (T, 6)      axis-angle, radians: left eye | right eye
-  translation    float32 (T, 3)      camera space, metres (z < 0: in front of the camera)
-  crop_boxes     float32 (T, 4)      optional, added by the pipeline: x0, y0, x1, y1 of each
-                                     tracked frame in the original video's pixels
+Landmarks are projected with the rasterizer's `project` after `opengl_to_opencv` (the sequence's
+camera space has OpenGL axes), so the fitted mesh renders where the landmarks were seen.
 """
 import contextlib
-import os
-import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from .flame import GLOBAL, axis_angle_to_matrix, matrix_to_axis_angle
-
-SEQ_VERSION = 1
-
-
-class SeqFileError(ValueError):
-    """A seq.npz file is missing, unreadable or does not follow the schema."""
-
-
-# --------------------------------------------------------------------------- the sequence
-
-@dataclass
-class FlameSequence:
-    """Per-video FLAME parameters (see the module docstring for shapes and units)."""
-    shape: np.ndarray
-    expression: np.ndarray
-    global_rot: np.ndarray
-    neck_rot: np.ndarray
-    jaw_rot: np.ndarray
-    eye_rots: np.ndarray
-    translation: np.ndarray
-    focal: float
-    image_size: tuple
-    fps: float
-    crop_boxes: np.ndarray | None = None
-
-    @property
-    def n_frames(self):
-        return len(self.expression)
-
-    def to_npz_dict(self):
-        d = {"version": np.int64(SEQ_VERSION), "image_size": np.asarray(self.image_size, np.int64),
-             "focal": np.float32(self.focal), "fps": np.float32(self.fps),
-             "flame_n_shape": np.int64(len(self.shape)), "flame_n_exp": np.int64(self.expression.shape[1])}
-        for name in _PER_FRAME + ("shape",):
-            d[name] = np.asarray(getattr(self, name), np.float32)
-        if self.crop_boxes is not None:
-            d["crop_boxes"] = np.asarray(self.crop_boxes, np.float32)
-        return d
-
-    def torch_params(self, frames=slice(None)):
-        """Keyword arguments for FLAME.forward for the chosen frames (float32 tensors)."""
-        t = lambda a: torch.as_tensor(np.asarray(a, np.float32))
-        params = {name: t(getattr(self, name)[frames]) for name in _PER_FRAME}
-        params["shape"] = t(self.shape)[None]
-        return params
-
-
-_PER_FRAME = ("expression", "global_rot", "neck_rot", "jaw_rot", "eye_rots", "translation")
-_WIDTHS = {"global_rot": 3, "neck_rot": 3, "jaw_rot": 3, "eye_rots": 6, "translation": 3}
-
-
-def save_seq(path, seq):
-    """Write a FlameSequence to `path` (.npz) atomically: a temp file, then os.replace."""
-    tmp = f"{path}.tmp.npz"
-    try:
-        np.savez(tmp, **seq.to_npz_dict())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def load_seq(path):
-    """Read and validate a seq.npz -> FlameSequence; SeqFileError names the file and the bad key."""
-    if not os.path.isfile(path):
-        raise SeqFileError(f"{path}: file not found")
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            d = {k: f[k] for k in f.files}
-    except (ValueError, OSError, EOFError) as e:
-        raise SeqFileError(f"{path}: not a readable .npz file ({e})") from e
-    bad = lambda key, why: SeqFileError(f"{path}: key '{key}' {why}")
-    for key in ("version", "image_size", "focal", "fps", "flame_n_shape", "flame_n_exp", "shape") + _PER_FRAME:
-        if key not in d:
-            raise bad(key, "is missing")
-        if not np.all(np.isfinite(d[key])):
-            raise bad(key, "contains NaN or infinite values")
-    if int(d["version"]) != SEQ_VERSION:
-        raise bad("version", f"is {int(d['version'])}, this code reads version {SEQ_VERSION}")
-    n_frames, n_shape, n_exp = len(d["expression"]), int(d["flame_n_shape"]), int(d["flame_n_exp"])
-    expected = {"image_size": (2,), "shape": (n_shape,), "expression": (n_frames, n_exp),
-                **{k: (n_frames, w) for k, w in _WIDTHS.items()}}
-    if "crop_boxes" in d:
-        expected["crop_boxes"] = (n_frames, 4)
-    for key, shape in expected.items():
-        if d[key].shape != shape:
-            raise bad(key, f"has shape {d[key].shape}, expected {shape}")
-    if float(d["focal"]) <= 0 or (d["image_size"] <= 0).any():
-        raise bad("focal" if float(d["focal"]) <= 0 else "image_size", "must be positive")
-    return FlameSequence(
-        shape=d["shape"], **{k: d[k] for k in _PER_FRAME}, focal=float(d["focal"]),
-        image_size=tuple(int(n) for n in d["image_size"]), fps=float(d["fps"]),
-        crop_boxes=d.get("crop_boxes"))
-
-
-# --------------------------------------------------------------------------- camera
-
-def project(points, focal, image_size):
-    """Camera-space points (...,3) -> pixels (...,2) (convention in the module docstring)."""
-    height, width = image_size
-    depth = (-points[..., 2]).clamp(min=1e-4)
-    u = width / 2 + focal * points[..., 0] / depth
-    v = height / 2 - focal * points[..., 1] / depth
-    return torch.stack([u, v], -1)
+from .flame import GLOBAL, matrix_to_axis_angle
+from .render import opengl_to_opencv, project
+from .sequence import FlameSequence
 
 
 def default_focal(image_size):
     """Initial focal length in pixels: a ~45 degree field of view across the larger side."""
     return 1.2 * max(image_size)
 
-
-# --------------------------------------------------------------------------- fitting
 
 @dataclass
 class FitConfig:
@@ -262,7 +137,7 @@ class _Fit:
         c, p = self.config, self.values()
         _, lmk3d = self.flame(p["shape"][None], p["expression"], p["global_rot"], p["neck_rot"],
                               p["jaw_rot"], translation=p["translation"], landmarks_only=True)
-        residual = project(lmk3d, p["log_focal"].exp(), self.image_size) - self.target
+        residual = project(opengl_to_opencv(lmk3d), p["log_focal"].exp(), self.image_size) - self.target
         data = (self.weights * _charbonnier(residual, c.charbonnier_px)).sum() / self.weights.sum().clamp(min=1)
         n = len(self.target)
         prior = (c.shape_prior * p["shape"].square().sum()
@@ -335,63 +210,3 @@ def _intra_op_threads(threads):
         yield
     finally:
         torch.set_num_threads(previous)
-
-
-# --------------------------------------------------------------------------- evaluation helpers
-
-def head_rotation(global_rot, neck_rot):
-    """(T,3,3) rotation of the head in camera space: the global rotation composed with the neck."""
-    t = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float64)
-    return (axis_angle_to_matrix(t(global_rot)) @ axis_angle_to_matrix(t(neck_rot))).numpy()
-
-
-def rotation_error_degrees(rot_a, rot_b):
-    """Geodesic angle (degrees) between two batches of rotation matrices."""
-    cos = (np.einsum("tij,tij->t", rot_a, rot_b) - 1) / 2
-    return np.degrees(np.arccos(np.clip(cos, -1, 1)))
-
-
-def seq_landmarks_2d(flame, seq):
-    """Pixel landmarks (T,68,2) of a FlameSequence, as its camera sees them."""
-    with torch.no_grad():
-        _, lmk3d = flame(**seq.torch_params(), landmarks_only=True)
-        return project(lmk3d, seq.focal, seq.image_size).numpy()
-
-
-def _smooth_trajectory(rng, n_frames, n_dims, amplitude, fps, n_waves=3):
-    """Sum of a few random slow sinusoids (0.2-0.8 Hz, like head motion) per dimension: (T, n_dims)."""
-    t = np.arange(n_frames)[:, None, None] / fps
-    freq = rng.uniform(0.2, 0.8, size=(n_waves, n_dims))
-    phase = rng.uniform(0, 2 * np.pi, size=(n_waves, n_dims))
-    waves = np.sin(2 * np.pi * freq * t + phase).sum(1) / np.sqrt(n_waves)
-    return waves * np.asarray(amplitude)
-
-
-def synthetic_sequence(flame, n_frames, image_size=(512, 512), focal=700.0, fps=25.0, seed=0):
-    """A random smooth FlameSequence (known ground truth) for tests and benchmarks."""
-    rng = np.random.default_rng(seed)
-    exp_std = 1.0 / (1 + np.arange(flame.n_exp) / 5)
-    wave = lambda n_dims, amplitude: _smooth_trajectory(rng, n_frames, n_dims, amplitude, fps)
-    jaw = wave(3, [0.1, 0.01, 0.01])
-    jaw[:, 0] = np.abs(jaw[:, 0]) + 0.02                                     # open, never through the skull
-    translation = wave(3, [0.02, 0.02, 0.03]) + [0, 0, -0.6]
-    f32 = lambda a: np.asarray(a, np.float32)
-    return FlameSequence(
-        shape=f32(rng.normal(size=flame.n_shape) * 0.8 / (1 + np.arange(flame.n_shape) / 10)),
-        expression=f32(wave(flame.n_exp, 0.8 * exp_std)),
-        global_rot=f32(wave(3, [0.15, 0.4, 0.08])),
-        neck_rot=f32(wave(3, [0.05, 0.05, 0.02])),
-        jaw_rot=f32(jaw), eye_rots=np.zeros((n_frames, 6), np.float32), translation=f32(translation),
-        focal=focal, image_size=tuple(image_size), fps=fps)
-
-
-def measure_fit_speed(flame, n_frames=300, threads=1, config=None, seed=0):
-    """Fit a synthetic n_frames sequence with `threads` intra-op threads; returns {'fps', 'seconds',
-    'cpu_seconds', 'frames'} (fit only; CPU time of this process, which on a busy machine says
-    more than the wall clock)."""
-    truth = synthetic_sequence(flame, n_frames, seed=seed)
-    observed = seq_landmarks_2d(flame, truth)
-    start, start_cpu = time.perf_counter(), time.process_time()
-    fit_sequence(flame, observed, truth.image_size, truth.fps, config=replace(config or FitConfig(), threads=threads))
-    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - start_cpu
-    return {"fps": n_frames / seconds, "seconds": seconds, "cpu_seconds": cpu_seconds, "frames": n_frames}

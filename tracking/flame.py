@@ -28,15 +28,14 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .conditioning import REGION_LEFT_EYE, REGION_MOUTH, REGION_RIGHT_EYE, REGION_SKIN
+
 N_JOINTS = 5
 GLOBAL, NECK, JAW, LEFT_EYE, RIGHT_EYE = range(N_JOINTS)
 SHAPE_SPACE_DIM = 300      # shapedirs[..., :300] is identity shape, [..., 300:] expression
 N_LANDMARKS = 68
 N_CONTOUR = 17             # iBUG points 0..16: the jaw line
 CONTOUR_LUT_ROWS = 79      # dynamic contour table: yaw 0..39 degrees, then -1..-39
-
-# Per-face labels of `FLAME.render_faces` (the renderer's masks).
-SKIN, LEFT_EYE_REGION, RIGHT_EYE_REGION, MOUTH_INTERIOR = range(4)
 
 
 class FlameFileError(ValueError):
@@ -523,16 +522,16 @@ def _blend(template, shape_dirs, frame_dirs, shape, frame_coeffs):
 # --------------------------------------------------------------------------- render regions
 
 def face_regions(faces, weights, v_template, embedding):
-    """Faces for rendering plus a region label per face (SKIN, *_EYE_REGION, MOUTH_INTERIOR).
+    """Faces for rendering plus a region label per face (tracking.conditioning's REGION_*).
 
     Heuristics that hold for FLAME and the toy head alike:
     - eyeballs are the faces whose three vertices are skinned mostly (> 0.5) to an eye joint;
     - the mouth is a hole in the mesh: of the mesh's boundary loops, the one closest to the
       inner-lip landmarks (60..67). We close it with a triangle fan and label the fan
-      MOUTH_INTERIOR, so an open jaw shows a mouth-interior mask.
+      REGION_MOUTH, so an open jaw shows a mouth-interior mask.
     """
-    regions = np.full(len(faces), SKIN, dtype=np.int64)
-    for joint, label in ((LEFT_EYE, LEFT_EYE_REGION), (RIGHT_EYE, RIGHT_EYE_REGION)):
+    regions = np.full(len(faces), REGION_SKIN, dtype=np.int64)
+    for joint, label in ((LEFT_EYE, REGION_LEFT_EYE), (RIGHT_EYE, REGION_RIGHT_EYE)):
         regions[(weights[faces, joint] > 0.5).all(1)] = label
     lips = _embedding_points(v_template, faces, embedding)[60:68].mean(0)
     loops = _boundary_loops(faces)
@@ -544,7 +543,7 @@ def face_regions(faces, weights, v_template, embedding):
     fans = [_fan(np.roll(mouth, -k)) for k in range(len(mouth))]
     fan = min(fans, key=lambda fan: _area(v_template[fan]))
     return (np.concatenate([faces, fan]),
-            np.concatenate([regions, np.full(len(fan), MOUTH_INTERIOR, dtype=np.int64)]))
+            np.concatenate([regions, np.full(len(fan), REGION_MOUTH, dtype=np.int64)]))
 
 
 def _fan(loop):

@@ -1,31 +1,35 @@
-"""From an mp4 of a face to per-frame FLAME parameters, face crops and conditioning images.
+"""From an mp4 of a face (or the offline demo video) to per-frame FLAME parameters and face crops.
 
     frames -> 68 landmarks per frame (tracking/landmarks.py) -> short gaps interpolated
            -> smoothed square crop boxes, frames cropped to `size` (tracking/video.py)
-           -> FLAME fitted to the landmarks in crop pixels (tracking/fit.py) -> seq.npz
+           -> FLAME fitted to the landmarks in crop pixels (tracking/fit.py) -> seq.npz (tracking/sequence.py)
            -> preview mp4 (mesh + landmarks over the crops)
 
-Everything a run writes goes into one folder: seq.npz, crops.npy (uint8 T x size x size x 3) and
-preview.mp4, each written atomically, so a rerun can trust whatever it finds there.
+Everything a run writes goes into one folder: seq.npz, crops.npy (uint8 T x size x size x 3),
+landmarks.npy and preview.mp4 (and demo.mp4 for the demo), each written atomically, so a rerun can
+trust whatever it finds there.
 """
 import logging
 import os
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
-from tracking.fit import FlameSequence, fit_sequence, load_seq, save_seq
+from model.files import atomic_write
+from tracking.conditioning import posed_vertices
+from tracking.demo import write_demo_video
+from tracking.fit import fit_sequence
 from tracking.flame import FLAME, load_flame_model, load_landmark_embedding
 from tracking.landmarks import NoFaceError, track_landmarks
-from tracking.render import conditioning_image, draw_landmarks, overlay
+from tracking.render import draw_landmarks, overlay
+from tracking.sequence import FlameSequence, load_seq, save_seq
 from tracking.toyhead import write_toy_flame
 from tracking.video import crop_frames, read_video, smooth_crop_boxes, write_video
 
 log = logging.getLogger(__name__)
 
-DEPTH_SPAN = 0.3      # metres from the nearest point to depth 0: one fixed scale keeps the depth map steady over a video
 DEFAULT_MAX_GAP = 10  # frames: longer stretches without a face are an error, shorter ones are interpolated
+DEMO_FRAMES = 48      # length of the demo video when max_frames does not say
 EMBEDDING_NAMES = ("landmark_embedding.npy", "flame_static_embedding.pkl")
 TOY_FLAME_DIR = os.path.join(os.path.expanduser("~"), ".cache", "svp", "toyhead")
 
@@ -86,9 +90,17 @@ class TrackedVideo:
 
 def track_video(video: str, out_dir: str, flame: FLAME, size: int = 512, bbox=None,
                 max_frames: int | None = None, max_gap: int = DEFAULT_MAX_GAP, preview: bool = True) -> TrackedVideo:
-    """Track `video` into `out_dir` (seq.npz, crops.npy, landmarks.npy, preview.mp4); reuse them if present."""
+    """Track `video` into `out_dir` (seq.npz, crops.npy, landmarks.npy, preview.mp4); reuse them if present.
+
+    video "demo": the offline demo video (tracking/demo.py), written to out_dir/demo.mp4 with max_frames
+    (default DEMO_FRAMES) frames unless it is there already.
+    """
     os.makedirs(out_dir, exist_ok=True)
     paths = {n: os.path.join(out_dir, n) for n in ("seq.npz", "crops.npy", "landmarks.npy", "preview.mp4")}
+    if video == "demo":
+        video = os.path.join(out_dir, "demo.mp4")
+        if not os.path.exists(video):
+            write_demo_video(video, n_frames=max_frames or DEMO_FRAMES)
     if all(os.path.exists(paths[n]) for n in ("seq.npz", "crops.npy", "landmarks.npy")):
         log.info("re-using the tracking cached in %s", out_dir)
         return TrackedVideo(load_seq(paths["seq.npz"]), np.load(paths["crops.npy"]), np.load(paths["landmarks.npy"]))
@@ -105,46 +117,13 @@ def track_video(video: str, out_dir: str, flame: FLAME, size: int = 512, bbox=No
     crop_landmarks = to_crop_pixels(landmarks, boxes, size)
     seq = fit_sequence(flame, crop_landmarks, (size, size), fps=float(fps), confidence=result.valid.astype(np.float64))
     seq.crop_boxes = boxes.astype(np.float32)
-    atomic_save_npy(paths["crops.npy"], crops)
-    atomic_save_npy(paths["landmarks.npy"], crop_landmarks.astype(np.float32))
+    for name, array in (("crops.npy", crops), ("landmarks.npy", crop_landmarks.astype(np.float32))):
+        with atomic_write(paths[name]) as tmp:
+            np.save(tmp, array)
     if preview:
         write_video(paths["preview.mp4"], preview_frames(flame, seq, crops, crop_landmarks), fps)
     save_seq(paths["seq.npz"], seq)  # last: its presence marks a complete cache
     return TrackedVideo(seq, crops, crop_landmarks)
-
-
-def atomic_save_npy(path: str, array: np.ndarray):
-    tmp = path + ".tmp.npy"
-    np.save(tmp, array)
-    os.replace(tmp, path)
-
-
-def posed_vertices(flame: FLAME, seq: FlameSequence, frames=slice(None), shape=None) -> torch.Tensor:
-    """Camera-space vertices (T,V,3) in the renderer's OpenCV axes (x right, y down, z forward).
-
-    `shape` replaces the sequence's identity (re-enactment: another person's motion, our shape).
-    """
-    params = seq.torch_params(frames)
-    if shape is not None:
-        params["shape"] = torch.as_tensor(np.asarray(shape, np.float32))[None]
-    with torch.no_grad():
-        verts, _ = flame(**params)
-    # fit.py's camera looks down -z with y up (OpenGL); a half-turn about x gives OpenCV axes.
-    return verts * torch.tensor([1.0, -1.0, -1.0])
-
-
-def render_conditioning(flame: FLAME, seq: FlameSequence, size: int, frames=slice(None), shape=None,
-                        batch: int = 16) -> torch.Tensor:
-    """Conditioning images (T, C, size, size) of the sequence (see tracking/render.py for the channels).
-
-    Back faces are culled: FLAME (and the toy head) are wound counter-clockwise around outward normals
-    and the mouth is closed by a fan, so a back face is hidden behind a front one anyway (except
-    looking into the open neck), and skipping them makes the rasterizer about 1.5x faster."""
-    verts = posed_vertices(flame, seq, frames, shape)
-    focal = seq.focal * size / seq.image_size[1]
-    return torch.cat([conditioning_image(verts[i:i + batch], flame.render_faces, focal, size, flame.face_regions,
-                                         depth_span=DEPTH_SPAN, cull_back_faces=True)
-                      for i in range(0, len(verts), batch)])
 
 
 def preview_frames(flame: FLAME, seq: FlameSequence, crops: np.ndarray, landmarks: np.ndarray):

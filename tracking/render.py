@@ -1,11 +1,15 @@
-"""A z-buffered triangle rasterizer in plain PyTorch, and the conditioning maps rendered with it.
+"""A z-buffered triangle rasterizer in plain PyTorch: the one pinhole projection of svp, face ids,
+depths, perspective-correct interpolation, smooth normal maps, and preview drawing. What the maps
+mean for the avatar (channels, regions, depth scale) is tracking/conditioning.py's business.
 
 Conventions (OpenCV pinhole camera):
 - Vertices are given in camera space, shape (B, V, 3): x right, y down, z forward (the camera looks
-  down +z; visible geometry has z > 0).
-- Projection: u = focal * x / z + cx, v = focal * y / z + cy, in pixels. The principal point (cx, cy)
-  defaults to the image centre (W / 2, H / 2). Pixel (i, j) (column i, row j) covers [i, i+1) x [j, j+1)
-  and is sampled at its centre (i + 0.5, j + 0.5).
+  down +z; visible geometry has z > 0). FLAME fits and seq.npz use OpenGL axes (y up, looking down
+  -z); `opengl_to_opencv` is the one place that turns them into these.
+- Projection (`project`): u = focal * x / z + cx, v = focal * y / z + cy, in pixels. The principal
+  point (cx, cy) defaults to the image centre (W / 2, H / 2). Pixel (i, j) (column i, row j) covers
+  [i, i+1) x [j, j+1) and is sampled at its centre (i + 0.5, j + 0.5). The FLAME fit projects its
+  landmarks with the same function, so fitted landmarks and rendered pixels agree by construction.
 - Projected vertices are snapped to a fixed-point grid of 1/256 pixel, like GPU rasterizers, so that
   coverage is decided by exact integer edge functions. A pixel centre on a shared edge belongs to
   exactly one of the two triangles (top-left fill rule, y down), so meshes have no cracks and no
@@ -22,7 +26,7 @@ Algorithm: per-triangle setup (fixed-point corners, bounding box, edge functions
 functions of the pixel), then each row of each bounding box gets its run of covered pixels from
 the edge functions by exact integer division; the depth keys of those pixels are scatter-min'ed into
 the z-buffer, a chunk of triangles at a time. Barycentrics of the winning face are computed on
-demand (`Raster.pixel_bary`). The conditioning maps skip them: a perspective-correct attribute is a
+demand (`Raster.pixel_bary`). The normal maps skip them: a perspective-correct attribute is a
 ratio of two affine functions of the pixel per face, and normals, normalised anyway, need only the
 numerator, one plane per face and channel. tests/test_render.py checks face ids and depths
 pixel-exactly against a brute-force loop over pixels and triangles, and the normals against rays
@@ -40,34 +44,18 @@ _GUARD = 2**28  # max |fixed-point coordinate|; keeps every edge-function produc
 _MAX_INT64 = torch.iinfo(torch.int64).max
 _BACKGROUND_KEY = _MAX_INT64
 
-# Per-face region labels understood by `conditioning_image`.
-REGION_SKIN, REGION_LEFT_EYE, REGION_RIGHT_EYE, REGION_MOUTH = 0, 1, 2, 3
-
-# Channel order of `conditioning_image`; every channel lies in [0, 1].
-CONDITIONING_CHANNELS = (
-    "normal_x",  # camera-space unit normal mapped by (n + 1) / 2; background 0.5, 0.5, 0.5
-    "normal_y",
-    "normal_z",
-    "depth",  # 1 at the nearest foreground point, falling towards 0 with distance; background 0
-    "left_eye",  # region masks from the per-face labels above
-    "right_eye",
-    "mouth",
-    "foreground",
-)
-
-
 @dataclass
 class Raster:
     """Result of `rasterize` for B frames of H x W pixels.
 
     Per-pixel maps, plus the same data listed for the N covered pixels only (what interpolation
     works on, so that it never touches the background). The lists and the barycentrics are
-    computed on first use: the conditioning maps need neither.
+    computed on first use: the normal maps need neither.
     """
 
     face: torch.Tensor  # (B, H, W) int64 index of the visible face, -1 on the background
     depth: torch.Tensor  # (B, H, W) float32 camera-space z of the visible surface, 0 on the background
-    camera: tuple  # (verts, faces, focal, principal) as given to `rasterize`
+    camera: tuple  # (verts, faces, focal, principal, near) as given to `rasterize`
 
     @property
     def mask(self):
@@ -93,8 +81,8 @@ class Raster:
         """(3, N) float32 perspective-correct barycentrics at the covered pixels."""
         height, width = self.face.shape[1:]
         row, column = torch.div(self.pixel, width, rounding_mode="floor") % height, self.pixel % width
-        verts, faces, focal, principal = self.camera
-        return _barycentrics(verts, faces, focal, principal, (height, width), self.pixel_frame, row, column,
+        verts, faces, focal, principal, near = self.camera
+        return _barycentrics(verts, faces, focal, principal, near, (height, width), self.pixel_frame, row, column,
                              self.pixel_face)
 
     @property
@@ -116,28 +104,35 @@ def _image_hw(image_size):
 
 
 def _per_frame(value, batch, dtype, width):
-    """Broadcast a scalar / (width,) / (B,) / (B, width) camera parameter to (B, width) float64."""
+    """Broadcast a scalar / (width,) / (B,) / (B, width) camera parameter to (B, width) of `dtype`."""
     t = torch.as_tensor(value, dtype=dtype)
     if t.dim() == 0 or (t.dim() == 1 and t.numel() == width):
         return t.reshape(1, -1).expand(batch, width)
     return t.reshape(batch, -1).expand(batch, width)
 
 
-def project(verts, focal, image_size=512, principal=None):
-    """Pinhole projection of camera-space vertices (B, V, 3) to float64 pixel coordinates (B, V, 2).
+def project(points, focal, image_size=512, principal=None, near=1e-4):
+    """Pinhole projection of camera-space points (B, N, 3), OpenCV axes, to pixels (B, N, 2) as (column,
+    row), in the points' dtype and differentiable (the FLAME fit's loss goes through it).
 
     focal: pixels, a scalar or one per frame (B,); principal: (2,) or (B, 2) as (cx, cy), default the
-    image centre.
+    image centre. Depth is clamped to `near`: a point at or behind the camera lands far off-screen
+    instead of mirrored onto it (the rasterizer drops such triangles anyway).
     """
     height, width = _image_hw(image_size)
-    batch = verts.shape[0]
-    v = verts.detach().to(torch.float64)
-    f = _per_frame(focal, batch, torch.float64, 1)
-    c = _per_frame((width / 2, height / 2) if principal is None else principal, batch, torch.float64, 2)
-    z = v[..., 2]
-    column = v[..., 0] / z * f + c[:, :1]
-    row = v[..., 1] / z * f + c[:, 1:]
+    batch = points.shape[0]
+    f = _per_frame(focal, batch, points.dtype, 1)
+    c = _per_frame((width / 2, height / 2) if principal is None else principal, batch, points.dtype, 2)
+    z = points[..., 2].clamp(min=near)
+    column = points[..., 0] / z * f + c[:, :1]
+    row = points[..., 1] / z * f + c[:, 1:]
     return torch.stack([column, row], dim=-1)
+
+
+def opengl_to_opencv(points):
+    """Camera-space points (..., 3) from OpenGL axes (x right, y up, looking down -z: FLAME fits and
+    seq.npz) to the rasterizer's OpenCV axes (x right, y down, looking down +z): a half-turn about x."""
+    return points * points.new_tensor([1.0, -1.0, -1.0])
 
 
 def _edge(ax, ay, bx, by, px, py):
@@ -177,13 +172,14 @@ class _Triangles:
     grad_y: torch.Tensor  # float64 ... in y
 
 
-def _snap(verts, focal, height, width, principal):
+def _snap(verts, focal, height, width, principal, near):
     """Fixed-point screen positions (float64 holding integers) of camera-space vertices."""
-    return torch.floor(project(verts, focal, (height, width), principal) * SUBPIXEL + 0.5)
+    pixels = project(verts.detach().to(torch.float64), focal, (height, width), principal, near)
+    return torch.floor(pixels * SUBPIXEL + 0.5)
 
 
 def _setup_triangles(verts, faces, focal, height, width, principal, near, cull_back_faces):
-    fixed = _snap(verts, focal, height, width, principal)
+    fixed = _snap(verts, focal, height, width, principal, near)
     tri_z = verts.detach().to(torch.float64)[..., 2][:, faces]  # (B, F, 3)
     tri_xy = fixed[:, faces]  # (B, F, 3, 2)
     keep = (tri_z > near).all(-1) & (tri_xy.abs() < _GUARD).flatten(-2).all(-1)
@@ -319,7 +315,7 @@ def rasterize(
     return Raster(
         face=torch.where(hit, zbuffer & 0xFFFFFFFF, -1),
         depth=torch.where(hit, (zbuffer >> 32).to(torch.int32).view(torch.float32), 0.0),
-        camera=(verts, faces, focal, principal),
+        camera=(verts, faces, focal, principal, near),
     )
 
 
@@ -336,9 +332,9 @@ def _gather_columns(table, rows):
     return [column.index_select(0, rows) for column in table.T.contiguous()]
 
 
-def _barycentrics(verts, faces, focal, principal, image_size, frame, row, column, face):
+def _barycentrics(verts, faces, focal, principal, near, image_size, frame, row, column, face):
     """Perspective-correct barycentrics (3, N) of the given faces at the given pixels (N,)."""
-    fixed = _snap(verts, focal, *image_size, principal)
+    fixed = _snap(verts, focal, *image_size, principal, near)
     inv_z = 1.0 / verts.detach().to(torch.float64)[..., 2:]
     table = torch.cat([fixed, inv_z], -1).flatten(0, 1)  # (B * V, 3): x, y, 1/z
     rows = _corner_rows(faces, frame, face, verts.shape[1])
@@ -417,10 +413,11 @@ def _attribute_planes(verts, faces, attributes, focal):
     return plane(steps_x), plane(steps_y), plane(at_origin)
 
 
-def _normal_maps(raster, verts, faces, focal, principal):
-    """Unit camera-space normals (3 maps (B, H, W)) of the visible surface, smooth shading; any
+def normal_maps(raster):
+    """Unit camera-space normals (3 maps (B, H, W)) of the surface `raster` sees, smooth shading; any
     value on the background. (In-place arithmetic on the image-sized maps: on the CPU, writing
     into fresh large tensors costs more than the arithmetic, a page fault per 4 KiB.)"""
+    verts, faces, focal, principal, _ = raster.camera
     batch, height, width = raster.face.shape
     planes = _attribute_planes(verts, faces, vertex_normals(verts.detach().float(), faces), focal)
     centre = _per_frame((width / 2, height / 2) if principal is None else principal, batch, torch.float32, 2)
@@ -437,58 +434,6 @@ def _normal_maps(raster, verts, faces, focal, principal):
     return [n.mul_(inv_length) for n in normal]
 
 
-def _depth_map(raster, depth_span):
-    """Depth channel (B, H, W): 1 at the nearest visible point of each frame, decreasing linearly
-    to 0 at the farthest one (depth_span None) or depth_span camera units behind the nearest;
-    0 on the background."""
-    mask, depth = raster.mask, raster.depth
-    near = torch.where(mask, depth, torch.inf).amin((1, 2), keepdim=True)
-    if depth_span is None:
-        span = (depth.amax((1, 2), keepdim=True) - near).clamp(min=torch.finfo(torch.float32).tiny)
-    else:
-        span = torch.as_tensor(depth_span, dtype=torch.float32)
-    return (near - depth).div_(span).add_(1).clamp_(0, 1).mul_(mask)
-
-
-def conditioning_image(
-    verts,
-    faces,
-    focal,
-    image_size=512,
-    face_labels=None,
-    principal=None,
-    depth_span=None,
-    near=1e-3,
-    cull_back_faces=False,
-):
-    """The conditioning maps of a posed mesh: (B, len(CONDITIONING_CHANNELS), H, W) float32 in [0, 1].
-
-    verts: (B, V, 3) camera space; faces: (F, 3); face_labels: (F,) REGION_* ints (None: no regions);
-    depth_span: None normalises depth per frame between its nearest and farthest visible points,
-    a number fixes the scale (camera units from the nearest point to 0), which keeps it steady over
-    a video. Channels, in CONDITIONING_CHANNELS order: camera-space normals mapped by (n + 1) / 2
-    (OpenCV axes: a surface facing the camera has n_z < 0), depth, left eye, right eye, mouth, and
-    the foreground mask. near, cull_back_faces: as in `rasterize`.
-    """
-    faces = torch.as_tensor(faces, dtype=torch.int64)
-    raster = rasterize(verts, faces, focal, image_size, principal, near, cull_back_faces)
-    mask = raster.mask
-    batch, height, width = mask.shape
-    image = torch.empty(batch, len(CONDITIONING_CHANNELS), height, width)
-    for k, normal in enumerate(_normal_maps(raster, verts, faces, focal, principal)):
-        torch.where(mask, normal.add_(1).mul_(0.5), torch.tensor(0.5), out=image[:, k])
-    image[:, 3] = _depth_map(raster, depth_span)
-    # region label of every pixel, -1 on the background (index 0 of the table)
-    labels = torch.full((len(faces) + 1,), -1, dtype=torch.int64)
-    if face_labels is not None:
-        labels[1:] = torch.as_tensor(face_labels, dtype=torch.int64)
-    label = labels.index_select(0, (raster.face + 1).view(-1)).view(mask.shape)
-    for k, region in enumerate((REGION_LEFT_EYE, REGION_RIGHT_EYE, REGION_MOUTH), 4):
-        torch.eq(label, region, out=image[:, k])
-    image[:, 7] = mask
-    return image
-
-
 def overlay(frame, verts, faces, focal, principal=None, color=(170, 200, 255), alpha=0.6):
     """Blend a shaded render of one camera-space mesh (V, 3) over an RGB uint8 frame (H, W, 3).
 
@@ -498,7 +443,7 @@ def overlay(frame, verts, faces, focal, principal=None, color=(170, 200, 255), a
     verts = torch.as_tensor(verts, dtype=torch.float32)[None]
     faces = torch.as_tensor(faces, dtype=torch.int64)
     raster = rasterize(verts, faces, focal, (height, width), principal)
-    shade = 0.25 + 0.75 * _normal_maps(raster, verts, faces, focal, principal)[2][0].abs()
+    shade = 0.25 + 0.75 * normal_maps(raster)[2][0].abs()
     mask = raster.mask[0].numpy()
     mesh = shade.numpy()[..., None] * np.asarray(color, np.float32)
     out = frame.astype(np.float32)

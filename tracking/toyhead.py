@@ -22,6 +22,8 @@ import pickle
 import numpy as np
 import scipy.sparse
 
+from model.files import atomic_write
+
 from .flame import CONTOUR_LUT_ROWS, N_CONTOUR, N_JOINTS
 
 HEAD_RADIUS = 0.09
@@ -322,13 +324,6 @@ def build_toy_flame(seed=0):
     return model, landmark_embedding(verts, faces, parts, upper_ring)
 
 
-def _atomic_write(path, write):
-    tmp = f"{path}.{os.getpid()}.tmp"  # per process: two processes may write the same toy head at once
-    with open(tmp, "wb") as f:
-        write(f)
-    os.replace(tmp, path)
-
-
 def write_toy_flame(directory, seed=0):
     """Write the toy head's FLAME files into `directory`; returns {name: path}."""
     os.makedirs(directory, exist_ok=True)
@@ -343,8 +338,11 @@ def write_toy_flame(directory, seed=0):
     paths = {name: os.path.join(directory, name) for name in (
         "generic_model.pkl", "landmark_embedding.npy", "flame_static_embedding.pkl",
         "flame_dynamic_embedding.npy")}
-    _atomic_write(paths["generic_model.pkl"], lambda f: pickle.dump(model, f, protocol=2))
-    _atomic_write(paths["flame_static_embedding.pkl"], lambda f: pickle.dump(static, f, protocol=2))
-    _atomic_write(paths["landmark_embedding.npy"], lambda f: np.save(f, np.array(deca, dtype=object)))
-    _atomic_write(paths["flame_dynamic_embedding.npy"], lambda f: np.save(f, np.array(dynamic, dtype=object)))
+    # atomic_write's temp names hold the pid: two processes may write the same toy head at once
+    for name, tables in (("generic_model.pkl", model), ("flame_static_embedding.pkl", static)):
+        with atomic_write(paths[name]) as tmp, open(tmp, "wb") as f:
+            pickle.dump(tables, f, protocol=2)
+    for name, tables in (("landmark_embedding.npy", deca), ("flame_dynamic_embedding.npy", dynamic)):
+        with atomic_write(paths[name]) as tmp:
+            np.save(tmp, np.array(tables, dtype=object))
     return paths

@@ -5,7 +5,6 @@ Fractions (30000/1001 stays 30000/1001); any number is accepted where a rate goe
 Boxes are (x0, y0, x1, y1) in pixels, x to the right and y down, x1 and y1 exclusive.
 """
 import os
-import uuid
 from fractions import Fraction
 
 import av
@@ -13,6 +12,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter1d
+
+from model.files import atomic_write
 
 
 class VideoError(ValueError):
@@ -103,26 +104,18 @@ def write_video(path, frames, fps, crf=18):
     """Encode RGB uint8 frames (an array (T, H, W, 3) or any iterable of (H, W, 3)) as H.264 mp4.
 
     fps: a Fraction or number (29.97 is kept as 2997/100). Odd widths or heights are padded by
-    repeating the last column / row. The file is written next to `path` under a temporary name and
-    renamed when complete, so an error never leaves a partial video behind. crf: x264 quality
-    (0 lossless, 18 visually lossless, 23 default).
+    repeating the last column / row. Written atomically (model.files.atomic_write), so an error never
+    leaves a partial video behind. crf: x264 quality (0 lossless, 18 visually lossless, 23 default).
     """
     path = os.fspath(path)
     rate = Fraction(fps).limit_denominator(100_000)
     if rate <= 0:
         raise VideoError(path, f"frame rate must be positive, got {fps}")
-    folder, name = os.path.split(os.path.abspath(path))
-    if not os.path.isdir(folder):
+    if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
         raise VideoNotFoundError(path, "the output folder does not exist")
-    temp = os.path.join(folder, f".{name}.{uuid.uuid4().hex}.tmp")
-    try:
-        count = _encode(temp, path, frames, rate, crf)
-        if count == 0:
+    with atomic_write(path) as temp:
+        if _encode(temp, path, frames, rate, crf) == 0:
             raise VideoError(path, "no frames to write")
-        os.replace(temp, path)
-    finally:
-        if os.path.exists(temp):
-            os.remove(temp)
 
 
 def _encode(temp, path, frames, rate, crf):

@@ -1,0 +1,98 @@
+"""The conditioning image: what the ControlNet sees of a FLAME sequence (its `hint` input).
+
+A posed FLAME mesh, seen by the tracked camera, rendered into CONDITIONING_CHANNELS maps: smooth
+camera-space normals, a depth map on one fixed scale (DEPTH_SPAN) and masks of the regions a
+normal map cannot show (eyes, the mouth interior), plus the foreground. Region labels are per
+face; tracking/flame.py assigns them to FLAME's faces.
+"""
+import numpy as np
+import torch
+
+from tracking.render import normal_maps, opengl_to_opencv, rasterize
+
+# Per-face region labels (tracking.flame.face_regions assigns them, `conditioning_image` reads them).
+REGION_SKIN, REGION_LEFT_EYE, REGION_RIGHT_EYE, REGION_MOUTH = range(4)
+
+# Channel order of the conditioning image; every channel lies in [0, 1].
+CONDITIONING_CHANNELS = (
+    "normal_x",  # camera-space unit normal mapped by (n + 1) / 2; background 0.5, 0.5, 0.5
+    "normal_y",
+    "normal_z",
+    "depth",  # 1 at the nearest foreground point, falling towards 0 with distance; background 0
+    "left_eye",  # region masks from the per-face labels above
+    "right_eye",
+    "mouth",
+    "foreground",
+)
+
+DEPTH_SPAN = 0.3  # metres from the nearest point to depth 0: one fixed scale keeps the depth map steady over a video
+
+
+def posed_vertices(flame, seq, frames=slice(None), shape=None) -> torch.Tensor:
+    """Camera-space vertices (T,V,3) of a FlameSequence's frames, in the rasterizer's OpenCV axes.
+
+    flame: tracking.flame.FLAME; `shape` replaces the sequence's identity (re-enactment: another
+    person's motion, our shape).
+    """
+    params = seq.torch_params(frames)
+    if shape is not None:
+        params["shape"] = torch.as_tensor(np.asarray(shape, np.float32))[None]
+    with torch.no_grad():
+        verts, _ = flame(**params)
+    return opengl_to_opencv(verts)
+
+
+def render_conditioning(flame, seq, size: int, frames=slice(None), shape=None, batch: int = 16) -> torch.Tensor:
+    """Conditioning images (T, C, size, size) of a FlameSequence's frames, seen by its camera scaled to `size`.
+
+    Back faces are culled: FLAME (and the toy head) are wound counter-clockwise around outward normals
+    and the mouth is closed by a fan, so a back face is hidden behind a front one anyway (except
+    looking into the open neck), and skipping them makes the rasterizer about 1.5x faster."""
+    verts = posed_vertices(flame, seq, frames, shape)
+    focal = seq.focal * size / seq.image_size[1]
+    return torch.cat([conditioning_image(verts[i:i + batch], flame.render_faces, focal, size, flame.face_regions,
+                                         depth_span=DEPTH_SPAN, cull_back_faces=True)
+                      for i in range(0, len(verts), batch)])
+
+
+def conditioning_image(verts, faces, focal, image_size=512, face_labels=None, principal=None, depth_span=None,
+                       near=1e-3, cull_back_faces=False):
+    """The conditioning maps of a posed mesh: (B, len(CONDITIONING_CHANNELS), H, W) float32 in [0, 1].
+
+    verts: (B, V, 3) camera space (OpenCV axes); faces: (F, 3); face_labels: (F,) REGION_* ints (None:
+    no regions); depth_span: None normalises depth per frame between its nearest and farthest visible
+    points, a number fixes the scale (camera units from the nearest point to 0), which keeps it steady
+    over a video. Channels, in CONDITIONING_CHANNELS order: camera-space normals mapped by (n + 1) / 2
+    (OpenCV axes: a surface facing the camera has n_z < 0), depth, left eye, right eye, mouth, and
+    the foreground mask. focal, image_size, principal, near, cull_back_faces: as in `rasterize`.
+    """
+    faces = torch.as_tensor(faces, dtype=torch.int64)
+    raster = rasterize(verts, faces, focal, image_size, principal, near, cull_back_faces)
+    mask = raster.mask
+    batch, height, width = mask.shape
+    image = torch.empty(batch, len(CONDITIONING_CHANNELS), height, width)
+    for k, normal in enumerate(normal_maps(raster)):
+        torch.where(mask, normal.add_(1).mul_(0.5), torch.tensor(0.5), out=image[:, k])
+    image[:, 3] = _depth_map(raster, depth_span)
+    # region label of every pixel, -1 on the background (index 0 of the table)
+    labels = torch.full((len(faces) + 1,), -1, dtype=torch.int64)
+    if face_labels is not None:
+        labels[1:] = torch.as_tensor(face_labels, dtype=torch.int64)
+    label = labels.index_select(0, (raster.face + 1).view(-1)).view(mask.shape)
+    for k, region in enumerate((REGION_LEFT_EYE, REGION_RIGHT_EYE, REGION_MOUTH), 4):
+        torch.eq(label, region, out=image[:, k])
+    image[:, 7] = mask
+    return image
+
+
+def _depth_map(raster, depth_span):
+    """Depth channel (B, H, W): 1 at the nearest visible point of each frame, decreasing linearly
+    to 0 at the farthest one (depth_span None) or depth_span camera units behind the nearest;
+    0 on the background."""
+    mask, depth = raster.mask, raster.depth
+    near = torch.where(mask, depth, torch.inf).amin((1, 2), keepdim=True)
+    if depth_span is None:
+        span = (depth.amax((1, 2), keepdim=True) - near).clamp(min=torch.finfo(torch.float32).tiny)
+    else:
+        span = torch.as_tensor(depth_span, dtype=torch.float32)
+    return (near - depth).div_(span).add_(1).clamp_(0, 1).mul_(mask)

@@ -5,6 +5,8 @@ Files (downloaded by users under the FLAME licence, or written by tracking/toyhe
 - `generic_model.pkl` (FLAME 2020 / 2023): a Python-2-era pickle of chumpy arrays and a scipy
   sparse `J_regressor`. We read it with `SafeUnpickler`, which maps chumpy and scipy.sparse
   classes to inert stand-ins and refuses every other global, so a crafted file cannot run code.
+  Of chumpy it evaluates plain arrays (`Ch`) and `Select` (MANO-era shapedirs) and names any
+  other chumpy expression it meets, with its key, instead of guessing.
 - a landmark embedding, mapping the mesh to the 68 iBUG points:
   * DECA's `landmark_embedding.npy` (preferred): `full_lmk_*` gives all 68 points, and
     `dynamic_lmk_*` a look-up table of jaw-contour points per head yaw;
@@ -18,6 +20,7 @@ table, like DECA: a profile view sees the silhouette, not the frontal jaw line.
 Conventions: FLAME units are metres, y up, the face looks along +z. Rotations are axis-angle
 (radians). Joints: 0 global (neck base, root), 1 neck, 2 jaw, 3 left eye, 4 right eye.
 """
+import functools
 import io
 import os
 import pickle
@@ -46,10 +49,17 @@ class FlameFileError(ValueError):
 # --------------------------------------------------------------------------- safe unpickling
 
 class _ChumpyStandIn:
-    """Takes the place of any chumpy class: keeps the pickled state; its array is state['x']."""
+    """Takes the place of a chumpy class (named by `chumpy_class`): keeps the pickled state, which
+    `_chumpy_array` evaluates."""
+    chumpy_class, state = None, None
 
     def __setstate__(self, state):
         self.state = state
+
+
+@functools.cache
+def _chumpy_stand_in(module, name):
+    return type(f"_{name}_stand_in", (_ChumpyStandIn,), {"chumpy_class": f"{module}.{name}"})
 
 
 class _SparseStandIn:
@@ -93,7 +103,7 @@ class SafeUnpickler(pickle.Unpickler):
         module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
         module = _compat_pickle.IMPORT_MAPPING.get(module, module)
         if module.split(".")[0] == "chumpy":
-            return _ChumpyStandIn
+            return _chumpy_stand_in(module, name)
         if module.startswith("scipy.sparse") and name[:3] in _SPARSE_STAND_INS and name.endswith("_matrix"):
             return _SPARSE_STAND_INS[name[:3]]
         if (module, name) == ("torch.storage", "_load_from_bytes"):
@@ -105,21 +115,42 @@ class SafeUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing to load global {module}.{name}")
 
 
-def _to_numpy(obj):
-    """Stand-ins, tensors and containers -> numpy arrays (recursively)."""
+def _to_numpy(obj, where=None):
+    """Stand-ins, tensors and containers -> numpy arrays (recursively); `where` names obj in errors
+    (its key path in the file, None for the file's top-level object)."""
     if isinstance(obj, _ChumpyStandIn):
-        if not isinstance(obj.state, dict) or "x" not in obj.state:
-            raise pickle.UnpicklingError("chumpy object without an array ('x') in its state")
-        return np.asarray(_to_numpy(obj.state["x"]))
+        return _chumpy_array(obj, where)
     if isinstance(obj, _SparseStandIn):
         return _dense_from_sparse_state(obj.format, obj.state)
     if isinstance(obj, torch.Tensor):
         return obj.numpy()
     if isinstance(obj, dict):
-        return {k: _to_numpy(v) for k, v in obj.items()}
+        return {k: _to_numpy(v, repr(k) if where is None else f"{where}[{k!r}]")
+                for k, v in obj.items()}
     if isinstance(obj, np.ndarray) and obj.dtype == object and obj.ndim == 0:
-        return _to_numpy(obj.item())   # np.save of a dict: a 0-d object array
+        return _to_numpy(obj.item(), where)   # np.save of a dict: a 0-d object array
     return obj
+
+
+def _chumpy_array(obj, where):
+    """The array a chumpy object evaluates to, for the two kinds FLAME/MANO-era files hold.
+
+    A plain `Ch` is its state's 'x'. A `Select` (MANO-era shapedirs) is `a.ravel()[idxs]`,
+    reshaped to `preferred_shape` when it has one (chumpy's Select.compute_r). Any other chumpy
+    class is an expression (sum, product, ...) we do not re-implement, so it is refused by name.
+    """
+    where = where or "the top-level object"
+    state = obj.state if isinstance(obj.state, dict) else {}
+    kind = obj.chumpy_class.rsplit(".", 1)[-1]
+    if kind == "Ch" and "x" in state:
+        return np.asarray(_to_numpy(state["x"], where))
+    if kind == "Select" and "a" in state and "idxs" in state:
+        source = np.asarray(_to_numpy(state["a"], f"{where}.a")).ravel()
+        picked = source[np.asarray(_to_numpy(state["idxs"], f"{where}.idxs"))]
+        return picked.reshape(state["preferred_shape"]) if "preferred_shape" in state else picked
+    raise pickle.UnpicklingError(
+        f"{where} is a chumpy {obj.chumpy_class} object, which cannot be evaluated without chumpy "
+        f"(only chumpy.ch.Ch arrays and chumpy.reordering.Select are read): re-save it as numpy")
 
 
 def _dense_from_sparse_state(fmt, state):

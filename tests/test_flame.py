@@ -303,17 +303,20 @@ def test_chumpy_select_shapedirs_load(tmp_path, toy_dir, monkeypatch):
 
 
 def test_unevaluable_chumpy_expression_is_named(tmp_path, toy_dir, monkeypatch):
-    """A chumpy expression other than Ch / Select is refused, naming the class, key and file."""
+    """A chumpy expression other than Ch / Select fails a load that needs it, naming the class, key
+    and file; under a key the loader does not read it is harmless."""
     chumpy, raw = _FakeChumpy(monkeypatch), _raw_toy_model(toy_dir)
-    raw["posedirs"] = chumpy.add(a=chumpy.Ch(x=raw["posedirs"]), b=chumpy.Ch(x=0.0))
-    nested = {"inner": chumpy.Select(a=chumpy.add(a=1, b=2), idxs=np.arange(2))}
-    expression, nested_path = tmp_path / "expression.pkl", tmp_path / "nested.pkl"
-    nested_path.write_bytes(pickle.dumps(nested, protocol=2))
-    chumpy.dump(expression, raw)
-    with pytest.raises(FlameFileError, match=r"expression.pkl.*'posedirs' is a chumpy chumpy.ch_ops.add"):
-        flame.load_flame_model(str(expression))
-    with pytest.raises(FlameFileError, match=r"nested.pkl.*'inner'.a is a chumpy chumpy.ch_ops.add"):
-        flame.load_pickle(str(nested_path))
+    expression = chumpy.add(a=chumpy.Ch(x=raw["posedirs"]), b=chumpy.Ch(x=0.0))
+    unused, needed, nested = (tmp_path / f"{name}.pkl" for name in ("unused", "needed", "nested"))
+    unused.write_bytes(pickle.dumps({**raw, "J": expression}, protocol=2))
+    static = {"lmk_face_idx": chumpy.Select(a=expression, idxs=np.arange(51)), "lmk_b_coords": np.zeros((51, 3))}
+    nested.write_bytes(pickle.dumps(static, protocol=2))
+    chumpy.dump(needed, {**raw, "posedirs": expression})
+    np.testing.assert_array_equal(flame.load_flame_model(str(unused))["posedirs"], raw["posedirs"])
+    with pytest.raises(FlameFileError, match=r"needed.pkl: 'posedirs' is a chumpy chumpy.ch_ops.add"):
+        flame.load_flame_model(str(needed))
+    with pytest.raises(FlameFileError, match=r"nested.pkl: 'lmk_face_idx'.a is a chumpy chumpy.ch_ops.add"):
+        flame.load_landmark_embedding(str(nested))
 
 
 def test_deca_embedding_with_torch_tensors(tmp_path, toy_dir):

@@ -62,6 +62,13 @@ def _chumpy_stand_in(module, name):
     return type(f"_{name}_stand_in", (_ChumpyStandIn,), {"chumpy_class": f"{module}.{name}"})
 
 
+class _Unevaluable:
+    """Left in place of a chumpy expression we cannot evaluate: an error only if the key is read."""
+
+    def __init__(self, reason):
+        self.reason = reason
+
+
 class _SparseStandIn:
     """Takes the place of a scipy.sparse matrix class: keeps the pickled state, rebuilt later."""
     format = None
@@ -137,7 +144,8 @@ def _chumpy_array(obj, where):
 
     A plain `Ch` is its state's 'x'. A `Select` (MANO-era shapedirs) is `a.ravel()[idxs]`,
     reshaped to `preferred_shape` when it has one (chumpy's Select.compute_r). Any other chumpy
-    class is an expression (sum, product, ...) we do not re-implement, so it is refused by name.
+    class is an expression (sum, product, ...) we do not re-implement: it becomes an _Unevaluable
+    naming the class and the key, which fails only a loader that needs that key.
     """
     where = where or "the top-level object"
     state = obj.state if isinstance(obj.state, dict) else {}
@@ -145,12 +153,22 @@ def _chumpy_array(obj, where):
     if kind == "Ch" and "x" in state:
         return np.asarray(_to_numpy(state["x"], where))
     if kind == "Select" and "a" in state and "idxs" in state:
-        source = np.asarray(_to_numpy(state["a"], f"{where}.a")).ravel()
-        picked = source[np.asarray(_to_numpy(state["idxs"], f"{where}.idxs"))]
+        source, idxs = _to_numpy(state["a"], f"{where}.a"), _to_numpy(state["idxs"], f"{where}.idxs")
+        for part in (source, idxs):
+            if isinstance(part, _Unevaluable):
+                return part
+        picked = np.asarray(source).ravel()[np.asarray(idxs)]
         return picked.reshape(state["preferred_shape"]) if "preferred_shape" in state else picked
-    raise pickle.UnpicklingError(
+    return _Unevaluable(
         f"{where} is a chumpy {obj.chumpy_class} object, which cannot be evaluated without chumpy "
         f"(only chumpy.ch.Ch arrays and chumpy.reordering.Select are read): re-save it as numpy")
+
+
+def _check_evaluated(path, data, keys):
+    """Raise for the first of `keys` that holds a chumpy expression we could not evaluate."""
+    for key in keys:
+        if isinstance(data.get(key), _Unevaluable):
+            raise FlameFileError(f"{path}: {data[key].reason}")
 
 
 def _dense_from_sparse_state(fmt, state):
@@ -172,10 +190,13 @@ def _dense_from_sparse_state(fmt, state):
 
 def _safe_unpickle(path, stream):
     try:
-        return _to_numpy(SafeUnpickler(stream, encoding="latin1").load())
+        data = _to_numpy(SafeUnpickler(stream, encoding="latin1").load())
     except (pickle.UnpicklingError, EOFError, AttributeError, KeyError, TypeError,
             ValueError, IndexError, ImportError, RuntimeError) as e:
         raise FlameFileError(f"{path}: not a readable FLAME pickle ({e})") from e
+    if isinstance(data, _Unevaluable):
+        raise FlameFileError(f"{path}: {data.reason}")
+    return data
 
 
 def load_pickle(path):
@@ -221,6 +242,7 @@ def load_flame_model(path):
     missing = [k for k in _MODEL_KEYS if k not in data]
     if missing:
         raise FlameFileError(f"{path}: not a FLAME model, missing keys {missing}")
+    _check_evaluated(path, data, _MODEL_KEYS)
     model = {k: np.asarray(data[k]) for k in _MODEL_KEYS}
     n_verts = model["v_template"].shape[0]
     for key, expected in _MODEL_KEYS.items():
@@ -254,6 +276,7 @@ class LandmarkEmbedding:
 def _embedding_arrays(path, data, face_key, bary_key, n_points):
     if not isinstance(data, dict) or face_key not in data or bary_key not in data:
         raise FlameFileError(f"{path}: not a landmark embedding, missing '{face_key}' / '{bary_key}'")
+    _check_evaluated(path, data, (face_key, bary_key))
     faces = np.asarray(data[face_key]).astype(np.int64).reshape(-1, n_points)
     bary = np.asarray(data[bary_key], dtype=np.float64).reshape(-1, n_points, 3)
     if faces.shape[0] != bary.shape[0]:

@@ -236,17 +236,18 @@ def test_rejects_bad_inputs(predictor):
 
 def test_detects_the_astronauts_face_and_boxes_it_like_dlib(predictor, reference):
     image = skimage.data.astronaut()
-    box = lm.detect_face(image)
+    box, roll = next(lm.detect_faces(image))
+    assert roll == 0  # found upright
     dlib_case = next(c for c in reference["cases"]
                      if c["image"] == "astronaut" and c["box_source"] != "fixed")
     assert lm._box_iou(box, dlib_case["box"]) > 0.5
     # Refitting our detector's box to the landmarks reproduces dlib's own pipeline (its HOG
     # detector's box + predictor) to within a pixel; the boxes differ by about 10% in scale
     # (box_from_landmarks on dlib's landmarks gives the same larger box), the landmarks do not.
-    landmarks, fitted = lm.FaceTracker(predictor).fit(image, box)
+    landmarks, fitted, _ = lm.FaceTracker(predictor).fit(image, box)
     assert lm._box_iou(fitted, dlib_case["box"]) > 0.75
     assert np.linalg.norm(landmarks - np.array(dlib_case["landmarks"]), axis=1).mean() < 1.5
-    assert lm.detect_face(np.full((200, 200, 3), 128, np.uint8)) is None
+    assert next(lm.detect_faces(np.full((200, 200, 3), 128, np.uint8)), None) is None
 
 
 def shifted_frames(count, step=(3, 2)):
@@ -278,11 +279,11 @@ def test_a_face_the_detector_misses_keeps_its_track_if_it_looks_like_the_last_fr
     frames = face + [other]
     misses = {id(f) for f in frames[2:5] + [other]}
     detector = lm.face_near
-    monkeypatch.setattr(lm, "face_near", lambda image, box: id(image) not in misses and detector(image, box))
+    monkeypatch.setattr(lm, "face_near", lambda image, *box: id(image) not in misses and detector(image, *box))
     result, lost = lm.FaceTracker(predictor).track(frames)
     np.testing.assert_array_equal(result.valid, [1, 1, 1, 1, 1, 1, 0])
     assert lost == [6]
-    patch = lambda image, t: lm.face_patch(image, result.boxes[t])  # noqa: E731
+    patch = lambda image, t: lm.face_patch(image, result.boxes[t], result.rolls[t])  # noqa: E731
     assert patch(face[2], 2) @ patch(face[1], 1) > 0.95  # what kept the track on frames 2-4
     assert patch(other, 5) @ patch(face[5], 5) < 0.5     # what loses it on the cut
 

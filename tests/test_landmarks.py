@@ -295,3 +295,80 @@ def test_tracking_with_user_box_and_no_face(predictor):
     blank = [np.full((120, 160, 3), 90, np.uint8)] * 3
     with pytest.raises(lm.NoFaceError, match="3 frames"):
         lm.track_landmarks(blank, predictor=predictor)
+
+
+# ---- rolled faces ------------------------------------------------------------------------------
+
+def roll_degrees(landmarks, upright):
+    """Rotation (degrees, clockwise on screen) of the least-squares similarity upright -> landmarks."""
+    a, b = upright - upright.mean(0), landmarks - landmarks.mean(0)
+    return math.degrees(math.atan2((a[:, 0] * b[:, 1] - a[:, 1] * b[:, 0]).sum(), (a * b).sum()))
+
+
+@pytest.fixture(scope="module")
+def astronaut_face(predictor):
+    """The astronaut photo and its face's landmarks, fitted upright (the reference for rolls)."""
+    image = skimage.data.astronaut()
+    result = lm.track_landmarks([image], predictor=predictor)
+    return image, result.landmarks[0]
+
+
+def rolled_copy(image, centre, roll, shift=(0, 0), size=(240, 240)):
+    """`image` turned by `roll` degrees (clockwise on screen) about `centre`, which lands at the
+    middle of a `size` frame, moved by `shift` pixels."""
+    from skimage.transform import AffineTransform, warp
+    theta = math.radians(roll)
+    middle = (np.array(size[::-1], float) - 1) / 2 + shift
+    to_frame = AffineTransform(rotation=theta) + AffineTransform(translation=middle)
+    to_image = AffineTransform(translation=-np.asarray(centre, float)) + to_frame
+    return warp(image, to_image.inverse, output_shape=size, order=1, preserve_range=True).astype(np.uint8)
+
+
+@pytest.mark.parametrize("roll", range(-30, 31, 10))
+def test_rolled_photo_is_found_and_its_roll_measured(predictor, astronaut_face, roll):
+    """The astronaut turned by -30..30 degrees: the face is found (upright search, or the turned
+    searches where the frontal detector misses) and the landmarks turn with it."""
+    image, upright = astronaut_face
+    centre = upright.mean(0)
+    frame = rolled_copy(image, centre, roll, size=(300, 300))
+    result = lm.track_landmarks([frame], predictor=predictor)
+    assert result.valid.all()
+    assert abs(roll_degrees(result.landmarks[0], upright) - roll) < 2.0
+    # and where: the face's centroid is where the turn put it
+    np.testing.assert_allclose(result.landmarks[0].mean(0), (np.array([300, 300]) - 1) / 2, atol=3)
+
+
+def rolled_clip(image, centre, rolls, seed=0, size=(240, 240)):
+    """One frame per roll (degrees): the face turned by it and moved by a random few pixels."""
+    shifts = np.random.default_rng(seed).uniform(-8, 8, (len(rolls), 2))
+    return [rolled_copy(image, centre, roll, shift, size) for roll, shift in zip(rolls, shifts)], shifts
+
+
+# Starts rolled 20°, swings to -28° and back; up to 7° from one frame to the next.
+CLIP_ROLLS = [20, 16, 11, 5, 0, -6, -12, -18, -24, -28, -22, -15, -8, -2, 6, 13]
+
+
+def test_tracks_a_clip_that_starts_rolled_and_keeps_rolling(predictor, astronaut_face):
+    """Every frame a different rolled and shifted copy of a real face, the first one rolled 20°
+    (beyond the frontal detector): found on the first frame, followed on every frame, and its roll
+    recovered from the landmarks within 2°."""
+    image, upright = astronaut_face
+    frames, shifts = rolled_clip(image, upright.mean(0), CLIP_ROLLS)
+    result, lost = lm.FaceTracker(predictor).track(frames)
+    assert result.valid.all() and lost == []
+    recovered = [roll_degrees(points, upright) for points in result.landmarks]
+    np.testing.assert_allclose(recovered, CLIP_ROLLS, atol=2.0)
+    np.testing.assert_allclose(result.landmarks.mean(1), (np.array([240, 240]) - 1) / 2 + shifts, atol=3)
+
+
+def test_a_users_box_is_trusted_on_a_rolled_first_frame(predictor, astronaut_face, monkeypatch):
+    """A face rolled 12° from the first frame on, boxed by the user: the box is used, not verified
+    away, even where the frontal detector would not confirm it (made to fail here throughout)."""
+    image, upright = astronaut_face
+    rolls = [12, 13, 11, 12]
+    frames, shifts = rolled_clip(image, upright.mean(0), rolls, seed=1)
+    centre = (np.array([240, 240]) - 1) / 2 + shifts[0]
+    monkeypatch.setattr(lm, "face_near", lambda *args: False)
+    result = lm.track_landmarks(frames, bbox=np.concatenate([centre - 50, centre + 50]), predictor=predictor)
+    assert result.valid.all()  # frame 0 trusted; later frames kept by their likeness to the previous
+    np.testing.assert_allclose([roll_degrees(points, upright) for points in result.landmarks], rolls, atol=2.0)

@@ -471,10 +471,10 @@ _MIN_FACE_FRACTION = 0.1  # smallest face searched, as a fraction of the shorter
 _CHECK_FACE_SIZE = 64     # a tracked face is re-checked at about this size in pixels
 _PATCH_SIZE = 16          # side of the grayscale patch that compares a face with the previous frame's
 # The frontal detector finds faces rolled up to about ±10°. When it finds none upright, the frame
-# is searched turned by these rolls (nearest first), which covers faces rolled up to about ±40°.
-_SEARCH_ROLLS = np.radians([15, -15, 30, -30])
+# is searched turned each way by these rolls (nearest first): faces rolled up to about ±40°.
+_SEARCH_ROLLS = np.radians([15, 30])
 _CANDIDATES_PER_SEARCH = 3  # the detector's largest boxes tried per search (each costs a landmark fit)
-_SETTLED_ROLL = np.radians(1.0)  # FaceTracker.fit re-boxes until the roll moves less than this
+_SETTLED_ROLL = np.radians(1.0)  # see FaceTracker.settle
 _MAX_ROLL_OFF_SEARCH = np.radians(15.0)  # see FaceTracker.find
 _cascade = None
 
@@ -521,34 +521,40 @@ def _upright_view(gray, roll, centre, shape):
 
 def detect_faces(image):
     """Candidate faces, most likely first, as (box (x0, y0, x1, y1), roll): roll in radians as
-    `LandmarkPredictor.predict` takes it. A generator: candidates are searched for as they are asked.
+    `LandmarkPredictor.predict` takes it. A generator: each search runs when its candidates are
+    asked for.
 
-    The upright search runs first, then the frame turned by each of _SEARCH_ROLLS in turn; each
-    search yields its largest _CANDIDATES_PER_SEARCH detections, largest first. The detector also
-    fires on some non-faces, so a caller checks each candidate's landmarks (FaceTracker.is_lost)
-    and asks for the next one. The box is the LBP cascade's window, whose scale and offset differ
-    from the boxes the landmark model was trained on; `FaceTracker.fit` corrects it from the
-    predicted landmarks.
+    The upright search runs first, then the frame turned each way by each of _SEARCH_ROLLS in
+    turn; each search (a turn both ways) yields its largest _CANDIDATES_PER_SEARCH detections,
+    largest first. The detector also fires on some non-faces, so a caller checks each candidate's
+    landmarks (FaceTracker.find) and asks for the next one. The box is the LBP cascade's window,
+    whose scale and offset differ from the boxes the landmark model was trained on;
+    `FaceTracker.fit` corrects it from the predicted landmarks.
     """
     gray = to_gray(image)
     scale = min(1.0, _DETECT_MAX_SIDE / max(gray.shape))
     small = _downscaled(gray, scale)
     min_side = max(24, int(_MIN_FACE_FRACTION * scale * min(gray.shape)))
-    height, width = small.shape
-    for roll in np.concatenate([[0.0], _SEARCH_ROLLS]):
-        if roll:  # on a canvas that holds the whole turned frame
-            cos, sin = abs(np.cos(roll)), abs(np.sin(roll))
-            shape = (int(np.ceil(width * sin + height * cos)), int(np.ceil(width * cos + height * sin)))
-            view, to_small = _upright_view(small, roll, ((width - 1) / 2, (height - 1) / 2), shape)
-        else:
-            view, to_small = small, None
-        boxes = _lbp_boxes(view, min_side, max(view.shape))
-        for box in boxes[np.argsort(-_area(boxes.T))[:_CANDIDATES_PER_SEARCH]]:
-            centre, half = (box[:2] + box[2:]) / 2, (box[2:] - box[:2]) / 2
-            if roll:  # the same box around the point the turned view shows at its centre
-                centre = to_small(centre[None])[0]
-            box = np.concatenate([centre - half, centre + half])
-            yield box / scale, float(roll)
+    for turn in np.concatenate([[0.0], _SEARCH_ROLLS]):
+        found = [(box, float(roll)) for roll in ((turn, -turn) if turn else (0.0,))
+                 for box in _turned_detections(small, roll, min_side)]
+        found.sort(key=lambda box_roll: -_area(box_roll[0]))
+        for box, roll in found[:_CANDIDATES_PER_SEARCH]:
+            yield box / scale, roll
+
+
+def _turned_detections(gray, roll, min_side):
+    """Detections on `gray` turned so that faces rolled by `roll` stand upright (on a canvas that
+    holds the whole turned image), as upright boxes around their centres in gray's coordinates."""
+    if not roll:
+        return list(_lbp_boxes(gray, min_side, max(gray.shape)))
+    height, width = gray.shape
+    cos, sin = abs(np.cos(roll)), abs(np.sin(roll))
+    shape = (int(np.ceil(width * sin + height * cos)), int(np.ceil(width * cos + height * sin)))
+    view, to_gray = _upright_view(gray, roll, ((width - 1) / 2, (height - 1) / 2), shape)
+    boxes = _lbp_boxes(view, min_side, max(shape))
+    centres, halves = to_gray((boxes[:, :2] + boxes[:, 2:]) / 2), (boxes[:, 2:] - boxes[:, :2]) / 2
+    return list(np.concatenate([centres - halves, centres + halves], axis=1))
 
 
 def _area(box):
@@ -641,19 +647,26 @@ class FaceTracker:
         self.refine_steps, self.verify, self.min_similarity = refine_steps, verify, min_similarity
 
     def fit(self, image, box, roll=0.0):
-        """(landmarks, box, roll) from a rough box and roll, re-boxed in the model's convention until
-        the roll settles (moves less than _SETTLED_ROLL), at most `refine_steps` times.
+        """(landmarks, box, roll) from a detector's or a user's box: predicted there, re-boxed in the
+        model's convention (the detector's windows are placed and sized differently), then settled."""
+        landmarks = self.predictor.predict(image, np.asarray(box, np.float64), roll)
+        return self.settle(image, *self.predictor.box_from_landmarks(landmarks))
 
-        From a detector's upright window on a strongly rolled face the first landmarks are turned
-        only part of the way; each re-boxing turns the box further, hence the repeats."""
-        box = np.asarray(box, np.float64)
+    def settle(self, image, box, roll):
+        """(landmarks, box, roll): predicted in the box turned by roll, then re-boxed while the
+        landmarks' roll differs from the box's by _SETTLED_ROLL or more (at most `refine_steps`
+        times); the box returned is the one the landmarks were predicted in.
+
+        The cascade, started upright in its box, turns the landmarks only part of the way toward a
+        face rolled further than the box (from a detector's upright window on a strongly rolled
+        face, or on a frame where the face rolled on): each re-boxing turns the box further."""
         landmarks = self.predictor.predict(image, box, roll)
         for _ in range(self.refine_steps):
-            previous_roll = roll
-            box, roll = self.predictor.box_from_landmarks(landmarks)
-            landmarks = self.predictor.predict(image, box, roll)
-            if abs(roll - previous_roll) < _SETTLED_ROLL:
+            new_box, new_roll = self.predictor.box_from_landmarks(landmarks)
+            if abs(new_roll - roll) < _SETTLED_ROLL:
                 break
+            box, roll = new_box, new_roll
+            landmarks = self.predictor.predict(image, box, roll)
         return landmarks, box, float(roll)
 
     def find(self, image):
@@ -670,9 +683,9 @@ class FaceTracker:
                 return result
         return None
 
-    def is_lost(self, image, box, roll, landmarks, previous_image=None):
-        """Whether the track is lost (class doc). `box`, `roll`: what the landmarks were predicted in,
-        for a running track refitted to the landmarks of `previous_image` (None: no running track)."""
+    def is_lost(self, image, box, roll, landmarks, previous_face=None):
+        """Whether the track is lost (class doc). `box`, `roll`: what the landmarks were predicted in.
+        previous_face: for a running track, (image, box, roll) of the face on the previous frame."""
         refit, refit_roll = self.predictor.box_from_landmarks(landmarks)
         if (_visible_fraction(refit, image.shape) < 0.5
                 or min(refit[2] - refit[0], refit[3] - refit[1]) < self.min_size
@@ -680,30 +693,29 @@ class FaceTracker:
             return True
         if not self.verify or face_near(image, refit, refit_roll):
             return False
-        if previous_image is None:
+        if previous_face is None:
             return True
-        similarity = face_patch(image, refit, refit_roll) @ face_patch(previous_image, box, roll)
+        similarity = face_patch(image, refit, refit_roll) @ face_patch(*previous_face)
         return float(similarity) < self.min_similarity
 
     def track(self, frames, bbox=None):
         """-> (TrackResult, frames where a running track was lost); see track_landmarks."""
         results, lost = [], []
-        previous = previous_image = None  # landmarks and image of the previous frame while the track holds
+        previous = None  # (frame, landmarks) of the previous frame while the track holds
         for t, frame in enumerate(frames):
             frame = np.asarray(frame)
             result = None  # (landmarks, box, roll)
             if previous is not None:
-                box, roll = self.predictor.box_from_landmarks(previous)
-                result = self.predictor.predict(frame, box, roll), box, float(roll)
-                if self.is_lost(frame, box, roll, result[0], previous_image):
+                previous_face = (previous[0], *self.predictor.box_from_landmarks(previous[1]))
+                result = self.settle(frame, *previous_face[1:])
+                if self.is_lost(frame, result[1], result[2], result[0], previous_face):
                     lost.append(t)
                     result = None
             elif t == 0 and bbox is not None:
                 result = self.fit(frame, bbox)  # the user's box is trusted
             if result is None:
                 result = self.find(frame)
-            previous = result[0] if result is not None else None
-            previous_image = frame if result is not None else None
+            previous = (frame, result[0]) if result is not None else None
             results.append(result)
         if all(result is None for result in results):
             raise NoFaceError(f"no face found in any of the {len(results)} frames")

@@ -372,3 +372,14 @@ def test_a_users_box_is_trusted_on_a_rolled_first_frame(predictor, astronaut_fac
     result = lm.track_landmarks(frames, bbox=np.concatenate([centre - 50, centre + 50]), predictor=predictor)
     assert result.valid.all()  # frame 0 trusted; later frames kept by their likeness to the previous
     np.testing.assert_allclose([roll_degrees(points, upright) for points in result.landmarks], rolls, atol=2.0)
+
+
+def test_a_rolled_face_is_found_again_after_a_loss(predictor, astronaut_face):
+    """A cut to noise loses the track; the face comes back rolled 25° the other way and is found."""
+    image, upright = astronaut_face
+    noise = np.random.default_rng(0).integers(0, 256, (240, 240, 3), dtype=np.uint8)
+    (before, after), _ = rolled_clip(image, upright.mean(0), [25, -25])
+    result, lost = lm.FaceTracker(predictor).track([before, noise, after])
+    np.testing.assert_array_equal(result.valid, [1, 0, 1])
+    assert lost == [1]
+    assert abs(roll_degrees(result.landmarks[2], upright) + 25) < 2.0

@@ -290,7 +290,7 @@ def test_chumpy_select_shapedirs_load(tmp_path, toy_dir, monkeypatch):
     chumpy, raw = _FakeChumpy(monkeypatch), _raw_toy_model(toy_dir)
     rng = np.random.default_rng(0)
     wanted = raw["shapedirs"]
-    source = rng.normal(size=(3, wanted.size))
+    source = rng.normal(size=(2, wanted.size))
     idxs = rng.permutation(source.size)[:wanted.size]
     source.ravel()[idxs] = wanted.ravel()
     raw["shapedirs"] = chumpy.Select(a=chumpy.Ch(x=source), idxs=idxs, preferred_shape=wanted.shape)
@@ -309,7 +309,8 @@ def test_unevaluable_chumpy_expression_is_named(tmp_path, toy_dir, monkeypatch):
     expression = chumpy.add(a=chumpy.Ch(x=raw["posedirs"]), b=chumpy.Ch(x=0.0))
     unused, needed, nested = (tmp_path / f"{name}.pkl" for name in ("unused", "needed", "nested"))
     unused.write_bytes(pickle.dumps({**raw, "J": expression}, protocol=2))
-    static = {"lmk_face_idx": chumpy.Select(a=expression, idxs=np.arange(51)), "lmk_b_coords": np.zeros((51, 3))}
+    static = {"lmk_face_idx": chumpy.Select(a=expression, idxs=np.arange(51)),
+              "lmk_b_coords": np.zeros((51, 3))}
     nested.write_bytes(pickle.dumps(static, protocol=2))
     chumpy.dump(needed, {**raw, "posedirs": expression})
     np.testing.assert_array_equal(flame.load_flame_model(str(unused))["posedirs"], raw["posedirs"])

@@ -279,7 +279,8 @@ def test_a_face_the_detector_misses_keeps_its_track_if_it_looks_like_the_last_fr
     frames = face + [other]
     misses = {id(f) for f in frames[2:5] + [other]}
     detector = lm.face_near
-    monkeypatch.setattr(lm, "face_near", lambda image, *box: id(image) not in misses and detector(image, *box))
+    monkeypatch.setattr(lm, "face_near",
+                        lambda image, *box_roll: id(image) not in misses and detector(image, *box_roll))
     result, lost = lm.FaceTracker(predictor).track(frames)
     np.testing.assert_array_equal(result.valid, [1, 1, 1, 1, 1, 1, 0])
     assert lost == [6]
@@ -371,7 +372,8 @@ def test_a_users_box_is_trusted_on_a_rolled_first_frame(predictor, astronaut_fac
     monkeypatch.setattr(lm, "face_near", lambda *args: False)
     result = lm.track_landmarks(frames, bbox=np.concatenate([centre - 50, centre + 50]), predictor=predictor)
     assert result.valid.all()  # frame 0 trusted; later frames kept by their likeness to the previous
-    np.testing.assert_allclose([roll_degrees(points, upright) for points in result.landmarks], rolls, atol=2.0)
+    recovered = [roll_degrees(points, upright) for points in result.landmarks]
+    np.testing.assert_allclose(recovered, rolls, atol=2.0)
 
 
 def test_a_rolled_face_is_found_again_after_a_loss(predictor, astronaut_face):

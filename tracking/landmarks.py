@@ -18,9 +18,11 @@ The algorithm, exactly as dlib's shape_predictor::operator() runs it:
 Faces are processed as a batch: all faces and all trees of a stage are walked at once with
 gathers, and the leaves are summed by one (faces x leaves) @ (leaves x 136) matrix product.
 
-Face boxes come from scikit-image's LBP frontal-face cascade, which ships inside its wheel.
-`track_landmarks` follows a face through a video: each frame's box comes from the previous
-frame's landmarks, and the detector runs again when the track is lost.
+Face boxes come from scikit-image's LBP frontal-face cascade, which ships inside its wheel; it
+finds faces rolled up to about 10°, so when it finds none upright it searches the frame turned
+by ±15° and ±30°. A box may be turned by a roll: the cascade then reads the face upright, as it
+was trained. `track_landmarks` follows a face through a video: each frame's box and roll come
+from the previous frame's landmarks, and the detector runs again when the track is lost.
 """
 
 import importlib.util

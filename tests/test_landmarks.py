@@ -230,6 +230,8 @@ def test_rejects_bad_inputs(predictor):
         predictor.predict(np.zeros((20, 20), np.float32), [0, 0, 10, 10])
     with pytest.raises(ValueError, match="boxes"):
         predictor.predict(np.zeros((2, 20, 20), np.uint8), np.zeros((3, 4)))
+    with pytest.raises(ValueError, match="rolls"):
+        predictor.predict(np.zeros((2, 20, 20), np.uint8), np.zeros((2, 4)), rolls=[0.1])
 
 
 # ---- detection and tracking --------------------------------------------------------------------

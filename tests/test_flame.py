@@ -233,28 +233,92 @@ def test_code_in_pickles_is_refused(tmp_path, make):
     assert not marker.exists()
 
 
+class _FakeChumpy:
+    """Classes pickled under chumpy's module and class names, with chumpy's pickled state: the
+    instance __dict__ without '_parents' and '_cache' (Ch.__getstate__), bookkeeping included."""
+
+    def __init__(self, monkeypatch):
+        self.monkeypatch, self.modules = monkeypatch, {}
+        self.Ch = self.chumpy_class("chumpy.ch", "Ch")
+        self.Select = self.chumpy_class("chumpy.reordering", "Select")
+        self.add = self.chumpy_class("chumpy.ch_ops", "add")
+
+    def chumpy_class(self, module, name):
+        def __init__(obj, **terms):
+            obj.__dict__.update(_dirty_vars=set(), _itr=None, _make_dense=False, _make_sparse=False,
+                                _depends_on_deps={}, _parents={}, _cache={"r": None}, **terms)
+
+        def __getstate__(obj):
+            return {k: v for k, v in obj.__dict__.items() if k not in ("_parents", "_cache")}
+
+        cls = type(name, (), {"__init__": __init__, "__getstate__": __getstate__, "__module__": module})
+        for prefix in ("chumpy", module):
+            if prefix not in self.modules:
+                self.modules[prefix] = types.ModuleType(prefix)
+                self.monkeypatch.setitem(sys.modules, prefix, self.modules[prefix])
+        setattr(self.modules[module], name, cls)
+        return cls
+
+    def dump(self, path, data):
+        """Pickle like the Python-2 era files (protocol 2: copy_reg/__builtin__ names), then
+        uninstall the fake modules so that loading cannot import them."""
+        path.write_bytes(pickle.dumps(data, protocol=2))
+        for name in self.modules:
+            self.monkeypatch.delitem(sys.modules, name)
+
+
+def _raw_toy_model(toy_dir):
+    with open(os.path.join(toy_dir, "generic_model.pkl"), "rb") as f:
+        return pickle.load(f)
+
+
 def test_chumpy_pickle_loads_without_chumpy(tmp_path, toy_dir, monkeypatch):
     """A Python-2-style pickle holding chumpy.ch.Ch objects (state {'x': array, ...}) loads as numpy."""
-    chumpy, ch = types.ModuleType("chumpy"), types.ModuleType("chumpy.ch")
-
-    class Ch:
-        def __init__(self, x):
-            self.x, self._dirty_vars = x, set()
-
-    Ch.__module__, Ch.__qualname__, ch.Ch = "chumpy.ch", "Ch", Ch
-    monkeypatch.setitem(sys.modules, "chumpy", chumpy)
-    monkeypatch.setitem(sys.modules, "chumpy.ch", ch)
-    with open(os.path.join(toy_dir, "generic_model.pkl"), "rb") as f:
-        raw = pickle.load(f)
-    wrapped = {k: Ch(v) if k in ("v_template", "shapedirs", "posedirs", "weights") else v
+    chumpy, raw = _FakeChumpy(monkeypatch), _raw_toy_model(toy_dir)
+    wrapped = {k: chumpy.Ch(x=v) if k in ("v_template", "shapedirs", "posedirs", "weights") else v
                for k, v in raw.items()}
     path = tmp_path / "generic_model.pkl"
-    path.write_bytes(pickle.dumps(wrapped, protocol=2))  # protocol 2 writes copy_reg/__builtin__ names
-    monkeypatch.delitem(sys.modules, "chumpy.ch")
-    monkeypatch.delitem(sys.modules, "chumpy")
+    chumpy.dump(path, wrapped)
     model = flame.load_flame_model(str(path))
     np.testing.assert_array_equal(model["shapedirs"], raw["shapedirs"])
     np.testing.assert_array_equal(model["J_regressor"], raw["J_regressor"].toarray())
+
+
+def test_chumpy_select_shapedirs_load(tmp_path, toy_dir, monkeypatch):
+    """MANO-era files store shapedirs as chumpy.reordering.Select(a, idxs, preferred_shape): the
+    array is a.ravel()[idxs] reshaped. Built here with the intended shapedirs scattered through a
+    larger 2-D source array in a random order."""
+    chumpy, raw = _FakeChumpy(monkeypatch), _raw_toy_model(toy_dir)
+    rng = np.random.default_rng(0)
+    wanted = raw["shapedirs"]
+    source = rng.normal(size=(2, wanted.size))
+    idxs = rng.permutation(source.size)[:wanted.size]
+    source.ravel()[idxs] = wanted.ravel()
+    raw["shapedirs"] = chumpy.Select(a=chumpy.Ch(x=source), idxs=idxs, preferred_shape=wanted.shape)
+    raw["v_template"] = chumpy.Ch(x=raw["v_template"])
+    path = tmp_path / "mano_era.pkl"
+    chumpy.dump(path, raw)
+    model = flame.load_flame_model(str(path))
+    np.testing.assert_array_equal(model["shapedirs"], wanted)
+    assert not np.array_equal(source.ravel()[:wanted.size], wanted.ravel())  # the test can fail
+
+
+def test_unevaluable_chumpy_expression_is_named(tmp_path, toy_dir, monkeypatch):
+    """A chumpy expression other than Ch / Select fails a load that needs it, naming the class, key
+    and file; under a key the loader does not read it is harmless."""
+    chumpy, raw = _FakeChumpy(monkeypatch), _raw_toy_model(toy_dir)
+    expression = chumpy.add(a=chumpy.Ch(x=raw["posedirs"]), b=chumpy.Ch(x=0.0))
+    unused, needed, nested = (tmp_path / f"{name}.pkl" for name in ("unused", "needed", "nested"))
+    unused.write_bytes(pickle.dumps({**raw, "J": expression}, protocol=2))
+    static = {"lmk_face_idx": chumpy.Select(a=expression, idxs=np.arange(51)),
+              "lmk_b_coords": np.zeros((51, 3))}
+    nested.write_bytes(pickle.dumps(static, protocol=2))
+    chumpy.dump(needed, {**raw, "posedirs": expression})
+    np.testing.assert_array_equal(flame.load_flame_model(str(unused))["posedirs"], raw["posedirs"])
+    with pytest.raises(FlameFileError, match=r"needed.pkl: 'posedirs' is a chumpy chumpy.ch_ops.add"):
+        flame.load_flame_model(str(needed))
+    with pytest.raises(FlameFileError, match=r"nested.pkl: 'lmk_face_idx'.a is a chumpy chumpy.ch_ops.add"):
+        flame.load_landmark_embedding(str(nested))
 
 
 def test_deca_embedding_with_torch_tensors(tmp_path, toy_dir):

@@ -5,6 +5,8 @@ Files (downloaded by users under the FLAME licence, or written by tracking/toyhe
 - `generic_model.pkl` (FLAME 2020 / 2023): a Python-2-era pickle of chumpy arrays and a scipy
   sparse `J_regressor`. We read it with `SafeUnpickler`, which maps chumpy and scipy.sparse
   classes to inert stand-ins and refuses every other global, so a crafted file cannot run code.
+  Of chumpy it evaluates plain arrays (`Ch`) and `Select` (MANO-era shapedirs) and names any
+  other chumpy expression it meets, with its key, instead of guessing.
 - a landmark embedding, mapping the mesh to the 68 iBUG points:
   * DECA's `landmark_embedding.npy` (preferred): `full_lmk_*` gives all 68 points, and
     `dynamic_lmk_*` a look-up table of jaw-contour points per head yaw;
@@ -18,6 +20,7 @@ table, like DECA: a profile view sees the silhouette, not the frontal jaw line.
 Conventions: FLAME units are metres, y up, the face looks along +z. Rotations are axis-angle
 (radians). Joints: 0 global (neck base, root), 1 neck, 2 jaw, 3 left eye, 4 right eye.
 """
+import functools
 import io
 import os
 import pickle
@@ -45,10 +48,24 @@ class FlameFileError(ValueError):
 # --------------------------------------------------------------------------- safe unpickling
 
 class _ChumpyStandIn:
-    """Takes the place of any chumpy class: keeps the pickled state; its array is state['x']."""
+    """Takes the place of a chumpy class (named by `chumpy_class`): keeps the pickled state, which
+    `_chumpy_array` evaluates."""
+    chumpy_class, state = None, None
 
     def __setstate__(self, state):
         self.state = state
+
+
+@functools.cache
+def _chumpy_stand_in(module, name):
+    return type(f"_{name}_stand_in", (_ChumpyStandIn,), {"chumpy_class": f"{module}.{name}"})
+
+
+class _Unevaluable:
+    """Left in place of a chumpy expression we cannot evaluate: an error only if the key is read."""
+
+    def __init__(self, reason):
+        self.reason = reason
 
 
 class _SparseStandIn:
@@ -92,7 +109,7 @@ class SafeUnpickler(pickle.Unpickler):
         module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
         module = _compat_pickle.IMPORT_MAPPING.get(module, module)
         if module.split(".")[0] == "chumpy":
-            return _ChumpyStandIn
+            return _chumpy_stand_in(module, name)
         if module.startswith("scipy.sparse") and name[:3] in _SPARSE_STAND_INS and name.endswith("_matrix"):
             return _SPARSE_STAND_INS[name[:3]]
         if (module, name) == ("torch.storage", "_load_from_bytes"):
@@ -104,21 +121,53 @@ class SafeUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing to load global {module}.{name}")
 
 
-def _to_numpy(obj):
-    """Stand-ins, tensors and containers -> numpy arrays (recursively)."""
+def _to_numpy(obj, where=None):
+    """Stand-ins, tensors and containers -> numpy arrays (recursively); `where` names obj in errors
+    (its key path in the file, None for the file's top-level object)."""
     if isinstance(obj, _ChumpyStandIn):
-        if not isinstance(obj.state, dict) or "x" not in obj.state:
-            raise pickle.UnpicklingError("chumpy object without an array ('x') in its state")
-        return np.asarray(_to_numpy(obj.state["x"]))
+        return _chumpy_array(obj, where)
     if isinstance(obj, _SparseStandIn):
         return _dense_from_sparse_state(obj.format, obj.state)
     if isinstance(obj, torch.Tensor):
         return obj.numpy()
     if isinstance(obj, dict):
-        return {k: _to_numpy(v) for k, v in obj.items()}
+        return {k: _to_numpy(v, repr(k) if where is None else f"{where}[{k!r}]")
+                for k, v in obj.items()}
     if isinstance(obj, np.ndarray) and obj.dtype == object and obj.ndim == 0:
-        return _to_numpy(obj.item())   # np.save of a dict: a 0-d object array
+        return _to_numpy(obj.item(), where)   # np.save of a dict: a 0-d object array
     return obj
+
+
+def _chumpy_array(obj, where):
+    """The array a chumpy object evaluates to, for the two kinds FLAME/MANO-era files hold.
+
+    A plain `Ch` is its state's 'x'. A `Select` (MANO-era shapedirs) is `a.ravel()[idxs]`,
+    reshaped to `preferred_shape` when it has one (chumpy's Select.compute_r). Any other chumpy
+    class is an expression (sum, product, ...) we do not re-implement: it becomes an _Unevaluable
+    naming the class and the key, which fails only a loader that needs that key.
+    """
+    where = where or "the top-level object"
+    state = obj.state if isinstance(obj.state, dict) else {}
+    kind = obj.chumpy_class.rsplit(".", 1)[-1]
+    if kind == "Ch" and "x" in state:
+        return np.asarray(_to_numpy(state["x"], where))
+    if kind == "Select" and "a" in state and "idxs" in state:
+        source, idxs = _to_numpy(state["a"], f"{where}.a"), _to_numpy(state["idxs"], f"{where}.idxs")
+        for part in (source, idxs):
+            if isinstance(part, _Unevaluable):
+                return part
+        picked = np.asarray(source).ravel()[np.asarray(idxs)]
+        return picked.reshape(state["preferred_shape"]) if "preferred_shape" in state else picked
+    return _Unevaluable(
+        f"{where} is a chumpy {obj.chumpy_class} object, which cannot be evaluated without chumpy "
+        f"(only chumpy.ch.Ch arrays and chumpy.reordering.Select are read): re-save it as numpy")
+
+
+def _check_evaluated(path, data, keys):
+    """Raise for the first of `keys` that holds a chumpy expression we could not evaluate."""
+    for key in keys:
+        if isinstance(data.get(key), _Unevaluable):
+            raise FlameFileError(f"{path}: {data[key].reason}")
 
 
 def _dense_from_sparse_state(fmt, state):
@@ -140,10 +189,13 @@ def _dense_from_sparse_state(fmt, state):
 
 def _safe_unpickle(path, stream):
     try:
-        return _to_numpy(SafeUnpickler(stream, encoding="latin1").load())
+        data = _to_numpy(SafeUnpickler(stream, encoding="latin1").load())
     except (pickle.UnpicklingError, EOFError, AttributeError, KeyError, TypeError,
             ValueError, IndexError, ImportError, RuntimeError) as e:
         raise FlameFileError(f"{path}: not a readable FLAME pickle ({e})") from e
+    if isinstance(data, _Unevaluable):
+        raise FlameFileError(f"{path}: {data.reason}")
+    return data
 
 
 def load_pickle(path):
@@ -189,6 +241,7 @@ def load_flame_model(path):
     missing = [k for k in _MODEL_KEYS if k not in data]
     if missing:
         raise FlameFileError(f"{path}: not a FLAME model, missing keys {missing}")
+    _check_evaluated(path, data, _MODEL_KEYS)
     model = {k: np.asarray(data[k]) for k in _MODEL_KEYS}
     n_verts = model["v_template"].shape[0]
     for key, expected in _MODEL_KEYS.items():
@@ -222,6 +275,7 @@ class LandmarkEmbedding:
 def _embedding_arrays(path, data, face_key, bary_key, n_points):
     if not isinstance(data, dict) or face_key not in data or bary_key not in data:
         raise FlameFileError(f"{path}: not a landmark embedding, missing '{face_key}' / '{bary_key}'")
+    _check_evaluated(path, data, (face_key, bary_key))
     faces = np.asarray(data[face_key]).astype(np.int64).reshape(-1, n_points)
     bary = np.asarray(data[bary_key], dtype=np.float64).reshape(-1, n_points, 3)
     if faces.shape[0] != bary.shape[0]:

@@ -18,9 +18,11 @@ The algorithm, exactly as dlib's shape_predictor::operator() runs it:
 Faces are processed as a batch: all faces and all trees of a stage are walked at once with
 gathers, and the leaves are summed by one (faces x leaves) @ (leaves x 136) matrix product.
 
-Face boxes come from scikit-image's LBP frontal-face cascade, which ships inside its wheel.
-`track_landmarks` follows a face through a video: each frame's box comes from the previous
-frame's landmarks, and the detector runs again when the track is lost.
+Face boxes come from scikit-image's LBP frontal-face cascade, which ships inside its wheel; it
+finds faces rolled up to about 10°, so when it finds none upright it searches the frame turned
+by ±15° and ±30°. A box may be turned by a roll: the cascade then reads the face upright, as it
+was trained. `track_landmarks` follows a face through a video: each frame's box and roll come
+from the previous frame's landmarks, and the detector runs again when the track is lost.
 """
 
 import importlib.util
@@ -306,19 +308,38 @@ def _image_batch(images):
     return batch, sizes
 
 
-def _similarity_matrices(from_shape, to_shapes):
-    """2x2 rotation-scale part of the least-squares similarity from_shape -> each of to_shapes.
+def _similarity_parts(from_shape, to_shapes):
+    """(p, q) of the least-squares similarity from_shape (P,2) -> each of to_shapes (...,P,2).
 
-    dlib's find_tform_between_shapes (Umeyama's method); in 2D its optimum has the closed form
-    [[p, -q], [q, p]] below. Computed in float64 like dlib, returned as float32 like dlib uses it.
+    dlib's find_tform_between_shapes (Umeyama's method); in 2D its optimum is the matrix
+    [[p, -q], [q, p]]: scale hypot(p, q), rotation atan2(q, p). Computed in float64 like dlib.
     """
     a = from_shape.astype(np.float64) - from_shape.mean(axis=0, dtype=np.float64)
-    b = to_shapes.astype(np.float64)
-    b = b - b.mean(axis=1, keepdims=True)
+    b = np.asarray(to_shapes, np.float64)
+    b = b - b.mean(axis=-2, keepdims=True)
     norm = (a ** 2).sum()
-    p = (a[:, 0] * b[..., 0] + a[:, 1] * b[..., 1]).sum(axis=1) / norm
-    q = (a[:, 0] * b[..., 1] - a[:, 1] * b[..., 0]).sum(axis=1) / norm
+    p = (a[:, 0] * b[..., 0] + a[:, 1] * b[..., 1]).sum(axis=-1) / norm
+    q = (a[:, 0] * b[..., 1] - a[:, 1] * b[..., 0]).sum(axis=-1) / norm
+    return p, q
+
+
+def _similarity_matrices(from_shape, to_shapes):
+    """2x2 rotation-scale part of the similarity from_shape -> each of to_shapes, float32 as dlib uses it."""
+    p, q = _similarity_parts(from_shape, to_shapes)
     return np.stack([np.stack([p, -q], -1), np.stack([q, p], -1)], -2).astype(np.float32)
+
+
+def _box_to_image(boxes, rolls, x, y):
+    """Box-normalised points (x, y) (N,K) -> image coordinates (float64, as dlib's
+    point_transform_affine). Without rolls exactly dlib's rectangle mapping; with them the box is
+    turned about its centre by rolls (N,) radians, clockwise on screen (image y points down)."""
+    x0, y0, x1, y1 = (boxes[:, i, None] for i in range(4))
+    px, py = x0 + x * (x1 - x0), y0 + y * (y1 - y0)
+    if rolls is None:
+        return px, py
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    cos, sin = np.cos(rolls)[:, None], np.sin(rolls)[:, None]
+    return cx + cos * (px - cx) - sin * (py - cy), cy + sin * (px - cx) + cos * (py - cy)
 
 
 _FACES_PER_PASS = 128  # larger batches gain nothing and leave the cache (leaf gathers grow with N)
@@ -346,30 +367,37 @@ class LandmarkPredictor:
     def num_parts(self):
         return len(self.initial_shape)
 
-    def predict(self, images, boxes):
+    def predict(self, images, boxes, rolls=None):
         """Landmarks in pixel coordinates (x, y).
 
         images: one uint8 image (H,W) or (H,W,3) with boxes (4,) -> (P,2); or N images as an
         array (N,H,W[,3]) or a list (sizes may differ) with boxes (N,4) -> (N,P,2).
         A box is (x0, y0, x1, y1): the normalised shape's (0,0) maps to (x0,y0) and (1,1) to
         (x1,y1), as for a dlib rectangle(left=x0, top=y0, right=x1, bottom=y1).
+        rolls: optional angles in radians (one per box): each box is turned by its angle about
+        its centre, so a face rolled by it is read upright, as the model was trained on faces.
         """
         boxes = np.asarray(boxes, np.float64)
+        rolls = None if rolls is None else np.asarray(rolls, np.float64).reshape(-1)
         if boxes.shape == (4,):
-            return self.predict([images], boxes[None])[0]
-        if boxes.ndim != 2 or boxes.shape[1] != 4 or len(images) != len(boxes):
-            raise ValueError(f"need boxes (N,4) for N={len(images)} images, got {boxes.shape}")
+            return self.predict([images], boxes[None], rolls)[0]
+        if boxes.ndim != 2 or boxes.shape[1] != 4 or len(images) != len(boxes) \
+                or rolls is not None and len(rolls) != len(boxes):
+            raise ValueError(f"need boxes (N,4) (and rolls (N,)) for N={len(images)} images, got "
+                             f"{boxes.shape}{'' if rolls is None else f' and {rolls.shape}'}")
         if len(boxes) > _FACES_PER_PASS:
-            return np.concatenate([self.predict(images[i:i + _FACES_PER_PASS], boxes[i:i + _FACES_PER_PASS])
-                                   for i in range(0, len(boxes), _FACES_PER_PASS)])
+            return np.concatenate([
+                self.predict(images[i:i + _FACES_PER_PASS], boxes[i:i + _FACES_PER_PASS],
+                             None if rolls is None else rolls[i:i + _FACES_PER_PASS])
+                for i in range(0, len(boxes), _FACES_PER_PASS)])
         pixels, sizes = _image_batch(images)
         shapes = np.repeat(self.initial_shape[None], len(boxes), axis=0)
         for stage in range(len(self.leaf_values)):
-            features = self._feature_pixels(pixels, sizes, boxes, shapes, stage)
+            features = self._feature_pixels(pixels, sizes, boxes, rolls, shapes, stage)
             shapes = self._apply_trees(shapes, features, stage)
-        return boxes[:, None, :2] + shapes * (boxes[:, None, 2:] - boxes[:, None, :2])
+        return np.stack(_box_to_image(boxes, rolls, shapes[..., 0], shapes[..., 1]), axis=-1)
 
-    def _feature_pixels(self, pixels, sizes, boxes, shapes, stage):
+    def _feature_pixels(self, pixels, sizes, boxes, rolls, shapes, stage):
         """(N, features) intensities at this stage's feature points placed on the current shapes."""
         tform = _similarity_matrices(self.initial_shape, shapes)             # (N,2,2) float32
         d = self.deltas[stage]                                               # (F,2)
@@ -377,11 +405,11 @@ class LandmarkPredictor:
         # Same float32 operation order as dlib: tform * delta + anchor location.
         x = tform[:, None, 0, 0] * d[:, 0] + tform[:, None, 0, 1] * d[:, 1] + anchors[..., 0]
         y = tform[:, None, 1, 0] * d[:, 0] + tform[:, None, 1, 1] * d[:, 1] + anchors[..., 1]
-        # Box-normalised -> image (in float64, as dlib's point_transform_affine), then the
-        # nearest pixel, rounding halves up like dlib's conversion to an integer point.
-        x0, y0, x1, y1 = (boxes[:, i, None] for i in range(4))
-        col = np.floor(x0 + x * (x1 - x0) + 0.5).astype(np.int64)
-        row = np.floor(y0 + y * (y1 - y0) + 0.5).astype(np.int64)
+        # Box-normalised -> image, then the nearest pixel, rounding halves up like dlib's
+        # conversion to an integer point.
+        x, y = _box_to_image(boxes, rolls, x, y)
+        col = np.floor(x + 0.5).astype(np.int64)
+        row = np.floor(y + 0.5).astype(np.int64)
         inside = (col >= 0) & (row >= 0) & (col < sizes[:, 1, None]) & (row < sizes[:, 0, None])
         faces = np.arange(len(pixels))[:, None]
         values = pixels[faces, np.where(inside, row, 0), np.where(inside, col, 0)]  # (N,F,C)
@@ -413,19 +441,27 @@ class LandmarkPredictor:
         return np.add.reduce(terms, axis=1).reshape(shapes.shape)
 
     def box_from_landmarks(self, landmarks):
-        """The box in which the mean shape best covers these landmarks: (...,P,2) -> (...,4).
+        """The (box, roll) in which the mean shape best covers these landmarks: (...,P,2) ->
+        ((...,4), (...)), roll in radians as `predict` takes it.
 
-        Scale is the ratio of RMS spreads (so it does not shrink when the face is rotated), the
-        offset matches the centroids. This reproduces the box convention the model was trained
-        with (dlib's face detector boxes), which is what tracking must feed back in.
+        Roll is the rotation of the least-squares similarity from the mean shape to the landmarks,
+        scale the ratio of RMS spreads (so it does not shrink when the face is turned), and the
+        turned box's centre puts the mean shape's centroid on the landmarks'. This reproduces the
+        box convention the model was trained with (dlib's face detector boxes, on the upright
+        face), which is what tracking must feed back in.
         """
         landmarks = np.asarray(landmarks, np.float64)
         mean = self.initial_shape.astype(np.float64)
+        p, q = _similarity_parts(mean, landmarks)
+        roll = np.arctan2(q, p)
         spread_mean = np.sqrt(((mean - mean.mean(0)) ** 2).sum(-1).mean())
         centred = landmarks - landmarks.mean(-2, keepdims=True)
         scale = np.sqrt((centred ** 2).sum(-1).mean(-1)) / spread_mean
-        top_left = landmarks.mean(-2) - scale[..., None] * mean.mean(0)
-        return np.concatenate([top_left, top_left + scale[..., None]], axis=-1)
+        dx, dy = (scale * (m - 0.5) for m in mean.mean(0))  # mean centroid from the box centre
+        cos, sin = np.cos(roll), np.sin(roll)
+        centre = landmarks.mean(-2) - np.stack([cos * dx - sin * dy, sin * dx + cos * dy], -1)
+        half = scale[..., None] / 2
+        return np.concatenate([centre - half, centre + half], axis=-1), roll
 
 
 # --------------------------------------------------------------------------------------------
@@ -436,6 +472,12 @@ _DETECT_MAX_SIDE = 480    # full-frame detection runs on a copy downscaled to th
 _MIN_FACE_FRACTION = 0.1  # smallest face searched, as a fraction of the shorter image side
 _CHECK_FACE_SIZE = 64     # a tracked face is re-checked at about this size in pixels
 _PATCH_SIZE = 16          # side of the grayscale patch that compares a face with the previous frame's
+# The frontal detector finds faces rolled up to about ±10°. When it finds none upright, the frame
+# is searched turned each way by these rolls (nearest first): faces rolled up to about ±40°.
+_SEARCH_ROLLS = np.radians([15, 30])
+_CANDIDATES_PER_SEARCH = 3  # the detector's largest boxes tried per search (each costs a landmark fit)
+_SETTLED_ROLL = np.radians(1.0)  # see FaceTracker.settle
+_MAX_ROLL_OFF_SEARCH = np.radians(15.0)  # see FaceTracker.find
 _cascade = None
 
 
@@ -448,35 +490,82 @@ def _lbp_cascade():
     return _cascade
 
 
-def _detect_boxes(gray, scale, min_side, max_side, offset=(0.0, 0.0)):
-    """LBP detections on `gray` resized by `scale`, as (K,4) boxes in the original image."""
+def _downscaled(gray, scale):
     from skimage.transform import rescale
-    small = rescale(gray, scale, anti_aliasing=scale < 1) if scale != 1 else gray
+    return rescale(gray, scale, anti_aliasing=scale < 1) if scale != 1 else gray
+
+
+def _lbp_boxes(gray, min_side, max_side):
+    """LBP cascade detections on `gray` as (K,4) boxes."""
     found = _lbp_cascade().detect_multi_scale(
-        img=small, scale_factor=1.2, step_ratio=1, min_size=(min_side, min_side),
+        img=gray, scale_factor=1.2, step_ratio=1, min_size=(min_side, min_side),
         max_size=(max_side, max_side))
-    boxes = np.array([[d["c"], d["r"], d["c"] + d["width"], d["r"] + d["height"]] for d in found],
-                     np.float64).reshape(-1, 4)
-    return boxes / scale + np.tile(offset, 2)
+    return np.array([[d["c"], d["r"], d["c"] + d["width"], d["r"] + d["height"]] for d in found],
+                    np.float64).reshape(-1, 4)
 
 
-def detect_face(image):
-    """Box (x0, y0, x1, y1) of the largest frontal face, or None.
+def _upright_view(gray, roll, centre, shape):
+    """`gray` turned so that a face rolled by `roll` stands upright in it.
 
-    The box is the LBP cascade's window, whose scale and offset differ from the boxes the
-    landmark model was trained on; `FaceTracker.fit` corrects it from the predicted landmarks.
+    The view has `shape` (H,W) and shows gray's point `centre` (x, y) in its middle. Returns the
+    view and the transform mapping view points (K,2) back to gray's coordinates.
+    """
+    from skimage.transform import AffineTransform, warp
+    cos, sin = np.cos(roll), np.sin(roll)
+    middle = (np.array(shape[::-1], np.float64) - 1) / 2
+    # View point v shows gray's point centre + R(roll) (v - middle).
+    to_gray = AffineTransform(matrix=np.array([
+        [cos, -sin, centre[0] - cos * middle[0] + sin * middle[1]],
+        [sin, cos, centre[1] - sin * middle[0] - cos * middle[1]],
+        [0.0, 0.0, 1.0]]))
+    return warp(gray, to_gray, output_shape=shape, order=1, preserve_range=True), to_gray
+
+
+def detect_faces(image):
+    """Candidate faces, most likely first, as (box (x0, y0, x1, y1), roll): roll in radians as
+    `LandmarkPredictor.predict` takes it. A generator: each search runs when its candidates are
+    asked for.
+
+    The upright search runs first, then the frame turned each way by each of _SEARCH_ROLLS in
+    turn; each search (a turn both ways) yields its largest _CANDIDATES_PER_SEARCH detections,
+    largest first. The detector also fires on some non-faces, so a caller checks each candidate's
+    landmarks (FaceTracker.find) and asks for the next one. The box is the LBP cascade's window,
+    whose scale and offset differ from the boxes the landmark model was trained on;
+    `FaceTracker.fit` corrects it from the predicted landmarks.
     """
     gray = to_gray(image)
     scale = min(1.0, _DETECT_MAX_SIDE / max(gray.shape))
+    small = _downscaled(gray, scale)
     min_side = max(24, int(_MIN_FACE_FRACTION * scale * min(gray.shape)))
-    boxes = _detect_boxes(gray, scale, min_side, int(scale * max(gray.shape)))
-    if not len(boxes):
-        return None
-    return boxes[np.argmax((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))]
+    for turn in np.concatenate([[0.0], _SEARCH_ROLLS]):
+        found = [(box, float(roll)) for roll in ((turn, -turn) if turn else (0.0,))
+                 for box in _turned_detections(small, roll, min_side)]
+        found.sort(key=lambda box_roll: -_area(box_roll[0]))
+        for box, roll in found[:_CANDIDATES_PER_SEARCH]:
+            yield box / scale, roll
 
 
-def face_near(image, box):
-    """Whether the detector finds a face overlapping `box` (searched in a crop around it)."""
+def _turned_detections(gray, roll, min_side):
+    """Detections on `gray` turned so that faces rolled by `roll` stand upright (on a canvas that
+    holds the whole turned image), as upright boxes around their centres in gray's coordinates."""
+    if not roll:
+        return list(_lbp_boxes(gray, min_side, max(gray.shape)))
+    height, width = gray.shape
+    cos, sin = abs(np.cos(roll)), abs(np.sin(roll))
+    shape = (int(np.ceil(width * sin + height * cos)), int(np.ceil(width * cos + height * sin)))
+    view, to_gray = _upright_view(gray, roll, ((width - 1) / 2, (height - 1) / 2), shape)
+    boxes = _lbp_boxes(view, min_side, max(shape))
+    centres, halves = to_gray((boxes[:, :2] + boxes[:, 2:]) / 2), (boxes[:, 2:] - boxes[:, :2]) / 2
+    return list(np.concatenate([centres - halves, centres + halves], axis=1))
+
+
+def _area(box):
+    return (box[2] - box[0]) * (box[3] - box[1])
+
+
+def face_near(image, box, roll=0.0):
+    """Whether the detector finds a face overlapping `box`, turned by `roll` (searched in a crop
+    around it, turned upright)."""
     gray = to_gray(image)
     size = max(box[2] - box[0], box[3] - box[1])
     x0, y0 = (max(0, int(v - size)) for v in box[:2])
@@ -485,22 +574,31 @@ def face_near(image, box):
     if min(crop.shape) < 8:
         return False
     scale = _CHECK_FACE_SIZE / size
+    small = _downscaled(crop, scale)
+    box = (np.asarray(box, np.float64) - [x0, y0, x0, y0]) * scale
+    if roll:  # turned about the box's centre, which keeps the upright box where it is
+        centre = (box[:2] + box[2:]) / 2
+        small, _ = _upright_view(small, roll, centre, small.shape)
+        box = box - np.tile(centre - (np.array(small.shape[::-1]) - 1) / 2, 2)
     # At this scale the face is about _CHECK_FACE_SIZE pixels: search 0.5x to 2x that.
-    side_range = (max(24, _CHECK_FACE_SIZE // 2), 2 * _CHECK_FACE_SIZE)
-    found = _detect_boxes(crop, scale, *side_range, offset=(x0, y0))
+    found = _lbp_boxes(small, max(24, _CHECK_FACE_SIZE // 2), 2 * _CHECK_FACE_SIZE)
     return any(_box_iou(box, other) > 0.3 for other in found)
 
 
-def face_patch(image, box):
-    """The box's content as a (_PATCH_SIZE²,) vector: grayscale, area-averaged, zero mean, unit norm.
+def face_patch(image, box, roll=0.0):
+    """The box's content, turned upright by `roll`, as a (_PATCH_SIZE²,) vector: grayscale,
+    area-averaged, zero mean, unit norm.
 
     Two patches' dot product is their normalised cross-correlation: near 1 for the same face a frame
     later (turned a little, lit alike), near 0 for unrelated content."""
     gray = to_gray(image).astype(np.float64)
     samples = 4 * _PATCH_SIZE  # 4x4 samples averaged per patch pixel
-    xs = np.clip(np.linspace(box[0], box[2], samples).round().astype(int), 0, gray.shape[1] - 1)
-    ys = np.clip(np.linspace(box[1], box[3], samples).round().astype(int), 0, gray.shape[0] - 1)
-    patch = gray[np.ix_(ys, xs)].reshape(_PATCH_SIZE, 4, _PATCH_SIZE, 4).mean(axis=(1, 3)).ravel()
+    grid = np.linspace(0, 1, samples, dtype=np.float32)
+    xs, ys = _box_to_image(np.asarray(box, np.float64)[None], np.array([roll]),
+                           *(g.ravel()[None] for g in np.meshgrid(grid, grid)))
+    cols = np.clip(xs.round().astype(int), 0, gray.shape[1] - 1)
+    rows = np.clip(ys.round().astype(int), 0, gray.shape[0] - 1)
+    patch = gray[rows, cols].reshape(_PATCH_SIZE, 4, _PATCH_SIZE, 4).mean(axis=(1, 3)).ravel()
     patch -= patch.mean()
     norm = np.linalg.norm(patch)
     return patch / norm if norm > 0 else patch
@@ -510,7 +608,7 @@ def _box_iou(a, b):
     width = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
     height = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
     inter = width * height
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    union = _area(a) + _area(b) - inter
     return inter / union if union > 0 else 0.0
 
 
@@ -519,7 +617,7 @@ def _visible_fraction(box, image_shape):
     height, width = image_shape[:2]
     inside_w = max(0.0, min(box[2], width) - max(box[0], 0.0))
     inside_h = max(0.0, min(box[3], height) - max(box[1], 0.0))
-    area = (box[2] - box[0]) * (box[3] - box[1])
+    area = _area(box)
     return inside_w * inside_h / area if area > 0 else 0.0
 
 
@@ -527,90 +625,117 @@ class TrackResult(NamedTuple):
     landmarks: np.ndarray  # (T,68,2) pixel coordinates (x, y), NaN on invalid frames
     valid: np.ndarray      # (T,) bool: a face was found on that frame
     boxes: np.ndarray      # (T,4) box the frame's landmarks were predicted in, NaN if invalid
+    rolls: np.ndarray      # (T,) its roll in radians (see LandmarkPredictor.predict), NaN if invalid
 
 
 class FaceTracker:
-    """Landmarks frame by frame: the box comes from the previous frame's landmarks, and the
-    detector searches the whole frame again when the track is lost.
+    """Landmarks frame by frame: the box and its roll come from the previous frame's landmarks, and
+    the detector searches the whole frame again when the track is lost.
 
     The track is lost when the refitted box leaves the image or becomes tiny, when the landmarks
     disagree with the box they were predicted in (IoU with the box refitted to them below
     `min_iou`: the cascade did not settle), or, with `verify`, when neither the detector finds a face
-    around them nor the face looks like the previous frame's (normalised cross-correlation of
-    `face_patch`es below `min_similarity`). The regression cascade outputs a face-like shape even on a
-    background, hence the check; the frontal-face detector misses strongly turned faces, hence the
-    similarity to the previous frame, which a turned face keeps and a cut to other content does not.
+    around them (turned upright by their roll) nor the face looks like the previous frame's
+    (normalised cross-correlation of `face_patch`es below `min_similarity`). The regression cascade
+    outputs a face-like shape even on a background, hence the check; the frontal-face detector misses
+    strongly turned faces, hence the similarity to the previous frame, which a turned face keeps and a
+    cut to other content does not. A user's box for the first frame is trusted, never checked.
     """
 
-    def __init__(self, predictor=None, min_iou=0.5, min_size=24, refine_steps=2, verify=True,
+    def __init__(self, predictor=None, min_iou=0.5, min_size=24, refine_steps=6, verify=True,
                  min_similarity=0.8):
         self.predictor = predictor or LandmarkPredictor.load()
         self.min_iou, self.min_size = min_iou, min_size
         self.refine_steps, self.verify, self.min_similarity = refine_steps, verify, min_similarity
 
-    def fit(self, image, box):
-        """(landmarks, box) from a rough box, re-boxed `refine_steps` times in the model's convention."""
-        box = np.asarray(box, np.float64)
-        landmarks = self.predictor.predict(image, box)
-        for _ in range(self.refine_steps):
-            box = self.predictor.box_from_landmarks(landmarks)
-            landmarks = self.predictor.predict(image, box)
-        return landmarks, box
+    def fit(self, image, box, roll=0.0):
+        """(landmarks, box, roll) from a detector's or a user's box: predicted there, re-boxed in the
+        model's convention (the detector's windows are placed and sized differently), then settled."""
+        landmarks = self.predictor.predict(image, np.asarray(box, np.float64), roll)
+        return self.settle(image, *self.predictor.box_from_landmarks(landmarks))
 
-    def is_lost(self, image, box, landmarks, previous_image=None):
-        """Whether the track is lost (class doc). `box`: the box the landmarks were predicted in, for a
-        running track the one refitted to the landmarks of `previous_image` (None: no running track)."""
-        refit = self.predictor.box_from_landmarks(landmarks)
+    def settle(self, image, box, roll):
+        """(landmarks, box, roll): predicted in the box turned by roll, then re-boxed while the
+        landmarks' roll differs from the box's by _SETTLED_ROLL or more (at most `refine_steps`
+        times); the box returned is the one the landmarks were predicted in.
+
+        The cascade, started upright in its box, turns the landmarks only part of the way toward a
+        face rolled further than the box (from a detector's upright window on a strongly rolled
+        face, or on a frame where the face rolled on): each re-boxing turns the box further."""
+        landmarks = self.predictor.predict(image, box, roll)
+        for _ in range(self.refine_steps):
+            new_box, new_roll = self.predictor.box_from_landmarks(landmarks)
+            if abs(new_roll - roll) < _SETTLED_ROLL:
+                break
+            box, roll = new_box, new_roll
+            landmarks = self.predictor.predict(image, box, roll)
+        return landmarks, box, float(roll)
+
+    def find(self, image):
+        """(landmarks, box, roll) of the first detected face whose landmarks pass `is_lost` and are
+        rolled within _MAX_ROLL_OFF_SEARCH of the search that found it, or None.
+
+        The roll test: on a face rolled far from the search's roll the detector fires on a part of
+        the face (the lower half, say), and the fit from that window settles on a wrong, turned face;
+        the search turned nearer to the face's roll finds its proper window."""
+        for box, roll in detect_faces(image):
+            result = self.fit(image, box, roll)
+            if abs(result[2] - roll) <= _MAX_ROLL_OFF_SEARCH \
+                    and not self.is_lost(image, result[1], result[2], result[0]):
+                return result
+        return None
+
+    def is_lost(self, image, box, roll, landmarks, previous_face=None):
+        """Whether the track is lost (class doc). `box`, `roll`: what the landmarks were predicted in.
+        previous_face: for a running track, (image, box, roll) of the face on the previous frame."""
+        refit, refit_roll = self.predictor.box_from_landmarks(landmarks)
         if (_visible_fraction(refit, image.shape) < 0.5
                 or min(refit[2] - refit[0], refit[3] - refit[1]) < self.min_size
                 or _box_iou(box, refit) < self.min_iou):
             return True
-        if not self.verify or face_near(image, refit):
+        if not self.verify or face_near(image, refit, refit_roll):
             return False
-        if previous_image is None:
+        if previous_face is None:
             return True
-        return float(face_patch(image, refit) @ face_patch(previous_image, box)) < self.min_similarity
+        similarity = face_patch(image, refit, refit_roll) @ face_patch(*previous_face)
+        return float(similarity) < self.min_similarity
 
     def track(self, frames, bbox=None):
         """-> (TrackResult, frames where a running track was lost); see track_landmarks."""
-        landmarks, boxes, lost = [], [], []
-        previous = previous_image = None  # landmarks and image of the previous frame while the track holds
+        results, lost = [], []
+        previous = None  # (frame, landmarks) of the previous frame while the track holds
         for t, frame in enumerate(frames):
             frame = np.asarray(frame)
-            result = None
+            result = None  # (landmarks, box, roll)
             if previous is not None:
-                box = self.predictor.box_from_landmarks(previous)
-                result = self.predictor.predict(frame, box), box
-            elif t == 0 and bbox is not None:
-                result = self.fit(frame, bbox)
-            if result is not None and self.is_lost(frame, result[1], result[0], previous_image):
-                lost.append(t)
-                result = None
-            if result is None:
-                detected = detect_face(frame)
-                result = self.fit(frame, detected) if detected is not None else None
-                if result is not None and self.is_lost(frame, result[1], result[0]):
+                previous_face = (previous[0], *self.predictor.box_from_landmarks(previous[1]))
+                result = self.settle(frame, *previous_face[1:])
+                if self.is_lost(frame, result[1], result[2], result[0], previous_face):
+                    lost.append(t)
                     result = None
-            previous = result[0] if result is not None else None
-            previous_image = frame if result is not None else None
-            landmarks.append(previous if previous is not None
-                             else np.full((self.predictor.num_parts, 2), np.nan))
-            boxes.append(result[1] if result is not None else np.full(4, np.nan))
-        valid = np.array([np.isfinite(box).all() for box in boxes], bool)
-        if not valid.any():
-            raise NoFaceError(f"no face found in any of the {len(valid)} frames")
+            elif t == 0 and bbox is not None:
+                result = self.fit(frame, bbox)  # the user's box is trusted
+            if result is None:
+                result = self.find(frame)
+            previous = (frame, result[0]) if result is not None else None
+            results.append(result)
+        if all(result is None for result in results):
+            raise NoFaceError(f"no face found in any of the {len(results)} frames")
         if lost:
             log.info("landmark track lost on frames %s; the detector searched them again", lost)
-        return TrackResult(np.array(landmarks), valid, np.array(boxes)), lost
+        missing = (np.full((self.predictor.num_parts, 2), np.nan), np.full(4, np.nan), np.nan)
+        landmarks, boxes, rolls = (np.array(column) for column in zip(*(r or missing for r in results)))
+        return TrackResult(landmarks, np.isfinite(rolls), boxes, rolls), lost
 
 
 def track_landmarks(frames, bbox=None, predictor=None):
     """Track 68 landmarks through an iterable of uint8 frames (H,W[,3]).
 
-    bbox: optional (x0,y0,x1,y1) face box for the first frame, else the detector finds it.
-    Returns TrackResult(landmarks (T,68,2), valid (T,), boxes (T,4)); invalid frames are NaN.
-    Frames where a running track was lost are logged (FaceTracker.track also returns them).
-    Raises NoFaceError when no frame has a face.
+    bbox: optional (x0,y0,x1,y1) face box for the first frame (trusted: never verified), else the
+    detector finds it. Faces rolled up to about 40° are found (detect_faces) and followed.
+    Returns TrackResult(landmarks (T,68,2), valid (T,), boxes (T,4), rolls (T,)); invalid frames
+    are NaN. Frames where a running track was lost are logged (FaceTracker.track also returns
+    them). Raises NoFaceError when no frame has a face.
     """
     result, _ = FaceTracker(predictor).track(frames, bbox)
     return result

@@ -27,6 +27,7 @@ from safetensors import SafetensorError, safe_open
 from model.clip import CLIPCheckpointError, CLIPTextModel, hf_to_ours, openclip_to_ours
 from model.config import (SD1, SD2_BASE, SD2_V, CLIPConfig, SDConfig, UNetConfig, VAEConfig,
                           config_from_dict, config_to_dict)
+from model.files import atomic_write, read_json
 from model.tokenizer import CLIPTokenizer
 from model.unet import UNet, diffusers_to_ldm_unet
 from model.vae import AutoencoderKL, diffusers_to_ldm_vae
@@ -181,20 +182,11 @@ def save_single_file(sd: StableDiffusion, path: str):
     for prefix, net in ((UNET_PREFIX, sd.unet), (VAE_PREFIX, sd.vae),
                         (CLIP_PREFIX["openai"] + "text_model.", sd.text_encoder)):
         tensors.update({prefix + k: v.contiguous() for k, v in net.state_dict().items()})
-    tmp = path + ".tmp"
-    save_file(tensors, tmp, metadata={"svp_config": json.dumps(config_to_dict(sd.config))})
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        save_file(tensors, tmp, metadata={"svp_config": json.dumps(config_to_dict(sd.config))})
 
 
 # ----------------------------------------------------------------------------- diffusers folder
-
-def read_json(path: str) -> dict:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: cannot read this config file: {e}") from e
-
 
 def weights_file(folder: str) -> str:
     for name in ("diffusion_pytorch_model.safetensors", "model.safetensors",

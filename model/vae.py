@@ -216,6 +216,11 @@ class AutoencoderKL(nn.Module):
         return self.decode(latents / self.config.scale_factor, **tiling)
 
 
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Decoder output in about [-1, 1], (B, 3, H, W) -> uint8 (B, H, W, 3) on the CPU."""
+    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
+
+
 # --- tiled decoding ---------------------------------------------------------------------------
 
 def _tile_starts(length: int, tile: int, overlap: int) -> list[int]:

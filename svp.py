@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from model.avatar import Denoiser, fingerprint, load_avatar_weights, read_avatar_meta
 from model.controlnet import ControlNet
@@ -32,7 +33,7 @@ from tracking.fit import FlameSequence, load_seq
 from tracking.pipeline import TrackedVideo, load_flame, render_conditioning, track_video
 
 __all__ = ["load_stable_diffusion", "text_to_image", "SAMPLER_NAMES", "track", "load_avatar", "Avatar",
-           "VideoSampling", "load_seq", "temporal_flicker"]
+           "VideoSampling", "load_seq", "temporal_flicker", "init_processes", "Processes"]
 
 
 def track(video: str, out_dir: str, flame: str | None = None, size: int = 512, max_frames: int | None = None,
@@ -130,6 +131,41 @@ def load_avatar(run_dir: str, base: str | None = None, flame: str | None = None,
     controlnet, meta = load_avatar_weights(path, sd)
     shape = load_seq(meta["seq"]).shape
     return Avatar(sd, controlnet.eval(), meta, load_flame(flame or meta.get("flame")), shape)
+
+
+# ----------------------------------------------------------------------------- processes (torchrun)
+
+@dataclass
+class Processes:
+    """This process's rank among `world` (torchrun), and its device."""
+    rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self):
+        if self.world > 1:
+            dist.barrier()
+
+
+def init_processes(device: str | None) -> Processes:
+    """One process, or one of torchrun's (RANK/WORLD_SIZE set): nccl on CUDA, gloo on the CPU.
+
+    device: cuda, cuda:1, cpu (None: cuda when available; under torchrun cuda:LOCAL_RANK)."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "cuda" and world > 1:
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Processes(int(os.environ.get("RANK", 0)), world, device)
 
 
 def temporal_flicker(frames: np.ndarray) -> float:

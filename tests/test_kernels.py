@@ -383,6 +383,6 @@ def test_compile_group_norm_and_temporal_for_gpu(row_len):
                                (module._group_norm_backward_reduce_kernel, dict(tile, SILU=True)),
                                (module._group_norm_backward_dx_kernel, dict(tile, SILU=False))):
         assert compile_for_gpu(kernel, "bf16", constexprs, blocks.num_warps) <= MAX_SHARED_MEMORY
-    flags = dict(HAS_UNCOND=True, HAS_X0_PREV=True, HAS_NOISE=True, HAS_PREV_FRAME=True, HAS_SHARED_NOISE=True)
+    flags = dict(HAS_UNCOND_OUT=True, HAS_X0_PREV=True, HAS_NOISE=True, HAS_PREV_FRAME=True, HAS_SHARED_NOISE=True)
     compile_for_gpu(load_private_copy("temporal", interpret=False)._temporal_step_kernel, "fp16",
                     dict(flags, BLOCK=1024), num_warps=4)

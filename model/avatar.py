@@ -1,5 +1,8 @@
 """An avatar: the trained weights that turn a base Stable Diffusion into one person, and their file.
 
+`Denoiser` is the UNet driven by the ControlNet, the one model that training, previews and sampling
+call; `build_denoiser` makes a fresh one for training (train.py's --train modes).
+
 `avatar.safetensors` holds only what training changed: the ControlNet under `control_model.*` and the
 UNet tensors that were trained under `model.diffusion_model.*` (the single-file names), plus a JSON
 config in the metadata key `svp_avatar` (base checkpoint path and fingerprint, family, caption, hint

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from model.loading import load_stable_diffusion
-from model.pipeline import SAMPLER_NAMES, text_to_image
+import svp
+from model.files import atomic_write
 from svp import VideoSampling  # its class attributes are the video defaults
 
 
@@ -38,7 +38,7 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=None, help=f"sampler steps (default 30; avatar {VideoSampling.steps})")
     p.add_argument("--guidance", type=float, default=None,
                    help=f"classifier-free guidance scale, 1 = off (default 7.5; avatar {VideoSampling.guidance:g})")
-    p.add_argument("--sampler", default=None, choices=SAMPLER_NAMES,
+    p.add_argument("--sampler", default=None, choices=svp.SAMPLER_NAMES,
                    help=f"default dpmpp_2m; avatar {VideoSampling.sampler}")
     video = p.add_argument_group("avatar video")
     video.add_argument("--params", help="FLAME sequence (seq.npz, see tracking/fit.py) that drives the avatar")
@@ -55,7 +55,7 @@ def parse_args(argv=None):
                        help="strength of the 3DMM conditioning (multiplies the ControlNet's residuals)")
     video.add_argument("--morph", default=None, help='morph toward "a photo of <MORPH>" (e.g. "Tom Cruise")')
     video.add_argument("--morph-weight", type=float, default=0.5, help="0 = the avatar, 1 = the --morph prompt")
-    video.add_argument("--side-by-side", action="store_true", help="conditioning | output in each frame")
+    video.add_argument("--side-by-side", action="store_true", help="hint (3DMM rendering) | output in each frame")
     video.add_argument("--png-dir", default=None, help="also write every frame as a PNG here")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity (0 = deterministic)")
     p.add_argument("--height", type=int, default=None, help="pixels; default: the family's native size")
@@ -83,20 +83,17 @@ def parse_frames(text: str) -> range:
     return range(a, b)
 
 
-def save_image_atomic(image, path: str):
-    """Write via a temp file in the same folder, so an interrupted run leaves no half-written image."""
-    stem, ext = os.path.splitext(path)
-    tmp = f"{stem}.tmp{ext}"
-    Image.fromarray(image.numpy()).save(tmp)
-    os.replace(tmp, path)
+def save_image(image: np.ndarray, path: str):
+    with atomic_write(path) as tmp:
+        Image.fromarray(image).save(tmp)
 
 
 def text_to_image_main(args, device, dtype):
     if not args.prompt:
         raise ValueError("--prompt is required with --ckpt")
-    sd = load_stable_diffusion(args.ckpt, dtype=dtype, prediction_type=args.prediction_type,
+    sd = svp.load_stable_diffusion(args.ckpt, dtype=dtype, prediction_type=args.prediction_type,
                                tokenizer=args.tokenizer).to(device)
-    images = text_to_image(sd, args.prompt, args.negative_prompt, steps=args.steps or 30,
+    images = svp.text_to_image(sd, args.prompt, args.negative_prompt, steps=args.steps or 30,
                            guidance=7.5 if args.guidance is None else args.guidance,
                            sampler=args.sampler or "dpmpp_2m", height=args.height, width=args.width,
                            seed=args.seed, num_images=args.num_images, eta=args.eta)
@@ -105,7 +102,7 @@ def text_to_image_main(args, device, dtype):
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     for i, image in enumerate(images):
         path = out if len(images) == 1 else f"{stem}-{i}{ext}"
-        save_image_atomic(image, path)
+        save_image(image.numpy(), path)
         print(f"wrote {path}")
 
 
@@ -126,7 +123,6 @@ def split_frames(frames: range, rank: int, world: int) -> range:
 
 
 def avatar_main(args, device, dtype):
-    import svp
     from tracking.video import write_video
     if not args.params:
         raise ValueError("--params seq.npz is required with --avatar")
@@ -147,10 +143,10 @@ def avatar_main(args, device, dtype):
                              sampler=args.sampler or VideoSampling.sampler, eta=args.eta, seed=args.seed,
                              temporal_strength=args.temporal_strength, temporal_fade=args.temporal_fade,
                              batch_frames=args.batch_frames, conditioning_scale=args.conditioning_scale)
-    images, cond = avatar.render(seq, args.prompt, args.morph, args.morph_weight, args.negative_prompt,
+    images, hints = avatar.render(seq, args.prompt, args.morph, args.morph_weight, args.negative_prompt,
                                  split_frames(frames, rank, world), settings, progress=rank == 0)
     if args.side_by_side:
-        normals = (cond[:, :3].permute(0, 2, 3, 1).numpy() * 255).round().astype("uint8")
+        normals = (hints[:, :3].permute(0, 2, 3, 1).numpy() * 255).round().astype("uint8")
         images = np.concatenate([normals, images], axis=2)
     if world > 1:
         import torch.distributed as dist
@@ -164,7 +160,7 @@ def avatar_main(args, device, dtype):
     if args.png_dir:
         os.makedirs(args.png_dir, exist_ok=True)
         for i, image in zip(frames, images):
-            save_image_atomic(torch.from_numpy(image), os.path.join(args.png_dir, f"{i:05d}.png"))
+            save_image(image, os.path.join(args.png_dir, f"{i:05d}.png"))
     print(f"wrote {out} ({len(images)} frames)")
 
 

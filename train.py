@@ -4,7 +4,7 @@
     python train.py --video demo --preset tiny --out runs/demo        # offline, CPU, a few minutes
 
 1. The video is tracked into <out>/tracking/ (FLAME sequence and face crops, re-used on rerun).
-2. Each frame's FLAME conditioning image is rendered once (<out>/cache/cond.npy, fp16, memory-mapped)
+2. Each frame's hint (its FLAME conditioning image) is rendered once (<out>/cache/hints.npy, fp16, memory-mapped)
    and each crop encoded once by the VAE to the mean of its posterior (<out>/cache/latents.npy, fp16;
    the mean makes the cache independent of any seed). <out>/cache/meta.json says what the caches were
    built from; they are rebuilt when that differs from the current run.
@@ -14,12 +14,12 @@
    steps and at the end.
 4. Outputs: <out>/avatar.safetensors (the trained weights only: `control_model.*` plus the trained
    `model.diffusion_model.*` UNet tensors; the metadata key `svp_avatar` holds a JSON config),
-   <out>/previews/step_XXXXX.png (held-out conditioning | ground truth | sample), <out>/log.jsonl.
+   <out>/previews/step_XXXXX.png (held-out hint | ground truth | sample), <out>/log.jsonl.
 
 Randomness is a pure function of (seed, step): the data order is a seeded permutation per epoch and each
 micro-batch's timesteps and noise come from a generator seeded with (seed, step, micro-batch, rank). So a
 resumed run replays exactly what an uninterrupted one would have done. <out>/checkpoint.pt (torch.save,
-written to a temp file then renamed, read back with weights_only=True) holds the trainable weights, the
+read back with weights_only=True) holds the trainable weights, the
 optimizer, the step and the global RNG states. Under torchrun every rank trains on its own shard of each
 batch (DDP); rank 0 alone tracks, builds the caches and writes files.
 """
@@ -33,7 +33,7 @@ import signal
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -42,15 +42,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from model.avatar import Denoiser, fingerprint, save_avatar
-from model.config import TINY, config_to_dict
-from model.controlnet import ControlNet, load_controlnet
-from model.loading import DTYPES, StableDiffusion, load_stable_diffusion, load_tokenizer, save_single_file
-from model.pipeline import encode_prompts, guided_denoiser, make_sampler, to_uint8
-from model.sampling import NoiseSchedule, sample
+import svp
+from model.avatar import Denoiser, build_denoiser, fingerprint, save_avatar
+from model.config import config_to_dict
+from model.files import atomic_write, read_json, write_json
+from model.loading import DTYPES, StableDiffusion, write_tiny_base
+from model.pipeline import encode_prompts
+from model.sampling import NoiseSchedule
+from model.temporal import sample_video
 from tracking.cli import add_tracking_args
 from tracking.conditioning import CONDITIONING_CHANNELS, render_conditioning
-from tracking.pipeline import load_flame, track_video
+from tracking.pipeline import load_flame
 
 log = logging.getLogger("train")
 
@@ -67,42 +69,8 @@ IDENTITY_FIELDS = ("preset", "video", "controlnet", "train", "prompt", "resoluti
                    "val_fraction", "max_frames", "conditioning_dropout")
 
 
-@dataclass
-class TrainConfig:
-    video: str
-    out: str
-    base: str | None
-    controlnet: str | None
-    preset: str
-    vae_steps: int
-    flame: str | None
-    bbox: tuple | None
-    max_frames: int | None
-    max_gap: int
-    train: str
-    prompt: str
-    resolution: int
-    max_steps: int
-    lr: float
-    batch_size: int
-    grad_accum: int
-    val_fraction: float
-    val_every: int
-    preview_every: int
-    preview_steps: int
-    save_every: int
-    seed: int
-    conditioning_dropout: float
-    dtype: str | None
-    device: str | None
-    gradient_checkpointing: bool
-    tokenizer: str | None
-    prediction_type: str | None
-    resume: bool
-    stop_after: int | None
-
-
-def parse_args(argv=None) -> TrainConfig:
+def parse_args(argv=None) -> argparse.Namespace:
+    """The run's settings: the flags, with --preset's defaults where a flag is not given."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--video", required=True, help="the person's video (mp4, ...) or `demo` for the offline demo")
     p.add_argument("--out", required=True, help="run folder: tracking, caches, checkpoint, avatar, previews, log")
@@ -154,97 +122,24 @@ def parse_args(argv=None) -> TrainConfig:
         args["prompt"] = args["prompt"].replace("sks", token)
     if args["resolution"] % 8:
         p.error(f"--resolution must be a multiple of 8, got {args['resolution']}")
-    return TrainConfig(**args)
-
-
-# ----------------------------------------------------------------------------- processes
-
-@dataclass
-class Dist:
-    rank: int
-    world: int
-    device: torch.device
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self):
-        if self.world > 1:
-            dist.barrier()
-
-
-def init_distributed(device: str | None) -> Dist:
-    """One process, or one of torchrun's (RANK/WORLD_SIZE set): nccl on CUDA, gloo on the CPU."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        if device == "cuda" and world > 1:
-            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-    device = torch.device(device)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Dist(int(os.environ.get("RANK", 0)), world, device)
+    return argparse.Namespace(**args)
 
 
 # ----------------------------------------------------------------------------- base model and run identity
 
-def fit_vae(vae: nn.Module, images: torch.Tensor, steps: int, seed: int, batch_size: int = 8, lr: float = 2e-3):
-    """Train an autoencoder on `images` (N, 3, S, S) in [-1, 1]: L1 + L2 reconstruction of a posterior
-    sample plus LDM's 1e-6-weighted KL (which only keeps the latents from drifting in scale).
-
-    Why: a random decoder turns any latent into noise, so a tiny avatar's samples would show nothing.
-    A few hundred steps on the person's own frames make them recognisable (about 27 dB PSNR on the
-    demo's held-out frames after 300 steps)."""
-    generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.Adam(vae.parameters(), lr=lr)
-    for _ in tqdm(range(steps), desc="fitting the tiny VAE", leave=False):
-        x = images[torch.randint(0, len(images), (batch_size,), generator=generator)]
-        posterior = vae.encode(x)
-        error = vae.decode(posterior.sample(generator)) - x
-        loss = error.abs().mean() + error.square().mean() + 1e-6 * posterior.kl()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    return vae.eval()
-
-
-def write_tiny_base(path: str, seed: int, crops: np.ndarray, vae_steps: int):
-    """A random-initialised TINY model (seeded) in the single-file layout, its VAE fitted to `crops`.
-
-    The VAE's latent scale is then measured the way LDM measured SD's 0.18215: one over the standard
-    deviation of the latents of the images. Unscaled latents of the wrong spread would either drown in
-    the noise at every timestep or never be reached by it.
-    """
-    from model.clip import CLIPTextModel
-    from model.unet import UNet
-    from model.vae import AutoencoderKL
-    torch.manual_seed(seed)
-    images = torch.from_numpy(crops).permute(0, 3, 1, 2).float() / 127.5 - 1
-    vae = fit_vae(AutoencoderKL(TINY.vae), images, vae_steps, seed)
-    with torch.no_grad():
-        scale = 1 / torch.cat([vae.encode(images[i:i + 8]).mean for i in range(0, len(images), 8)]).std().item()
-    config = replace(TINY, vae=replace(TINY.vae, scale_factor=round(scale, 5)))
-    vae.config = config.vae
-    sd = StableDiffusion(config, UNet(config.unet), vae, CLIPTextModel(config.clip), load_tokenizer(config, ""))
-    save_single_file(sd, path)
-
-
-def load_base(cfg: TrainConfig, ranks: Dist, flame) -> tuple[StableDiffusion, str]:
+def load_base(cfg: argparse.Namespace, ranks: svp.Processes) -> tuple[StableDiffusion, str]:
     """The base checkpoint; for --preset tiny without --base, a tiny model written once into <out>,
     its VAE fitted to the training frames (so the video is tracked first)."""
     base = cfg.base or os.path.join(cfg.out, "base.safetensors")
     if cfg.base is None and ranks.main and not os.path.exists(base):
-        crops = track(cfg, flame).crops
+        crops = track(cfg).crops
         write_tiny_base(base, cfg.seed, crops[:train_frame_count(len(crops), cfg)], cfg.vae_steps)
     ranks.barrier()
-    sd = load_stable_diffusion(base, prediction_type=cfg.prediction_type, tokenizer=cfg.tokenizer)
+    sd = svp.load_stable_diffusion(base, prediction_type=cfg.prediction_type, tokenizer=cfg.tokenizer)
     return sd.to(ranks.device), base
 
 
-def run_identity(cfg: TrainConfig, sd: StableDiffusion, base: str, ranks: Dist) -> dict:
+def run_identity(cfg: argparse.Namespace, sd: StableDiffusion, base: str, ranks: svp.Processes) -> dict:
     return {**{k: getattr(cfg, k) for k in IDENTITY_FIELDS}, "base_fingerprint": fingerprint(base),
             "family": sd.config.name, "prediction_type": sd.config.prediction_type, "world_size": ranks.world}
 
@@ -256,7 +151,7 @@ def check_same_run(stored: dict, current: dict, where: str):
         raise ValueError(f"{where} holds a run with {what} ({'; '.join(diffs)}); use another --out")
 
 
-def check_out_dir(cfg: TrainConfig, identity: dict):
+def check_out_dir(cfg: argparse.Namespace, identity: dict):
     """Refuse an --out that holds another run (<out>/run.json is written beside every checkpoint)."""
     run_file = os.path.join(cfg.out, "run.json")
     if os.path.exists(run_file):
@@ -266,79 +161,59 @@ def check_out_dir(cfg: TrainConfig, identity: dict):
                              "or use another --out")
 
 
-def read_json(path: str):
-    with open(path) as f:
-        return json.load(f)
-
-
-def write_json(path: str, obj):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
-
-
 # ----------------------------------------------------------------------------- data
 
 @dataclass
 class FrameData:
     latents: torch.Tensor    # (T, 4, h, w) float32, the VAE posterior means, scaled
-    cond: np.ndarray         # (T, C, S, S) float16 conditioning images (memory-mapped)
+    hints: np.ndarray        # (T, C, S, S) float16 hint images (memory-mapped)
     crops: np.ndarray        # (T, S, S, 3) uint8
     n_train: int             # frames [0, n_train) train, the rest are held out
     seq_path: str
 
-    def hints(self, idx, device) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(self.cond[idx])).to(device, torch.float32)
+    def hint_batch(self, idx, device) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(self.hints[idx])).to(device, torch.float32)
 
 
-def track(cfg: TrainConfig, flame):
+def track(cfg: argparse.Namespace) -> svp.TrackedVideo:
     folder = os.path.join(cfg.out, "tracking")
-    video = cfg.video
-    if video == "demo":
-        from tracking.demo import write_demo_video
-        os.makedirs(folder, exist_ok=True)
-        video = os.path.join(folder, "demo.mp4")
-        if not os.path.exists(video):
-            write_demo_video(video, n_frames=cfg.max_frames or 48)
-    tracked = track_video(video, folder, flame, size=cfg.resolution, bbox=cfg.bbox, max_frames=cfg.max_frames,
-                          max_gap=cfg.max_gap)
+    tracked = svp.track(cfg.video, folder, cfg.flame, size=cfg.resolution, max_frames=cfg.max_frames,
+                        bbox=cfg.bbox, max_gap=cfg.max_gap)
     if tracked.crops.shape[1] != cfg.resolution:
         raise ValueError(f"{folder} holds crops of {tracked.crops.shape[1]} px but --resolution is "
                          f"{cfg.resolution}; use another --out")
     return tracked
 
 
-def build_caches(cfg: TrainConfig, sd: StableDiffusion, flame, tracked, base: str, device):
-    """Render the conditioning and encode the latents, unless <out>/cache already holds them."""
+def build_caches(cfg: argparse.Namespace, sd: StableDiffusion, flame, tracked, base: str, device):
+    """Render the hints and encode the latents, unless <out>/cache already holds them."""
     folder = os.path.join(cfg.out, "cache")
     os.makedirs(folder, exist_ok=True)
-    seq_file = os.path.join(cfg.out, "tracking", "seq.npz")
-    with open(seq_file, "rb") as f:
+    with open(os.path.join(cfg.out, "tracking", "seq.npz"), "rb") as f:
         key = {"base": fingerprint(base), "resolution": cfg.resolution,
                "seq_sha256": hashlib.sha256(f.read()).hexdigest()}
-    meta_file = os.path.join(folder, "meta.json")
-    if os.path.exists(meta_file) and read_json(meta_file) == key:
+    paths = {name: os.path.join(folder, name) for name in ("hints.npy", "latents.npy", "meta.json")}
+    if all(os.path.exists(path) for path in paths.values()) and read_json(paths["meta.json"]) == key:
         return
     n = tracked.seq.n_frames
     shape = (n, len(CONDITIONING_CHANNELS), cfg.resolution, cfg.resolution)
-    cond = np.lib.format.open_memmap(os.path.join(folder, "cond.tmp.npy"), "w+", np.float16, shape)
     latents = []
-    for start in tqdm(range(0, n, 8), desc="caching", leave=False):
-        frames = slice(start, min(n, start + 8))
-        cond[frames] = render_conditioning(flame, tracked.seq, cfg.resolution, frames=frames).numpy()
-        crops = torch.from_numpy(tracked.crops[frames]).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
-        with torch.no_grad():
-            latents.append((sd.vae.encode(crops).mean * sd.config.vae.scale_factor).half().cpu().numpy())
-    cond.flush()
-    del cond
-    os.replace(os.path.join(folder, "cond.tmp.npy"), os.path.join(folder, "cond.npy"))
-    np.save(os.path.join(folder, "latents.tmp.npy"), np.concatenate(latents))
-    os.replace(os.path.join(folder, "latents.tmp.npy"), os.path.join(folder, "latents.npy"))
-    write_json(meta_file, key)  # last: it vouches for the two arrays
+    with atomic_write(paths["hints.npy"]) as tmp:
+        hints = np.lib.format.open_memmap(tmp, "w+", np.float16, shape)
+        for start in tqdm(range(0, n, 8), desc="caching", leave=False):
+            frames = slice(start, min(n, start + 8))
+            hints[frames] = render_conditioning(flame, tracked.seq, cfg.resolution, frames=frames).numpy()
+            crops = torch.from_numpy(tracked.crops[frames]).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
+            with torch.no_grad():
+                latents.append((sd.vae.encode(crops).mean * sd.config.vae.scale_factor).half().cpu().numpy())
+        hints.flush()
+        del hints
+    with atomic_write(paths["latents.npy"]) as tmp:
+        np.save(tmp, np.concatenate(latents))
+    write_json(paths["meta.json"], key)  # last: it vouches for the two arrays
 
 
-def train_frame_count(n: int, cfg: TrainConfig) -> int:
+def train_frame_count(n: int, cfg: argparse.Namespace) -> int:
     """Frames [0, n_train) train; the last ones (at least one) are held out."""
     n_train = n - max(1, round(n * cfg.val_fraction))
     if n_train < 1:
@@ -346,15 +221,14 @@ def train_frame_count(n: int, cfg: TrainConfig) -> int:
     return n_train
 
 
-def prepare_data(cfg: TrainConfig, sd: StableDiffusion, base: str, ranks: Dist, flame) -> FrameData:
+def prepare_data(cfg: argparse.Namespace, sd: StableDiffusion, base: str, ranks: svp.Processes, flame) -> FrameData:
     """Track and cache on rank 0; the other ranks wait, then read the same files."""
     if ranks.main:
-        build_caches(cfg, sd, flame, track(cfg, flame), base, ranks.device)
+        build_caches(cfg, sd, flame, track(cfg), base, ranks.device)
     ranks.barrier()
-    tracked = track(cfg, flame if ranks.main else load_flame(cfg.flame))
     folder = os.path.join(cfg.out, "cache")
     latents = torch.from_numpy(np.load(os.path.join(folder, "latents.npy"))).float()
-    return FrameData(latents, np.load(os.path.join(folder, "cond.npy"), mmap_mode="r"), tracked.crops,
+    return FrameData(latents, np.load(os.path.join(folder, "hints.npy"), mmap_mode="r"), track(cfg).crops,
                      train_frame_count(len(latents), cfg), os.path.join(cfg.out, "tracking", "seq.npz"))
 
 
@@ -362,7 +236,7 @@ def epoch_order(n: int, epoch: int, seed: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
 
 
-def batch_indices(step: int, micro: int, cfg: TrainConfig, ranks: Dist, n_train: int) -> list[int]:
+def batch_indices(step: int, micro: int, cfg: argparse.Namespace, ranks: svp.Processes, n_train: int) -> list[int]:
     """This rank's frames of a micro-batch: a stateless walk through seeded per-epoch permutations.
 
     The global batch (world x batch_size frames) is cut into one contiguous share per rank, like
@@ -379,47 +253,12 @@ def step_generator(*keys: int) -> torch.Generator:
 
 # ----------------------------------------------------------------------------- model and loss
 
-def init_hint_encoder(controlnet: ControlNet, seed: int):
-    """He-initialise the hint encoder's convs (all but its final zero conv), biases zero.
-
-    PyTorch's default conv init scales a signal by about 1/sqrt(3) per conv, and its random biases
-    soon dominate: after the encoder's seven convs the hint barely reaches the output (~1e-3 of it),
-    and learning to use it takes thousands of steps. He init keeps the hint's features at unit scale.
-    The final conv stays zero, so the fresh ControlNet still leaves the UNet unchanged.
-    """
-    generator = torch.Generator().manual_seed(seed)
-    convs = [m for m in controlnet.input_hint_block if isinstance(m, nn.Conv2d)][:-1]
-    for conv in convs:  # drawn on the CPU, so every device and every rank starts alike
-        weight = torch.empty(conv.weight.shape)
-        nn.init.kaiming_normal_(weight, nonlinearity="relu", generator=generator)  # SiLU is close enough to ReLU
-        conv.weight.data.copy_(weight)
-        nn.init.zeros_(conv.bias)
-
-
-def build_denoiser(sd: StableDiffusion, mode: str, hint_channels: int, checkpointing: bool, seed: int,
-                   start_from: str | None = None) -> Denoiser:
-    """The ControlNet (a copy of the UNet's encoder, or the `start_from` checkpoint) on the base UNet, with
-    the parameters of `mode` trainable."""
-    if start_from:
-        param = next(sd.unet.parameters())
-        controlnet = load_controlnet(start_from, sd.config.unet, param.dtype, hint_channels).to(param.device)
-    else:
-        controlnet = ControlNet.from_unet(sd.unet, hint_channels)
-        init_hint_encoder(controlnet, seed)
-    controlnet.train().requires_grad_(True)
-    for name, param in sd.unet.named_parameters():
-        param.requires_grad_(mode == "controlnet+unet" or (mode == "controlnet+attn" and
-                                                          ("attn1" in name or "attn2" in name)))
-    sd.unet.gradient_checkpointing = controlnet.gradient_checkpointing = checkpointing
-    return Denoiser(sd.unet, controlnet).train()
-
-
 def diffusion_loss(model, schedule: NoiseSchedule, x0, hint, context, generator, dropout: float = 0.0):
     """The mean squared error to the checkpoint's training target at uniformly drawn timesteps."""
     t = torch.randint(0, schedule.num_train_timesteps, (len(x0),), generator=generator).to(x0.device)
     noise = torch.randn(x0.shape, generator=generator).to(x0.device)
     keep = (torch.rand(len(x0), generator=generator) >= dropout).to(hint)
-    out = model(schedule.add_noise(x0, noise, t), t, context.expand(len(x0), -1, -1), hint * keep[:, None, None, None])
+    out = model(schedule.add_noise(x0, noise, t), t, context, hint * keep[:, None, None, None])
     return F.mse_loss(out.float(), schedule.training_target(x0, noise, t))
 
 
@@ -439,9 +278,9 @@ def held_out_loss(denoiser: Denoiser, schedule: NoiseSchedule, data: FrameData, 
         idx, t = zip(*pairs[start:start + batch_size])
         x0, eps = data.latents[list(idx)].to(device), noise[start:start + len(idx)].to(device)
         t = torch.tensor(t, device=device)
-        hint = data.hints(list(idx), device) * (0.0 if zero_hint else 1.0)
+        hint = data.hint_batch(list(idx), device) * (0.0 if zero_hint else 1.0)
         with autocast():
-            out = denoiser(schedule.add_noise(x0, eps, t), t, context.expand(len(idx), -1, -1), hint)
+            out = denoiser(schedule.add_noise(x0, eps, t), t, context, hint)
         total += F.mse_loss(out.float(), schedule.training_target(x0, eps, t), reduction="sum").item()
     denoiser.train(was_training)
     return total / (len(pairs) * data.latents[0].numel())
@@ -449,29 +288,25 @@ def held_out_loss(denoiser: Denoiser, schedule: NoiseSchedule, data: FrameData, 
 
 # ----------------------------------------------------------------------------- outputs
 
-def avatar_meta(cfg: TrainConfig, sd: StableDiffusion, identity: dict, base: str, data: FrameData, step: int) -> dict:
+def avatar_meta(cfg: argparse.Namespace, sd: StableDiffusion, identity: dict, base: str, data: FrameData, step: int) -> dict:
     return {"base": base, "base_fingerprint": identity["base_fingerprint"], "family": config_to_dict(sd.config),
-            "prompt": cfg.prompt, "hint_channels": data.cond.shape[1], "resolution": cfg.resolution,
+            "prompt": cfg.prompt, "hint_channels": data.hints.shape[1], "resolution": cfg.resolution,
             "train": cfg.train, "seq": data.seq_path, "flame": cfg.flame, "step": step}
 
 
-@torch.no_grad()
 def save_preview(path: str, sd: StableDiffusion, denoiser: Denoiser, data: FrameData, context, steps: int, seed: int):
-    """Held-out conditioning (its normals as colours) | ground truth | a DDIM sample (no guidance)."""
+    """Held-out hint (its normals as colours) | ground truth | a DDIM sample (no guidance): the video sampler
+    on that one frame."""
     frame = data.n_train
-    device = context.device
-    hint = data.hints([frame], device)
-    noise = torch.randn((1,) + tuple(data.latents.shape[1:]), generator=torch.Generator().manual_seed(seed)).to(device)
+    settings = svp.VideoSampling(steps=steps, guidance=1.0, sampler="ddim", seed=seed, temporal_strength=0.0)
     denoiser.eval()
-    model_fn = guided_denoiser(denoiser.unet, context, None, 1.0,
-                               residual_fn=lambda x, t, ctx: denoiser.controlnet(x, t, ctx, hint))
-    image = to_uint8(sd.vae.decode_latents(sample(model_fn, noise, make_sampler(sd, "ddim", steps))))[0].numpy()
+    image = sample_video(denoiser, sd.vae, NoiseSchedule.from_config(sd.config), data.hint_batch([frame], context.device),
+                         range(frame, frame + 1), context, settings=settings, progress=False)[0]
     denoiser.train()
-    normals = (data.cond[frame][:3].transpose(1, 2, 0).astype(np.float32) * 255).round().astype(np.uint8)
+    normals = (data.hints[frame][:3].transpose(1, 2, 0).astype(np.float32) * 255).round().astype(np.uint8)
     from PIL import Image
-    tmp = path + ".tmp.png"
-    Image.fromarray(np.concatenate([normals, data.crops[frame], image], axis=1)).save(tmp)
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        Image.fromarray(np.concatenate([normals, data.crops[frame], image], axis=1)).save(tmp)
 
 
 def rng_state() -> dict:
@@ -493,14 +328,11 @@ def set_rng_state(state: dict):
 
 
 def save_checkpoint(path: str, checkpoint: dict):
-    """torch.save to a temp file, then rename: a failed write leaves the previous checkpoint intact."""
-    tmp = path + ".tmp"
+    """A failed write leaves the previous checkpoint intact."""
     try:
-        torch.save(checkpoint, tmp)
-        os.replace(tmp, path)
+        with atomic_write(path) as tmp:
+            torch.save(checkpoint, tmp)
     except OSError as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
         raise OSError(f"{path}: could not write the checkpoint ({e}); the previous one is unchanged") from e
 
 
@@ -520,14 +352,13 @@ def truncate_log(path: str, step: int):
     if step and os.path.exists(path):
         with open(path) as f:
             kept = [line for line in f if json.loads(line)["step"] <= step]
-    with open(path + ".tmp", "w") as f:
+    with atomic_write(path) as tmp, open(tmp, "w") as f:
         f.writelines(kept)
-    os.replace(path + ".tmp", path)
 
 
 # ----------------------------------------------------------------------------- training
 
-def autocast_for(cfg: TrainConfig, device: torch.device):
+def autocast_for(cfg: argparse.Namespace, device: torch.device):
     dtype = DTYPES[cfg.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     if dtype == torch.float32:
         return nullcontext, None
@@ -535,19 +366,19 @@ def autocast_for(cfg: TrainConfig, device: torch.device):
     return (lambda: torch.autocast(device.type, dtype=dtype)), scaler
 
 
-def train(cfg: TrainConfig) -> Denoiser:
+def train(cfg: argparse.Namespace) -> Denoiser:
     if cfg.video != "demo" and not os.path.isfile(cfg.video):
         raise FileNotFoundError(f"{cfg.video}: no such video file")
-    ranks = init_distributed(cfg.device)
+    ranks = svp.init_processes(cfg.device)
     os.makedirs(os.path.join(cfg.out, "previews"), exist_ok=True)
     flame = load_flame(cfg.flame) if ranks.main else None  # rank 0 first: the toy head is written on first use
-    sd, base = load_base(cfg, ranks, flame)
+    sd, base = load_base(cfg, ranks)
     identity = run_identity(cfg, sd, base, ranks)
     check_out_dir(cfg, identity)
     data = prepare_data(cfg, sd, base, ranks, flame)
     device, schedule = ranks.device, NoiseSchedule.from_config(sd.config)
     context = encode_prompts(sd, [cfg.prompt])
-    denoiser = build_denoiser(sd, cfg.train, data.cond.shape[1], cfg.gradient_checkpointing, cfg.seed, cfg.controlnet)
+    denoiser = build_denoiser(sd, cfg.train, data.hints.shape[1], cfg.gradient_checkpointing, cfg.seed, cfg.controlnet)
     params = [p for p in denoiser.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, fused=device.type == "cuda")
     autocast, scaler = autocast_for(cfg, device)
@@ -586,7 +417,7 @@ def train(cfg: TrainConfig) -> Denoiser:
             generator = step_generator(cfg.seed, step, micro, ranks.rank)
             last = micro == cfg.grad_accum - 1
             with (model.no_sync() if ranks.world > 1 and not last else nullcontext()), autocast():
-                micro_loss = diffusion_loss(model, schedule, data.latents[idx].to(device), data.hints(idx, device),
+                micro_loss = diffusion_loss(model, schedule, data.latents[idx].to(device), data.hint_batch(idx, device),
                                             context, generator, cfg.conditioning_dropout) / cfg.grad_accum
             (scaler.scale(micro_loss) if scaler else micro_loss).backward()
             loss += micro_loss.detach()

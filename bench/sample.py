@@ -6,7 +6,7 @@
 Both sample the same video: `--frames` conditioning images (random 8-channel hints in [0, 1]), the same
 random text embeddings for the prompt and the negative prompt, DDIM with `--steps` steps and guidance
 `--guidance`, every frame starting from the same noise, `--batch-frames` frames per UNet batch, then the
-VAE decode to uint8 frames. Ours is `svp.Avatar.sample`; diffusers' pipeline is called once per chunk of
+VAE decode to uint8 frames. Ours is `model/temporal.sample_video`; diffusers' pipeline is called once per chunk of
 `--batch-frames` frames with prompt_embeds / negative_prompt_embeds / latents repeated over the chunk (so
 it needs no text encoder or tokenizer, and gets none). The hints go to diffusers as a float tensor of the
 output size, which its control-image preprocessing passes through unchanged (no resize, do_normalize=False
@@ -22,7 +22,7 @@ Rows: ours with temporal denoising off, which does the same work as diffusers: t
 (DDIMScheduler as SD's scheduler_config.json: scaled-linear betas, steps_offset=1, set_alpha_to_one=False,
 "leading" spacing, no clipping) from the same x_T, so the frames agree up to float rounding, and their max
 abs difference (uint8) shows that the comparison is fair. Then ours with temporal denoising as sample.py
-runs it (svp.VideoSampling's default strength and fade); its frames differ by design. Runs alternate
+runs it (VideoSampling's default strength and fade); its frames differ by design. Runs alternate
 between the three (so load changes on a shared machine hit all alike) after one warm-up each; frames/s is
 given for the best and the median of `--repeats` runs (on a loaded machine the best is the steadier
 figure). Peak memory is what one run adds on top of the weights: CUDA max_memory_allocated, or on the CPU
@@ -43,10 +43,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from train import HINT_CHANNELS, build_pairs  # noqa: E402  (bench/train.py)
 from unet import DTYPES, timed_forward  # noqa: E402  (bench/unet.py)
 
-import svp  # noqa: E402
+from model.avatar import Denoiser  # noqa: E402
 from model.config import SD1, VAEConfig  # noqa: E402
 from model.controlnet import diffusers_to_ldm_controlnet  # noqa: E402
-from model.loading import StableDiffusion  # noqa: E402
+from model.sampling import NoiseSchedule  # noqa: E402
+from model.temporal import VideoSampling, sample_video  # noqa: E402
 from model.vae import AutoencoderKL, diffusers_to_ldm_vae  # noqa: E402
 
 
@@ -78,7 +79,7 @@ def wake_controlnet(controlnet, reference):
 
 
 def build(width: int, vae_width: int, size: int, device, dtype):
-    """Our Avatar and diffusers' pipeline over the same random weights."""
+    """Our denoiser, VAE and noise schedule, and diffusers' pipeline, over the same random weights."""
     from diffusers import DDIMScheduler, StableDiffusionControlNetPipeline
     from diffusers.utils import logging
     logging.set_verbosity_error()   # silence its advice against casting a model with .to(dtype)
@@ -88,28 +89,24 @@ def build(width: int, vae_width: int, size: int, device, dtype):
     for model in (unet, controlnet, vae, ref_unet, ref_controlnet, ref_vae):
         model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
-    config = replace(SD1, unet=unet.config, vae=vae.config, image_size=size)
-    sd = StableDiffusion(config, unet, vae, text_encoder=None, tokenizer=None)  # sample() takes embeddings
-    avatar = svp.Avatar(sd, controlnet, {"resolution": size}, flame=None, shape=None)
-
-    scheduler = DDIMScheduler(num_train_timesteps=config.num_train_timesteps, beta_start=config.beta_start,
-                              beta_end=config.beta_end, beta_schedule="scaled_linear", steps_offset=1,
-                              clip_sample=False, set_alpha_to_one=False, prediction_type=config.prediction_type)
+    scheduler = DDIMScheduler(num_train_timesteps=SD1.num_train_timesteps, beta_start=SD1.beta_start,
+                              beta_end=SD1.beta_end, beta_schedule="scaled_linear", steps_offset=1,
+                              clip_sample=False, set_alpha_to_one=False, prediction_type=SD1.prediction_type)
     pipe = StableDiffusionControlNetPipeline(vae=ref_vae, text_encoder=None, tokenizer=None, unet=ref_unet,
                                              controlnet=ref_controlnet, scheduler=scheduler, safety_checker=None,
                                              feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
-    return avatar, pipe
+    return Denoiser(unet, controlnet), vae, NoiseSchedule.from_config(SD1), pipe
 
 
-def shared_noise(avatar: svp.Avatar, seed: int) -> torch.Tensor:
-    """The x_T that Avatar.sample gives every frame: one latent from a CPU generator seeded with `seed`."""
-    latent = avatar.resolution // avatar.sd.vae.downscale
+def shared_noise(denoiser: Denoiser, vae, size: int, seed: int) -> torch.Tensor:
+    """The x_T that sample_video gives every frame: one latent from a CPU generator seeded with `seed`."""
+    latent = size // vae.downscale
     generator = torch.Generator().manual_seed(seed)
-    return torch.randn((avatar.sd.config.unet.in_channels, latent, latent), generator=generator)
+    return torch.randn((denoiser.unet.config.in_channels, latent, latent), generator=generator)
 
 
-def diffusers_video(pipe, hints, context, uncond, noise, settings: svp.VideoSampling) -> np.ndarray:
+def diffusers_video(pipe, hints, context, uncond, noise, settings: VideoSampling) -> np.ndarray:
     """uint8 (T, H, W, 3) frames from the pipeline, one call per chunk of settings.batch_frames frames."""
     size, chunk, frames = hints.shape[-1], settings.batch_frames, []
     for start in range(0, len(hints), chunk):
@@ -130,11 +127,11 @@ def main():
     p.add_argument("--size", type=int, default=None, help="frame side in pixels (default 512 on CUDA, 128 on the CPU)")
     p.add_argument("--frames", type=int, default=None, help="video length (default 16 on CUDA, 8 on the CPU)")
     p.add_argument("--steps", type=int, default=None, help="DDIM steps (default 25 on CUDA, 4 on the CPU)")
-    p.add_argument("--guidance", type=float, default=svp.VideoSampling.guidance)
-    p.add_argument("--batch-frames", type=int, default=svp.VideoSampling.batch_frames)
-    p.add_argument("--temporal-strength", type=float, default=svp.VideoSampling.temporal_strength,
+    p.add_argument("--guidance", type=float, default=VideoSampling.guidance)
+    p.add_argument("--batch-frames", type=int, default=VideoSampling.batch_frames)
+    p.add_argument("--temporal-strength", type=float, default=VideoSampling.temporal_strength,
                    help="of ours in the second row (the first has 0, to compare with diffusers); "
-                   "the temporal fade is svp.VideoSampling's default")
+                   "the temporal fade is VideoSampling's default")
     p.add_argument("--width", type=int, default=None,
                    help="UNet base width (SD: 320; default 320 on CUDA, 64 on the CPU)")
     p.add_argument("--vae-width", type=int, default=None,
@@ -151,27 +148,27 @@ def main():
     dtype = DTYPES[dtype_name]
 
     torch.manual_seed(args.seed)
-    avatar, pipe = build(width, vae_width, size, device, dtype)
+    denoiser, vae, schedule, pipe = build(width, vae_width, size, device, dtype)
     hints = torch.rand(num_frames, HINT_CHANNELS, size, size).to(device, dtype)
     context, uncond = (torch.randn(1, 77, SD1.unet.context_dim).to(device, dtype) for _ in range(2))
-    independent = svp.VideoSampling(steps=steps, guidance=args.guidance, sampler="ddim", seed=args.seed,
+    independent = VideoSampling(steps=steps, guidance=args.guidance, sampler="ddim", seed=args.seed,
                                     temporal_strength=0.0, batch_frames=args.batch_frames)
     temporal = replace(independent, temporal_strength=args.temporal_strength)
-    noise = shared_noise(avatar, args.seed).to(device, dtype)
+    noise = shared_noise(denoiser, vae, size, args.seed).to(device, dtype)
     seen = pipe.prepare_image(hints, size, size, num_frames, 1, device, dtype)  # what its ControlNet gets
     if not torch.equal(seen, hints):
         raise RuntimeError("diffusers' control-image preprocessing changed the hints; the comparison would be unfair")
     frames = range(num_frames)
     runs = {
-        "ours": lambda: avatar.sample(hints, 0, frames, context, uncond, independent, progress=False),
+        "ours": lambda: sample_video(denoiser, vae, schedule, hints, frames, context, uncond, independent, False),
         "diffusers": lambda: diffusers_video(pipe, hints, context, uncond, noise, independent),
-        "ours temporal": lambda: avatar.sample(hints, 0, frames, context, uncond, temporal, progress=False),
+        "ours temporal": lambda: sample_video(denoiser, vae, schedule, hints, frames, context, uncond, temporal, False),
     }
 
     times, peaks, outputs = measure(runs, repeats, device)
     diff = np.abs(outputs["ours"].astype(np.int16) - outputs["diffusers"].astype(np.int16))
 
-    params = sum(p.numel() for m in (avatar.sd.unet, avatar.controlnet, avatar.sd.vae) for p in m.parameters())
+    params = sum(p.numel() for m in (denoiser, vae) for p in m.parameters())
     print(f"device {device} ({torch.cuda.get_device_name(device) if cuda else f'{torch.get_num_threads()} threads'}), "
           f"{dtype_name}, UNet+ControlNet+VAE {params / 1e6:.0f}M params (UNet width {width}, VAE width {vae_width}), "
           f"{num_frames} frames of {size}x{size}, DDIM {steps} steps, guidance {args.guidance}, "

@@ -26,6 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from unet import PeakCUDA, PeakRSS  # noqa: E402  (bench/unet.py)
 
+from model.avatar import Denoiser  # noqa: E402
 from model.config import SD1  # noqa: E402
 from model.controlnet import HINT_WIDTHS, ControlNet, diffusers_to_ldm_controlnet  # noqa: E402
 from model.unet import UNet, diffusers_to_ldm_unet  # noqa: E402
@@ -53,9 +54,11 @@ def make_step(unet, controlnet, ours: bool, batch, device, autocast):
     params = [*unet.parameters(), *controlnet.parameters()]
     optimizer = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
 
+    denoiser = Denoiser(unet, controlnet)
+
     def forward():
         if ours:
-            return unet(x, t, context, *controlnet(x, t, context, hint))
+            return denoiser(x, t, context, hint)
         down, mid = controlnet(x, t, context, hint, return_dict=False)
         return unet(x, t, context, down_block_additional_residuals=down, mid_block_additional_residual=mid,
                     return_dict=False)[0]

@@ -3,7 +3,7 @@
 Every sampler step of model/sampling.py (DDIM with eta, DPM-Solver++(2M), ...) is expressed with the
 same few coefficients, computed by the sampler from its noise schedule:
 
-    out    = uncond + g * (cond - uncond)                  classifier-free guidance (out = cond without uncond)
+    out    = uncond_out + g * (cond_out - uncond_out)      classifier-free guidance (out = cond_out without it)
     x0     = a * x + b * out                                the model output converted to a clean-latent estimate
     x_next = c_x * x + c_0 * x0 + c_1 * x0_prev + c_n * noise
     x_next = (1 - w) * x_next + w * (r_0 * prev_frame_x0 + r_n * shared_noise)   only with prev_frame_x0
@@ -24,10 +24,10 @@ import triton.language as tl
 from kernels.dispatch import on_device, use_triton
 
 
-def temporal_step_reference(x, cond, uncond, x0_prev, noise, shared_noise, prev_frame_x0,
+def temporal_step_reference(x, cond_out, uncond_out, x0_prev, noise, shared_noise, prev_frame_x0,
                             guidance, a, b, c_x, c_0, c_1, c_n, r_0, r_n, w):
-    x, cond = x.float(), cond.float()
-    out = cond if uncond is None else uncond.float() + guidance * (cond - uncond.float())
+    x, cond_out = x.float(), cond_out.float()
+    out = cond_out if uncond_out is None else uncond_out.float() + guidance * (cond_out - uncond_out.float())
     x0 = a * x + b * out
     x_next = c_x * x + c_0 * x0
     if x0_prev is not None:
@@ -44,18 +44,18 @@ def temporal_step_reference(x, cond, uncond, x0_prev, noise, shared_noise, prev_
 
 @triton.jit
 def _temporal_step_kernel(
-    X, COND, UNCOND, X0_PREV, NOISE, SHARED_NOISE, PREV_FRAME_X0, X_NEXT, X0,
+    X, COND_OUT, UNCOND_OUT, X0_PREV, NOISE, SHARED_NOISE, PREV_FRAME_X0, X_NEXT, X0,
     numel, frame_numel, guidance, a, b, c_x, c_0, c_1, c_n, r_0, r_n, w,
-    HAS_UNCOND: tl.constexpr, HAS_X0_PREV: tl.constexpr, HAS_NOISE: tl.constexpr,
+    HAS_UNCOND_OUT: tl.constexpr, HAS_X0_PREV: tl.constexpr, HAS_NOISE: tl.constexpr,
     HAS_PREV_FRAME: tl.constexpr, HAS_SHARED_NOISE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = offsets < numel
     x = tl.load(X + offsets, mask=inside).to(tl.float32)
-    out = tl.load(COND + offsets, mask=inside).to(tl.float32)
-    if HAS_UNCOND:
-        uncond = tl.load(UNCOND + offsets, mask=inside).to(tl.float32)
-        out = uncond + guidance * (out - uncond)
+    out = tl.load(COND_OUT + offsets, mask=inside).to(tl.float32)
+    if HAS_UNCOND_OUT:
+        uncond_out = tl.load(UNCOND_OUT + offsets, mask=inside).to(tl.float32)
+        out = uncond_out + guidance * (out - uncond_out)
     x0 = a * x + b * out
     x_next = c_x * x + c_0 * x0
     if HAS_X0_PREV:
@@ -71,7 +71,7 @@ def _temporal_step_kernel(
     tl.store(X0 + offsets, x0.to(X0.dtype.element_ty), mask=inside)
 
 
-def fused_temporal_step(x, cond, uncond, x0_prev, noise, shared_noise, prev_frame_x0,
+def fused_temporal_step(x, cond_out, uncond_out, x0_prev, noise, shared_noise, prev_frame_x0,
                         guidance, a, b, c_x, c_0, c_1, c_n, r_0, r_n, w, block: int = 1024):
     """The Triton path of `temporal_step` (CUDA, or CPU when interpreted). Outputs are in x's dtype."""
     x = x.contiguous()
@@ -82,10 +82,10 @@ def fused_temporal_step(x, cond, uncond, x0_prev, noise, shared_noise, prev_fram
     x_next, x0 = torch.empty_like(x), torch.empty_like(x)
     with on_device(x):
         _temporal_step_kernel[(triton.cdiv(x.numel(), block),)](
-            x, pointer(cond), pointer(uncond), pointer(x0_prev), pointer(noise), pointer(shared_noise),
+            x, pointer(cond_out), pointer(uncond_out), pointer(x0_prev), pointer(noise), pointer(shared_noise),
             pointer(prev_frame_x0), x_next, x0,
             x.numel(), x[0].numel(), guidance, a, b, c_x, c_0, c_1, c_n, r_0, r_n, w,
-            HAS_UNCOND=uncond is not None, HAS_X0_PREV=x0_prev is not None, HAS_NOISE=noise is not None,
+            HAS_UNCOND_OUT=uncond_out is not None, HAS_X0_PREV=x0_prev is not None, HAS_NOISE=noise is not None,
             HAS_PREV_FRAME=prev_frame_x0 is not None, HAS_SHARED_NOISE=shared_noise is not None, BLOCK=block,
         )
     return x_next, x0
@@ -95,8 +95,8 @@ class TemporalStepError(ValueError):
     pass
 
 
-def _check_inputs(x, cond, uncond, x0_prev, noise, shared_noise, prev_frame_x0, c_1, c_n, r_n):
-    for name, t in (("cond", cond), ("uncond", uncond), ("x0_prev", x0_prev), ("noise", noise),
+def _check_inputs(x, cond_out, uncond_out, x0_prev, noise, shared_noise, prev_frame_x0, c_1, c_n, r_n):
+    for name, t in (("cond_out", cond_out), ("uncond_out", uncond_out), ("x0_prev", x0_prev), ("noise", noise),
                     ("prev_frame_x0", prev_frame_x0)):
         if t is not None and t.shape != x.shape:
             raise TemporalStepError(f"temporal_step: {name} has shape {tuple(t.shape)}, x has {tuple(x.shape)}")
@@ -112,7 +112,7 @@ def _check_inputs(x, cond, uncond, x0_prev, noise, shared_noise, prev_frame_x0, 
             raise TemporalStepError(f"temporal_step: {name}={coefficient} but its tensor is None")
 
 
-def temporal_step(x: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None = None, *,
+def temporal_step(x: torch.Tensor, cond_out: torch.Tensor, uncond_out: torch.Tensor | None = None, *,
                   x0_prev: torch.Tensor | None = None, noise: torch.Tensor | None = None,
                   shared_noise: torch.Tensor | None = None, prev_frame_x0: torch.Tensor | None = None,
                   guidance: float = 1.0, a: float, b: float, c_x: float, c_0: float, c_1: float = 0.0,
@@ -120,14 +120,14 @@ def temporal_step(x: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | No
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """One sampler step for N frames x: (N, C, H, W) -> (x_next, x0), both like x. See the module doc.
 
-    cond/uncond: model outputs (uncond None = no guidance); x0_prev: the previous step's x0 (DPM++(2M));
+    cond_out/uncond_out: the model's conditional and unconditional outputs (uncond_out None = no guidance); x0_prev: the previous step's x0 (DPM++(2M));
     noise: fresh noise (DDIM eta > 0); prev_frame_x0: each frame's previous frame's x0 (None = no
     temporal pull); shared_noise: one frame (C, H, W) of the video's shared noise.
     """
     if prev_frame_x0 is None and shared_noise is not None:
         shared_noise = None  # only the temporal pull uses it
-    _check_inputs(x, cond, uncond, x0_prev, noise, shared_noise, prev_frame_x0, c_1, c_n, r_n)
-    args = (x, cond, uncond, x0_prev, noise, shared_noise, prev_frame_x0,
+    _check_inputs(x, cond_out, uncond_out, x0_prev, noise, shared_noise, prev_frame_x0, c_1, c_n, r_n)
+    args = (x, cond_out, uncond_out, x0_prev, noise, shared_noise, prev_frame_x0,
             float(guidance), float(a), float(b), float(c_x), float(c_0), float(c_1), float(c_n),
             float(r_0), float(r_n), float(w))
     tensors = [t for t in args[:7] if t is not None]

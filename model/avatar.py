@@ -1,5 +1,8 @@
 """An avatar: the trained weights that turn a base Stable Diffusion into one person, and their file.
 
+`Denoiser` is the UNet driven by the ControlNet, the one model that training, previews and sampling
+call; `build_denoiser` makes a fresh one for training (train.py's --train modes).
+
 `avatar.safetensors` holds only what training changed: the ControlNet under `control_model.*` and the
 UNet tensors that were trained under `model.diffusion_model.*` (the single-file names), plus a JSON
 config in the metadata key `svp_avatar` (base checkpoint path and fingerprint, family, caption, hint
@@ -13,7 +16,8 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
-from model.controlnet import CONTROLNET_PREFIX, ControlNet, load_controlnet
+from model.controlnet import CONTROLNET_PREFIX, ControlNet, init_hint_encoder, load_controlnet
+from model.files import atomic_write
 from model.loading import UNET_PREFIX, CheckpointError, StableDiffusion, open_safetensors, weights_file
 
 FINGERPRINT_BYTES = 1 << 20
@@ -30,14 +34,34 @@ def fingerprint(path: str) -> str:
 
 
 class Denoiser(nn.Module):
-    """The UNet driven by the ControlNet: (noisy latents, t, text context, hint) -> model output."""
+    """The UNet driven by the ControlNet: (noisy latents, t, text context, hint) -> model output.
 
-    def __init__(self, unet: nn.Module, controlnet: ControlNet):
+    Every caller goes through here: the training and held-out losses, the previews, video sampling and
+    (with no ControlNet) text-to-image. `scale` multiplies the ControlNet's residuals (the conditioning
+    strength at inference).
+    """
+
+    def __init__(self, unet: nn.Module, controlnet: ControlNet | None = None):
         super().__init__()
         self.unet, self.controlnet = unet, controlnet
 
-    def forward(self, x, t, context, hint):
-        return self.unet(x, t, context, *self.controlnet(x, t, context, hint))
+    def forward(self, x, t, context, hint=None, scale: float = 1.0):
+        context = context.expand(len(x), -1, -1)
+        residuals = self.controlnet(x, t, context, hint, scale) if self.controlnet is not None else ()
+        return self.unet(x, t, context, *residuals)
+
+    def guided(self, x, t, context, uncond_context=None, hint=None, scale: float = 1.0):
+        """(cond_out, uncond_out) for classifier-free guidance (uncond_out None without `uncond_context`).
+
+        Both branches run in one batch of 2B, like the reference pipelines; kernels/temporal.py combines them.
+        """
+        if uncond_context is None:
+            return self(x, t, context, hint, scale), None
+        def twice(v):
+            return None if v is None else torch.cat([v, v])
+        contexts = torch.cat([uncond_context.expand(len(x), -1, -1), context.expand(len(x), -1, -1)])
+        uncond_out, cond_out = self(twice(x), t, contexts, twice(hint), scale).chunk(2)
+        return cond_out, uncond_out
 
     def trainable_state(self) -> dict:
         """The trained tensors under their checkpoint names: all of the ControlNet, the UNet's trained ones."""
@@ -61,10 +85,28 @@ def load_trained_unet(unet: nn.Module, state: dict):
             params[name].copy_(value)
 
 
+def build_denoiser(sd: StableDiffusion, mode: str, hint_channels: int, checkpointing: bool, seed: int,
+                   start_from: str | None = None) -> Denoiser:
+    """The ControlNet (a copy of the UNet's encoder, or the `start_from` checkpoint) on the base UNet, with
+    the parameters of train.py's --train `mode` trainable."""
+    if start_from:
+        param = next(sd.unet.parameters())
+        controlnet = load_controlnet(start_from, sd.config.unet, param.dtype, hint_channels).to(param.device)
+    else:
+        controlnet = ControlNet.from_unet(sd.unet, hint_channels)
+        init_hint_encoder(controlnet, seed)
+    controlnet.train().requires_grad_(True)
+    for name, param in sd.unet.named_parameters():
+        param.requires_grad_(mode == "controlnet+unet" or (mode == "controlnet+attn" and
+                                                          ("attn1" in name or "attn2" in name)))
+    sd.unet.gradient_checkpointing = controlnet.gradient_checkpointing = checkpointing
+    return Denoiser(sd.unet, controlnet).train()
+
+
 def save_avatar(path: str, denoiser: Denoiser, meta: dict):
-    tmp = path + ".tmp"
-    save_file({k: v.cpu() for k, v in denoiser.trainable_state().items()}, tmp, metadata={"svp_avatar": json.dumps(meta)})
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        save_file({k: v.cpu() for k, v in denoiser.trainable_state().items()}, tmp,
+                  metadata={"svp_avatar": json.dumps(meta)})
 
 
 def read_avatar_meta(path: str) -> dict:
@@ -76,7 +118,7 @@ def read_avatar_meta(path: str) -> dict:
     return json.loads(meta)
 
 
-def load_avatar(path: str, sd: StableDiffusion) -> tuple[ControlNet, dict]:
+def load_avatar_weights(path: str, sd: StableDiffusion) -> tuple[ControlNet, dict]:
     """Read an avatar onto a loaded base model: the trained UNet tensors go into sd.unet in place;
     returns the ControlNet and the avatar's config."""
     meta = read_avatar_meta(path)

@@ -20,7 +20,8 @@ import torch.nn as nn
 from safetensors.torch import save_file
 
 from model.config import UNetConfig
-from model.loading import CheckpointError, assign_weights, open_safetensors, read_json, read_tensors, weights_file
+from model.files import atomic_write, read_json
+from model.loading import CheckpointError, assign_weights, open_safetensors, read_tensors, weights_file
 from model.unet import (UNet, build_input_blocks, build_middle_block, diffusers_to_ldm_prefixes, rename_key,
                         build_time_embed, run_block, timestep_features)
 
@@ -49,6 +50,24 @@ def build_hint_block(hint_channels: int, widths: Sequence[int], out_channels: in
                    nn.Conv2d(width, next_width, 3, padding=1, stride=2), nn.SiLU()]
     layers.append(zero_conv(widths[-1], out_channels, kernel_size=3))
     return nn.Sequential(*layers)
+
+
+def init_hint_encoder(controlnet: "ControlNet", seed: int):
+    """He-initialise the hint encoder's convs (all but its final zero conv), biases zero: a fresh ControlNet
+    for training.
+
+    PyTorch's default conv init scales a signal by about 1/sqrt(3) per conv, and its random biases
+    soon dominate: after the encoder's seven convs the hint barely reaches the output (~1e-3 of it),
+    and learning to use it takes thousands of steps. He init keeps the hint's features at unit scale.
+    The final conv stays zero, so the fresh ControlNet still leaves the UNet unchanged.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    convs = [m for m in controlnet.input_hint_block if isinstance(m, nn.Conv2d)][:-1]
+    for conv in convs:  # drawn on the CPU, so every device and every rank starts alike
+        weight = torch.empty(conv.weight.shape)
+        nn.init.kaiming_normal_(weight, nonlinearity="relu", generator=generator)  # SiLU is close enough to ReLU
+        conv.weight.data.copy_(weight)
+        nn.init.zeros_(conv.bias)
 
 
 class ControlNet(nn.Module):
@@ -205,6 +224,5 @@ def check_diffusers_heads(config_path: str, unet_config: UNetConfig):
 def save_controlnet(controlnet: ControlNet, path: str):
     """Write `controlnet` in the original single-file layout (`control_model.*`), atomically."""
     tensors = {CONTROLNET_PREFIX + k: v.detach().contiguous() for k, v in controlnet.state_dict().items()}
-    tmp = path + ".tmp"
-    save_file(tensors, tmp)
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        save_file(tensors, tmp)

@@ -26,9 +26,17 @@ def atomic_write(path: str):
             os.remove(tmp)
 
 
+class JSONFileError(ValueError):
+    pass
+
+
 def read_json(path: str):
+    """The JSON in `path`; a file that is not JSON is one error naming it."""
     with open(path) as f:
-        return json.load(f)
+        try:
+            return json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise JSONFileError(f"{path}: not a JSON file ({e})") from e
 
 
 def write_json(path: str, obj):

@@ -21,15 +21,17 @@ import json
 import os
 from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 
 from model.clip import CLIPCheckpointError, CLIPTextModel, hf_to_ours, openclip_to_ours
-from model.config import (SD1, SD2_BASE, SD2_V, CLIPConfig, SDConfig, UNetConfig, VAEConfig,
+from model.config import (SD1, SD2_BASE, SD2_V, TINY, CLIPConfig, SDConfig, UNetConfig, VAEConfig,
                           config_from_dict, config_to_dict)
+from model.files import atomic_write, read_json
 from model.tokenizer import CLIPTokenizer
 from model.unet import UNet, diffusers_to_ldm_unet
-from model.vae import AutoencoderKL, diffusers_to_ldm_vae
+from model.vae import AutoencoderKL, diffusers_to_ldm_vae, fit_vae
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -181,20 +183,30 @@ def save_single_file(sd: StableDiffusion, path: str):
     for prefix, net in ((UNET_PREFIX, sd.unet), (VAE_PREFIX, sd.vae),
                         (CLIP_PREFIX["openai"] + "text_model.", sd.text_encoder)):
         tensors.update({prefix + k: v.contiguous() for k, v in net.state_dict().items()})
-    tmp = path + ".tmp"
-    save_file(tensors, tmp, metadata={"svp_config": json.dumps(config_to_dict(sd.config))})
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        save_file(tensors, tmp, metadata={"svp_config": json.dumps(config_to_dict(sd.config))})
+
+
+def write_tiny_base(path: str, seed: int, crops: np.ndarray, vae_steps: int):
+    """A random-initialised TINY model (seeded) in the single-file layout, its VAE fitted to `crops`
+    (train.py --preset tiny without --base: an offline base model that shows the person).
+
+    The VAE's latent scale is then measured the way LDM measured SD's 0.18215: one over the standard
+    deviation of the latents of the images. Unscaled latents of the wrong spread would either drown in
+    the noise at every timestep or never be reached by it.
+    """
+    torch.manual_seed(seed)
+    images = torch.from_numpy(crops).permute(0, 3, 1, 2).float() / 127.5 - 1
+    vae = fit_vae(AutoencoderKL(TINY.vae), images, vae_steps, seed)
+    with torch.no_grad():
+        scale = 1 / torch.cat([vae.encode(images[i:i + 8]).mean for i in range(0, len(images), 8)]).std().item()
+    config = replace(TINY, vae=replace(TINY.vae, scale_factor=round(scale, 5)))
+    vae.config = config.vae
+    sd = StableDiffusion(config, UNet(config.unet), vae, CLIPTextModel(config.clip), load_tokenizer(config, ""))
+    save_single_file(sd, path)
 
 
 # ----------------------------------------------------------------------------- diffusers folder
-
-def read_json(path: str) -> dict:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: cannot read this config file: {e}") from e
-
 
 def weights_file(folder: str) -> str:
     for name in ("diffusion_pytorch_model.safetensors", "model.safetensors",

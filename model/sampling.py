@@ -6,9 +6,9 @@ Every sampler step is the same two linear maps with per-step Python-float coeffi
     x_next = c_x * x + c_0 * x0 + c_1 * x0_prev + c_n * noise (StepCoefficients: the solver update)
 
 x0_prev is the previous step's x0 (only DPM-Solver++(2M) uses it) and noise is fresh N(0, I)
-(only DDIM with eta > 0). A sampler is therefore just a table of coefficients; `apply_step` here and
-the fused Triton kernel (kernels/temporal.py) evaluate it. The model is called on
-`input_scale(i) * x` at timestep `timesteps[i]`.
+(only DDIM with eta > 0). A sampler is therefore just a table of coefficients; kernels/temporal.py
+evaluates it (a fused Triton kernel and its PyTorch reference) and model/temporal.py runs the loop, for
+images and videos alike. The model is called on `input_scale(i) * x` at timestep `timesteps[i]`.
 
 Two domains for `x`, both describing x = (clean part) + (noise part) at step i:
   * VP (DDIM, DPM-Solver): x = alpha * x0 + sigma * eps with alpha^2 + sigma^2 = 1; the model sees x.
@@ -23,7 +23,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from model.config import SDConfig
 
@@ -94,17 +93,6 @@ class StepCoefficients:
     c_0: float
     c_1: float = 0.0
     c_n: float = 0.0
-
-
-def apply_step(x: torch.Tensor, x0: torch.Tensor, x0_prev: torch.Tensor | None, noise: torch.Tensor | None,
-               coeffs: StepCoefficients) -> torch.Tensor:
-    """The generic solver update; x0_prev / noise may be None when their coefficient is 0."""
-    x_next = coeffs.c_x * x + coeffs.c_0 * x0
-    if coeffs.c_1 != 0:
-        x_next = x_next + coeffs.c_1 * x0_prev
-    if coeffs.c_n != 0:
-        x_next = x_next + coeffs.c_n * noise
-    return x_next
 
 
 class Sampler:
@@ -264,43 +252,15 @@ def _sigma_to_t(sigma: float, log_train_sigmas: np.ndarray) -> float:
     return (1 - w) * low + w * (low + 1)
 
 
-SAMPLERS = {"ddim": DDIMSampler, "euler": EulerSampler, "dpmpp_2m": DPMSolverPP2MSampler}
+SAMPLER_NAMES = ("ddim", "euler", "dpmpp_2m", "dpmpp_2m_karras")
 
 
-def guidance_combine(uncond: torch.Tensor, cond: torch.Tensor, scale: float) -> torch.Tensor:
-    """Classifier-free guidance: extrapolate from the unconditional output toward the conditional one."""
-    return uncond + scale * (cond - uncond)
-
-
-def classifier_free_guidance(model_fn, scale: float):
-    """Wrap a model_fn that maps a doubled batch [x; x] to [uncond; cond] outputs (the caller stacks
-    its unconditional then conditional contexts) into a guided model_fn(x, t)."""
-    def guided(x, t):
-        uncond, cond = model_fn(torch.cat([x, x]), t).chunk(2)
-        return guidance_combine(uncond, cond, scale)
-    return guided
-
-
-def sample(model_fn, noise: torch.Tensor, sampler: Sampler, generator: torch.Generator | None = None,
-           progress: bool = False, callback=None) -> torch.Tensor:
-    """Run the sampler from pure noise to a clean latent.
-
-    model_fn(x_in, t) -> model output (epsilon or v, per the schedule), with t a Python number;
-    noise: unit Gaussian x_T, scaled here by sampler.init_noise_sigma; generator: draws DDIM's
-    per-step noise (eta > 0); callback(i, x_next, x0) after each step. Returns the final x.
-    """
-    x = noise * sampler.init_noise_sigma
-    x0_prev = None
-    for i in tqdm(range(len(sampler)), disable=not progress, desc="sampling"):
-        out = model_fn(x * sampler.input_scale(i), sampler.timesteps[i])
-        p = sampler.x0_coefficients(i)
-        x0 = p.a * x + p.b * out
-        coeffs = sampler.coefficients(i)
-        fresh = None
-        if coeffs.c_n != 0:
-            fresh = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        x = apply_step(x, x0, x0_prev, fresh, coeffs)
-        x0_prev = x0
-        if callback is not None:
-            callback(i, x, x0)
-    return x
+def make_sampler(schedule: NoiseSchedule, name: str, steps: int, eta: float = 0.0) -> Sampler:
+    """One of SAMPLER_NAMES with `steps` steps on `schedule` (eta: DDIM's stochasticity)."""
+    if name == "ddim":
+        return DDIMSampler(schedule, steps, eta=eta)
+    if name == "euler":
+        return EulerSampler(schedule, steps)
+    if name in ("dpmpp_2m", "dpmpp_2m_karras"):
+        return DPMSolverPP2MSampler(schedule, steps, karras_sigmas=name.endswith("karras"))
+    raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLER_NAMES)}")

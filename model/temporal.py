@@ -13,6 +13,7 @@ tie the frames together here (SVP's temporal denoising):
 
 The whole step (guidance, x0 estimate, solver update, pull) is one fused kernel on the GPU
 (kernels/temporal.py). Frames are denoised in lock-step chunks of `chunk` frames (one UNet batch).
+The image sampler is the same loop with no pull (`denoise`, used by text-to-image and train.py's previews).
 
 Chunks are exact, not approximate. A chunk's first frame is pulled toward the previous chunk's last
 frame: that chunk hands over its last frame's estimates of every step (`carry`), so chunked and
@@ -22,11 +23,41 @@ while w > 0, so f depends on at most `coupling_depth` predecessors (a light cone
 preceded once by that many warm-up frames, sampled and discarded. Every split of a video therefore
 gives the same frames for the same seed.
 """
+from dataclasses import dataclass
+
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from kernels.temporal import temporal_step
-from model.sampling import Sampler
+from model.sampling import NoiseSchedule, Sampler, make_sampler
+from model.vae import AutoencoderKL, to_uint8
+
+
+@dataclass
+class VideoSampling:
+    """How a video is sampled (sample.py's flags of the same names).
+
+    eta: DDIM's stochasticity (0 = deterministic; each frame draws its own step noise, which flickers);
+    temporal_strength: pull of each frame toward the previous one (0 = independent frames);
+    temporal_fade: the fraction of the steps over which that pull fades out (see the module doc);
+    batch_frames: frames denoised together in lock-step (one UNet batch); conditioning_scale:
+    multiplies the ControlNet's residuals (how strongly the 3DMM rendering steers; 0 = plain text-to-image).
+    """
+    steps: int = 25
+    guidance: float = 3.0
+    sampler: str = "ddim"
+    eta: float = 0.0
+    seed: int = 0
+    temporal_strength: float = 0.9
+    temporal_fade: float = 0.8
+    batch_frames: int = 8
+    conditioning_scale: float = 1.0
+
+    @property
+    def weights(self) -> list[float]:
+        """The pull's weight at every step."""
+        return temporal_weights(self.steps, self.temporal_strength, max(1, round(self.temporal_fade * self.steps)))
 
 
 def temporal_weights(num_steps: int, strength: float, fade_steps: int) -> list[float]:
@@ -56,26 +87,24 @@ def step_noise_generator(seed: int, frame: int, device) -> torch.Generator:
 
 
 @torch.no_grad()
-def denoise_chunk(model_fn, frames: range, sampler: Sampler, shared_noise: torch.Tensor, weights: list[float],
-                  guidance: float, seed: int, carry: list[torch.Tensor] | None = None):
-    """Denoise frames[0]..frames[-1] in lock-step.
+def denoise(model_fn, noise: torch.Tensor, sampler: Sampler, guidance: float = 1.0, step_noise=None,
+            weights: list[float] | None = None, shared_noise: torch.Tensor | None = None,
+            carry: list[torch.Tensor] | None = None, callback=None, progress: bool = False):
+    """Run `sampler` from the unit noise `noise` (N, C, H, W) to clean latents.
 
-    model_fn(x, t, frame_ids) -> (cond_out, uncond_out or None) for the batch x of those frames.
-    carry: the clean estimates of every step of the frame before the range (the previous chunk's
-    last frame), which the range's first frame is pulled toward; None: no frame before it.
-    Returns the clean latents (len(frames), C, H, W) and the carry for the next chunk.
+    model_fn(x, t) -> (cond_out, uncond_out or None), combined with classifier-free guidance `guidance`;
+    step_noise() -> fresh unit noise like x (DDIM with eta > 0). Without `weights` the N samples are
+    independent images; with them, sample k is pulled toward sample k-1 (frames of a video), and the
+    first toward `carry`: the clean estimates of every step of the frame before (None: no frame before).
+    callback(i, x_next, x0) after each step; progress: a progress bar over the steps.
+    Returns the clean latents and the last sample's estimates of every step (the next chunk's carry).
     """
-    x = shared_noise.expand(len(frames), *shared_noise.shape).clone() * sampler.init_noise_sigma
-    generators = [step_noise_generator(seed, f, shared_noise.device) for f in frames]
+    x = noise * sampler.init_noise_sigma
     x0_prev, estimates = None, []
-    for i in range(len(sampler)):
-        cond, uncond = model_fn(x * sampler.input_scale(i), sampler.timesteps[i], list(frames))
+    for i in tqdm(range(len(sampler)), disable=not progress, desc="sampling"):
+        cond_out, uncond_out = model_fn(x * sampler.input_scale(i), sampler.timesteps[i])
         p, c = sampler.x0_coefficients(i), sampler.coefficients(i)
-        noise = None
-        if c.c_n != 0:
-            noise = torch.stack([torch.randn(shared_noise.shape, generator=g, device=x.device, dtype=x.dtype)
-                                 for g in generators])
-        w = weights[i] if x0_prev is not None else 0.0
+        w = weights[i] if weights is not None and x0_prev is not None else 0.0
         # Frame k is pulled toward frame k-1's estimate of the previous step. Without a frame before the
         # range its first frame is pulled toward its own: for frame 0 of the video that is the rule, and
         # the first warm-up frame's pull does not reach the frames that are kept.
@@ -84,25 +113,43 @@ def denoise_chunk(model_fn, frames: range, sampler: Sampler, shared_noise: torch
             before = carry[i - 1] if carry is not None else x0_prev[:1]
             pull_from = torch.cat([before, x0_prev[:-1]])
         r_0, r_n = sampler.renoise_coefficients(i)
-        x_next, x0 = temporal_step(x, cond, uncond, x0_prev=x0_prev if c.c_1 != 0 else None, noise=noise,
+        x_next, x0 = temporal_step(x, cond_out, uncond_out, x0_prev=x0_prev if c.c_1 != 0 else None,
+                                   noise=step_noise() if c.c_n != 0 and step_noise else None,
                                    shared_noise=shared_noise if pull_from is not None else None,
                                    prev_frame_x0=pull_from, guidance=guidance, a=p.a, b=p.b, c_x=c.c_x,
                                    c_0=c.c_0, c_1=c.c_1, c_n=c.c_n, r_0=r_0, r_n=r_n, w=w)
         x, x0_prev = x_next, x0
         estimates.append(x0[-1:])
+        if callback is not None:
+            callback(i, x, x0)
     return x, estimates
 
 
-def denoise_video(model_fn, num_frames: int, sampler: Sampler, shared_noise: torch.Tensor, strength: float,
-                  fade_steps: int, guidance: float = 1.0, chunk: int = 8, seed: int = 0,
-                  frames: range | None = None, progress: bool = True) -> torch.Tensor:
-    """Clean latents for `frames` (default all `num_frames`) of a video, chunk by chunk (see module doc)."""
-    frames = frames if frames is not None else range(num_frames)
-    weights = temporal_weights(len(sampler), strength, fade_steps)
-    warm_up_from = warm_up_start(frames.start, weights)
+def denoise_chunk(model_fn, frames: range, sampler: Sampler, shared_noise: torch.Tensor, weights: list[float],
+                  guidance: float, seed: int, carry: list[torch.Tensor] | None = None):
+    """Denoise frames[0]..frames[-1] in lock-step from the shared noise (see `denoise`).
+
+    model_fn(x, t, frame_ids) -> (cond_out, uncond_out or None) for the batch x of those frames.
+    """
+    generators = [step_noise_generator(seed, f, shared_noise.device) for f in frames]
+
+    def step_noise():
+        return torch.stack([torch.randn(shared_noise.shape, generator=g, device=shared_noise.device,
+                                        dtype=shared_noise.dtype) for g in generators])
+    noise = shared_noise.expand(len(frames), *shared_noise.shape).clone()
+    return denoise(lambda x, t: model_fn(x, t, list(frames)), noise, sampler, guidance, step_noise, weights,
+                   shared_noise, carry)
+
+
+def denoise_video(model_fn, sampler: Sampler, shared_noise: torch.Tensor, weights: list[float], frames: range,
+                  first: int | None = None, guidance: float = 1.0, chunk: int = 8, seed: int = 0,
+                  progress: bool = True) -> torch.Tensor:
+    """Clean latents for `frames` of a video, chunk by chunk, after the warm-up frames first..frames.start-1
+    (first: `warm_up_start(frames.start, weights)` for frames exactly as in the whole video; see module doc)."""
+    first = frames.start if first is None else first
     out, carry = [], None
     bar = tqdm(total=len(frames), disable=not progress, desc="frames", unit="frame")
-    for start in range(warm_up_from, frames.stop, chunk):
+    for start in range(first, frames.stop, chunk):
         stop = min(start + chunk, frames.stop)
         latents, carry = denoise_chunk(model_fn, range(start, stop), sampler, shared_noise, weights, guidance, seed,
                                        carry)
@@ -111,3 +158,34 @@ def denoise_video(model_fn, num_frames: int, sampler: Sampler, shared_noise: tor
         bar.update(len(kept))
     bar.close()
     return torch.cat(out)
+
+
+@torch.no_grad()
+def sample_video(denoiser, vae: AutoencoderKL, schedule: NoiseSchedule, hints: torch.Tensor, frames: range,
+                 context: torch.Tensor, uncond_context: torch.Tensor | None = None,
+                 settings: VideoSampling | None = None, progress: bool = True) -> np.ndarray:
+    """Frames uint8 (T, H, W, 3) of `frames`, denoised by `denoiser` (model/avatar.Denoiser) and decoded.
+
+    hints: the hint images (3DMM renderings) of the frames frames.stop - len(hints) .. frames.stop - 1, at
+    the images' resolution; the ones before frames.start are warm-up frames (sampled, then discarded),
+    `warm_up_start(frames.start, settings.weights)` of them make any sub-range exact.
+    context, uncond_context: (1, 77, D) text embeddings of the prompt and of the negative prompt
+    (classifier-free guidance; None when settings.guidance is 1).
+    """
+    settings = settings or VideoSampling()
+    param = next(denoiser.parameters())
+    hints = hints.to(param.device, param.dtype)
+    first = frames.stop - len(hints)
+    latent_size = (hints.shape[-2] // vae.downscale, hints.shape[-1] // vae.downscale)
+    shared_noise = torch.randn((denoiser.unet.config.in_channels, *latent_size),
+                               generator=torch.Generator().manual_seed(settings.seed)).to(param.device, param.dtype)
+
+    def model_fn(x, t, frame_ids):
+        hint = hints[frame_ids[0] - first:frame_ids[-1] + 1 - first]  # a chunk's frames are consecutive
+        return denoiser.guided(x, t, context, uncond_context, hint, settings.conditioning_scale)
+
+    sampler = make_sampler(schedule, settings.sampler, settings.steps, settings.eta)
+    latents = denoise_video(model_fn, sampler, shared_noise, settings.weights, frames, first, settings.guidance,
+                            settings.batch_frames, settings.seed, progress)
+    chunk = settings.batch_frames
+    return torch.cat([to_uint8(vae.decode_latents(latents[i:i + chunk])) for i in range(0, len(latents), chunk)]).numpy()

@@ -222,30 +222,30 @@ STEP_COEFFICIENTS = dict(guidance=7.5, a=1.3, b=-0.6, c_x=0.7, c_0=0.4, c_1=-0.2
 def step_inputs(dtype, present):
     gen = torch.Generator().manual_seed(len(present))
     frames, latent = 3, (4, 5, 6)
-    names = ("uncond", "x0_prev", "noise", "prev_frame_x0")
+    names = ("uncond_out", "x0_prev", "noise", "prev_frame_x0")
     inputs = {name: torch.randn(frames, *latent, generator=gen).to(dtype) if name in present else None
               for name in names}
     inputs["shared_noise"] = torch.randn(latent, generator=gen).to(dtype) if "shared_noise" in present else None
-    x, cond = (torch.randn(frames, *latent, generator=gen).to(dtype) for _ in range(2))
-    return x, cond, inputs
+    x, cond_out = (torch.randn(frames, *latent, generator=gen).to(dtype) for _ in range(2))
+    return x, cond_out, inputs
 
 
 @needs_kernels
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("present", [
-    ("uncond", "x0_prev", "noise", "prev_frame_x0", "shared_noise"),  # every term
-    ("uncond", "x0_prev"),  # DPM-Solver++(2M), no temporal pull
+    ("uncond_out", "x0_prev", "noise", "prev_frame_x0", "shared_noise"),  # every term
+    ("uncond_out", "x0_prev"),  # DPM-Solver++(2M), no temporal pull
     (),  # first step, no guidance
     ("prev_frame_x0",),  # temporal pull without re-noising
 ])
 def test_temporal_step_matches_reference(kernel_module, dtype, present):
     module = kernel_module("temporal")
-    x, cond, inputs = step_inputs(dtype, present)
+    x, cond_out, inputs = step_inputs(dtype, present)
     coefficients = dict(STEP_COEFFICIENTS)
     for name, coefficient in (("x0_prev", "c_1"), ("noise", "c_n"), ("shared_noise", "r_n")):
         if inputs[name] is None:
             coefficients[coefficient] = 0.0
-    args = (x, cond, inputs["uncond"], inputs["x0_prev"], inputs["noise"], inputs["shared_noise"],
+    args = (x, cond_out, inputs["uncond_out"], inputs["x0_prev"], inputs["noise"], inputs["shared_noise"],
             inputs["prev_frame_x0"], *coefficients.values())
     args = [t.to(DEVICE) if torch.is_tensor(t) else t for t in args]
     outs = module.fused_temporal_step(*args, block=64)
@@ -256,7 +256,7 @@ def test_temporal_step_matches_reference(kernel_module, dtype, present):
 def test_temporal_step_rejects_inconsistent_inputs():
     from kernels import temporal_step
     x = torch.randn(2, 4, 3, 3)
-    with pytest.raises(ValueError, match="uncond has shape"):
+    with pytest.raises(ValueError, match="uncond_out has shape"):
         temporal_step(x, x, x[:1], a=1.0, b=0.0, c_x=1.0, c_0=0.0)
     with pytest.raises(ValueError, match="c_1"):
         temporal_step(x, x, a=1.0, b=0.0, c_x=1.0, c_0=0.0, c_1=0.5)
@@ -383,6 +383,6 @@ def test_compile_group_norm_and_temporal_for_gpu(row_len):
                                (module._group_norm_backward_reduce_kernel, dict(tile, SILU=True)),
                                (module._group_norm_backward_dx_kernel, dict(tile, SILU=False))):
         assert compile_for_gpu(kernel, "bf16", constexprs, blocks.num_warps) <= MAX_SHARED_MEMORY
-    flags = dict(HAS_UNCOND=True, HAS_X0_PREV=True, HAS_NOISE=True, HAS_PREV_FRAME=True, HAS_SHARED_NOISE=True)
+    flags = dict(HAS_UNCOND_OUT=True, HAS_X0_PREV=True, HAS_NOISE=True, HAS_PREV_FRAME=True, HAS_SHARED_NOISE=True)
     compile_for_gpu(load_private_copy("temporal", interpret=False)._temporal_step_kernel, "fp16",
                     dict(flags, BLOCK=1024), num_warps=4)

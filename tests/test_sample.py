@@ -14,6 +14,7 @@ from PIL import Image
 
 import svp
 import train
+from model.loading import write_tiny_base
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HELD_OUT = range(43, 48)  # train.py holds out the last 10% of the demo's 48 frames
@@ -163,7 +164,7 @@ def test_frames_beyond_the_sequence_or_too_few_for_the_processes(run, tmp_path):
 
 def test_avatar_on_another_base_model(run, tmp_path):
     other_base = tmp_path / "other.safetensors"
-    train.write_tiny_base(str(other_base), seed=1, crops=np.load(run / "tracking" / "crops.npy")[:4], vae_steps=0)
+    write_tiny_base(str(other_base), seed=1, crops=np.load(run / "tracking" / "crops.npy")[:4], vae_steps=0)
     result = sample(run, tmp_path / "other", "--base", str(other_base))
     assert_clean_failure(result, tmp_path / "other", "another base model")
 
@@ -171,6 +172,6 @@ def test_avatar_on_another_base_model(run, tmp_path):
 def test_the_avatar_example_in_svps_docstring_runs(run, capsys):
     """svp's module docstring shows the API on the demo run: it runs as written (on this run's folder)."""
     import textwrap
-    example = svp.__doc__[svp.__doc__.index("    # after"):svp.__doc__.index("    sd = svp.load(")]
+    example = svp.__doc__[svp.__doc__.index("    # after"):svp.__doc__.index("    sd = svp.load_stable_diffusion(")]
     exec(textwrap.dedent(example).replace("runs/demo", str(run)), {"svp": svp})
     assert float(capsys.readouterr().out) > 0

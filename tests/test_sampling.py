@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from model.config import SD1, SD2_V
-from model.sampling import (DDIMSampler, DPMSolverPP2MSampler, EulerSampler, NoiseSchedule, StepCoefficients,
-                            apply_step, classifier_free_guidance, sample)
+from kernels import temporal_step
+from model.sampling import DDIMSampler, DPMSolverPP2MSampler, EulerSampler, NoiseSchedule
+from model.temporal import denoise
 
 diffusers = pytest.importorskip("diffusers")
 # diffusers' schedulers call np.array on tensors in a way numpy 2 flags; not ours to fix
@@ -40,7 +41,9 @@ def diffusers_trajectory(scheduler, model_fn, noise, step_kwargs=None):
 
 def our_trajectory(sampler, model_fn, noise, generator=None):
     states = []
-    final = sample(model_fn, noise, sampler, generator=generator, callback=lambda i, x, x0: states.append(x))
+    final, _ = denoise(lambda x, t: (model_fn(x, t), None), noise, sampler,
+                       step_noise=lambda: torch.randn(noise.shape, generator=generator),
+                       callback=lambda i, x, x0: states.append(x))
     assert torch.equal(final, states[-1])
     return states
 
@@ -144,18 +147,18 @@ def test_x0_coefficients_invert_the_forward_process(make, prediction_type):
             torch.testing.assert_close(r_0 * x0 + r_n * eps, expected_next, rtol=1e-5, atol=1e-5)
 
 
-def test_apply_step_is_the_documented_linear_combination():
+def test_the_step_is_the_documented_linear_combination():
     generator = torch.Generator().manual_seed(0)
     x, x0, x0_prev, noise = (torch.randn(SHAPE, generator=generator) for _ in range(4))
-    c = StepCoefficients(c_x=0.3, c_0=0.5, c_1=-0.2, c_n=0.1)
-    torch.testing.assert_close(apply_step(x, x0, x0_prev, noise, c), 0.3 * x + 0.5 * x0 - 0.2 * x0_prev + 0.1 * noise)
-    torch.testing.assert_close(apply_step(x, x0, None, None, StepCoefficients(0.3, 0.5)), 0.3 * x + 0.5 * x0)
+    step = dict(a=0.0, b=1.0, c_x=0.3, c_0=0.5)  # x0 = the model output, so the update is seen alone
+    x_next, _ = temporal_step(x, x0, x0_prev=x0_prev, noise=noise, c_1=-0.2, c_n=0.1, **step)
+    torch.testing.assert_close(x_next, 0.3 * x + 0.5 * x0 - 0.2 * x0_prev + 0.1 * noise)
+    torch.testing.assert_close(temporal_step(x, x0, **step)[0], 0.3 * x + 0.5 * x0)
 
 
 def test_classifier_free_guidance_extrapolates():
-    def model_fn(x, t):  # uncond half outputs 1, cond half outputs 3
-        return torch.cat([torch.ones_like(x[:1]), 3 * torch.ones_like(x[1:])])
-    guided = classifier_free_guidance(model_fn, scale=7.5)
-    out = guided(torch.zeros(1, 4, 2, 2), 10)
+    x = torch.zeros(1, 4, 2, 2)
+    uncond_out, cond_out = torch.ones_like(x), 3 * torch.ones_like(x)
+    _, out = temporal_step(x, cond_out, uncond_out, guidance=7.5, a=0.0, b=1.0, c_x=0.0, c_0=1.0)  # x0 = guided
     assert out.shape == (1, 4, 2, 2)
     torch.testing.assert_close(out, torch.full_like(out, 1 + 7.5 * 2))

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from model.config import SD1
-from model.sampling import DDIMSampler, DPMSolverPP2MSampler, EulerSampler, NoiseSchedule, sample
-from model.temporal import coupling_depth, denoise_chunk, denoise_video, temporal_weights
+from model.sampling import DDIMSampler, DPMSolverPP2MSampler, EulerSampler, NoiseSchedule
+from model.temporal import coupling_depth, denoise, denoise_chunk, denoise_video, temporal_weights, warm_up_start
 
 SHAPE = (4, 6, 6)
 TARGETS = torch.randn(20, *SHAPE, generator=torch.Generator().manual_seed(0))
@@ -13,9 +13,9 @@ TARGETS = torch.randn(20, *SHAPE, generator=torch.Generator().manual_seed(0))
 def toy_model(x, t, frame_ids):
     """A stand-in denoiser whose output depends on the input, the timestep and each frame's 'conditioning'."""
     target = TARGETS[frame_ids]
-    cond = 0.3 * x * torch.cos(torch.tensor(t / 1000.0)) + 0.5 * target + 0.1 * torch.tanh(x)
-    uncond = 0.2 * x
-    return cond, uncond
+    cond_out = 0.3 * x * torch.cos(torch.tensor(t / 1000.0)) + 0.5 * target + 0.1 * torch.tanh(x)
+    uncond_out = 0.2 * x
+    return cond_out, uncond_out
 
 
 SAMPLERS = {
@@ -30,8 +30,10 @@ SAMPLERS = {
 def test_chunked_equals_unchunked(name):
     sampler = SAMPLERS[name](NoiseSchedule.from_config(SD1))
     noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1))
-    run = lambda chunk, frames=None: denoise_video(toy_model, 20, sampler, noise, strength=0.5, fade_steps=4,
-                                                   guidance=3.0, chunk=chunk, seed=7, frames=frames, progress=False)
+    weights = temporal_weights(len(sampler), 0.5, 4)
+    run = lambda chunk, frames=range(20): denoise_video(toy_model, sampler, noise, weights, frames,
+                                                        warm_up_start(frames.start, weights), guidance=3.0,
+                                                        chunk=chunk, seed=7, progress=False)
     whole = run(20)
     assert torch.isfinite(whole).all()
     for chunk in (1, 4, 7):
@@ -41,16 +43,13 @@ def test_chunked_equals_unchunked(name):
 
 
 def test_strength_zero_is_per_frame_sampling():
-    """With no temporal pull every frame is the ordinary sampler loop (model/sampling.sample) from the shared noise."""
+    """With no temporal pull every frame is the image sampler (model/temporal.denoise) from the shared noise."""
     sampler = DPMSolverPP2MSampler(NoiseSchedule.from_config(SD1), 6)
     noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(2))
-    video = denoise_video(toy_model, 3, sampler, noise, strength=0.0, fade_steps=3, guidance=2.0, chunk=3,
-                          progress=False)
+    video = denoise_video(toy_model, sampler, noise, temporal_weights(len(sampler), 0.0, 3), range(3), guidance=2.0,
+                          chunk=3, progress=False)
     for f in range(3):
-        def guided(x, t, f=f):
-            cond, uncond = toy_model(x, t, [f])
-            return uncond + 2.0 * (cond - uncond)
-        single = sample(guided, noise[None], sampler)
+        single, _ = denoise(lambda x, t, f=f: toy_model(x, t, [f]), noise[None], sampler, guidance=2.0)
         assert torch.allclose(video[f:f + 1], single, atol=1e-5, rtol=1e-5)
 
 
@@ -58,8 +57,8 @@ def test_temporal_pull_brings_frames_together():
     sampler = DDIMSampler(NoiseSchedule.from_config(SD1), 10)
     noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(3))
     change = lambda v: (v[1:] - v[:-1]).abs().mean().item()
-    free = denoise_video(toy_model, 8, sampler, noise, strength=0.0, fade_steps=5, chunk=8, progress=False)
-    tied = denoise_video(toy_model, 8, sampler, noise, strength=0.8, fade_steps=5, chunk=8, progress=False)
+    free = denoise_video(toy_model, sampler, noise, temporal_weights(10, 0.0, 5), range(8), chunk=8, progress=False)
+    tied = denoise_video(toy_model, sampler, noise, temporal_weights(10, 0.8, 5), range(8), chunk=8, progress=False)
     assert change(tied) < 0.9 * change(free)
 
 

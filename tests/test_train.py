@@ -18,9 +18,9 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import train
-from model.avatar import load_avatar
+from model.avatar import load_avatar_weights
 from model.controlnet import CONTROLNET_PREFIX
-from model.loading import UNET_PREFIX, CheckpointError, load_stable_diffusion
+from model.loading import UNET_PREFIX, CheckpointError, load_stable_diffusion, write_tiny_base
 from model.pipeline import encode_prompts
 from model.sampling import NoiseSchedule
 from tracking.conditioning import render_conditioning
@@ -67,8 +67,8 @@ def demo_run(tmp_path_factory):
 def test_end_to_end_writes_an_avatar_that_reloads_as_the_trained_weights(demo_run):
     out, trained = demo_run
     assert np.load(out / "cache" / "latents.npy").shape == (FRAMES, 4, 8, 8)
-    cond = np.load(out / "cache" / "cond.npy", mmap_mode="r")
-    assert cond.shape == (FRAMES, 8, 64, 64) and cond.dtype == np.float16
+    hints = np.load(out / "cache" / "hints.npy", mmap_mode="r")
+    assert hints.shape == (FRAMES, 8, 64, 64) and hints.dtype == np.float16
     assert sorted(os.listdir(out / "previews")) == ["step_00030.png", "step_00060.png"]
     assert np.asarray(Image.open(out / "previews" / "step_00060.png")).shape == (64, 3 * 64, 3)
     assert [r["step"] for r in read_log(out)] == list(range(DEMO_STEPS + 1))
@@ -79,7 +79,7 @@ def test_end_to_end_writes_an_avatar_that_reloads_as_the_trained_weights(demo_ru
     assert all(torch.equal(avatar[k], trained[k]) for k in trained)
     sd = load_stable_diffusion(str(out / "base.safetensors"))
     base_unet = {k: v.clone() for k, v in sd.unet.state_dict().items()}
-    controlnet, meta = load_avatar(str(out / "avatar.safetensors"), sd)
+    controlnet, meta = load_avatar_weights(str(out / "avatar.safetensors"), sd)
     assert meta["train"] == "controlnet+unet" and meta["resolution"] == 64 and meta["hint_channels"] == 8
     assert meta["prompt"] == "a photo of sks person" and meta["seq"].endswith("seq.npz")
     for key, value in controlnet.state_dict().items():
@@ -127,7 +127,7 @@ def test_it_learns_to_use_the_conditioning(demo_run, tmp_path):
                          "--train", "controlnet", "--lr", "3e-3")
     sd = load_stable_diffusion(str(out / "base.safetensors"))
     latents = torch.from_numpy(np.load(out / "cache" / "latents.npy")).float()
-    data = train.FrameData(latents, np.load(out / "cache" / "cond.npy"), None, 24 - 4, "")
+    data = train.FrameData(latents, np.load(out / "cache" / "hints.npy"), None, 24 - 4, "")
     context = encode_prompts(sd, ["a photo of sks person"])
     schedule = NoiseSchedule.from_config(sd.config)
     with_hint = train.held_out_loss(denoiser, schedule, data, context, seed=1, batch_size=8)
@@ -142,7 +142,7 @@ def test_rerun_resumes_exactly_after_a_kill(demo_run, tmp_path):
     straight = state_of(run_train(clone_run(demo_run[0], tmp_path / "straight"), *args))
 
     out = clone_run(demo_run[0], tmp_path / "killed")
-    cache_time = os.path.getmtime(out / "cache" / "cond.npy")
+    cache_time = os.path.getmtime(out / "cache" / "hints.npy")
     killed = subprocess.run([sys.executable, "train.py", "--video", "demo", "--out", str(out), *TINY_ARGS, *args,
                              "--stop-after", "5"], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert killed.returncode == -9, killed.stderr[-2000:]
@@ -153,7 +153,7 @@ def test_rerun_resumes_exactly_after_a_kill(demo_run, tmp_path):
     with pytest.raises(ValueError, match="pass --resume"):
         run_train(out, *args)
     resumed = state_of(run_train(out, *args, "--resume"))
-    assert os.path.getmtime(out / "cache" / "cond.npy") == cache_time, "the caches were rebuilt"
+    assert os.path.getmtime(out / "cache" / "hints.npy") == cache_time, "the caches were rebuilt"
     assert [r["step"] for r in read_log(out)] == list(range(9))
     assert resumed.keys() == straight.keys()
     assert all(torch.equal(resumed[k], straight[k]) for k in straight)
@@ -238,7 +238,7 @@ def test_video_without_a_face(tmp_path):
 
 def test_out_dir_of_another_base_model_is_refused(demo_run, tmp_path):
     other = tmp_path / "other.safetensors"
-    train.write_tiny_base(str(other), seed=1, crops=np.load(demo_run[0] / "tracking" / "crops.npy"), vae_steps=0)
+    write_tiny_base(str(other), seed=1, crops=np.load(demo_run[0] / "tracking" / "crops.npy"), vae_steps=0)
     for resume in ([], ["--resume"]):
         with pytest.raises(ValueError, match="another base model"):
             run_train(demo_run[0], "--base", str(other), *resume)

@@ -41,7 +41,7 @@ def parse_args(argv=None):
     p.add_argument("--sampler", default=None, choices=svp.SAMPLER_NAMES,
                    help=f"default dpmpp_2m; avatar {VideoSampling.sampler}")
     video = p.add_argument_group("avatar video")
-    video.add_argument("--params", help="FLAME sequence (seq.npz, see tracking/fit.py) that drives the avatar")
+    video.add_argument("--params", help="FLAME sequence (seq.npz, see tracking/sequence.py) that drives the avatar")
     video.add_argument("--frames", type=parse_frames, default=None, help="a:b, only frames a..b-1")
     video.add_argument("--base", default=None, help="the avatar's base checkpoint, if it moved since training")
     video.add_argument("--flame", default=None, help="FLAME generic_model.pkl, if it moved since training")

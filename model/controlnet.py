@@ -11,7 +11,13 @@ exactly as it was, and training grows the conditioning from there.
 
 Parameter names are those of the original single-file checkpoint minus `control_model.`; a diffusers
 `ControlNetModel` folder is read after the pure rename `diffusers_to_ldm_controlnet`.
+
+Public ControlNets read a 3-channel RGB hint; ours has more channels (tracking/render.py's
+CONDITIONING_CHANNELS). `load_controlnet` widens such a checkpoint's first hint conv so that its filters
+read our normal (or depth) channels and the other channels start at zero: the encoder then starts from
+what the public model learned about geometry, and training adds the rest.
 """
+import logging
 import os
 from collections.abc import Sequence
 
@@ -28,6 +34,19 @@ from model.unet import (UNet, build_input_blocks, build_middle_block, diffusers_
 CONTROLNET_PREFIX = "control_model."
 HINT_WIDTHS = (16, 32, 96, 256)   # the original hint encoder; every width after the first halves the size
 SHARED_WITH_UNET = ("time_embed", "input_blocks", "middle_block")
+# The hint a public 3-channel ControlNet reads: which of our hint channels (tracking/render.py's
+# CONDITIONING_CHANNELS: normal x, y, z, depth, then masks) its R, G, B inputs become, and whether its
+# value is 1 - ours. Ours are (n + 1) / 2 in OpenCV camera axes (x right, y down, z away from the camera);
+# public normal ControlNets (1.1 normalbae, ScanNet's protocol, and 1.0 normal) use x left, y up, z
+# toward the camera: every axis flipped. Depth ControlNets read grayscale (near bright, like ours) in
+# all three channels, so their three filters add up on our one depth channel.
+PUBLIC_HINTS = {
+    "normal": ((0, 1, 2), True),
+    "normal-opencv": ((0, 1, 2), False),   # a ControlNet trained on normal maps in our own convention
+    "depth": ((3, 3, 3), False),
+}
+
+log = logging.getLogger(__name__)
 
 
 def zero_conv(in_channels: int, out_channels: int, kernel_size: int = 1) -> nn.Conv2d:
@@ -152,14 +171,18 @@ def num_input_blocks(config: UNetConfig) -> int:
 # ----------------------------------------------------------------------------- loading and saving
 
 def load_controlnet(path: str, unet_config: UNetConfig, dtype: torch.dtype = torch.float32,
-                    hint_channels: int | None = None) -> ControlNet:
-    """A ControlNet for a UNet of `unet_config`, from an original single file or a diffusers folder.
+                    hint_channels: int | None = None, public_hint: str = "normal") -> ControlNet:
+    """A ControlNet for a UNet of `unet_config`, from an original single file or a diffusers folder
+    (`config.json` + `diffusion_pytorch_model.safetensors`, or a pipeline folder holding `controlnet/`).
 
     The hint encoder's shape is read from the weights; `hint_channels`, when given, is what the caller
-    will feed, and a checkpoint that takes another number is refused. Like every loaded model it comes
-    back frozen in eval mode; training calls `.train().requires_grad_(True)`.
+    will feed. A 3-channel checkpoint is widened to it (`widen_public_hint`, reading `public_hint`, a
+    key of PUBLIC_HINTS); any other mismatch is refused. Like every loaded model it comes back frozen in
+    eval mode; training calls `.train().requires_grad_(True)`.
     """
-    folder = path if os.path.isdir(path) else None
+    if public_hint not in PUBLIC_HINTS:
+        raise ValueError(f"public_hint {public_hint!r}: expected one of {', '.join(PUBLIC_HINTS)}")
+    folder = diffusers_folder(path)
     if folder:
         path = weights_file(folder)
         state = diffusers_to_ldm_controlnet(read_tensors(open_safetensors(path), "", dtype), unet_config)
@@ -167,8 +190,14 @@ def load_controlnet(path: str, unet_config: UNetConfig, dtype: torch.dtype = tor
         state = read_single_file(path, dtype)
     file_hint_channels, widths = hint_shape(state, path)
     if hint_channels is not None and hint_channels != file_hint_channels:
-        raise CheckpointError(f"{path}: this ControlNet takes {file_hint_channels}-channel hints, but ours have "
-                              f"{hint_channels} channels; start from a matching checkpoint or from the UNet")
+        if file_hint_channels != 3:
+            raise CheckpointError(f"{path}: this ControlNet takes {file_hint_channels}-channel hints, but ours have "
+                                  f"{hint_channels} channels; start from a matching checkpoint, a public 3-channel "
+                                  "(normal-map or depth) ControlNet, or from the UNet")
+        state = widen_public_hint(state, hint_channels, public_hint, path)
+        log.info(f"{os.path.basename(path)}: a 3-channel ControlNet, read as a {public_hint} ControlNet; "
+                 f"the other {hint_channels - len(set(PUBLIC_HINTS[public_hint][0]))} hint channels start at zero")
+        file_hint_channels = hint_channels
     expected_as = (f"the UNet it attaches to (model_channels={unet_config.model_channels}, "
                    f"channel_mult={unet_config.channel_mult}, context_dim={unet_config.context_dim})")
     controlnet = assign_weights(lambda: ControlNet(unet_config, file_hint_channels, widths), state,
@@ -176,6 +205,37 @@ def load_controlnet(path: str, unet_config: UNetConfig, dtype: torch.dtype = tor
     if folder:
         check_diffusers_heads(os.path.join(folder, "config.json"), unet_config)
     return controlnet
+
+
+def diffusers_folder(path: str) -> str | None:
+    """The diffusers ControlNet folder `path` names (itself, or the controlnet/ of a pipeline), or None."""
+    if not os.path.isdir(path):
+        return None
+    inner = os.path.join(path, "controlnet")
+    return inner if not os.path.exists(os.path.join(path, "config.json")) and os.path.isdir(inner) else path
+
+
+def widen_public_hint(state: dict, hint_channels: int, public_hint: str, path: str) -> dict:
+    """`state` of a 3-channel ControlNet with its first hint conv reading `hint_channels` channels.
+
+    Public channel i feeds our channel PUBLIC_HINTS[public_hint][0][i] with its filters; filters meeting on
+    one channel add up (a grayscale image repeated in R, G, B). Our other channels get zero filters, so
+    with them zero the encoder computes what the public one does. Where the public model reads 1 - ours,
+    its filters are negated and their sums move into the bias: conv_W(1 - c) = conv_-W(c) + sum(W), exact
+    except on the one-pixel image border, where the public conv's zero padding makes the constant smaller.
+    """
+    into, flipped = PUBLIC_HINTS[public_hint]
+    if max(into) >= hint_channels:
+        raise CheckpointError(f"{path}: a {public_hint} ControlNet feeds hint channel {max(into)}, but ours "
+                              f"have only {hint_channels} channels")
+    weight, bias = state["input_hint_block.0.weight"], state["input_hint_block.0.bias"]
+    sign = -1 if flipped else 1
+    wide = weight.new_zeros(weight.shape[0], hint_channels, *weight.shape[2:])
+    for source, target in enumerate(into):
+        wide[:, target] += sign * weight[:, source]
+    if flipped:
+        bias = bias + weight.float().sum(dim=(1, 2, 3)).to(bias.dtype)
+    return {**state, "input_hint_block.0.weight": wide, "input_hint_block.0.bias": bias}
 
 
 def read_single_file(path: str, dtype) -> dict:

@@ -12,12 +12,19 @@ the meta device and receives the file's tensors by assignment (cast one tensor a
 never holds two full copies of the weights.
 
 The family (SD1 / SD2) is read from the keys and shapes. SD2-512 (epsilon) and SD2-768 (v) have
-identical tensors, so an SD2 single file defaults to v-prediction like the 2.0/2.1 768 releases do;
-`prediction_type=` (sample.py's `--v-prediction` / `--epsilon`) overrides, and a diffusers folder's
-scheduler config decides for itself. Checkpoints written by svp (tiny presets, tests) carry their exact
-config in the safetensors metadata under `svp_config`.
+tensors of identical shapes, but not identical statistics: fine-tuning for v-prediction leaves the
+LayerNorm shifts of the UNet's last transformer spread wider (a population std above 0.09 in the v
+releases, far below in the epsilon ones; the heuristic ComfyUI's model detection uses too), so an SD2
+single file's prediction type is read from that one tensor. `prediction_type=` (sample.py's
+`--v-prediction` / `--epsilon`) overrides, and a diffusers folder's scheduler config decides for itself.
+Checkpoints written by svp (tiny presets, tests) carry their exact config in the safetensors metadata
+under `svp_config`. The outcome, and how it was decided, is logged in one line and kept on the loaded
+`StableDiffusion` (`config.name`, `config.prediction_type`, `prediction_source`).
+
+The CLIP vocabulary is found and read before any weight is, so a missing one costs no loading time.
 """
 import json
+import logging
 import os
 from dataclasses import dataclass, replace
 
@@ -29,7 +36,7 @@ from model.clip import CLIPCheckpointError, CLIPTextModel, hf_to_ours, openclip_
 from model.config import (SD1, SD2_BASE, SD2_V, TINY, CLIPConfig, SDConfig, UNetConfig, VAEConfig,
                           config_from_dict, config_to_dict)
 from model.files import atomic_write, read_json
-from model.tokenizer import CLIPTokenizer
+from model.tokenizer import CLIPTokenizer, TokenizerFilesNotFoundError
 from model.unet import UNet, diffusers_to_ldm_unet
 from model.vae import AutoencoderKL, diffusers_to_ldm_vae, fit_vae
 
@@ -38,6 +45,14 @@ VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = {"openai": "cond_stage_model.transformer.", "openclip": "cond_stage_model.model."}
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# The tensor that tells an SD2 v-prediction UNet from an epsilon one, and the threshold on its std.
+V_PREDICTION_PROBE = "output_blocks.11.1.transformer_blocks.0.norm1.bias"
+V_PREDICTION_MIN_STD = 0.09
+TOKENIZER_OPTIONS = ("pass --tokenizer PATH, set $SVP_TOKENIZER=PATH, or put a tokenizer/ folder "
+                     "(vocab.json + merges.txt), a tokenizer.json or OpenAI's bpe_simple_vocab_16e6.txt.gz "
+                     "next to the checkpoint")
+
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(ValueError):
@@ -52,6 +67,7 @@ class StableDiffusion:
     vae: AutoencoderKL
     text_encoder: CLIPTextModel
     tokenizer: CLIPTokenizer
+    prediction_source: str = "given"   # how config.prediction_type was decided (see `resolve_prediction`)
 
     def to(self, device=None, dtype=None):
         for net in (self.unet, self.vae, self.text_encoder):
@@ -119,7 +135,7 @@ def convert_clip(to_ours, state: dict, path: str, config: SDConfig) -> dict:
 # ----------------------------------------------------------------------------- family detection
 
 def detect_family(handle, path: str) -> SDConfig:
-    """The family of a single-file checkpoint, from its metadata, keys and shapes."""
+    """The family of a single-file checkpoint, from its metadata, keys and shapes (SD2: as SD2_V)."""
     meta = handle.metadata() or {}
     if "svp_config" in meta:
         return config_from_dict(json.loads(meta["svp_config"]))
@@ -137,14 +153,72 @@ def detect_family(handle, path: str) -> SDConfig:
     return SD1
 
 
+def sd2_prediction_from_weights(handle) -> tuple[SDConfig, str]:
+    """SD2_V or SD2_BASE, told apart by the spread of one LayerNorm shift (see the module docstring)."""
+    key = UNET_PREFIX + V_PREDICTION_PROBE
+    if key not in handle.keys():
+        return SD2_V, f"default: no {V_PREDICTION_PROBE} to tell it from the weights"
+    std = handle.get_tensor(key).float().std(unbiased=False).item()
+    is_v = std > V_PREDICTION_MIN_STD
+    return (SD2_V if is_v else SD2_BASE), (f"detected from the weights: std of {V_PREDICTION_PROBE} "
+                                           f"{std:.3f} {'>' if is_v else '<='} {V_PREDICTION_MIN_STD}")
+
+
+def resolve_prediction(handle, path: str, prediction_type: str | None) -> tuple[SDConfig, str]:
+    """(config, how its prediction type was decided) for a single file: the caller's `prediction_type`,
+    else svp's metadata, else the family (SD1: epsilon; SD2: from the weights). An SD2 family follows
+    the prediction type: epsilon is the 512 px base model, v the 768 px one."""
+    family = detect_family(handle, path)
+    is_sd2 = family is SD2_V
+    if prediction_type:
+        config = ((SD2_V if prediction_type == "v_prediction" else SD2_BASE) if is_sd2
+                  else replace(family, prediction_type=prediction_type))
+        return config, "as requested"
+    if "svp_config" in (handle.metadata() or {}):
+        return family, "svp metadata"
+    if is_sd2:
+        return sd2_prediction_from_weights(handle)
+    return family, "SD1 models predict epsilon"
+
+
+def log_detection(path: str, config: SDConfig, how: str):
+    log.info(f"{os.path.basename(os.path.normpath(path))}: {config.name}, {config.prediction_type} ({how})")
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+def load_tokenizer(config: SDConfig, checkpoint: str, tokenizer: str | None = None) -> CLIPTokenizer:
+    """The tokenizer of `config`; the CLIP vocabulary comes from `tokenizer` if given, else from beside
+    `checkpoint` (a diffusers folder: its tokenizer/), else from $SVP_TOKENIZER.
+
+    Cheap next to the weights, so loaders call it first: a missing vocabulary fails at once."""
+    if config.clip.tokenizer == "bytes":
+        return CLIPTokenizer.byte_level(config.clip.pad_with_eos, config.clip.context_length)
+    if tokenizer:
+        places = [(tokenizer, "--tokenizer")]
+    else:
+        folder = checkpoint if os.path.isdir(checkpoint) else os.path.dirname(os.path.abspath(checkpoint))
+        places = [(folder, "next to the checkpoint")]
+        if os.environ.get("SVP_TOKENIZER"):
+            places.append((os.environ["SVP_TOKENIZER"], "$SVP_TOKENIZER"))
+    for place, _ in places:
+        try:
+            return CLIPTokenizer.from_path(place, pad_with_eos=config.clip.pad_with_eos)
+        except TokenizerFilesNotFoundError:
+            continue
+    tried = ", ".join(f"{place} ({source})" for place, source in places)
+    raise TokenizerFilesNotFoundError(f"{checkpoint}: no CLIP vocabulary found (looked in {tried}); "
+                                      f"{TOKENIZER_OPTIONS}")
+
+
 # ----------------------------------------------------------------------------- single file
 
 def load_single_file(path: str, dtype=torch.float32, prediction_type: str | None = None,
                      tokenizer: str | None = None) -> StableDiffusion:
     handle = open_safetensors(path)
-    config = detect_family(handle, path)
-    if prediction_type:
-        config = replace(config, prediction_type=prediction_type)
+    config, how = resolve_prediction(handle, path, prediction_type)
+    tok = load_tokenizer(config, path, tokenizer)
+    log_detection(path, config, how)
     unet = assign_weights(lambda: UNet(config.unet), read_tensors(handle, UNET_PREFIX, dtype),
                           "UNet", path, described(config))
     vae = assign_weights(lambda: AutoencoderKL(config.vae), read_tensors(handle, VAE_PREFIX, dtype),
@@ -153,22 +227,7 @@ def load_single_file(path: str, dtype=torch.float32, prediction_type: str | None
     clip_state = convert_clip(to_ours, read_tensors(handle, CLIP_PREFIX[config.clip.layout], dtype), path, config)
     text_encoder = assign_weights(lambda: CLIPTextModel(config.clip), clip_state, "text encoder", path,
                                   described(config))
-    return StableDiffusion(config, unet, vae, text_encoder, load_tokenizer(config, tokenizer or find_tokenizer(path)))
-
-
-def load_tokenizer(config: SDConfig, path: str) -> CLIPTokenizer:
-    if config.clip.tokenizer == "bytes":
-        return CLIPTokenizer.byte_level(config.clip.pad_with_eos, config.clip.context_length)
-    return CLIPTokenizer.from_path(path, pad_with_eos=config.clip.pad_with_eos)
-
-
-def find_tokenizer(checkpoint: str) -> str:
-    """Where to look for a CLIP vocabulary: $SVP_TOKENIZER, else beside the checkpoint."""
-    if os.environ.get("SVP_TOKENIZER"):
-        return os.environ["SVP_TOKENIZER"]
-    folder = checkpoint if os.path.isdir(checkpoint) else os.path.dirname(os.path.abspath(checkpoint))
-    tokenizer_dir = os.path.join(folder, "tokenizer")
-    return tokenizer_dir if os.path.isdir(tokenizer_dir) else folder
+    return StableDiffusion(config, unet, vae, text_encoder, tok, how)
 
 
 def save_single_file(sd: StableDiffusion, path: str):
@@ -249,17 +308,26 @@ def config_from_diffusers(root: str) -> SDConfig:
                       activation=t["hidden_act"], skip_last_layers=1 if openclip else 0,
                       pad_with_eos=not openclip, layout="openclip" if openclip else "openai")
     family = SD2_BASE if openclip else SD1
-    scheduler = os.path.join(root, "scheduler", "scheduler_config.json")
-    prediction = read_json(scheduler).get("prediction_type", "epsilon") if os.path.exists(scheduler) else "epsilon"
     return replace(family, name=f"{family.name} (diffusers)", unet=unet, vae=vae, clip=clip,
-                   prediction_type=prediction, image_size=u.get("sample_size", 64) * 8)
+                   image_size=u.get("sample_size", 64) * 8)
+
+
+def diffusers_prediction(root: str, prediction_type: str | None) -> tuple[str, str]:
+    """(prediction type, how it was decided): the caller's, else the scheduler config's, else epsilon."""
+    if prediction_type:
+        return prediction_type, "as requested"
+    scheduler = os.path.join(root, "scheduler", "scheduler_config.json")
+    if not os.path.exists(scheduler):
+        return "epsilon", "default: no scheduler/scheduler_config.json"
+    return read_json(scheduler).get("prediction_type", "epsilon"), "scheduler/scheduler_config.json"
 
 
 def load_diffusers(root: str, dtype=torch.float32, prediction_type: str | None = None,
                    tokenizer: str | None = None) -> StableDiffusion:
-    config = config_from_diffusers(root)
-    if prediction_type:
-        config = replace(config, prediction_type=prediction_type)
+    prediction, how = diffusers_prediction(root, prediction_type)
+    config = replace(config_from_diffusers(root), prediction_type=prediction)
+    tok = load_tokenizer(config, root, tokenizer)
+    log_detection(root, config, how)
 
     def tensors(sub):
         path = weights_file(os.path.join(root, sub))
@@ -274,8 +342,7 @@ def load_diffusers(root: str, dtype=torch.float32, prediction_type: str | None =
     state, path = tensors("text_encoder")
     text_encoder = assign_weights(lambda: CLIPTextModel(config.clip), convert_clip(hf_to_ours, state, path, config),
                                   "text encoder", path, described(config))
-    tok = CLIPTokenizer.from_path(tokenizer or os.path.join(root, "tokenizer"), pad_with_eos=config.clip.pad_with_eos)
-    return StableDiffusion(config, unet, vae, text_encoder, tok)
+    return StableDiffusion(config, unet, vae, text_encoder, tok, how)
 
 
 def load_stable_diffusion(path: str, dtype: str | torch.dtype = torch.float32, prediction_type: str | None = None,

@@ -15,10 +15,11 @@ from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint, c
 from safetensors.torch import load_file, save_file
 
 from model.config import SD1, SD2_BASE
-from model.controlnet import (CONTROLNET_PREFIX, ControlNet, diffusers_to_ldm_controlnet, load_controlnet,
-                              save_controlnet)
+from model.controlnet import (CONTROLNET_PREFIX, PUBLIC_HINTS, ControlNet, diffusers_to_ldm_controlnet,
+                              load_controlnet, save_controlnet)
 from model.loading import CheckpointError
 from model.unet import UNet
+from tracking.render import CONDITIONING_CHANNELS
 from test_unet import (PREFIX as UNET_PREFIX, SD1_TINY, SD2_TINY, TINY, diffusers_config, diffusers_forward,
                        randomize_, random_inputs, rel_err)
 
@@ -183,8 +184,14 @@ def test_clear_errors(tmp_path):
     path = str(tmp_path / "controlnet.safetensors")
     save_controlnet(ControlNet(SD1_TINY, HINT_CHANNELS, HINT_WIDTHS), path)
     with pytest.raises(CheckpointError, match=r"controlnet.safetensors: this ControlNet takes 7-channel hints, "
-                                              r"but ours have 3 channels"):
+                                              r"but ours have 3 channels; .*a public 3-channel"):
         load_controlnet(path, SD1_TINY, hint_channels=3)
+    with pytest.raises(ValueError, match="public_hint 'canny': expected one of normal, normal-opencv, depth"):
+        load_controlnet(path, SD1_TINY, public_hint="canny")
+    save_controlnet(ControlNet(SD1_TINY, 3, HINT_WIDTHS), str(tmp_path / "public.safetensors"))
+    with pytest.raises(CheckpointError, match="public.safetensors: a depth ControlNet feeds hint channel 3, but ours "
+                                              "have only 2 channels"):
+        load_controlnet(str(tmp_path / "public.safetensors"), SD1_TINY, hint_channels=2, public_hint="depth")
 
     checkpoint = load_file(path)
     del checkpoint[CONTROLNET_PREFIX + "zero_convs.5.0.weight"]
@@ -212,3 +219,73 @@ def test_diffusers_folder_with_other_attention_heads_is_refused(tmp_path):
     (folder / "config.json").write_text(json.dumps({**config, "attention_head_dim": 4}))
     with pytest.raises(CheckpointError, match="config.json: 4 attention heads at level 0, but the UNet has 2"):
         load_controlnet(str(folder), SD1_TINY)
+
+
+# ----------------------------------------------------------------------------- public 3-channel ControlNets
+
+OUR_HINT = len(CONDITIONING_CHANNELS)
+
+
+def test_public_hint_table_names_our_channels():
+    assert [CONDITIONING_CHANNELS[c] for c in PUBLIC_HINTS["normal"][0]] == ["normal_x", "normal_y", "normal_z"]
+    assert PUBLIC_HINTS["normal-opencv"][0] == PUBLIC_HINTS["normal"][0]
+    assert {CONDITIONING_CHANNELS[c] for c in PUBLIC_HINTS["depth"][0]} == {"depth"}
+
+
+def public_and_our_hints(public_hint: str, seed=11):
+    """The same picture as the public ControlNet reads it (3 channels) and as ours does (the channels it
+    feeds, all others zero). A depth map is one grayscale image, repeated in R, G, B for the public one."""
+    into, _ = PUBLIC_HINTS[public_hint]
+    shared = random_hint(channels=len(set(into)), seed=seed)
+    public = shared.expand(-1, 3, -1, -1) if len(set(into)) == 1 else shared
+    ours = torch.zeros(public.shape[0], OUR_HINT, *public.shape[2:])
+    ours[:, sorted(set(into))] = shared
+    return public, ours
+
+
+@pytest.mark.parametrize("public_hint", ["normal-opencv", "depth"])
+def test_widened_public_controlnet_matches_diffusers(public_hint, tmp_path):
+    """A diffusers-format 3-channel ControlNet, widened to our hint: with our extra channels zero it gives
+    diffusers' residuals on the original weights and the public hint."""
+    config = SD1_TINY
+    ref = randomize_(reference_controlnet(config, hint_channels=3), seed=12).eval()
+    ref.save_pretrained(tmp_path / "pipeline" / "controlnet")
+    ours = load_controlnet(str(tmp_path / "pipeline"), config, hint_channels=OUR_HINT, public_hint=public_hint)
+    assert ours.hint_channels == OUR_HINT
+    first = ours.input_hint_block[0].weight
+    unused = [c for c in range(OUR_HINT) if c not in PUBLIC_HINTS[public_hint][0]]
+    assert not first[:, unused].any(), "the channels the public ControlNet never saw must start at zero"
+
+    x, t, context = random_inputs(config, size=LATENT, seed=13)
+    public, hint = public_and_our_hints(public_hint)
+    with torch.no_grad():
+        residuals = ours(x, t, context, hint, scale=0.8)
+    assert_same_residuals(residuals, reference_residuals(ref, x, t, context, public, scale=0.8))
+
+
+def test_widened_single_file_equals_the_original_on_its_channels(tmp_path):
+    """The single-file path widens the same way: on hints that are zero outside the normal channels the
+    widened encoder is the 3-channel one (our own model, loaded unwidened, as the reference)."""
+    source = randomize_(ControlNet(SD2_TINY, 3, HINT_WIDTHS), seed=14).eval()
+    path = str(tmp_path / "normal.safetensors")
+    save_controlnet(source, path)
+    widened = load_controlnet(path, SD2_TINY, hint_channels=OUR_HINT, public_hint="normal-opencv")
+    x, t, context = random_inputs(SD2_TINY, size=LATENT, seed=15)
+    public, hint = public_and_our_hints("normal-opencv", seed=16)
+    with torch.no_grad():
+        assert_same_residuals(widened(x, t, context, hint), source(x, t, context, public))
+
+
+def test_public_normal_convention_is_flipped_into_ours(tmp_path):
+    """Public normal ControlNets read x left, y up, z toward the camera, i.e. 1 - our channels: the widened
+    first conv on our normals equals theirs on 1 - ours, except on the one-pixel border (zero padding)."""
+    ref = randomize_(reference_controlnet(SD1_TINY, hint_channels=3), seed=17).eval()
+    ref.save_pretrained(tmp_path / "controlnet")
+    ours = load_controlnet(str(tmp_path / "controlnet"), SD1_TINY, hint_channels=OUR_HINT)   # "normal" by default
+    _, hint = public_and_our_hints("normal", seed=18)
+    with torch.no_grad():
+        widened = ours.input_hint_block[0](hint)
+        public = ref.controlnet_cond_embedding.conv_in(1 - hint[:, :3])
+    inside = (slice(None), slice(None), slice(1, -1), slice(1, -1))
+    assert rel_err(widened[inside], public[inside]) <= 1e-5
+    assert rel_err(widened, public) > 1e-3, "the border should differ: the public conv pads 1 - ours with zeros"

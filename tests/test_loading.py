@@ -13,8 +13,9 @@ from safetensors.torch import save_file
 
 from model.clip import CLIPTextModel
 from model.config import SD1, TINY, config_to_dict
-from model.loading import (CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX, CheckpointError, StableDiffusion,
-                           load_stable_diffusion, save_single_file)
+from model.loading import (CLIP_PREFIX, UNET_PREFIX, V_PREDICTION_PROBE, VAE_PREFIX, CheckpointError,
+                           StableDiffusion, load_stable_diffusion, open_safetensors, resolve_prediction,
+                           save_single_file)
 from model.tokenizer import CLIPTokenizer, TokenizerFilesNotFoundError
 from model.unet import UNet
 from model.vae import AutoencoderKL
@@ -62,7 +63,7 @@ def run_all(sd: StableDiffusion):
 def test_single_file_round_trip(tiny_checkpoint):
     sd, path = tiny_checkpoint
     loaded = load_stable_diffusion(path)
-    assert loaded.config == TINY_CLIP
+    assert loaded.config == TINY_CLIP and loaded.prediction_source == "svp metadata"
     for net, ref_net in ((loaded.unet, sd.unet), (loaded.vae, sd.vae), (loaded.text_encoder, sd.text_encoder)):
         ref = ref_net.state_dict()
         assert all(torch.equal(v, ref[k]) for k, v in net.state_dict().items())
@@ -105,6 +106,7 @@ def test_diffusers_folder_matches_reference_models(family, tmp_path, tokenizer_f
 
     ours = load_stable_diffusion(str(tmp_path))
     assert ours.config.prediction_type == prediction
+    assert ours.prediction_source == "scheduler/scheduler_config.json"
     assert ours.tokenizer.pad_id == (0 if sd2 else ours.tokenizer.eos_id)
     ids = ours.tokenizer(["a photo of sks person"])
     x, t, z = torch.randn(2, 4, 8, 8), torch.tensor([10, 900]), torch.randn(1, 4, 8, 8)
@@ -174,7 +176,7 @@ def test_file_without_a_unet_is_reported(tmp_path):
         load_stable_diffusion(str(path))
 
 
-def test_missing_unexpected_and_misshaped_keys_are_listed(tiny_checkpoint, tmp_path):
+def test_missing_unexpected_and_misshaped_keys_are_listed(tiny_checkpoint, tmp_path, tokenizer_folder):
     from safetensors.torch import load_file
     tensors = load_file(tiny_checkpoint[1])
     meta = {"svp_config": json.dumps(config_to_dict(TINY_CLIP))}
@@ -184,14 +186,14 @@ def test_missing_unexpected_and_misshaped_keys_are_listed(tiny_checkpoint, tmp_p
     path = str(tmp_path / "broken.safetensors")
     save_file(tensors, path, metadata=meta)
     with pytest.raises(CheckpointError) as e:
-        load_stable_diffusion(path)
+        load_stable_diffusion(path, tokenizer=str(tokenizer_folder))
     message = str(e.value)
     for expected in ("broken.safetensors", "family 'tiny-clip'", "missing (1): out.2.weight",
                      "unexpected (1): extra.weight", "time_embed.0.bias (3,)"):
         assert expected in message
 
 
-def test_wrong_family_is_reported(tiny_checkpoint, tmp_path):
+def test_wrong_family_is_reported(tiny_checkpoint, tmp_path, tokenizer_folder):
     """A tiny checkpoint stripped of its metadata is taken for SD1, and every shape disagrees."""
     from safetensors.torch import load_file
     path = str(tmp_path / "no_metadata.safetensors")
@@ -202,7 +204,7 @@ def test_wrong_family_is_reported(tiny_checkpoint, tmp_path):
     tensors = {k: v for k, v in tensors.items() if "attn2" not in k}
     save_file(tensors, path)
     with pytest.raises(CheckpointError, match="does not match family 'sd1'.*wrong shape"):
-        load_stable_diffusion(path)
+        load_stable_diffusion(path, tokenizer=str(tokenizer_folder))
 
 
 def test_byte_level_tiny_preset_needs_no_vocabulary(tmp_path):
@@ -214,11 +216,74 @@ def test_byte_level_tiny_preset_needs_no_vocabulary(tmp_path):
     assert torch.equal(loaded.tokenizer("sks"), sd.tokenizer("sks"))
 
 
-def test_missing_vocabulary_names_the_file_to_get(tiny_checkpoint, tmp_path):
+def test_missing_vocabulary_is_reported_before_any_weight_is_read(tiny_checkpoint, tmp_path, tokenizer_folder,
+                                                                 monkeypatch):
     lonely = tmp_path / "lonely.safetensors"
     shutil.copy(tiny_checkpoint[1], lonely)
-    with pytest.raises(TokenizerFilesNotFoundError, match="bpe_simple_vocab_16e6.txt.gz"):
-        load_stable_diffusion(str(lonely))
+    monkeypatch.delenv("SVP_TOKENIZER", raising=False)
+
+    def no_weights_yet(*args):
+        raise AssertionError("weights were read before the vocabulary was found")
+
+    with monkeypatch.context() as patch:
+        patch.setattr("model.loading.read_tensors", no_weights_yet)
+        with pytest.raises(TokenizerFilesNotFoundError) as e:
+            load_stable_diffusion(str(lonely))
+        for option in ("lonely.safetensors: no CLIP vocabulary", "--tokenizer", "$SVP_TOKENIZER",
+                       "tokenizer/ folder", "bpe_simple_vocab_16e6.txt.gz", "next to the checkpoint"):
+            assert option in str(e.value)
+        with pytest.raises(TokenizerFilesNotFoundError, match=r"nowhere \(--tokenizer\)"):
+            load_stable_diffusion(str(lonely), tokenizer=str(tmp_path / "nowhere"))
+        monkeypatch.setenv("SVP_TOKENIZER", str(tmp_path / "elsewhere"))
+        with pytest.raises(TokenizerFilesNotFoundError, match=r"elsewhere \(\$SVP_TOKENIZER\)"):
+            load_stable_diffusion(str(lonely))
+
+    monkeypatch.setenv("SVP_TOKENIZER", str(tokenizer_folder))  # the fallback when nothing is beside the file
+    assert load_stable_diffusion(str(lonely)).config == TINY_CLIP
+
+
+# ----------------------------------------------------------------------------- prediction type
+
+def sd2_probe_file(path, probe_std: float | None) -> str:
+    """The few tensors SD2 detection reads: an SD2-wide cross-attention and, unless None, the probe
+    LayerNorm shift with a population std of `probe_std` (the rest of the UNet is absent)."""
+    tensors = {UNET_PREFIX + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": torch.zeros(320, 1024)}
+    if probe_std is not None:
+        probe = torch.randn(320, generator=torch.Generator().manual_seed(0))
+        tensors[UNET_PREFIX + V_PREDICTION_PROBE] = (probe - probe.mean()) / probe.std(unbiased=False) * probe_std
+    save_file(tensors, str(path))
+    return str(path)
+
+
+@pytest.mark.parametrize("probe_std, family, prediction", [(0.2, "sd2-v", "v_prediction"),
+                                                           (0.03, "sd2-base", "epsilon")])
+def test_sd2_prediction_type_is_told_from_the_weights(tmp_path, probe_std, family, prediction):
+    path = sd2_probe_file(tmp_path / "sd2.safetensors", probe_std)
+    config, how = resolve_prediction(open_safetensors(path), path, None)
+    assert (config.name, config.prediction_type) == (family, prediction)
+    assert how.startswith("detected from the weights") and f"{probe_std:.3f}" in how
+    assert config.image_size == (768 if prediction == "v_prediction" else 512)
+    # An explicit choice wins, and picks the matching SD2 model (epsilon: the 512 px base).
+    other = "epsilon" if prediction == "v_prediction" else "v_prediction"
+    config, how = resolve_prediction(open_safetensors(path), path, other)
+    assert (config.prediction_type, how) == (other, "as requested")
+    assert config.name == ("sd2-base" if other == "epsilon" else "sd2-v")
+
+
+def test_sd2_without_the_probe_defaults_to_v(tmp_path):
+    path = sd2_probe_file(tmp_path / "sd2.safetensors", None)
+    config, how = resolve_prediction(open_safetensors(path), path, None)
+    assert config.prediction_type == "v_prediction" and how.startswith("default")
+
+
+def test_detection_is_logged_in_one_line_before_the_weights_load(tmp_path, tokenizer_folder, caplog):
+    """The real loader on an SD2 base file: the line comes before the (here missing) weights are refused."""
+    path = sd2_probe_file(tmp_path / "sd2-base.safetensors", 0.03)
+    with caplog.at_level("INFO", logger="model.loading"), pytest.raises(CheckpointError, match="missing"):
+        load_stable_diffusion(path, tokenizer=str(tokenizer_folder))
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "model.loading"]
+    assert line.startswith("sd2-base.safetensors: sd2-base, epsilon (detected from the weights: std of "
+                           f"{V_PREDICTION_PROBE} 0.030 <= 0.09)")
 
 
 # ----------------------------------------------------------------------------- sample.py

@@ -246,7 +246,8 @@ def test_out_dir_of_another_base_model_is_refused(demo_run, tmp_path):
 
 def test_training_can_start_from_an_existing_controlnet(demo_run, tmp_path):
     """--controlnet: the encoder starts from a ControlNet checkpoint (here: the demo run's, re-saved in the
-    original single-file layout) instead of a copy of the UNet; a wrong hint width is refused."""
+    original single-file layout) instead of a copy of the UNet; a hint width other than ours or a public
+    ControlNet's 3 is refused."""
     from safetensors.torch import save_file
     out, trained = demo_run
     start = tmp_path / "controlnet.safetensors"
@@ -256,8 +257,8 @@ def test_training_can_start_from_an_existing_controlnet(demo_run, tmp_path):
     denoiser = run_train(run, "--max-steps", "0", "--controlnet", str(start))
     for key, value in denoiser.controlnet.state_dict().items():
         assert torch.equal(value, trained[CONTROLNET_PREFIX + key]), key
-    wrong = {k: (v[:, :3].contiguous() if k.endswith("input_hint_block.0.weight") else v) for k, v in controlnet_state.items()}
+    wrong = {k: (v[:, :5].contiguous() if k.endswith("input_hint_block.0.weight") else v) for k, v in controlnet_state.items()}
     save_file(wrong, str(tmp_path / "wrong.safetensors"))
-    with pytest.raises(CheckpointError, match="3-channel hints, but ours have 8"):
+    with pytest.raises(CheckpointError, match="5-channel hints, but ours have 8"):
         run_train(clone_run(out, tmp_path / "run2"), "--max-steps", "0", "--controlnet",
                   str(tmp_path / "wrong.safetensors"))

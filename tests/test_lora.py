@@ -66,8 +66,10 @@ def hf_name(module: str) -> str:
     return "text_model." + module.removeprefix("text_model.")
 
 
-LAYOUTS = {"kohya": lambda unet, te, gen: {**kohya_file(unet, "unet", gen), **kohya_file(te, "te", gen, hf_name)},
-           "peft": lambda unet, te, gen: {**peft_file(unet, "unet", gen), **peft_file(te, "text_encoder", gen, hf_name)}}
+LAYOUTS = {  # layout -> (UNet modules, text-encoder modules, generator) -> the file's tensors
+    "kohya": lambda unet, te, gen: kohya_file(unet, "unet", gen) | kohya_file(te, "te", gen, hf_name),
+    "peft": lambda unet, te, gen: peft_file(unet, "unet", gen) | peft_file(te, "text_encoder", gen, hf_name),
+}
 
 
 def reference_networks():
@@ -195,7 +197,8 @@ def test_a_lora_that_does_not_fit_is_refused_before_any_weight_changes(reference
                                           r"transformer_blocks_0_attn2_to_k \(\(32, 4\) x \(4, 1024\) for a weight "
                                           r"\(32, 32\)\)$")):
         path = write(tmp_path, tensors)
-        with pytest.raises(CheckpointError, match=f"{re.escape(path)}: this LoRA does not fit family 'tiny'.*{message}"):
+        expected = f"{re.escape(path)}: this LoRA does not fit family 'tiny'.*{message}"
+        with pytest.raises(CheckpointError, match=expected):
             fuse_lora(ours, load_lora(path))
         assert all(torch.equal(v, before[k]) for k, v in ours.unet.state_dict().items())
 

@@ -29,7 +29,7 @@ from torch import nn
 from model.loading import CheckpointError, StableDiffusion, open_safetensors
 from model.unet import diffusers_to_ldm_prefixes, rename_key
 
-# the LoRA's module name (dots or underscores), and what the tensor is: "down", "up" or "alpha"
+# Each layout's key: which network, the module name (dots, or underscores for kohya), and the tensor's role.
 KOHYA_KEY = re.compile(r"lora_(unet|te)_(\w+)\.(lora_down\.weight|lora_up\.weight|alpha)")
 DIFFUSERS_KEY = re.compile(r"(unet|text_encoder)\.(.+?)\.(lora_A\.weight|lora_B\.weight|lora\.down\.weight|"
                            r"lora\.up\.weight|lora_linear_layer\.down\.weight|lora_linear_layer\.up\.weight|alpha)")
@@ -76,14 +76,14 @@ def _listed(keys: list[str], limit: int = 4) -> str:
     return ", ".join(keys[:limit]) + (f" ... ({len(keys)} in all)" if len(keys) > limit else "")
 
 
-def parse_key(key: str) -> tuple[str, str, str] | None:
-    """(network, flattened module name, role) of one LoRA tensor name, or None if it is not one."""
+def parse_key(key: str) -> tuple[str, str, str, str] | None:
+    """(network, flattened module name, role, the key's layer part) of one LoRA tensor name; None if it is none."""
     if m := PROCESSOR_KEY.fullmatch(key):
         network, attention, projection, role = m.groups()
-        return NETWORKS[network], flatten(f"{attention}.{PROCESSOR_MODULES[projection]}"), role
+        return NETWORKS[network], flatten(f"{attention}.{PROCESSOR_MODULES[projection]}"), role, key[:m.start(4) - 1]
     if m := KOHYA_KEY.fullmatch(key) or DIFFUSERS_KEY.fullmatch(key):
         network, module, role = m.groups()
-        return NETWORKS[network], flatten(module), ROLES[role]
+        return NETWORKS[network], flatten(module), ROLES[role], key[:m.start(3) - 1]
     return None
 
 
@@ -97,9 +97,9 @@ def load_lora(path: str) -> LoRA:
         if parsed is None:
             unknown.append(key)
             continue
-        network, module, role = parsed
-        parts.setdefault((network, module), {"name": key.rsplit(".lora", 1)[0].removesuffix(".alpha")})[role] = \
-            handle.get_tensor(key)
+        network, module, role, layer_name = parsed
+        layer = parts.setdefault((network, module), {"name": layer_name})
+        layer[role] = handle.get_tensor(key)
     if unknown:
         raise CheckpointError(f"{path}: {len(unknown)} tensors are not LoRA weights of an SD1/SD2 UNet or text "
                               f"encoder (SDXL, DoRA and LyCORIS files are not supported): {_listed(unknown)}")
@@ -107,17 +107,22 @@ def load_lora(path: str) -> LoRA:
         raise CheckpointError(f"{path}: no LoRA weights in this file")
     layers, malformed = {}, []
     for (network, module), p in parts.items():
-        down, up = p.get("down"), p.get("up")
-        if down is None or up is None or down.ndim not in (2, 4) or up.ndim != down.ndim \
-                or up.shape[1] != down.shape[0] or (up.ndim == 4 and up.shape[2:] != (1, 1)):
+        if not composes(p.get("down"), p.get("up")):
             malformed.append(p["name"])
             continue
         alpha = float(p["alpha"]) if "alpha" in p else None
-        layers.setdefault(network, {})[module] = LoRALayer(p["name"], down, up, alpha)
+        layers.setdefault(network, {})[module] = LoRALayer(p["name"], p["down"], p["up"], alpha)
     if malformed:
         raise CheckpointError(f"{path}: {len(malformed)} LoRA layers lack a down or up weight, or their shapes do "
                               f"not compose: {_listed(malformed)}")
     return LoRA(path, layers)
+
+
+def composes(down: torch.Tensor | None, up: torch.Tensor | None) -> bool:
+    """down (r, in) with up (out, r), or a conv down (r, in, kh, kw) with a 1x1 conv up (out, r, 1, 1)."""
+    if down is None or up is None or down.ndim not in (2, 4) or up.ndim != down.ndim:
+        return False
+    return up.shape[1] == down.shape[0] and up.shape[2:] in ((), (1, 1))
 
 
 # ----------------------------------------------------------------------------- names of our modules
@@ -158,11 +163,14 @@ def resolve(sd: StableDiffusion, lora: LoRA) -> list[tuple[nn.Module, LoRALayer]
                               f"for a weight {tuple(module.weight.shape)})")
             else:
                 pairs.append((module, layer))
-    problems = [f"{len(nowhere)} layers match no module: {_listed(nowhere)}" if nowhere else "",
-                f"{len(misfit)} layers have the wrong width: {_listed(misfit, 2)}" if misfit else ""]
-    if nowhere or misfit:
+    problems = []
+    if nowhere:
+        problems.append(f"{len(nowhere)} layers match no module: {_listed(nowhere)}")
+    if misfit:
+        problems.append(f"{len(misfit)} layers have the wrong width: {_listed(misfit, 2)}")
+    if problems:
         raise CheckpointError(f"{lora.path}: this LoRA does not fit family '{sd.config.name}' "
-                              f"(a LoRA for another base model?): " + "; ".join(p for p in problems if p))
+                              f"(a LoRA for another base model?): " + "; ".join(problems))
     return pairs
 
 

@@ -1,23 +1,27 @@
 """LoRA (model/lora.py) against diffusers' own loader: the same random LoRA file, in each layout people have,
 fused by diffusers (`load_lora_weights` + `fuse_lora`, through peft) and by us, gives the same networks.
 
-Every Linear and Conv2d of a tiny SD1-layout UNet (attention projections, 1x1 proj_in / conv_shortcut,
-3x3 ResBlock / down / up convs, the time MLP) and of a tiny CLIP text encoder carries a LoRA layer."""
+Every Linear and Conv2d of a tiny SD1- or SD2-layout UNet (attention projections, 1x1-conv or Linear
+proj_in, 1x1 conv_shortcut, 3x3 ResBlock / down / up convs, the time MLP) and of a tiny CLIP text encoder
+carries a LoRA layer."""
+import functools
 import re
+from dataclasses import replace
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from model.clip import CLIPTextModel, hf_to_ours
-from model.config import TINY
+from model.clip import CLIPTextModel, hf_to_ours, layers_run
+from model.config import TINY, SDConfig
 from model.loading import CheckpointError, StableDiffusion
 from model.lora import fuse_lora, load_lora, parse_lora_arg, unfuse_lora
 from model.unet import UNet, diffusers_to_ldm_unet
 
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("peft")  # diffusers' LoRA loading runs on peft
-from test_clip import hf_reference  # noqa: E402
+from test_clip import SD2_TINY as SD2_TINY_CLIP, hf_reference  # noqa: E402
+from test_unet import SD2_TINY as SD2_TINY_UNET  # noqa: E402
 from test_unet import diffusers_config, diffusers_forward, ldm_module_name, random_inputs, randomize_  # noqa: E402
 
 RANK, ALPHA, SCALE = 4, 2.0, 0.7
@@ -72,24 +76,36 @@ LAYOUTS = {  # layout -> (UNet modules, text-encoder modules, generator) -> the 
 }
 
 
-def reference_networks():
-    return (diffusers.UNet2DConditionModel(**diffusers_config(TINY.unet)).eval(),
-            hf_reference(TINY.clip, TINY.clip.layers))
+# SD1: 1x1-conv proj_in/out, a 2-layer text tower; SD2: Linear proj_in/out, OpenCLIP-style GELU tower run
+# without its last layer (diffusers' SD2 text encoder has that layer removed, so LoRAs never name it)
+FAMILIES = {"sd1": TINY, "sd2": replace(TINY, name="tiny-sd2", unet=SD2_TINY_UNET, clip=SD2_TINY_CLIP)}
 
 
-@pytest.fixture(scope="module")
-def reference() -> tuple[dict, dict]:
-    """Random weights of diffusers' UNet and transformers' CLIP text model (their state dicts)."""
-    unet, text_encoder = reference_networks()
+def reference_networks(config: SDConfig):
+    return (diffusers.UNet2DConditionModel(**diffusers_config(config.unet)).eval(),
+            hf_reference(config.clip, layers_run(config.clip)))
+
+
+@functools.cache
+def reference_weights(family: str) -> tuple[SDConfig, dict, dict]:
+    """A family's config and random weights of diffusers' UNet and transformers' CLIP text model."""
+    config = FAMILIES[family]
+    unet, text_encoder = reference_networks(config)
     randomize_(unet, seed=3)
-    return unet.state_dict(), text_encoder.state_dict()
+    return config, unet.state_dict(), text_encoder.state_dict()
+
+
+@pytest.fixture
+def reference():
+    return reference_weights("sd1")
 
 
 def reference_pipeline(reference):
     """A pipeline around fresh copies of the reference networks (diffusers loads LoRAs into pipelines)."""
-    unet, text_encoder = reference_networks()
-    unet.load_state_dict(reference[0])
-    text_encoder.load_state_dict(reference[1])
+    config, unet_state, te_state = reference
+    unet, text_encoder = reference_networks(config)
+    unet.load_state_dict(unet_state)
+    text_encoder.load_state_dict(te_state)
     return diffusers.StableDiffusionPipeline(vae=None, text_encoder=text_encoder, tokenizer=None, unet=unet,
                                              scheduler=None, safety_checker=None, feature_extractor=None,
                                              requires_safety_checker=False)
@@ -97,22 +113,26 @@ def reference_pipeline(reference):
 
 def ours_from(reference) -> StableDiffusion:
     """Our UNet and text encoder with the reference's weights (through the rename tables)."""
-    unet_state, te_state = ({k: v.clone() for k, v in state.items()} for state in reference)
-    unet, text_encoder = UNet(TINY.unet).eval(), CLIPTextModel(TINY.clip).eval()
-    unet.load_state_dict(diffusers_to_ldm_unet(unet_state, TINY.unet))
-    text_encoder.load_state_dict(hf_to_ours(te_state, TINY.clip))
-    return StableDiffusion(TINY, unet, None, text_encoder, None)
+    config, *states = reference
+    unet_state, te_state = ({k: v.clone() for k, v in state.items()} for state in states)
+    unet, text_encoder = UNet(config.unet).eval(), CLIPTextModel(config.clip).eval()
+    unet.load_state_dict(diffusers_to_ldm_unet(unet_state, config.unet))
+    text_encoder.load_state_dict(hf_to_ours(te_state, config.clip))
+    return StableDiffusion(config, unet, None, text_encoder, None)
 
 
-def outputs(unet_fn, te_fn):
-    x, t, context = random_inputs(TINY.unet)
-    ids = torch.randint(0, TINY.clip.vocab_size, (2, 12), generator=torch.Generator().manual_seed(9))
+def outputs(config: SDConfig, unet_fn, te_fn):
+    x, t, context = random_inputs(config.unet)
+    ids = torch.randint(0, config.clip.vocab_size, (2, 12), generator=torch.Generator().manual_seed(9))
     with torch.no_grad():
         return unet_fn(x, t, context), te_fn(ids)
 
 
+@pytest.mark.parametrize("family", sorted(FAMILIES))
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
-def test_fused_lora_matches_diffusers(layout, reference, tmp_path):
+def test_fused_lora_matches_diffusers(layout, family, tmp_path):
+    reference = reference_weights(family)
+    config = reference[0]
     pipe = reference_pipeline(reference)
     path = str(tmp_path / f"{layout}.safetensors")
     save_file(LAYOUTS[layout](lora_modules(pipe.unet), lora_modules(pipe.text_encoder),
@@ -120,15 +140,15 @@ def test_fused_lora_matches_diffusers(layout, reference, tmp_path):
 
     pipe.load_lora_weights(path)
     pipe.fuse_lora(lora_scale=SCALE)
-    expected_unet, expected_te = outputs(lambda *a: diffusers_forward(pipe.unet, *a),
+    expected_unet, expected_te = outputs(config, lambda *a: diffusers_forward(pipe.unet, *a),
                                          lambda ids: pipe.text_encoder(ids).last_hidden_state)
 
     ours = ours_from(reference)
-    plain_unet, plain_te = outputs(ours.unet, ours.text_encoder)
+    plain_unet, plain_te = outputs(config, ours.unet, ours.text_encoder)
     before = {k: v.clone() for k, v in [*ours.unet.state_dict().items(), *ours.text_encoder.state_dict().items()]}
     lora = load_lora(path)
     fuse_lora(ours, lora, SCALE)
-    got_unet, got_te = outputs(ours.unet, ours.text_encoder)
+    got_unet, got_te = outputs(config, ours.unet, ours.text_encoder)
 
     assert rel_err(got_unet, expected_unet) <= 1e-5
     assert rel_err(got_te, expected_te) <= 1e-5
@@ -150,7 +170,7 @@ def processor_key(peft_key: str) -> str:
 def test_other_spellings_give_the_same_weights(reference, tmp_path):
     """LDM module names in a kohya file, `.alpha` beside PEFT weights, the old attention-processor keys:
     each fuses exactly like the spelling that diffusers itself was checked against above."""
-    modules = lora_modules(reference_networks()[0])
+    modules = lora_modules(reference_networks(TINY)[0])
     attention = {n: s for n, s in modules.items() if ".attn1.to_" in n or ".attn2.to_" in n}
 
     def fused(tensors: dict) -> dict:

@@ -1,4 +1,5 @@
-"""Noise schedule and samplers (DDIM, Euler, DPM-Solver++(2M)) of Stable Diffusion.
+"""Noise schedule and samplers (DDIM, Euler, DPM-Solver++(2M), and the few-step LCM and trailing Euler) of
+Stable Diffusion.
 
 Every sampler step is the same two linear maps with per-step Python-float coefficients:
 
@@ -6,14 +7,15 @@ Every sampler step is the same two linear maps with per-step Python-float coeffi
     x_next = c_x * x + c_0 * x0 + c_1 * x0_prev + c_n * noise (StepCoefficients: the solver update)
 
 x0_prev is the previous step's x0 (only DPM-Solver++(2M) uses it) and noise is fresh N(0, I)
-(only DDIM with eta > 0). A sampler is therefore just a table of coefficients; kernels/temporal.py
-evaluates it (a fused Triton kernel and its PyTorch reference) and model/temporal.py runs the loop, for
-images and videos alike. The model is called on `input_scale(i) * x` at timestep `timesteps[i]`.
+(DDIM with eta > 0; LCM re-noises its clean estimate with it). A sampler is therefore just a table of
+coefficients; kernels/temporal.py evaluates it (a fused Triton kernel and its PyTorch reference) and
+model/temporal.py runs the loop, for images and videos alike. The model is called on `input_scale(i) * x`
+at timestep `timesteps[i]`.
 
 Two domains for `x`, both describing x = (clean part) + (noise part) at step i:
-  * VP (DDIM, DPM-Solver): x = alpha * x0 + sigma * eps with alpha^2 + sigma^2 = 1; the model sees x.
-  * VE (Euler):            x = x0 + s * eps with s = sigma / alpha; the model sees x / sqrt(1 + s^2)
-                           (diffusers' `scale_model_input`), which is the VP sample again.
+  * VP (DDIM, DPM-Solver, LCM): x = alpha * x0 + sigma * eps with alpha^2 + sigma^2 = 1; the model sees x.
+  * VE (Euler):                 x = x0 + s * eps with s = sigma / alpha; the model sees x / sqrt(1 + s^2)
+                                (diffusers' `scale_model_input`), which is the VP sample again.
 Schedules, timestep spacings and final-step handling follow diffusers' schedulers configured as
 Stable Diffusion's scheduler_config.json (scaled-linear betas, steps_offset=1, set_alpha_to_one=False,
 each scheduler's default timestep_spacing), so trajectories match diffusers to float rounding.
@@ -184,10 +186,15 @@ class EulerSampler(Sampler):
     def __init__(self, schedule: NoiseSchedule, num_steps: int):
         _check_num_steps(schedule, num_steps)
         last = schedule.num_train_timesteps - 1
-        timesteps = np.linspace(0, last, num_steps, dtype=np.float32)[::-1]
+        timesteps = self.spaced_timesteps(schedule.num_train_timesteps, num_steps)
         sigmas = np.interp(timesteps, np.arange(last + 1), schedule.sigmas.numpy()).astype(np.float32)
         self.ve_sigmas = [float(s) for s in sigmas] + [0.0]
         super().__init__(schedule, [float(t) for t in timesteps], *_levels_from_ve(self.ve_sigmas))
+
+    @staticmethod
+    def spaced_timesteps(num_train_timesteps: int, num_steps: int) -> np.ndarray:
+        """The "linspace" spacing: num_steps evenly spaced (fractional) timesteps from the last training timestep to 0."""
+        return np.linspace(0, num_train_timesteps - 1, num_steps, dtype=np.float32)[::-1]
 
     @property
     def init_noise_sigma(self) -> float:
@@ -196,6 +203,19 @@ class EulerSampler(Sampler):
     def coefficients(self, i: int) -> StepCoefficients:
         ratio = self.ve_sigmas[i + 1] / self.ve_sigmas[i]
         return StepCoefficients(c_x=ratio, c_0=1 - ratio)
+
+
+class EulerTrailingSampler(EulerSampler):
+    """Euler with diffusers' "trailing" timesteps (Lin et al. 2023, "Common Diffusion Noise Schedules and
+    Sample Steps are Flawed", table 2) = EulerDiscreteScheduler(timestep_spacing="trailing"): integer
+    timesteps N / steps apart that end at the last training timestep, so even one step starts from
+    t = N - 1, where few-step distilled bases (SD-Turbo: 1-4 steps, guidance 1) expect pure noise."""
+
+    @staticmethod
+    def spaced_timesteps(num_train_timesteps: int, num_steps: int) -> np.ndarray:
+        stride = num_train_timesteps / num_steps
+        # arange with a float stride can yield one point too many (61 steps: t = -1); diffusers keeps it
+        return np.arange(num_train_timesteps, 0, -stride).round().astype(np.float32)[:num_steps] - 1
 
 
 class DPMSolverPP2MSampler(Sampler):
@@ -236,6 +256,51 @@ class DPMSolverPP2MSampler(Sampler):
         return StepCoefficients(c_x=c_x, c_0=first_order * (1 + 0.5 / r), c_1=-first_order * 0.5 / r)
 
 
+class LCMSampler(Sampler):
+    """Latent Consistency Models (Luo et al. 2023) = diffusers LCMScheduler with its defaults on SD's
+    schedule (what LCM-LoRA ships): the timesteps are picked evenly from the `original_inference_steps`
+    schedule the model was distilled on (t = k * N / original - 1), e.g. 999, 759, 499, 259 for 4 of 50.
+    Each step evaluates the consistency function, the clean estimate
+        denoised = c_skip * x + c_out * x0(x, model_out),
+    with the boundary-condition scalings c_skip = s_d^2 / (T^2 + s_d^2), c_out = T / sqrt(T^2 + s_d^2),
+    T = timestep_scaling * t, s_d = sigma_data = 0.5 (folded into the x0 coefficients, so x0 here IS
+    `denoised`), then re-noises it to the next timestep with fresh noise:
+        x_next = alpha_next * denoised + sigma_next * noise;
+    the last step returns denoised (its target level is alpha = 1, sigma = 0)."""
+
+    sigma_data = 0.5
+
+    def __init__(self, schedule: NoiseSchedule, num_steps: int, original_inference_steps: int = 50,
+                 timestep_scaling: float = 10.0):
+        _check_num_steps(schedule, num_steps)
+        if num_steps > original_inference_steps:
+            raise ValueError(f"num_steps must be at most original_inference_steps={original_inference_steps} "
+                             f"for LCM, got {num_steps}")
+        stride = schedule.num_train_timesteps // original_inference_steps
+        distilled = [k * stride - 1 for k in range(original_inference_steps, 0, -1)]  # descending
+        picks = np.floor(np.linspace(0, original_inference_steps, num_steps, endpoint=False)).astype(np.int64)
+        timesteps = [distilled[k] for k in picks]
+        abar = [schedule.alphas_cumprod[t].item() for t in timesteps]
+        super().__init__(schedule, timesteps, [math.sqrt(a) for a in abar] + [1.0],
+                         [math.sqrt(1 - a) for a in abar] + [0.0])
+        self.timestep_scaling = timestep_scaling
+
+    def boundary_scalings(self, i: int) -> tuple[float, float]:
+        """(c_skip, c_out) at step i."""
+        scaled = self.timesteps[i] * self.timestep_scaling
+        c_skip = self.sigma_data ** 2 / (scaled ** 2 + self.sigma_data ** 2)
+        c_out = scaled / math.sqrt(scaled ** 2 + self.sigma_data ** 2)
+        return c_skip, c_out
+
+    def x0_coefficients(self, i: int) -> X0Coefficients:
+        p = super().x0_coefficients(i)
+        c_skip, c_out = self.boundary_scalings(i)
+        return X0Coefficients(c_skip + c_out * p.a, c_out * p.b)
+
+    def coefficients(self, i: int) -> StepCoefficients:
+        return StepCoefficients(c_x=0.0, c_0=self.alphas[i + 1], c_n=self.sigmas[i + 1])
+
+
 def _karras_sigmas(sigma_min: float, sigma_max: float, num_steps: int, rho: float = 7.0) -> np.ndarray:
     """Karras et al. 2022: noise levels evenly spaced in sigma^(1/rho), from sigma_max down to sigma_min."""
     ramp = np.linspace(0, 1, num_steps)
@@ -252,7 +317,7 @@ def _sigma_to_t(sigma: float, log_train_sigmas: np.ndarray) -> float:
     return (1 - w) * low + w * (low + 1)
 
 
-SAMPLER_NAMES = ("ddim", "euler", "dpmpp_2m", "dpmpp_2m_karras")
+SAMPLER_NAMES = ("ddim", "euler", "dpmpp_2m", "dpmpp_2m_karras", "lcm", "euler_trailing")
 
 
 def make_sampler(schedule: NoiseSchedule, name: str, steps: int, eta: float = 0.0) -> Sampler:
@@ -263,4 +328,8 @@ def make_sampler(schedule: NoiseSchedule, name: str, steps: int, eta: float = 0.
         return EulerSampler(schedule, steps)
     if name in ("dpmpp_2m", "dpmpp_2m_karras"):
         return DPMSolverPP2MSampler(schedule, steps, karras_sigmas=name.endswith("karras"))
+    if name == "lcm":  # few-step: LCM-LoRA or an LCM-distilled model
+        return LCMSampler(schedule, steps)
+    if name == "euler_trailing":  # few-step: SD-Turbo-style bases
+        return EulerTrailingSampler(schedule, steps)
     raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLER_NAMES)}")

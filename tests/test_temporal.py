@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from model.config import SD1
-from model.sampling import DDIMSampler, DPMSolverPP2MSampler, EulerSampler, NoiseSchedule
+from model.sampling import DDIMSampler, DPMSolverPP2MSampler, EulerSampler, EulerTrailingSampler, LCMSampler, NoiseSchedule
 from model.temporal import coupling_depth, denoise, denoise_chunk, denoise_video, temporal_weights, warm_up_start
 
 SHAPE = (4, 6, 6)
@@ -23,6 +23,8 @@ SAMPLERS = {
     "ddim_eta": lambda s: DDIMSampler(s, 8, eta=0.5),
     "euler": lambda s: EulerSampler(s, 8),
     "dpmpp_2m": lambda s: DPMSolverPP2MSampler(s, 8),
+    "lcm": lambda s: LCMSampler(s, 4),  # few-step: its re-noising between steps is drawn per frame
+    "euler_trailing": lambda s: EulerTrailingSampler(s, 4),
 }
 
 

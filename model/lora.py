@@ -1,0 +1,198 @@
+"""LoRA: low-rank weight deltas read from the file layouts in circulation, fused into our modules.
+
+A LoRA layer for a Linear weight W (out, in) is a pair down (r, in), up (out, r) and a scalar alpha:
+
+    W' = W + scale * alpha / r * up @ down          (alpha defaults to r)
+
+For a Conv2d W (out, in, kh, kw) down is a conv (r, in, kh, kw) and up a 1x1 conv (out, r, 1, 1); their
+composition is the conv up.flatten(1) @ down.flatten(1), reshaped to W's shape. Fusing changes the weights
+in place (no extra work per step); unfusing subtracts the same delta again.
+
+Layouts read (one file may hold UNet and text-encoder layers):
+  * diffusers / PEFT:  unet.<module>.lora_A.weight / lora_B.weight [/ .alpha], text_encoder.<module>...;
+                       older diffusers: <module>.lora.down/up.weight, <module>.lora_linear_layer.down/up.weight,
+                       <attention>.processor.to_q_lora.down/up.weight (to_k, to_v, to_out likewise);
+  * kohya / A1111:     lora_unet_<module>.lora_down.weight / lora_up.weight / alpha, lora_te_<module>...,
+                       with the module path's dots written as underscores.
+A module may be named the diffusers way (`down_blocks.0.attentions.0.proj_in`, what kohya trains SD1 on)
+or the original LDM way (`input_blocks.1.1.proj_in`, our own names); text-encoder modules the
+transformers way (`text_model.encoder.layers.0.self_attn.q_proj`). Since underscores are ambiguous
+once dots become underscores, names are resolved by flattening every name each of OUR Linear and Conv2d
+modules goes by and looking the LoRA's flattened name up there.
+"""
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from model.loading import CheckpointError, StableDiffusion, open_safetensors
+from model.unet import diffusers_to_ldm_prefixes, rename_key
+
+# Each layout's key: which network, the module name (dots, or underscores for kohya), and the tensor's role.
+KOHYA_KEY = re.compile(r"lora_(unet|te)_(\w+)\.(lora_down\.weight|lora_up\.weight|alpha)")
+DIFFUSERS_KEY = re.compile(r"(unet|text_encoder)\.(.+?)\.(lora_A\.weight|lora_B\.weight|lora\.down\.weight|"
+                           r"lora\.up\.weight|lora_linear_layer\.down\.weight|lora_linear_layer\.up\.weight|alpha)")
+PROCESSOR_KEY = re.compile(r"(unet)\.(.+)\.processor\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight")
+ROLES = {"lora_down.weight": "down", "lora_A.weight": "down", "lora.down.weight": "down",
+         "lora_linear_layer.down.weight": "down", "down": "down",
+         "lora_up.weight": "up", "lora_B.weight": "up", "lora.up.weight": "up",
+         "lora_linear_layer.up.weight": "up", "up": "up", "alpha": "alpha"}
+NETWORKS = {"unet": "unet", "te": "text_encoder", "text_encoder": "text_encoder"}
+PROCESSOR_MODULES = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"}
+
+
+@dataclass
+class LoRALayer:
+    """One low-rank delta; `name` is its module name as the file spells it (for messages)."""
+    name: str
+    down: torch.Tensor
+    up: torch.Tensor
+    alpha: float | None = None
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+    def delta(self, device=None) -> torch.Tensor:
+        """alpha / r * up @ down in float32, flattened to (out, in * kh * kw)."""
+        up, down = (t.to(device=device, dtype=torch.float32).flatten(1) for t in (self.up, self.down))
+        alpha = self.alpha if self.alpha is not None else self.rank
+        return (alpha / self.rank) * (up @ down)
+
+
+@dataclass
+class LoRA:
+    """The layers of one LoRA file, per network ("unet", "text_encoder"), keyed by flattened module name."""
+    path: str
+    layers: dict[str, dict[str, LoRALayer]]
+
+
+def flatten(name: str) -> str:
+    return name.replace(".", "_")
+
+
+def _listed(keys: list[str], limit: int = 4) -> str:
+    return ", ".join(keys[:limit]) + (f" ... ({len(keys)} in all)" if len(keys) > limit else "")
+
+
+def parse_key(key: str) -> tuple[str, str, str, str] | None:
+    """(network, flattened module name, role, the key's layer part) of one LoRA tensor name; None if it is none."""
+    if m := PROCESSOR_KEY.fullmatch(key):
+        network, attention, projection, role = m.groups()
+        return NETWORKS[network], flatten(f"{attention}.{PROCESSOR_MODULES[projection]}"), role, key[:m.start(4) - 1]
+    if m := KOHYA_KEY.fullmatch(key) or DIFFUSERS_KEY.fullmatch(key):
+        network, module, role = m.groups()
+        return NETWORKS[network], flatten(module), ROLES[role], key[:m.start(3) - 1]
+    return None
+
+
+def load_lora(path: str) -> LoRA:
+    """Read a LoRA .safetensors file in any of the layouts of the module doc; malformed files raise
+    CheckpointError naming the file and a few offending keys."""
+    handle = open_safetensors(path)
+    parts, unknown = {}, []
+    for key in handle.keys():
+        parsed = parse_key(key)
+        if parsed is None:
+            unknown.append(key)
+            continue
+        network, module, role, layer_name = parsed
+        layer = parts.setdefault((network, module), {"name": layer_name})
+        layer[role] = handle.get_tensor(key)
+    if unknown:
+        raise CheckpointError(f"{path}: {len(unknown)} tensors are not LoRA weights of an SD1/SD2 UNet or text "
+                              f"encoder (SDXL, DoRA and LyCORIS files are not supported): {_listed(unknown)}")
+    if not parts:
+        raise CheckpointError(f"{path}: no LoRA weights in this file")
+    layers, malformed = {}, []
+    for (network, module), p in parts.items():
+        if not composes(p.get("down"), p.get("up")):
+            malformed.append(p["name"])
+            continue
+        alpha = float(p["alpha"]) if "alpha" in p else None
+        layers.setdefault(network, {})[module] = LoRALayer(p["name"], p["down"], p["up"], alpha)
+    if malformed:
+        raise CheckpointError(f"{path}: {len(malformed)} LoRA layers lack a down or up weight, or their shapes do "
+                              f"not compose: {_listed(malformed)}")
+    return LoRA(path, layers)
+
+
+def composes(down: torch.Tensor | None, up: torch.Tensor | None) -> bool:
+    """down (r, in) with up (out, r), or a conv down (r, in, kh, kw) with a 1x1 conv up (out, r, 1, 1)."""
+    if down is None or up is None or down.ndim not in (2, 4) or up.ndim != down.ndim:
+        return False
+    return up.shape[1] == down.shape[0] and up.shape[2:] in ((), (1, 1))
+
+
+# ----------------------------------------------------------------------------- names of our modules
+
+def lora_targets(module: nn.Module, aliases) -> dict[str, nn.Module]:
+    """Flattened name -> module, for every Linear / Conv2d of `module` under each name `aliases(name)` gives."""
+    targets = {}
+    for name, sub in module.named_modules():
+        if isinstance(sub, (nn.Linear, nn.Conv2d)):
+            targets.update({flatten(alias): sub for alias in aliases(name)})
+    return targets
+
+
+def unet_targets(sd: StableDiffusion) -> dict[str, nn.Module]:
+    """Our UNet modules under their LDM names and their diffusers names (the rename table, inverted)."""
+    to_diffusers = {ldm: diffusers for diffusers, ldm in diffusers_to_ldm_prefixes(sd.config.unet).items()}
+    return lora_targets(sd.unet, lambda name: (name, rename_key(name + ".weight", to_diffusers)[:-len(".weight")]))
+
+
+def text_encoder_targets(sd: StableDiffusion) -> dict[str, nn.Module]:
+    """Our text-encoder modules, also under transformers' names (which add `text_model.`, see clip.hf_to_ours)."""
+    return lora_targets(sd.text_encoder, lambda name: (name, "text_model." + name))
+
+
+# ----------------------------------------------------------------------------- fusing
+
+def resolve(sd: StableDiffusion, lora: LoRA) -> list[tuple[nn.Module, LoRALayer]]:
+    """Pair every LoRA layer with its module, or raise one CheckpointError listing all that do not fit."""
+    targets = {"unet": unet_targets(sd), "text_encoder": text_encoder_targets(sd)}
+    pairs, nowhere, misfit = [], [], []
+    for network, layers in lora.layers.items():
+        for module_name, layer in layers.items():
+            module = targets[network].get(module_name)
+            if module is None:
+                nowhere.append(layer.name)
+            elif (module.weight.shape[0], module.weight[0].numel()) != (layer.up.shape[0], layer.down[0].numel()):
+                misfit.append(f"{layer.name} ({tuple(layer.up.shape[:2])} x {tuple(layer.down.shape)} "
+                              f"for a weight {tuple(module.weight.shape)})")
+            else:
+                pairs.append((module, layer))
+    problems = []
+    if nowhere:
+        problems.append(f"{len(nowhere)} layers match no module: {_listed(nowhere)}")
+    if misfit:
+        problems.append(f"{len(misfit)} layers have the wrong width: {_listed(misfit, 2)}")
+    if problems:
+        raise CheckpointError(f"{lora.path}: this LoRA does not fit family '{sd.config.name}' "
+                              f"(a LoRA for another base model?): " + "; ".join(problems))
+    return pairs
+
+
+@torch.no_grad()
+def fuse_lora(sd: StableDiffusion, lora: LoRA, scale: float = 1.0) -> None:
+    """W += scale * delta for every layer of `lora`, in place. Checked completely before any weight changes."""
+    for module, layer in resolve(sd, lora):
+        w = module.weight
+        w.copy_((w.float() + scale * layer.delta(w.device).reshape(w.shape)).to(w.dtype))
+
+
+def unfuse_lora(sd: StableDiffusion, lora: LoRA, scale: float = 1.0) -> None:
+    """Undo `fuse_lora(sd, lora, scale)` (exact up to the weights' float rounding)."""
+    fuse_lora(sd, lora, -scale)
+
+
+def parse_lora_arg(arg: str) -> tuple[str, float]:
+    """`FILE[:SCALE]` (the --lora option) -> (path, scale); without a numeric suffix the scale is 1."""
+    path, sep, scale = arg.rpartition(":")
+    if sep and path:
+        try:
+            return path, float(scale)
+        except ValueError:
+            pass
+    return arg, 1.0

@@ -1,0 +1,248 @@
+"""LoRA (model/lora.py) against diffusers' own loader: the same random LoRA file, in each layout people have,
+fused by diffusers (`load_lora_weights` + `fuse_lora`, through peft) and by us, gives the same networks.
+
+Every Linear and Conv2d of a tiny SD1- or SD2-layout UNet (attention projections, 1x1-conv or Linear
+proj_in, 1x1 conv_shortcut, 3x3 ResBlock / down / up convs, the time MLP) and of a tiny CLIP text encoder
+carries a LoRA layer."""
+import functools
+import re
+from dataclasses import replace
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from model.clip import CLIPTextModel, hf_to_ours, layers_run
+from model.config import TINY, SDConfig
+from model.loading import CheckpointError, StableDiffusion
+from model.lora import fuse_lora, load_lora, parse_lora_arg, unfuse_lora
+from model.unet import UNet, diffusers_to_ldm_unet
+
+diffusers = pytest.importorskip("diffusers")
+pytest.importorskip("peft")  # diffusers' LoRA loading runs on peft
+from test_clip import SD2_TINY as SD2_TINY_CLIP, hf_reference  # noqa: E402
+from test_unet import SD2_TINY as SD2_TINY_UNET  # noqa: E402
+from test_unet import diffusers_config, diffusers_forward, ldm_module_name, random_inputs, randomize_  # noqa: E402
+
+RANK, ALPHA, SCALE = 4, 2.0, 0.7
+
+
+def rel_err(ours, ref):
+    return ((ours - ref).norm() / ref.norm()).item()
+
+
+def lora_modules(model: torch.nn.Module) -> dict[str, tuple]:
+    """Module name -> weight shape of every Linear / Conv2d (what a LoRA can target)."""
+    return {name: tuple(m.weight.shape) for name, m in model.named_modules()
+            if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
+
+
+def random_pair(shape: tuple, gen) -> tuple[torch.Tensor, torch.Tensor]:
+    """down (r, in[, kh, kw]) and up (out, r[, 1, 1]), small enough that the network stays sane."""
+    out_ch, rest = shape[0], shape[1:]
+    fan_in = torch.Size(rest).numel()
+    down = torch.randn(RANK, *rest, generator=gen) * fan_in ** -0.5
+    up = torch.randn(out_ch, RANK, *[1] * (len(shape) - 2), generator=gen) * 0.3 * RANK ** -0.5
+    return down, up
+
+
+def kohya_file(modules: dict, network: str, gen, name=lambda n: n) -> dict:
+    """lora_<network>_<module with '_' for '.'>.lora_down.weight / lora_up.weight / alpha."""
+    out = {}
+    for module, shape in modules.items():
+        stem = f"lora_{network}_{name(module).replace('.', '_')}"
+        out[f"{stem}.lora_down.weight"], out[f"{stem}.lora_up.weight"] = random_pair(shape, gen)
+        out[f"{stem}.alpha"] = torch.tensor(ALPHA)
+    return out
+
+
+def peft_file(modules: dict, network: str, gen, name=lambda n: n) -> dict:
+    """<network>.<module>.lora_A.weight / lora_B.weight (alpha = rank: diffusers reads no .alpha here)."""
+    out = {}
+    for module, shape in modules.items():
+        stem = f"{network}.{name(module)}"
+        out[f"{stem}.lora_A.weight"], out[f"{stem}.lora_B.weight"] = random_pair(shape, gen)
+    return out
+
+
+def hf_name(module: str) -> str:
+    """How LoRA files name the CLIP text model's modules (with transformers' `text_model.`)."""
+    return "text_model." + module.removeprefix("text_model.")
+
+
+LAYOUTS = {  # layout -> (UNet modules, text-encoder modules, generator) -> the file's tensors
+    "kohya": lambda unet, te, gen: kohya_file(unet, "unet", gen) | kohya_file(te, "te", gen, hf_name),
+    "peft": lambda unet, te, gen: peft_file(unet, "unet", gen) | peft_file(te, "text_encoder", gen, hf_name),
+}
+
+
+# SD1: 1x1-conv proj_in/out, a 2-layer text tower; SD2: Linear proj_in/out, OpenCLIP-style GELU tower run
+# without its last layer (diffusers' SD2 text encoder has that layer removed, so LoRAs never name it)
+FAMILIES = {"sd1": TINY, "sd2": replace(TINY, name="tiny-sd2", unet=SD2_TINY_UNET, clip=SD2_TINY_CLIP)}
+
+
+def reference_networks(config: SDConfig):
+    return (diffusers.UNet2DConditionModel(**diffusers_config(config.unet)).eval(),
+            hf_reference(config.clip, layers_run(config.clip)))
+
+
+@functools.cache
+def reference_weights(family: str) -> tuple[SDConfig, dict, dict]:
+    """A family's config and random weights of diffusers' UNet and transformers' CLIP text model."""
+    config = FAMILIES[family]
+    unet, text_encoder = reference_networks(config)
+    randomize_(unet, seed=3)
+    return config, unet.state_dict(), text_encoder.state_dict()
+
+
+@pytest.fixture
+def reference():
+    return reference_weights("sd1")
+
+
+def reference_pipeline(reference):
+    """A pipeline around fresh copies of the reference networks (diffusers loads LoRAs into pipelines)."""
+    config, unet_state, te_state = reference
+    unet, text_encoder = reference_networks(config)
+    unet.load_state_dict(unet_state)
+    text_encoder.load_state_dict(te_state)
+    return diffusers.StableDiffusionPipeline(vae=None, text_encoder=text_encoder, tokenizer=None, unet=unet,
+                                             scheduler=None, safety_checker=None, feature_extractor=None,
+                                             requires_safety_checker=False)
+
+
+def ours_from(reference) -> StableDiffusion:
+    """Our UNet and text encoder with the reference's weights (through the rename tables)."""
+    config, *states = reference
+    unet_state, te_state = ({k: v.clone() for k, v in state.items()} for state in states)
+    unet, text_encoder = UNet(config.unet).eval(), CLIPTextModel(config.clip).eval()
+    unet.load_state_dict(diffusers_to_ldm_unet(unet_state, config.unet))
+    text_encoder.load_state_dict(hf_to_ours(te_state, config.clip))
+    return StableDiffusion(config, unet, None, text_encoder, None)
+
+
+def outputs(config: SDConfig, unet_fn, te_fn):
+    x, t, context = random_inputs(config.unet)
+    ids = torch.randint(0, config.clip.vocab_size, (2, 12), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        return unet_fn(x, t, context), te_fn(ids)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_fused_lora_matches_diffusers(layout, family, tmp_path):
+    reference = reference_weights(family)
+    config = reference[0]
+    pipe = reference_pipeline(reference)
+    path = str(tmp_path / f"{layout}.safetensors")
+    save_file(LAYOUTS[layout](lora_modules(pipe.unet), lora_modules(pipe.text_encoder),
+                              torch.Generator().manual_seed(0)), path)
+
+    pipe.load_lora_weights(path)
+    pipe.fuse_lora(lora_scale=SCALE)
+    expected_unet, expected_te = outputs(config, lambda *a: diffusers_forward(pipe.unet, *a),
+                                         lambda ids: pipe.text_encoder(ids).last_hidden_state)
+
+    ours = ours_from(reference)
+    plain_unet, plain_te = outputs(config, ours.unet, ours.text_encoder)
+    before = {k: v.clone() for k, v in [*ours.unet.state_dict().items(), *ours.text_encoder.state_dict().items()]}
+    lora = load_lora(path)
+    fuse_lora(ours, lora, SCALE)
+    got_unet, got_te = outputs(config, ours.unet, ours.text_encoder)
+
+    assert rel_err(got_unet, expected_unet) <= 1e-5
+    assert rel_err(got_te, expected_te) <= 1e-5
+    assert rel_err(plain_unet, expected_unet) > 1e-2 and rel_err(plain_te, expected_te) > 1e-2, "the LoRA did nothing"
+
+    unfuse_lora(ours, lora, SCALE)
+    after = {**ours.unet.state_dict(), **ours.text_encoder.state_dict()}
+    for key, weight in before.items():
+        torch.testing.assert_close(after[key], weight, rtol=0, atol=1e-6, msg=key)
+
+
+def processor_key(peft_key: str) -> str:
+    """unet.<attention>.to_q.lora_A.weight -> unet.<attention>.processor.to_q_lora.down.weight (old diffusers)."""
+    module, role = peft_key.rsplit(".lora_", 1)
+    attention, projection = re.fullmatch(r"(.+)\.(to_q|to_k|to_v|to_out)(?:\.0)?", module).groups()
+    return f"{attention}.processor.{projection}_lora.{'down' if role == 'A.weight' else 'up'}.weight"
+
+
+def test_other_spellings_give_the_same_weights(reference, tmp_path):
+    """LDM module names in a kohya file, `.alpha` beside PEFT weights, the old attention-processor keys:
+    each fuses exactly like the spelling that diffusers itself was checked against above."""
+    modules = lora_modules(reference_networks(TINY)[0])
+    attention = {n: s for n, s in modules.items() if ".attn1.to_" in n or ".attn2.to_" in n}
+
+    def fused(tensors: dict) -> dict:
+        path = str(tmp_path / "lora.safetensors")
+        save_file(tensors, path)
+        ours = ours_from(reference)
+        fuse_lora(ours, load_lora(path), SCALE)
+        return ours.unet.state_dict()
+
+    kohya = fused(kohya_file(modules, "unet", torch.Generator().manual_seed(1)))
+    kohya_ldm = fused(kohya_file(modules, "unet", torch.Generator().manual_seed(1),
+                                 lambda name: ldm_module_name(name, TINY.unet)))
+    base = ours_from(reference).unet.state_dict()
+    assert all(torch.equal(kohya[k], kohya_ldm[k]) for k in kohya)
+    assert sum(not torch.equal(kohya[k], base[k]) for k in kohya) == len(modules), "some modules got no LoRA"
+
+    peft = peft_file(attention, "unet", torch.Generator().manual_seed(2))
+    with_alpha = peft | {k.replace(".lora_A.weight", ".alpha"): torch.tensor(ALPHA) for k in peft if "lora_A" in k}
+    plain, alpha_scaled = fused(peft), fused(with_alpha)
+    old = fused({processor_key(k): v for k, v in peft.items()})
+    for key in plain:
+        assert torch.equal(old[key], plain[key]), key
+        torch.testing.assert_close(alpha_scaled[key] - base[key], (plain[key] - base[key]) * ALPHA / RANK,
+                                   rtol=1e-4, atol=1e-6)
+
+
+def write(tmp_path, tensors: dict, name="bad.safetensors") -> str:
+    path = str(tmp_path / name)
+    save_file(tensors, path)
+    return path
+
+
+def test_a_lora_that_does_not_fit_is_refused_before_any_weight_changes(reference, tmp_path):
+    gen = torch.Generator().manual_seed(3)
+    good = kohya_file({"down_blocks.0.attentions.0.proj_in": (32, 32, 1, 1)}, "unet", gen)
+    unknown = kohya_file({"down_blocks.0.attentions.0.transformer_blocks.0.attn9.to_q": (32, 32)}, "unet", gen)
+    # SD2's text context is 1024 wide: its cross-attention keys do not fit an SD1-family model
+    sd2 = kohya_file({"down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k": (32, 1024)}, "unet", gen)
+    ours = ours_from(reference)
+    before = {k: v.clone() for k, v in ours.unet.state_dict().items()}
+    for tensors, message in ((good | unknown, "1 layers match no module: lora_unet_down_blocks_0_attentions_0_"
+                                              "transformer_blocks_0_attn9_to_q$"),
+                             (good | sd2, r"1 layers have the wrong width: lora_unet_down_blocks_0_attentions_0_"
+                                          r"transformer_blocks_0_attn2_to_k \(\(32, 4\) x \(4, 1024\) for a weight "
+                                          r"\(32, 32\)\)$")):
+        path = write(tmp_path, tensors)
+        expected = f"{re.escape(path)}: this LoRA does not fit family 'tiny'.*{message}"
+        with pytest.raises(CheckpointError, match=expected):
+            fuse_lora(ours, load_lora(path))
+        assert all(torch.equal(v, before[k]) for k, v in ours.unet.state_dict().items())
+
+
+@pytest.mark.parametrize("tensors, message", [
+    ({"lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(4, 32)},
+     "1 tensors are not LoRA weights .* lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight"),
+    ({"unet.conv_in.lora_A.weight": torch.zeros(4, 4, 3, 3), "unet.conv_in.lora_magnitude_vector": torch.zeros(32)},
+     "DoRA"),
+    ({"unet.conv_in.lora_A.weight": torch.zeros(4, 4, 3, 3)}, "lack a down or up weight.*: unet.conv_in"),
+    ({"lora_unet_conv_in.lora_down.weight": torch.zeros(4, 4, 3, 3),
+      "lora_unet_conv_in.lora_up.weight": torch.zeros(32, 8, 1, 1)}, "do not compose: lora_unet_conv_in"),
+    ({"model.diffusion_model.out.2.bias": torch.zeros(4)}, "not LoRA weights"),
+])
+def test_malformed_files_are_refused_by_name(tensors, message, tmp_path):
+    path = write(tmp_path, tensors)
+    with pytest.raises(CheckpointError, match=f"{re.escape(path)}: .*{message}"):
+        load_lora(path)
+    with pytest.raises(CheckpointError, match="no such file"):
+        load_lora(str(tmp_path / "missing.safetensors"))
+
+
+def test_parse_lora_arg():
+    assert parse_lora_arg("lcm.safetensors") == ("lcm.safetensors", 1.0)
+    assert parse_lora_arg("loras/lcm.safetensors:0.8") == ("loras/lcm.safetensors", 0.8)
+    assert parse_lora_arg("style.safetensors:-1") == ("style.safetensors", -1.0)
+    assert parse_lora_arg("odd:name.safetensors") == ("odd:name.safetensors", 1.0)

@@ -12,7 +12,7 @@ exactly as it was, and training grows the conditioning from there.
 Parameter names are those of the original single-file checkpoint minus `control_model.`; a diffusers
 `ControlNetModel` folder is read after the pure rename `diffusers_to_ldm_controlnet`.
 
-Public ControlNets read a 3-channel RGB hint; ours has more channels (tracking/render.py's
+Public ControlNets read a 3-channel RGB hint; ours has more channels (tracking/conditioning.py's
 CONDITIONING_CHANNELS). `load_controlnet` widens such a checkpoint's first hint conv so that its filters
 read our normal (or depth) channels and the other channels start at zero: the encoder then starts from
 what the public model learned about geometry, and training adds the rest.
@@ -34,7 +34,7 @@ from model.unet import (UNet, build_input_blocks, build_middle_block, diffusers_
 CONTROLNET_PREFIX = "control_model."
 HINT_WIDTHS = (16, 32, 96, 256)   # the original hint encoder; every width after the first halves the size
 SHARED_WITH_UNET = ("time_embed", "input_blocks", "middle_block")
-# The hint a public 3-channel ControlNet reads: which of our hint channels (tracking/render.py's
+# The hint a public 3-channel ControlNet reads: which of our hint channels (tracking/conditioning.py's
 # CONDITIONING_CHANNELS: normal x, y, z, depth, then masks) its R, G, B inputs become, and whether its
 # value is 1 - ours. Ours are (n + 1) / 2 in OpenCV camera axes (x right, y down, z away from the camera);
 # public normal ControlNets (1.1 normalbae, ScanNet's protocol, and 1.0 normal) use x left, y up, z

@@ -19,7 +19,7 @@ from model.controlnet import (CONTROLNET_PREFIX, PUBLIC_HINTS, ControlNet, diffu
                               load_controlnet, save_controlnet)
 from model.loading import CheckpointError
 from model.unet import UNet
-from tracking.render import CONDITIONING_CHANNELS
+from tracking.conditioning import CONDITIONING_CHANNELS
 from test_unet import (PREFIX as UNET_PREFIX, SD1_TINY, SD2_TINY, TINY, diffusers_config, diffusers_forward,
                        randomize_, random_inputs, rel_err)
 

@@ -51,6 +51,13 @@ def video_fps(path):
         return _stream_fps(path, stream)
 
 
+def frame_count(path):
+    """The number of frames the container declares for the first video stream (None if it does not)."""
+    container, stream = _open_video_stream(path)
+    with container:
+        return stream.frames or None
+
+
 def _stream_fps(path, stream):
     rate = stream.average_rate or stream.guessed_rate or stream.base_rate
     if not rate:

@@ -33,7 +33,7 @@ from tqdm import tqdm
 from model.files import atomic_write, read_json, write_json
 from tracking.conditioning import posed_vertices
 from tracking.demo import write_demo_video
-from tracking.fit import fit_sequence
+from tracking.fit import fit_sequence, intra_op_threads
 from tracking.flame import FLAME, load_flame_model, load_landmark_embedding
 from tracking.landmarks import FaceTracker, TrackState, stack_results
 from tracking.render import draw_landmarks, overlay
@@ -187,6 +187,15 @@ def track_video(video: str, out_dir: str, flame: FLAME, size: int = 512, bbox=No
                 os.remove(path(name))
         write_json(path("source.json"), source)
 
+    # One PyTorch thread: the decoder runs in a thread of its own, and on small tensors (one crop, a
+    # batch of previews) a second intra-op thread mostly waits for a busy core (several times slower).
+    with intra_op_threads(1):
+        return _track(video, out_dir, flame, size, bbox, max_frames, max_gap, preview, fps)
+
+
+def _track(video, out_dir, flame, size, bbox, max_frames, max_gap, preview, fps):
+    """track_video's work, on a folder that holds only its own source.json and partial progress."""
+    path = lambda name: os.path.join(out_dir, name)  # noqa: E731
     result, frame_shape = _track_landmarks(video, max_frames, bbox, path("pass1.partial.npz"))
     check_gaps(result.valid, max_gap, video)
     landmarks = result.landmarks  # NaN on frames without a face
@@ -282,36 +291,46 @@ def _load_pass1(path):
 
 def _write_crops(video, boxes, size, out_dir, draw):
     """Pass 2: every frame's crop into crops.npy (through crops.partial.npy, resumed after the frames
-    crops.progress.json counts) and, with `draw`, the preview of each."""
+    crops.progress.json counts) and, with `draw`, the preview of each.
+
+    The .npy is preallocated by open_memmap (header and size), then written frame by frame with
+    pwrite rather than through the map: written pages of a map stay in the process's resident set
+    until unmapped, which would make its peak memory grow with the video after all."""
     partial, progress = os.path.join(out_dir, "crops.partial.npy"), os.path.join(out_dir, "crops.progress.json")
     shape = (len(boxes), size, size, 3)
     done = read_json(progress)["frames"] if os.path.exists(progress) and os.path.exists(partial) else 0
-    crops = np.lib.format.open_memmap(partial, mode="r+" if done else "w+", dtype=np.uint8, shape=None if done else shape)
-    if crops.shape != shape:
-        raise TrackingError(f"{partial}: holds {crops.shape} crops, expected {shape}; delete it")
+    if not done:
+        np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8, shape=shape)  # header; a sparse file of that size
+    layout = np.load(partial, mmap_mode="r")
+    offset, frame_bytes = layout.offset, layout[0].nbytes
+    if layout.shape != shape or layout.dtype != np.uint8:
+        raise TrackingError(f"{partial}: holds {layout.dtype} {layout.shape} crops, expected uint8 {shape}; delete it")
+    del layout
     if done:
         log.info("resuming the crops after frame %d", done)
-    try:
-        with tqdm(total=len(boxes), initial=done, desc="pass 2: crops" + " + preview" * bool(draw), unit="frame") as bar:
-            for t in range(done if draw else 0):  # the preview of the frames cropped before an interruption
-                draw(crops[t])
-            for t, frame in enumerate(iter_frames(video, len(boxes), start=done), done):
-                crops[t] = crop_frames(frame[None], boxes[t:t + 1], size)[0]
-                if draw:
-                    draw(crops[t])
-                if (t + 1) % CHECKPOINT_EVERY == 0:
-                    crops.flush()  # the crops before the count that says they are there
-                    write_json(progress, {"frames": t + 1})
-                bar.update()
-                _kill_for_tests(2, t + 1)
-        if draw:
-            draw.close()
-    except BaseException:
-        if draw:
-            draw.writer.abort()
-        raise
-    crops.flush()
-    del crops
+    with open(partial, "r+b") as file:
+        fd = file.fileno()
+        try:
+            with tqdm(total=len(boxes), initial=done, desc="pass 2: crops" + " + preview" * bool(draw), unit="frame") as bar:
+                for t in range(done if draw else 0):  # the preview of the frames cropped before an interruption
+                    draw(np.frombuffer(os.pread(fd, frame_bytes, offset + t * frame_bytes), np.uint8).reshape(shape[1:]))
+                for t, frame in enumerate(iter_frames(video, len(boxes), start=done), done):
+                    crop = crop_frames(frame[None], boxes[t:t + 1], size)[0]
+                    os.pwrite(fd, crop.tobytes(), offset + t * frame_bytes)
+                    if draw:
+                        draw(crop)
+                    if (t + 1) % CHECKPOINT_EVERY == 0:
+                        os.fsync(fd)  # the crops on disk before the count that says they are there
+                        write_json(progress, {"frames": t + 1})
+                    bar.update()
+                    _kill_for_tests(2, t + 1)
+            if draw:
+                draw.close()
+        except BaseException:
+            if draw:
+                draw.writer.abort()
+            raise
+        os.fsync(fd)
     os.replace(partial, os.path.join(out_dir, "crops.npy"))
 
 

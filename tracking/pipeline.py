@@ -18,6 +18,7 @@ every CHECKPOINT_EVERY frames (pass1.partial.npz), the fit its result (fit.parti
 its frame count (crops.progress.json) after flushing the crops written so far (crops.partial.npy).
 They are resumed only under the same source.json.
 """
+import ctypes
 import glob
 import hashlib
 import logging
@@ -209,6 +210,7 @@ def _track(video, out_dir, flame, size, bbox, max_frames, max_gap, preview, fps)
         seq = fit_sequence(flame, crop_landmarks, (size, size), fps=float(fps), confidence=result.valid.astype(np.float64))
         seq.crop_boxes = boxes.astype(np.float32)
         save_seq(path("fit.partial.npz"), seq)
+        _return_free_memory()
     with atomic_write(path("landmarks.npy")) as tmp:
         np.save(tmp, crop_landmarks.astype(np.float32))
     draw = _PreviewDrawer(flame, seq, crop_landmarks, path("preview.mp4"), fps) if preview else None
@@ -218,6 +220,15 @@ def _track(video, out_dir, flame, size, bbox, max_frames, max_gap, preview, fps)
         if os.path.exists(path(name)):
             os.remove(path(name))
     return _load_tracked(out_dir)
+
+
+def _return_free_memory():
+    """Hand the heap's free pages back to the system (glibc's malloc_trim; elsewhere nothing). The fit's
+    working memory grows with the video and, freed, would stay in the process under pass 2."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _load_tracked(out_dir: str) -> TrackedVideo:

@@ -527,6 +527,14 @@ def _downscaled(gray, scale):
     return rescale(gray, scale, anti_aliasing=scale < 1) if scale != 1 else gray
 
 
+def _block_mean(image, factor):
+    """A uint8 image (H,W[,3]) shrunk `factor` times by averaging factor x factor blocks (an exact area
+    filter: a large frame is searched without converting it whole)."""
+    height, width = (side // factor * factor for side in image.shape[:2])
+    blocks = image[:height, :width].reshape(height // factor, factor, width // factor, factor, *image.shape[2:])
+    return blocks.mean((1, 3)).round().astype(np.uint8)
+
+
 def _lbp_boxes(gray, min_side, max_side):
     """LBP cascade detections on `gray` as (K,4) boxes."""
     found = _lbp_cascade().detect_multi_scale(
@@ -565,10 +573,11 @@ def detect_faces(image):
     whose scale and offset differ from the boxes the landmark model was trained on;
     `FaceTracker.fit` corrects it from the predicted landmarks.
     """
-    gray = to_gray(image)
-    scale = min(1.0, _DETECT_MAX_SIDE / max(gray.shape))
-    small = _downscaled(gray, scale)
-    min_side = max(24, int(_MIN_FACE_FRACTION * scale * min(gray.shape)))
+    image = np.asarray(image)
+    scale = min(1.0, _DETECT_MAX_SIDE / max(image.shape[:2]))
+    factor = int(1 / scale)  # whole factors by block averages first, the rest antialiased
+    small = _downscaled(to_gray(_block_mean(image, factor) if factor > 1 else image), scale * factor)
+    min_side = max(24, int(_MIN_FACE_FRACTION * scale * min(image.shape[:2])))
     for turn in np.concatenate([[0.0], _SEARCH_ROLLS]):
         found = [(box, float(roll)) for roll in ((turn, -turn) if turn else (0.0,))
                  for box in _turned_detections(small, roll, min_side)]

@@ -239,7 +239,7 @@ def _load_tracked(out_dir: str) -> TrackedVideo:
 
 def _remove_temp_files(out_dir: str):
     """Temp files an interrupted run left behind (atomic_write names them STEM.tmpPID.EXT)."""
-    for name in OUTPUTS + ("source.json", "pass1.partial.npz", "fit.partial.npz", "crops.progress.json"):
+    for name in OUTPUTS + PARTIALS + ("source.json", "demo.mp4"):
         stem, ext = os.path.splitext(name)
         for temp in glob.glob(os.path.join(glob.escape(out_dir), f"{stem}.tmp*{ext}")):
             os.remove(temp)
@@ -256,8 +256,7 @@ def _track_landmarks(video, max_frames, bbox, checkpoint):
     tracker = FaceTracker()
     results, lost, state, frame_shape, complete = _load_pass1(checkpoint)
     if not complete:
-        total = frame_count(video)
-        total = min(total, max_frames) if total and max_frames else total or max_frames
+        total = min(filter(None, (frame_count(video), max_frames)), default=None)
         with tqdm(total=total, initial=len(results), desc="pass 1: landmarks", unit="frame") as bar:
             for t, frame in enumerate(iter_frames(video, max_frames, start=len(results)), len(results)):
                 result, was_lost, state = tracker.step(frame, state, bbox if t == 0 else None)

@@ -108,21 +108,24 @@ def _prefetched(items, depth):
     ready = queue.Queue(maxsize=depth)
     stop = threading.Event()
 
+    def offer(entry):
+        """Queue an entry unless the consumer has stopped; False once it has."""
+        while not stop.is_set():
+            try:
+                ready.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
     def produce():
         try:
             for item in items:
-                while not stop.is_set():
-                    try:
-                        ready.put((item, None), timeout=0.1)
-                        break
-                    except queue.Full:
-                        pass
-                if stop.is_set():
-                    break
-            else:
-                ready.put((_END, None))
+                if not offer((item, None)):
+                    return
+            offer((_END, None))
         except BaseException as error:  # noqa: BLE001 -- handed to the consuming thread
-            ready.put((_END, error))
+            offer((_END, error))
         finally:
             items.close()
 

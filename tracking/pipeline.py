@@ -207,7 +207,8 @@ def _track(video, out_dir, flame, size, bbox, max_frames, max_gap, preview, fps)
         seq = load_seq(path("fit.partial.npz"))
     else:
         log.info("fitting FLAME to the landmarks of %d frames", len(landmarks))
-        seq = fit_sequence(flame, crop_landmarks, (size, size), fps=float(fps), confidence=result.valid.astype(np.float64))
+        seq = fit_sequence(flame, crop_landmarks, (size, size), fps=float(fps),
+                           confidence=result.valid.astype(np.float64))
         seq.crop_boxes = boxes.astype(np.float32)
         save_seq(path("fit.partial.npz"), seq)
         _return_free_memory()
@@ -318,22 +319,22 @@ def _write_crops(video, boxes, size, out_dir, draw):
     del layout
     if done:
         log.info("resuming the crops after frame %d", done)
-    with open(partial, "r+b") as file:
-        fd = file.fileno()
+    desc = "pass 2: crops" + " + preview" * bool(draw)
+    with open(partial, "r+b") as file, tqdm(total=len(boxes), initial=done, desc=desc, unit="frame") as bar:
+        fd, at = file.fileno(), lambda t: offset + t * frame_bytes  # noqa: E731
         try:
-            with tqdm(total=len(boxes), initial=done, desc="pass 2: crops" + " + preview" * bool(draw), unit="frame") as bar:
-                for t in range(done if draw else 0):  # the preview of the frames cropped before an interruption
-                    draw(np.frombuffer(os.pread(fd, frame_bytes, offset + t * frame_bytes), np.uint8).reshape(shape[1:]))
-                for t, frame in enumerate(iter_frames(video, len(boxes), start=done), done):
-                    crop = crop_frames(frame[None], boxes[t:t + 1], size)[0]
-                    os.pwrite(fd, crop.tobytes(), offset + t * frame_bytes)
-                    if draw:
-                        draw(crop)
-                    if (t + 1) % CHECKPOINT_EVERY == 0:
-                        os.fsync(fd)  # the crops on disk before the count that says they are there
-                        write_json(progress, {"frames": t + 1})
-                    bar.update()
-                    _kill_for_tests(2, t + 1)
+            for t in range(done if draw else 0):  # the preview of the frames cropped before an interruption
+                draw(np.frombuffer(os.pread(fd, frame_bytes, at(t)), np.uint8).reshape(shape[1:]))
+            for t, frame in enumerate(iter_frames(video, len(boxes), start=done), done):
+                crop = crop_frames(frame[None], boxes[t:t + 1], size)[0]
+                os.pwrite(fd, crop.tobytes(), at(t))
+                if draw:
+                    draw(crop)
+                if (t + 1) % CHECKPOINT_EVERY == 0:
+                    os.fsync(fd)  # the crops on disk before the count that says they are there
+                    write_json(progress, {"frames": t + 1})
+                bar.update()
+                _kill_for_tests(2, t + 1)
             if draw:
                 draw.close()
         except BaseException:

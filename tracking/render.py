@@ -451,7 +451,8 @@ def overlay(frames, verts, faces, focal, principal=None, color=(170, 200, 255), 
     mask = raster.mask.numpy()
     mesh = shade.numpy()[mask][:, None] * np.asarray(color, np.float32)
     out = frames.copy()
-    out[mask] = np.clip(np.rint((1 - alpha) * frames[mask].astype(np.float32) + alpha * mesh), 0, 255).astype(np.uint8)
+    blended = (1 - alpha) * frames[mask].astype(np.float32) + alpha * mesh
+    out[mask] = np.clip(np.rint(blended), 0, 255).astype(np.uint8)
     return out[0] if single else out
 
 

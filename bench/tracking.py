@@ -1,6 +1,7 @@
 """Tracking speed on the CPU: frames/s of FLAME fitting alone, and of the whole track command.
 
     python bench/tracking.py [--frames 300] [--threads 2] [--video-frames 48] [--skip-command]
+                             [--hd-frames 600 3000] [--skip-fit]
 
 Fitting runs on synthetic sequences (`synthetic_sequence`, also the tests' ground truth) of two models:
 - the toy head (1973 vertices; its contour table repeats one row);
@@ -11,12 +12,16 @@ Fitting runs on synthetic sequences (`synthetic_sequence`, also the tests' groun
 The first row is the toy head's first fit in the process (cold: library and allocator start-up),
 what a single track command pays; the rows after it are warm. The fit pins its own thread count
 (FitConfig.threads, 1 by default); --fit-threads overrides it.
-The whole command (decode, landmarks, crops, fit, preview) runs on the offline demo video with
-the toy head and --threads threads.
+The whole command (`python -m tracking`: start-up, decode, landmarks, crops, fit, preview) runs in a
+subprocess limited to --threads cores (taskset), with the toy head: on the offline demo video, and on
+generated 1080p clips (the demo face drifting over a 1920x1080 frame, `--hd-frames`, by default 600
+and 3,000 frames), whose rows also give the command's peak resident memory (ru_maxrss): it must not
+grow with the video's length. The machine's load average is printed with each row.
 """
 import argparse
 import os
 import pickle
+import subprocess
 import sys
 import tempfile
 import time
@@ -30,12 +35,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from tracking.demo import write_demo_video  # noqa: E402
 from tracking.fit import FitConfig, fit_sequence  # noqa: E402
 from tracking.flame import CONTOUR_LUT_ROWS, N_CONTOUR  # noqa: E402
-from tracking.pipeline import load_flame, track_video  # noqa: E402
+from tracking.pipeline import load_flame  # noqa: E402
 from tracking.render import opengl_to_opencv, project  # noqa: E402
 from tracking.sequence import FlameSequence  # noqa: E402
 from tracking.toyhead import build_toy_flame  # noqa: E402
 
 FLAME_VERTICES, FLAME_FACES = 5023, 9976
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def seq_landmarks_2d(flame, seq):
@@ -121,6 +127,37 @@ def write_flame_sized_model(directory):
     return path
 
 
+def run_command(video, out, size, threads):
+    """`python -m tracking VIDEO --out OUT --size SIZE` in a subprocess with `threads` cores (its
+    affinity): (seconds, peak RSS in MiB, its ru_maxrss)."""
+    cores = sorted(os.sched_getaffinity(0))[:threads]
+    command = ["taskset", "-c", ",".join(map(str, cores))] if threads < os.cpu_count() else []
+    command += [sys.executable, "-m", "tracking", video, "--out", out, "--size", str(size)]
+    start = time.perf_counter()
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    stderr = process.stderr.read()
+    _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode:
+        raise RuntimeError(f"the track command failed:\n{stderr[-2000:]}")
+    return time.perf_counter() - start, usage.ru_maxrss / 1024
+
+
+def whole_command_rows(frame_counts, size, threads, tmp):
+    """The whole track command on generated 1080p clips (the demo face, 720 px, drifting over a
+    1920x1080 frame), one clip per frame count: time and peak memory (the memory rows)."""
+    rows = []
+    for n in frame_counts:
+        video = write_demo_video(os.path.join(tmp, f"hd{n}.mp4"), n_frames=n, size=720, fps=30, frame_size=(1080, 1920))
+        load = os.getloadavg()[0]
+        seconds, rss = run_command(video, os.path.join(tmp, f"hd{n}"), size, threads)
+        rows.append(f"| whole track command (1080p clip, {size} px crops, with preview) | {n} | {threads} "
+                    f"| {seconds:.1f} | {n / seconds:.1f} | peak RSS {rss:.0f} MiB, load average {load:.1f} |")
+        os.remove(video)
+        print(rows[-1], flush=True)
+    return rows
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--frames", type=int, default=300, help="frames of the synthetic fitting benchmark")
@@ -129,32 +166,44 @@ def main():
     p.add_argument("--video-frames", type=int, default=48, help="frames of the demo video for the whole command")
     p.add_argument("--size", type=int, default=512, help="crop size of the whole command")
     p.add_argument("--skip-command", action="store_true", help="time the fit only")
+    p.add_argument("--hd-frames", type=int, nargs="*", default=[600, 3000],
+                   help="frames of the generated 1080p clips of the whole-command and memory rows (none: skip)")
+    p.add_argument("--skip-fit", action="store_true", help="time the whole command only")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        flame_sized = load_flame(write_flame_sized_model(tmp))
-        toy = load_flame()
-        # The first fit in a process is ~20% slower (library and allocator start-up): warm up once.
-        cold = measure_fit_speed(toy, n_frames=args.frames, threads=args.fit_threads)
-        rows.append(f"| FLAME fit, toy head, first fit in the process | {cold['frames']} | {args.fit_threads} "
-                    f"| {cold['seconds']:.1f} | {cold['fps']:.1f} | {cold['cpu_seconds']:.1f} |")
-        for name, flame in (("toy head", toy), ("FLAME-sized", flame_sized)):
-            contour = len(torch.unique(flame.contour_corners))
-            fit = measure_fit_speed(flame, n_frames=args.frames, threads=args.fit_threads)
-            rows.append(f"| FLAME fit, {name} ({len(flame.v_template)} vertices, {contour} contour-table vertices) "
-                        f"| {fit['frames']} | {args.fit_threads} | {fit['seconds']:.1f} | {fit['fps']:.1f} "
-                        f"| {fit['cpu_seconds']:.1f} |")
+        if not args.skip_fit:
+            rows += fit_rows(args, tmp)
         if not args.skip_command:
             video = write_demo_video(os.path.join(tmp, "demo.mp4"), n_frames=args.video_frames)
-            start = time.perf_counter()
-            track_video(video, os.path.join(tmp, "out"), toy, size=args.size)
-            whole = time.perf_counter() - start
-            rows.append(f"| whole track command (demo video, {args.size} px, with preview) | {args.video_frames} "
-                        f"| {args.threads} | {whole:.1f} | {args.video_frames / whole:.1f} | |")
+            load = os.getloadavg()[0]
+            seconds, rss = run_command(video, os.path.join(tmp, "out"), args.size, args.threads)
+            rows.append(f"| whole track command (demo video, 384 px, {args.size} px crops, with preview) "
+                        f"| {args.video_frames} | {args.threads} | {seconds:.1f} | {args.video_frames / seconds:.1f} "
+                        f"| peak RSS {rss:.0f} MiB, load average {load:.1f} |")
+            print(rows[-1], flush=True)
+        rows += whole_command_rows(args.hd_frames, args.size, args.threads, tmp)
     print(f"load average {os.getloadavg()[0]:.2f}")
-    print("| what | frames | threads | seconds | frames/s | CPU seconds |\n|---|---|---|---|---|---|")
+    print("| what | frames | threads | seconds | frames/s | notes |\n|---|---|---|---|---|---|")
     print("\n".join(rows))
+
+
+def fit_rows(args, tmp):
+    rows = []
+    flame_sized = load_flame(write_flame_sized_model(tmp))
+    toy = load_flame()
+    # The first fit in a process is ~20% slower (library and allocator start-up): warm up once.
+    cold = measure_fit_speed(toy, n_frames=args.frames, threads=args.fit_threads)
+    rows.append(f"| FLAME fit, toy head, first fit in the process | {cold['frames']} | {args.fit_threads} "
+                f"| {cold['seconds']:.1f} | {cold['fps']:.1f} | {cold['cpu_seconds']:.1f} CPU seconds |")
+    for name, flame in (("toy head", toy), ("FLAME-sized", flame_sized)):
+        contour = len(torch.unique(flame.contour_corners))
+        fit = measure_fit_speed(flame, n_frames=args.frames, threads=args.fit_threads)
+        rows.append(f"| FLAME fit, {name} ({len(flame.v_template)} vertices, {contour} contour-table vertices) "
+                    f"| {fit['frames']} | {args.fit_threads} | {fit['seconds']:.1f} | {fit['fps']:.1f} "
+                    f"| {fit['cpu_seconds']:.1f} CPU seconds |")
+    return rows
 
 
 if __name__ == "__main__":

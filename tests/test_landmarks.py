@@ -252,6 +252,19 @@ def test_detects_the_astronauts_face_and_boxes_it_like_dlib(predictor, reference
     assert next(lm.detect_faces(np.full((200, 200, 3), 128, np.uint8)), None) is None
 
 
+def test_the_parsed_model_is_cached(predictor, tmp_path, monkeypatch):
+    """The .dat is parsed once, then read from an .npz keyed by its size and mtime."""
+    monkeypatch.setattr(lm, "CACHE_DIR", str(tmp_path))
+    path = lm.default_model_path()
+    first = lm.LandmarkPredictor.load(path)
+    assert len(os.listdir(tmp_path)) == 1
+    monkeypatch.setattr(lm, "read_shape_predictor", lambda path: pytest.fail("parsed again"))
+    cached = lm.LandmarkPredictor.load(path)
+    for name in ("initial_shape", "split_pixels", "split_thresholds", "leaf_values", "anchor_idx", "deltas"):
+        assert np.array_equal(getattr(cached, name), getattr(predictor, name)), name
+        assert np.array_equal(getattr(first, name), getattr(predictor, name)), name
+
+
 def shifted_frames(count, step=(3, 2)):
     image = skimage.data.astronaut()
     return [image[10 + step[1] * i:410 + step[1] * i, 20 + step[0] * i:420 + step[0] * i]

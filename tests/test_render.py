@@ -203,6 +203,11 @@ def test_overlay_and_landmarks_draw_on_uint8_frames():
     assert shaded.dtype == np.uint8 and shaded.shape == frame.shape
     mask = rasterize(verts, faces, focal=40.0, image_size=(32, 40)).mask[0].numpy()
     assert (shaded[mask] > 10).all() and (shaded[~mask] == 10).all()
+    # A batch is drawn as its frames one by one; culling back faces changes nothing on a closed mesh.
+    moved = verts + torch.tensor([0.3, 0.1, 0.5])
+    batch = overlay(np.stack([frame, frame + 5]), torch.cat([verts, moved]), faces, focal=40.0, cull_back_faces=True)
+    assert np.array_equal(batch[0], shaded)
+    assert np.array_equal(batch[1], overlay(frame + 5, moved[0], faces, focal=40.0))
     dots = draw_landmarks(frame, np.array([[5.5, 6.5], [30.0, 20.0], [-10.0, 3.0]]), radius=1.5, color=(0, 255, 0))
     assert dots.dtype == np.uint8 and (frame == 10).all()  # input untouched
     assert tuple(dots[6, 5]) == (0, 255, 0) and tuple(dots[20, 30]) == (0, 255, 0) and tuple(dots[0, 0]) == (10, 10, 10)

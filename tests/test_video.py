@@ -1,4 +1,5 @@
 import os
+import threading
 from fractions import Fraction
 
 import av
@@ -8,6 +9,7 @@ import pytest
 from tracking.video import (
     VideoError,
     VideoNotFoundError,
+    VideoWriter,
     crop_frames,
     iter_frames,
     paste_back,
@@ -62,6 +64,40 @@ def test_streaming_reader_and_max_frames(tmp_path):
     assert decoded.shape[0] == 3 and psnr(decoded, frames[:3]) > 30
     with pytest.raises(ValueError, match="max_frames"):
         iter_frames(path, max_frames=0)
+
+
+def test_reader_starts_late_prefetches_and_stops_early(tmp_path):
+    frames = moving_pattern()
+    path = tmp_path / "clip.mp4"
+    write_video(path, frames, 25)
+    decoded = np.stack(list(iter_frames(path, prefetch=0)))
+    late = np.stack(list(iter_frames(path, max_frames=9, start=4)))  # frames 4..8
+    assert np.array_equal(late, decoded[4:9])
+    reader = iter_frames(path, prefetch=2)
+    assert np.array_equal(next(reader), decoded[0])
+    reader.close()  # stops the decoding thread
+    assert threading.active_count() == 1
+
+
+def test_video_writer_writes_frame_by_frame(tmp_path):
+    """The incremental writer: nothing at the target until close(), which leaves a playable file;
+    abort() or an error in its block leaves nothing."""
+    frames = moving_pattern(5)
+    path = tmp_path / "live.mp4"
+    writer = VideoWriter(path, 25)
+    for frame in frames:
+        writer.write(frame)
+    assert not path.exists()
+    writer.close()
+    decoded, rate = read_video(path)
+    assert decoded.shape == frames.shape and rate == 25 and psnr(decoded, frames) > 30
+    aborted = VideoWriter(tmp_path / "aborted.mp4", 25)
+    aborted.write(frames[0])
+    aborted.abort()
+    with pytest.raises(ZeroDivisionError), VideoWriter(tmp_path / "failed.mp4", 25) as video:
+        video.write(frames[0])
+        1 / 0
+    assert os.listdir(tmp_path) == ["live.mp4"]
 
 
 def test_odd_sizes_are_padded_by_repeating_the_edge(tmp_path):

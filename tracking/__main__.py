@@ -1,8 +1,10 @@
 """Track a video: python -m tracking VIDEO --out DIR [--flame generic_model.pkl]
 
 Writes DIR/seq.npz (FLAME parameters per frame, schema in tracking/sequence.py), DIR/crops.npy,
-DIR/landmarks.npy and DIR/preview.mp4 (the fitted mesh and landmarks over the face crops).
-VIDEO may be `demo` for a short offline demo video (tracking/demo.py).
+DIR/landmarks.npy, DIR/preview.mp4 (the fitted mesh and landmarks over the face crops) and
+DIR/source.json (what they were made from). VIDEO may be `demo` for a short offline demo video
+(tracking/demo.py). Memory does not grow with the video's length; an interrupted track resumes when
+the same command is run again; a rerun with other inputs tracks again.
 """
 import argparse
 import logging

@@ -190,7 +190,7 @@ def fit_sequence(flame, landmarks, image_size, fps=25.0, confidence=None, config
     landmarks = np.nan_to_num(landmarks)
     weights[:, :17] *= config.contour_weight
     focal = ("log_focal",) if config.fit_focal else ()
-    with torch.enable_grad(), _intra_op_threads(config.threads):
+    with torch.enable_grad(), intra_op_threads(config.threads):
         fit = _Fit(flame, landmarks, weights, tuple(image_size), config)
         # Freedom is added in stages: the per-frame expression could otherwise absorb pose errors
         # of the neutral-face initialisation, so pose and the shared shape settle first.
@@ -201,7 +201,7 @@ def fit_sequence(flame, landmarks, image_size, fps=25.0, confidence=None, config
 
 
 @contextlib.contextmanager
-def _intra_op_threads(threads):
+def intra_op_threads(threads):
     """Run the block with `threads` PyTorch intra-op threads (None: unchanged), then restore."""
     previous = torch.get_num_threads()
     if threads is not None:

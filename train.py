@@ -131,7 +131,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     token = args.pop("token")
     if token:
         if not re.search(TOKEN_WORD, args["prompt"]):
-            p.error(f"argument --token: it replaces the word `sks` in --prompt, and {args['prompt']!r} has none")
+            p.error(f"argument --token: it replaces the word 'sks' in --prompt, and {args['prompt']!r} has none")
         args["prompt"] = re.sub(TOKEN_WORD, lambda _: token, args["prompt"])
     if args["video"] != "demo" and not os.path.isfile(args["video"]):
         p.error(f"argument --video: {args['video']}: no such video file")
@@ -508,7 +508,8 @@ def train_locked(cfg: argparse.Namespace, ranks: svp.Processes) -> Denoiser:
     except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback
         raise TrainingInterrupted(f"interrupted at step {step}; rerun with --resume to continue from the last "
                                   "checkpoint") from None
-    bar.close()
+    finally:
+        bar.close()
     if ranks.main:
         save_avatar(paths["avatar.safetensors"], denoiser, avatar_meta(cfg, sd, identity, base, data, step))
         log.info("wrote %s", paths["avatar.safetensors"])

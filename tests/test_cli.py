@@ -52,7 +52,7 @@ TRAIN_CASES = [
     (["--seed", "-1"], "--seed: must be a whole number >= 0"),
     (["--vae-steps", "x"], "--vae-steps: must be a whole number >= 0, got 'x'"),
     (["--prompt", ""], "--prompt: must not be empty"),
-    (["--prompt", "many tasks", "--token", "zz"], "--token: it replaces the word `sks` in --prompt, and "
+    (["--prompt", "many tasks", "--token", "zz"], "--token: it replaces the word 'sks' in --prompt, and "
                                                   "'many tasks' has none"),
     (["--flame", "nowhere/generic_model.pkl"], "--flame: FLAME file nowhere/generic_model.pkl not found"),
     (["--base", "nowhere.safetensors"], "--base: nowhere.safetensors not found"),

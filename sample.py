@@ -19,9 +19,9 @@ from PIL import Image
 
 import svp
 from model.files import atomic_write
-from tracking.cli import (ArgumentParser, device, existing_file, fraction, multiple_of_8, non_negative_float,
-                          non_negative_int, nonempty_text, output_dir_problem, output_file_problem, positive_int,
-                          run_command)
+from tracking.cli import (ArgumentParser, available_device, existing_file, fraction, multiple_of_8,
+                          non_negative_float, non_negative_int, nonempty_text, output_dir_problem,
+                          output_file_problem, positive_int, run_command)
 from svp import VideoSampling  # its class attributes are the video defaults
 
 
@@ -31,13 +31,15 @@ def parse_args(argv=None):
     mode.add_argument("--avatar", help="run folder of `python train.py` (holds avatar.safetensors): video mode; "
                       "default: the run whose tracking/ holds --params")
     mode.add_argument("--ckpt", help="single-file .safetensors checkpoint or diffusers folder: text-to-image mode")
-    p.add_argument("--prompt", type=nonempty_text, default=None, help="text prompt (avatar default: its training caption)")
+    p.add_argument("--prompt", type=nonempty_text, default=None,
+                   help="text prompt (avatar default: its training caption)")
     p.add_argument("--negative-prompt", default="", help="what to steer away from (classifier-free guidance)")
     p.add_argument("--out", default=None, help="output video (.mp4; default out.mp4) or image (.png/.jpg; default "
                    "sample.png); with --num-images N, files are named <stem>-<i><ext>")
     p.add_argument("--num-images", type=positive_int, default=1, help="text-to-image: images per prompt")
     p.add_argument("--seed", type=non_negative_int, default=0)
-    p.add_argument("--steps", type=positive_int, default=None, help=f"sampler steps (default 30; avatar {VideoSampling.steps})")
+    p.add_argument("--steps", type=positive_int, default=None,
+                   help=f"sampler steps (default 30; avatar {VideoSampling.steps})")
     p.add_argument("--guidance", type=non_negative_float, default=None,
                    help=f"classifier-free guidance scale, 1 = off (default 7.5; avatar {VideoSampling.guidance:g})")
     p.add_argument("--sampler", default=None, choices=svp.SAMPLER_NAMES,
@@ -46,7 +48,8 @@ def parse_args(argv=None):
     video.add_argument("--params", help="FLAME sequence (seq.npz, see tracking/sequence.py) that drives the avatar")
     video.add_argument("--frames", type=parse_frames, default=None, help="a:b, only frames a..b-1")
     video.add_argument("--base", default=None, help="the avatar's base checkpoint, if it moved since training")
-    video.add_argument("--flame", type=existing_file("FLAME file"), default=None, help="FLAME generic_model.pkl, if it moved since training")
+    video.add_argument("--flame", type=existing_file("FLAME file"), default=None,
+                       help="FLAME generic_model.pkl, if it moved since training")
     video.add_argument("--temporal-strength", type=fraction, default=VideoSampling.temporal_strength,
                        help="pull of each frame toward the previous one while denoising (0 = independent frames)")
     video.add_argument("--temporal-fade", type=fraction, default=VideoSampling.temporal_fade,
@@ -65,7 +68,8 @@ def parse_args(argv=None):
     p.add_argument("--width", type=multiple_of_8, default=None)
     p.add_argument("--dtype", default=None, choices=("fp32", "fp16", "bf16"),
                    help="weights and activations (default: fp16 on CUDA, fp32 on CPU)")
-    p.add_argument("--device", type=device, default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
+    p.add_argument("--device", type=available_device, default=None,
+                   help="cuda, cuda:1, cpu (default: cuda when available)")
     pred = p.add_mutually_exclusive_group()
     pred.add_argument("--v-prediction", dest="prediction_type", action="store_const", const="v_prediction",
                       help="the checkpoint predicts v (SD2-768); overrides detection")
@@ -96,7 +100,8 @@ def input_problems(args) -> list[str]:
         problems.append("--morph-weight needs --morph (the prompt to morph toward)")
     args.morph_weight = 0.5 if args.morph_weight is None else args.morph_weight
     args.out = args.out or ("sample.png" if args.ckpt else "out.mp4")
-    outputs = (("--out", output_file_problem(args.out, *(("image", IMAGE_EXTENSIONS) if args.ckpt else ("video", (".mp4",))))),
+    what, extensions = ("image", IMAGE_EXTENSIONS) if args.ckpt else ("video", (".mp4",))
+    outputs = (("--out", output_file_problem(args.out, what, extensions)),
                ("--png-dir", args.png_dir and output_dir_problem(args.png_dir)))
     return problems + [f"argument {flag}: {problem}" for flag, problem in outputs if problem]
 

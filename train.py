@@ -51,8 +51,9 @@ from model.loading import DTYPES, StableDiffusion, write_tiny_base
 from model.pipeline import encode_prompts
 from model.sampling import NoiseSchedule
 from model.temporal import sample_video
-from tracking.cli import (ArgumentParser, add_tracking_args, device, fraction, multiple_of_8, non_negative_int,
-                          nonempty_text, output_dir_problem, positive_float, positive_int, run_command)
+from tracking.cli import (ArgumentParser, add_tracking_args, available_device, fraction, multiple_of_8,
+                          non_negative_int, nonempty_text, output_dir_problem, positive_float, positive_int,
+                          run_command)
 from tracking.conditioning import CONDITIONING_CHANNELS, render_conditioning
 from tracking.pipeline import load_flame
 
@@ -109,8 +110,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="probability of a zeroed conditioning image (for guidance on the conditioning)")
     p.add_argument("--dtype", choices=DTYPES, default=None,
                    help="autocast dtype (weights stay fp32); default bf16 on CUDA, fp32 on the CPU")
-    p.add_argument("--device", type=device, default=None, help="cuda, cuda:1, cpu (default: cuda when available; "
-                   "under torchrun: cuda:LOCAL_RANK)")
+    p.add_argument("--device", type=available_device, default=None, help="cuda, cuda:1, cpu (default: cuda when "
+                   "available; under torchrun: cuda:LOCAL_RANK)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in the "
                    "backward pass (less memory, about 30%% slower)")
     p.add_argument("--tokenizer", default=None, help="CLIP vocabulary (see sample.py --tokenizer)")

@@ -72,7 +72,7 @@ def nonempty_text(text: str) -> str:
     return text
 
 
-def device(text: str) -> str:
+def available_device(text: str) -> str:
     """cpu, cuda or cuda:N, available on this machine."""
     import torch
     try:

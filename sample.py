@@ -94,8 +94,6 @@ def input_problems(args) -> list[str]:
             problems.append("--prompt is required with --ckpt")
         problems += [f"{flag} drives an avatar; it does nothing with --ckpt" for flag, value in
                      (("--params", args.params), ("--morph", args.morph), ("--png-dir", args.png_dir)) if value]
-    elif args.avatar and not args.params:
-        problems.append("--params seq.npz is required with --avatar")
     if args.morph_weight is not None and not args.morph:
         problems.append("--morph-weight needs --morph (the prompt to morph toward)")
     args.morph_weight = 0.5 if args.morph_weight is None else args.morph_weight
@@ -155,6 +153,8 @@ def split_frames(frames: range, rank: int, world: int) -> range:
 
 def avatar_main(args, device, dtype):
     from tracking.video import write_video
+    if not args.params:
+        raise ValueError("--params seq.npz is required with --avatar")
     seq = svp.load_seq(args.params)
     frames = args.frames or range(seq.n_frames)
     if frames.stop > seq.n_frames:

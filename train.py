@@ -67,8 +67,8 @@ PRESETS = {  # defaults that --flags override
                save_every=500, preview_steps=25),
 }
 VAL_TIMESTEP_FRACTIONS = (0.05, 0.2, 0.35, 0.5, 0.65, 0.8, 0.95)  # of num_train_timesteps
-# What a run is: --resume and a rerun into the same --out must agree on all of these.
 TOKEN_WORD = r"\bsks\b"  # the identity token of the default caption, as a whole word ("tasks" stays)
+# What a run is: --resume and a rerun into the same --out must agree on all of these.
 IDENTITY_FIELDS = ("preset", "video", "controlnet", "train", "prompt", "resolution", "lr", "batch_size", "grad_accum", "seed",
                    "val_fraction", "max_frames", "conditioning_dropout")
 

@@ -102,7 +102,6 @@ SAMPLE_CASES = [
     (AVATAR + ["--frames", "2-5"], "--frames: wants a:b, got '2-5'"),
     (AVATAR + ["--flame", "nowhere.pkl"], "--flame: FLAME file nowhere.pkl not found"),
     (AVATAR + ["--out", "x.png"], "--out: x.png: the video file's name must end in .mp4"),
-    (["--avatar", "runs/me"], "--params seq.npz is required with --avatar"),
     (["--ckpt", "sd.safetensors"], "--prompt is required with --ckpt"),
     (["--ckpt", "sd.safetensors", "--prompt", "a cat", "--num-images", "0"],
      "--num-images: must be a whole number > 0"),

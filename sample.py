@@ -12,7 +12,6 @@ Text to image:
 """
 import argparse
 import os
-import sys
 
 import numpy as np
 import torch
@@ -20,23 +19,28 @@ from PIL import Image
 
 import svp
 from model.files import atomic_write
+from tracking.cli import (ArgumentParser, available_device, existing_file, fraction, multiple_of_8,
+                          non_negative_float, non_negative_int, nonempty_text, output_dir_problem,
+                          output_file_problem, positive_int, run_command)
 from svp import VideoSampling  # its class attributes are the video defaults
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--avatar", help="run folder of `python train.py` (holds avatar.safetensors): video mode; "
                       "default: the run whose tracking/ holds --params")
     mode.add_argument("--ckpt", help="single-file .safetensors checkpoint or diffusers folder: text-to-image mode")
-    p.add_argument("--prompt", default=None, help="text prompt (avatar default: its training caption)")
+    p.add_argument("--prompt", type=nonempty_text, default=None,
+                   help="text prompt (avatar default: its training caption)")
     p.add_argument("--negative-prompt", default="", help="what to steer away from (classifier-free guidance)")
     p.add_argument("--out", default=None, help="output video (.mp4; default out.mp4) or image (.png/.jpg; default "
                    "sample.png); with --num-images N, files are named <stem>-<i><ext>")
-    p.add_argument("--num-images", type=int, default=1, help="text-to-image: images per prompt")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=None, help=f"sampler steps (default 30; avatar {VideoSampling.steps})")
-    p.add_argument("--guidance", type=float, default=None,
+    p.add_argument("--num-images", type=positive_int, default=1, help="text-to-image: images per prompt")
+    p.add_argument("--seed", type=non_negative_int, default=0)
+    p.add_argument("--steps", type=positive_int, default=None,
+                   help=f"sampler steps (default 30; avatar {VideoSampling.steps})")
+    p.add_argument("--guidance", type=non_negative_float, default=None,
                    help=f"classifier-free guidance scale, 1 = off (default 7.5; avatar {VideoSampling.guidance:g})")
     p.add_argument("--sampler", default=None, choices=svp.SAMPLER_NAMES,
                    help=f"default dpmpp_2m; avatar {VideoSampling.sampler}")
@@ -44,25 +48,28 @@ def parse_args(argv=None):
     video.add_argument("--params", help="FLAME sequence (seq.npz, see tracking/sequence.py) that drives the avatar")
     video.add_argument("--frames", type=parse_frames, default=None, help="a:b, only frames a..b-1")
     video.add_argument("--base", default=None, help="the avatar's base checkpoint, if it moved since training")
-    video.add_argument("--flame", default=None, help="FLAME generic_model.pkl, if it moved since training")
-    video.add_argument("--temporal-strength", type=float, default=VideoSampling.temporal_strength,
+    video.add_argument("--flame", type=existing_file("FLAME file"), default=None,
+                       help="FLAME generic_model.pkl, if it moved since training")
+    video.add_argument("--temporal-strength", type=fraction, default=VideoSampling.temporal_strength,
                        help="pull of each frame toward the previous one while denoising (0 = independent frames)")
-    video.add_argument("--temporal-fade", type=float, default=VideoSampling.temporal_fade,
+    video.add_argument("--temporal-fade", type=fraction, default=VideoSampling.temporal_fade,
                        help="fraction of the steps over which that pull fades to 0")
-    video.add_argument("--batch-frames", type=int, default=VideoSampling.batch_frames,
+    video.add_argument("--batch-frames", type=positive_int, default=VideoSampling.batch_frames,
                        help="frames denoised together in lock-step")
-    video.add_argument("--conditioning-scale", type=float, default=VideoSampling.conditioning_scale,
+    video.add_argument("--conditioning-scale", type=non_negative_float, default=VideoSampling.conditioning_scale,
                        help="strength of the 3DMM conditioning (multiplies the ControlNet's residuals)")
     video.add_argument("--morph", default=None, help='morph toward "a photo of <MORPH>" (e.g. "Tom Cruise")')
-    video.add_argument("--morph-weight", type=float, default=0.5, help="0 = the avatar, 1 = the --morph prompt")
+    video.add_argument("--morph-weight", type=fraction, default=None, help="0 = the avatar, 1 = the --morph prompt "
+                       "(default 0.5)")
     video.add_argument("--side-by-side", action="store_true", help="hint (3DMM rendering) | output in each frame")
     video.add_argument("--png-dir", default=None, help="also write every frame as a PNG here")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity (0 = deterministic)")
-    p.add_argument("--height", type=int, default=None, help="pixels; default: the family's native size")
-    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--eta", type=fraction, default=0.0, help="DDIM stochasticity (0 = deterministic, 1 = DDPM)")
+    p.add_argument("--height", type=multiple_of_8, default=None, help="pixels; default: the family's native size")
+    p.add_argument("--width", type=multiple_of_8, default=None)
     p.add_argument("--dtype", default=None, choices=("fp32", "fp16", "bf16"),
                    help="weights and activations (default: fp16 on CUDA, fp32 on CPU)")
-    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
+    p.add_argument("--device", type=available_device, default=None,
+                   help="cuda, cuda:1, cpu (default: cuda when available)")
     pred = p.add_mutually_exclusive_group()
     pred.add_argument("--v-prediction", dest="prediction_type", action="store_const", const="v_prediction",
                       help="the checkpoint predicts v (SD2-768); overrides detection")
@@ -70,16 +77,40 @@ def parse_args(argv=None):
                       help="the checkpoint predicts noise (SD1, SD2-512 base); overrides detection")
     p.add_argument("--tokenizer", default=None, help="CLIP vocabulary: a tokenizer/ folder, tokenizer.json, "
                    "vocab.json or bpe_simple_vocab_16e6.txt.gz (default: beside the checkpoint, or $SVP_TOKENIZER)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for problem in input_problems(args):
+        p.error(problem)
+    return args
+
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
+
+
+def input_problems(args) -> list[str]:
+    """What is wrong with a combination of flags or an output path (checked before any work)."""
+    problems = []
+    if args.ckpt:
+        if not args.prompt:
+            problems.append("--prompt is required with --ckpt")
+        problems += [f"{flag} drives an avatar; it does nothing with --ckpt" for flag, value in
+                     (("--params", args.params), ("--morph", args.morph), ("--png-dir", args.png_dir)) if value]
+    if args.morph_weight is not None and not args.morph:
+        problems.append("--morph-weight needs --morph (the prompt to morph toward)")
+    args.morph_weight = 0.5 if args.morph_weight is None else args.morph_weight
+    args.out = args.out or ("sample.png" if args.ckpt else "out.mp4")
+    what, extensions = ("image", IMAGE_EXTENSIONS) if args.ckpt else ("video", (".mp4",))
+    outputs = (("--out", output_file_problem(args.out, what, extensions)),
+               ("--png-dir", args.png_dir and output_dir_problem(args.png_dir)))
+    return problems + [f"argument {flag}: {problem}" for flag, problem in outputs if problem]
 
 
 def parse_frames(text: str) -> range:
     try:
         a, b = (int(v) for v in text.split(":"))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--frames wants a:b, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"wants a:b, got {text!r}") from None
     if not 0 <= a < b:
-        raise argparse.ArgumentTypeError(f"--frames {text!r}: need 0 <= a < b")
+        raise argparse.ArgumentTypeError(f"{text!r}: need 0 <= a < b")
     return range(a, b)
 
 
@@ -89,15 +120,13 @@ def save_image(image: np.ndarray, path: str):
 
 
 def text_to_image_main(args, device, dtype):
-    if not args.prompt:
-        raise ValueError("--prompt is required with --ckpt")
     sd = svp.load_stable_diffusion(args.ckpt, dtype=dtype, prediction_type=args.prediction_type,
                                tokenizer=args.tokenizer).to(device)
     images = svp.text_to_image(sd, args.prompt, args.negative_prompt, steps=args.steps or 30,
                            guidance=7.5 if args.guidance is None else args.guidance,
                            sampler=args.sampler or "dpmpp_2m", height=args.height, width=args.width,
                            seed=args.seed, num_images=args.num_images, eta=args.eta)
-    out = args.out or "sample.png"
+    out = args.out
     stem, ext = os.path.splitext(out)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     for i, image in enumerate(images):
@@ -155,7 +184,8 @@ def avatar_main(args, device, dtype):
         if rank != 0:
             return
         images = np.concatenate(shares)
-    out = args.out or "out.mp4"
+    out = args.out
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     write_video(out, images, seq.fps)
     if args.png_dir:
         os.makedirs(args.png_dir, exist_ok=True)
@@ -178,7 +208,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (FileNotFoundError, ValueError) as e:  # every svp input error derives from these
-        sys.exit(f"error: {e}")
+    run_command(main)

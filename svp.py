@@ -23,9 +23,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from model.avatar import Denoiser, fingerprint, load_avatar_weights, read_avatar_meta
+from model.avatar import Denoiser, fingerprint, from_run, load_avatar_weights, read_avatar_meta
 from model.controlnet import ControlNet
-from model.loading import StableDiffusion, load_stable_diffusion
+from model.loading import CheckpointError, StableDiffusion, load_stable_diffusion
 from model.pipeline import encode_prompts, text_to_image
 from model.sampling import SAMPLER_NAMES, NoiseSchedule
 from model.temporal import VideoSampling, sample_video, warm_up_start
@@ -56,7 +56,7 @@ class Avatar:
     controlnet: ControlNet
     meta: dict              # the avatar's config (train.py's avatar_meta)
     flame: object           # tracking.flame.FLAME the avatar was trained with
-    shape: np.ndarray       # the person's identity shape (from the training video's seq.npz)
+    shape: np.ndarray       # the person's identity shape (tracked from the training video, stored in the avatar)
 
     @property
     def resolution(self) -> int:
@@ -110,22 +110,29 @@ def load_avatar(run_dir: str, base: str | None = None, flame: str | None = None,
                 dtype: str = "fp32", tokenizer: str | None = None) -> Avatar:
     """The avatar that `python train.py --out run_dir` wrote, on its base model.
 
-    base: the base checkpoint (default: the path recorded at training time); it must be the same file
-    (checked by fingerprint). flame: FLAME generic_model.pkl (default: the one recorded, else the toy head).
+    base: the base checkpoint (default: the one recorded at training time, found relative to the run
+    folder when it lies inside it); it must be the same file (checked by fingerprint). flame: FLAME
+    generic_model.pkl (default: the one recorded, else the toy head). The person's identity shape is
+    stored in the avatar itself, so the run folder works from anywhere, moved or copied.
     """
     path = os.path.join(run_dir, "avatar.safetensors")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{run_dir}: no avatar.safetensors here; train one with python train.py --out {run_dir}")
     meta = read_avatar_meta(path)
-    base = base or meta["base"]
+    if "identity_shape" not in meta:
+        raise CheckpointError(f"{path}: written by an older train.py (no identity shape inside); train it again")
+    base = base or from_run(meta["base"], run_dir)
     if not os.path.exists(base):
         raise FileNotFoundError(f"{path}: its base checkpoint {base} is missing; pass --base")
     if fingerprint(base) != meta["base_fingerprint"]:
         raise ValueError(f"{path} was trained on another base model than {base}")
+    flame = flame or (meta["flame"] and from_run(meta["flame"], run_dir))
+    if flame and not os.path.exists(flame):
+        raise FileNotFoundError(f"{path}: its FLAME file {flame} is missing; pass --flame")
     sd = load_stable_diffusion(base, dtype=dtype, tokenizer=tokenizer).to(device)
     controlnet, meta = load_avatar_weights(path, sd)
-    shape = load_seq(meta["seq"]).shape
-    return Avatar(sd, controlnet.eval(), meta, load_flame(flame or meta.get("flame")), shape)
+    shape = np.asarray(meta["identity_shape"], np.float32)
+    return Avatar(sd, controlnet.eval(), meta, load_flame(flame), shape)
 
 
 # ----------------------------------------------------------------------------- processes (torchrun)

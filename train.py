@@ -24,15 +24,16 @@ optimizer, the step and the global RNG states. Under torchrun every rank trains 
 batch (DDP); rank 0 alone tracks, builds the caches and writes files.
 """
 import argparse
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import random
+import re
 import signal
-import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,14 +44,16 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 import svp
-from model.avatar import Denoiser, build_denoiser, fingerprint, save_avatar
+from model.avatar import Denoiser, build_denoiser, fingerprint, run_relative, save_avatar
 from model.config import config_to_dict
 from model.files import atomic_write, read_json, write_json
 from model.loading import DTYPES, StableDiffusion, write_tiny_base
 from model.pipeline import encode_prompts
 from model.sampling import NoiseSchedule
 from model.temporal import sample_video
-from tracking.cli import add_tracking_args
+from tracking.cli import (ArgumentParser, add_tracking_args, available_device, fraction, multiple_of_8,
+                          non_negative_int, nonempty_text, output_dir_problem, positive_float, positive_int,
+                          run_command)
 from tracking.conditioning import CONDITIONING_CHANNELS, render_conditioning
 from tracking.pipeline import load_flame
 
@@ -64,20 +67,22 @@ PRESETS = {  # defaults that --flags override
                save_every=500, preview_steps=25),
 }
 VAL_TIMESTEP_FRACTIONS = (0.05, 0.2, 0.35, 0.5, 0.65, 0.8, 0.95)  # of num_train_timesteps
+TOKEN_WORD = r"\bsks\b"  # the identity token of the default caption, as a whole word ("tasks" stays)
 # What a run is: --resume and a rerun into the same --out must agree on all of these.
 IDENTITY_FIELDS = ("preset", "video", "controlnet", "train", "prompt", "resolution", "lr", "batch_size", "grad_accum", "seed",
                    "val_fraction", "max_frames", "conditioning_dropout")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    """The run's settings: the flags, with --preset's defaults where a flag is not given."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """The run's settings: the flags, with --preset's defaults where a flag is not given. Every value is
+    checked here, before any work starts."""
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--video", required=True, help="the person's video (mp4, ...) or `demo` for the offline demo")
     p.add_argument("--out", required=True, help="run folder: tracking, caches, checkpoint, avatar, previews, log")
     p.add_argument("--base", default=None, help="Stable Diffusion .safetensors or diffusers folder "
                    "(--preset tiny: default <out>/base.safetensors, a seeded random tiny model written once)")
-    p.add_argument("--vae-steps", type=int, default=300, help="--preset tiny without --base: steps fitting the "
-                   "tiny model's VAE to the training frames (0 = a random VAE, whose samples show nothing)")
+    p.add_argument("--vae-steps", type=non_negative_int, default=300, help="--preset tiny without --base: steps "
+                   "fitting the tiny model's VAE to the training frames (0 = a random VAE, whose samples show nothing)")
     p.add_argument("--preset", default="sd", choices=PRESETS, help="default settings: sd (512 px, real SD "
                    "weights) or tiny (64 px random model, runs on a CPU); --flags override them")
     p.add_argument("--controlnet", default=None, help="start the conditioning encoder from this ControlNet "
@@ -86,25 +91,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_tracking_args(p)
     p.add_argument("--train", default="controlnet+unet", choices=TRAIN_MODES, help="what learns besides the "
                    "ControlNet: nothing, the whole UNet, or the UNet's attention layers (attn1/attn2)")
-    p.add_argument("--prompt", default="a photo of sks person", help="training caption")
-    p.add_argument("--token", default=None, help="identity token replacing `sks` in --prompt")
-    p.add_argument("--resolution", type=int, help="side of the square face crops in pixels")
-    p.add_argument("--max-steps", type=int, help="optimizer steps in total (a resumed run counts from 0 too)")
-    p.add_argument("--lr", type=float, help="AdamW learning rate (constant)")
-    p.add_argument("--batch-size", type=int, help="frames per micro-batch on each process")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="share of frames held out (the last ones)")
-    p.add_argument("--val-every", type=int, help="steps between held-out losses")
-    p.add_argument("--preview-every", type=int, help="steps between preview images")
-    p.add_argument("--preview-steps", type=int, help="DDIM steps of a preview sample")
-    p.add_argument("--save-every", type=int, help="steps between checkpoints")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--conditioning-dropout", type=float, default=0.0,
+    p.add_argument("--prompt", type=nonempty_text, default="a photo of sks person", help="training caption")
+    p.add_argument("--token", type=nonempty_text, default=None, help="identity token replacing the word `sks` "
+                   "in --prompt")
+    p.add_argument("--resolution", type=multiple_of_8, help="side of the square face crops in pixels")
+    p.add_argument("--max-steps", type=positive_int, help="optimizer steps in total (a resumed run counts from 0 too)")
+    p.add_argument("--lr", type=positive_float, help="AdamW learning rate (constant)")
+    p.add_argument("--batch-size", type=positive_int, help="frames per micro-batch on each process")
+    p.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--val-fraction", type=fraction, default=0.1, help="share of frames held out (the last ones; "
+                   "at least one)")
+    p.add_argument("--val-every", type=positive_int, help="steps between held-out losses")
+    p.add_argument("--preview-every", type=positive_int, help="steps between preview images")
+    p.add_argument("--preview-steps", type=positive_int, help="DDIM steps of a preview sample")
+    p.add_argument("--save-every", type=positive_int, help="steps between checkpoints")
+    p.add_argument("--seed", type=non_negative_int, default=0)
+    p.add_argument("--conditioning-dropout", type=fraction, default=0.0,
                    help="probability of a zeroed conditioning image (for guidance on the conditioning)")
     p.add_argument("--dtype", choices=DTYPES, default=None,
                    help="autocast dtype (weights stay fp32); default bf16 on CUDA, fp32 on the CPU")
-    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available; "
-                   "under torchrun: cuda:LOCAL_RANK)")
+    p.add_argument("--device", type=available_device, default=None, help="cuda, cuda:1, cpu (default: cuda when "
+                   "available; under torchrun: cuda:LOCAL_RANK)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in the "
                    "backward pass (less memory, about 30%% slower)")
     p.add_argument("--tokenizer", default=None, help="CLIP vocabulary (see sample.py --tokenizer)")
@@ -115,13 +122,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = vars(p.parse_args(argv))
     for key, value in PRESETS[args["preset"]].items():
         args[key] = value if args.get(key) is None else args[key]
+    if args["val_fraction"] >= 1:
+        p.error("argument --val-fraction: must be below 1 (the frames that are not held out train)")
     if args["preset"] == "sd" and args["base"] is None:
         p.error("--base is required (a Stable Diffusion checkpoint), unless --preset tiny")
+    for flag in ("base", "controlnet", "tokenizer"):
+        if args[flag] is not None and not os.path.exists(args[flag]):
+            p.error(f"argument --{flag}: {args[flag]} not found")
     token = args.pop("token")
     if token:
-        args["prompt"] = args["prompt"].replace("sks", token)
-    if args["resolution"] % 8:
-        p.error(f"--resolution must be a multiple of 8, got {args['resolution']}")
+        if not re.search(TOKEN_WORD, args["prompt"]):
+            p.error(f"argument --token: it replaces the word 'sks' in --prompt, and {args['prompt']!r} has none")
+        args["prompt"] = re.sub(TOKEN_WORD, lambda _: token, args["prompt"])
+    if args["video"] != "demo" and not os.path.isfile(args["video"]):
+        p.error(f"argument --video: {args['video']}: no such video file")
+    problem = output_dir_problem(args["out"])
+    if problem:
+        p.error(f"argument --out: {problem}")
     return argparse.Namespace(**args)
 
 
@@ -289,9 +306,13 @@ def held_out_loss(denoiser: Denoiser, schedule: NoiseSchedule, data: FrameData, 
 # ----------------------------------------------------------------------------- outputs
 
 def avatar_meta(cfg: argparse.Namespace, sd: StableDiffusion, identity: dict, base: str, data: FrameData, step: int) -> dict:
-    return {"base": base, "base_fingerprint": identity["base_fingerprint"], "family": config_to_dict(sd.config),
-            "prompt": cfg.prompt, "hint_channels": data.hints.shape[1], "resolution": cfg.resolution,
-            "train": cfg.train, "seq": data.seq_path, "flame": cfg.flame, "step": step}
+    """The avatar's config; its paths are relative to the run folder when inside it, so the folder can move."""
+    def stored(path):
+        return path and run_relative(path, cfg.out)
+    return {"base": stored(base), "base_fingerprint": identity["base_fingerprint"],
+            "family": config_to_dict(sd.config), "prompt": cfg.prompt, "hint_channels": data.hints.shape[1],
+            "resolution": cfg.resolution, "train": cfg.train, "seq": stored(data.seq_path),
+            "identity_shape": svp.load_seq(data.seq_path).shape.tolist(), "flame": stored(cfg.flame), "step": step}
 
 
 def save_preview(path: str, sd: StableDiffusion, denoiser: Denoiser, data: FrameData, context, steps: int, seed: int):
@@ -366,10 +387,43 @@ def autocast_for(cfg: argparse.Namespace, device: torch.device):
     return (lambda: torch.autocast(device.type, dtype=dtype)), scaler
 
 
+class RunInUseError(ValueError):
+    pass
+
+
+@contextmanager
+def run_lock(out: str):
+    """Hold <out>/.lock exclusively while training into `out`, so that a second run into the same folder
+    is refused instead of interleaving with the first. The lock is an flock, which the kernel releases
+    when its process ends however it ends: a lock file left by a killed run is simply taken over."""
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, ".lock"), "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise RunInUseError(f"{out} is in use by pid {f.read().strip() or '?'} (another train.py); wait for "
+                                "it to end or use another --out") from None
+        f.truncate(0)
+        f.write(str(os.getpid()))
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    pass
+
+
 def train(cfg: argparse.Namespace) -> Denoiser:
-    if cfg.video != "demo" and not os.path.isfile(cfg.video):
-        raise FileNotFoundError(f"{cfg.video}: no such video file")
     ranks = svp.init_processes(cfg.device)
+    with run_lock(cfg.out) if ranks.main else nullcontext():  # rank 0 writes for all ranks
+        return train_locked(cfg, ranks)
+
+
+def train_locked(cfg: argparse.Namespace, ranks: svp.Processes) -> Denoiser:
     os.makedirs(os.path.join(cfg.out, "previews"), exist_ok=True)
     flame = load_flame(cfg.flame) if ranks.main else None  # rank 0 first: the toy head is written on first use
     sd, base = load_base(cfg, ranks)
@@ -409,48 +463,54 @@ def train(cfg: argparse.Namespace) -> Denoiser:
             append_log(paths["log.jsonl"], record)
 
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not ranks.main, desc="training")
-    while step < cfg.max_steps:
-        started = time.perf_counter()
-        loss = 0.0
-        for micro in range(cfg.grad_accum):
-            idx = batch_indices(step, micro, cfg, ranks, data.n_train)
-            generator = step_generator(cfg.seed, step, micro, ranks.rank)
-            last = micro == cfg.grad_accum - 1
-            with (model.no_sync() if ranks.world > 1 and not last else nullcontext()), autocast():
-                micro_loss = diffusion_loss(model, schedule, data.latents[idx].to(device), data.hint_batch(idx, device),
-                                            context, generator, cfg.conditioning_dropout) / cfg.grad_accum
-            (scaler.scale(micro_loss) if scaler else micro_loss).backward()
-            loss += micro_loss.detach()
-        if scaler:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if ranks.world > 1:
-            dist.all_reduce(loss, op=dist.ReduceOp.AVG)
-        step += 1
+    try:
+        while step < cfg.max_steps:
+            started = time.perf_counter()
+            loss = 0.0
+            for micro in range(cfg.grad_accum):
+                idx = batch_indices(step, micro, cfg, ranks, data.n_train)
+                generator = step_generator(cfg.seed, step, micro, ranks.rank)
+                last = micro == cfg.grad_accum - 1
+                with (model.no_sync() if ranks.world > 1 and not last else nullcontext()), autocast():
+                    micro_loss = diffusion_loss(model, schedule, data.latents[idx].to(device),
+                                                data.hint_batch(idx, device), context, generator,
+                                                cfg.conditioning_dropout) / cfg.grad_accum
+                (scaler.scale(micro_loss) if scaler else micro_loss).backward()
+                loss += micro_loss.detach()
+            if scaler:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if ranks.world > 1:
+                dist.all_reduce(loss, op=dist.ReduceOp.AVG)
+            step += 1
 
-        record = {"step": step, "loss": loss.item(), "lr": cfg.lr, "it_s": 1 / (time.perf_counter() - started)}
-        if step % cfg.val_every == 0 or step == cfg.max_steps:
-            validate(record)
-        if ranks.main:
-            append_log(paths["log.jsonl"], record)
-            bar.update(1)
-            bar.set_postfix(loss=f"{record['loss']:.4f}", **({"val": f"{record['val_loss']:.4f}"}
-                                                            if "val_loss" in record else {}))
-            if step % cfg.preview_every == 0 or step == cfg.max_steps:
-                save_preview(os.path.join(cfg.out, "previews", f"step_{step:05d}.png"), sd, denoiser, data, context,
-                             cfg.preview_steps, cfg.seed)
-            if step % cfg.save_every == 0 or step == cfg.max_steps:
-                write_json(os.path.join(cfg.out, "run.json"), identity)
-                save_checkpoint(paths["checkpoint.pt"], {
-                    "step": step, "identity": identity, "trainable": denoiser.trainable_state(),
-                    "optimizer": optimizer.state_dict(), "rng": rng_state(),
-                    **({"scaler": scaler.state_dict()} if scaler else {})})
-        if step == cfg.stop_after:
-            os.kill(os.getpid(), signal.SIGKILL)  # tests: an interruption without any clean-up
-    bar.close()
+            record = {"step": step, "loss": loss.item(), "lr": cfg.lr, "it_s": 1 / (time.perf_counter() - started)}
+            if step % cfg.val_every == 0 or step == cfg.max_steps:
+                validate(record)
+            if ranks.main:
+                append_log(paths["log.jsonl"], record)
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", **({"val": f"{record['val_loss']:.4f}"}
+                                                                if "val_loss" in record else {}))
+                if step % cfg.preview_every == 0 or step == cfg.max_steps:
+                    save_preview(os.path.join(cfg.out, "previews", f"step_{step:05d}.png"), sd, denoiser, data,
+                                 context, cfg.preview_steps, cfg.seed)
+                if step % cfg.save_every == 0 or step == cfg.max_steps:
+                    write_json(os.path.join(cfg.out, "run.json"), identity)
+                    save_checkpoint(paths["checkpoint.pt"], {
+                        "step": step, "identity": identity, "trainable": denoiser.trainable_state(),
+                        "optimizer": optimizer.state_dict(), "rng": rng_state(),
+                        **({"scaler": scaler.state_dict()} if scaler else {})})
+            if step == cfg.stop_after:
+                os.kill(os.getpid(), signal.SIGKILL)  # tests: an interruption without any clean-up
+    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback
+        raise TrainingInterrupted(f"interrupted at step {step}; rerun with --resume to continue from the last "
+                                  "checkpoint") from None
+    finally:
+        bar.close()
     if ranks.main:
         save_avatar(paths["avatar.safetensors"], denoiser, avatar_meta(cfg, sd, identity, base, data, step))
         log.info("wrote %s", paths["avatar.safetensors"])
@@ -469,7 +529,4 @@ def main(argv=None) -> Denoiser:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError, OSError) as e:  # every svp input error derives from these
-        sys.exit(f"error: {e}")
+    run_command(main, interrupted="interrupted; rerun with --resume to continue")

@@ -6,7 +6,9 @@ call; `build_denoiser` makes a fresh one for training (train.py's --train modes)
 `avatar.safetensors` holds only what training changed: the ControlNet under `control_model.*` and the
 UNet tensors that were trained under `model.diffusion_model.*` (the single-file names), plus a JSON
 config in the metadata key `svp_avatar` (base checkpoint path and fingerprint, family, caption, hint
-channels, resolution, training mode, the tracked seq.npz and FLAME file).
+channels, resolution, training mode, the person's identity shape, the tracked seq.npz and FLAME file).
+Its paths are relative to the run folder when they lie inside it (the tiny preset's base.safetensors),
+absolute otherwise, so a run folder works from any working directory and can be moved or copied whole.
 """
 import hashlib
 import json
@@ -31,6 +33,17 @@ def fingerprint(path: str) -> str:
     with open(path, "rb") as f:
         digest = hashlib.sha256(f.read(FINGERPRINT_BYTES)).hexdigest()
     return f"{digest}:{os.path.getsize(path)}"
+
+
+def run_relative(path: str, run_dir: str) -> str:
+    """`path` as the avatar config stores it: relative to `run_dir` when inside it, else absolute."""
+    path, run_dir = os.path.abspath(path), os.path.abspath(run_dir)
+    return os.path.relpath(path, run_dir) if os.path.commonpath([path, run_dir]) == run_dir else path
+
+
+def from_run(path: str, run_dir: str) -> str:
+    """A path of the avatar config, resolved against its run folder (an absolute one stays as it is)."""
+    return os.path.join(run_dir, path)
 
 
 class Denoiser(nn.Module):

@@ -20,10 +20,17 @@ def atomic_write(path: str):
     tmp = f"{stem}.tmp{os.getpid()}{ext}"
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())  # some writers (safetensors) create their files 0600
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it
+    os.umask(mask)
+    return mask
 
 
 class JSONFileError(ValueError):

@@ -12,11 +12,14 @@ The vocabulary comes from any of the files it is distributed in (see `CLIPTokeni
 """
 import gzip
 import json
+import logging
 from pathlib import Path
 
 import torch
 from tokenizers import AddedToken, Regex, Tokenizer, normalizers, pre_tokenizers, processors
 from tokenizers.models import BPE
+
+log = logging.getLogger(__name__)
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 PAD_WITHOUT_EOS = "!"  # id 0: what open_clip, hence SD2, pads with
@@ -181,6 +184,7 @@ class CLIPTokenizer:
         tok.enable_truncation(max_length=context_length)
         tok.enable_padding(length=context_length, pad_id=self.pad_id, pad_token=pad)
         self.tokenizer = tok
+        self._warned = set()  # prompts whose truncation was reported
 
     @classmethod
     def byte_level(cls, pad_with_eos: bool = True, context_length: int = 77) -> "CLIPTokenizer":
@@ -199,4 +203,15 @@ class CLIPTokenizer:
         if isinstance(prompts, str):
             prompts = [prompts]
         encodings = self.tokenizer.encode_batch(list(prompts))
+        for prompt, encoding in zip(prompts, encodings):
+            self._warn_if_truncated(prompt, encoding)
         return torch.tensor([e.ids for e in encodings], dtype=torch.long)
+
+    def _warn_if_truncated(self, prompt: str, encoding):
+        """The text encoder reads 77 tokens: say once per prompt how many of its tokens were dropped."""
+        dropped = sum(real and not special for part in encoding.overflowing
+                      for real, special in zip(part.attention_mask, part.special_tokens_mask))
+        if dropped and prompt not in self._warned:
+            self._warned.add(prompt)
+            log.warning("prompt %r is longer than CLIP's %d tokens: its last %d tokens were dropped",
+                        prompt if len(prompt) <= 60 else prompt[:57] + "...", self.context_length, dropped)

@@ -4,6 +4,7 @@ One module-scoped run trains the tiny preset on the offline demo video as a user
 last 5 held out, 300 steps, the tiny VAE fitted to the training frames first), then the tests sample it.
 """
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -167,6 +168,28 @@ def test_avatar_on_another_base_model(run, tmp_path):
     write_tiny_base(str(other_base), seed=1, crops=np.load(run / "tracking" / "crops.npy")[:4], vae_steps=0)
     result = sample(run, tmp_path / "other", "--base", str(other_base))
     assert_clean_failure(result, tmp_path / "other", "another base model")
+
+
+def test_a_moved_run_folder_samples_from_any_working_directory(run, tmp_path):
+    """The avatar finds its base inside its run folder and carries the identity shape: a copy of the run
+    folder, with the original's files out of the way, samples from another working directory."""
+    moved = tmp_path / "moved"
+    (moved / "tracking").mkdir(parents=True)
+    for name in ("avatar.safetensors", "base.safetensors", os.path.join("tracking", "seq.npz")):
+        shutil.copy2(run / name, moved / name)
+    hidden = tmp_path / "hidden"
+    hidden.mkdir()
+    for name in ("base.safetensors", "tracking"):
+        os.rename(run / name, hidden / name)
+    try:
+        cmd = [sys.executable, os.path.join(REPO, "sample.py"), "--avatar", "moved", "--params",
+               os.path.join("moved", "tracking", "seq.npz"), "--frames", "0:2", "--steps", "2", "--out", "o.mp4"]
+        result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True)
+    finally:
+        for name in ("base.safetensors", "tracking"):
+            os.rename(hidden / name, run / name)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "o.mp4").is_file()
 
 
 def test_the_avatar_example_in_svps_docstring_runs(run, capsys):

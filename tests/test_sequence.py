@@ -51,6 +51,7 @@ def _write(path, d):
     (lambda d: d.__setitem__("shape", np.zeros(7, np.float32)), r"'shape' has shape \(7,\)"),
     (lambda d: d.__setitem__("version", np.int64(99)), "'version' is 99"),
     (lambda d: d.__setitem__("focal", np.float32(-1)), "'focal' must be positive"),
+    (lambda d: d.__setitem__("fps", np.float32(0)), "'fps' must be positive"),
 ])
 def test_load_seq_rejects_bad_files(tmp_path, change, message):
     d = _sequence().to_npz_dict()
@@ -67,3 +68,14 @@ def test_load_seq_rejects_missing_and_garbage(tmp_path):
     garbage.write_bytes(b"not a zip file at all")
     with pytest.raises(SeqFileError, match="garbage.npz"):
         load_seq(str(garbage))
+
+
+def test_load_seq_rejects_an_npy_and_an_empty_sequence(tmp_path):
+    renamed = tmp_path / "renamed.npz"
+    with open(renamed, "wb") as f:
+        np.save(f, np.zeros((4, 50), np.float32))
+    with pytest.raises(SeqFileError, match="renamed.npz: a single .npy array, not a seq.npz archive"):
+        load_seq(str(renamed))
+    empty = _sequence(n_frames=0)
+    with pytest.raises(SeqFileError, match="empty.npz: holds 0 frames"):
+        load_seq(_write(tmp_path / "empty.npz", empty.to_npz_dict()))

@@ -6,10 +6,13 @@ tests copy its tracking and caches (re-used, never recomputed) into fresh run fo
 import dataclasses
 import json
 import os
+import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -18,7 +21,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import train
-from model.avatar import load_avatar_weights
+from model.avatar import build_denoiser, load_avatar_weights
 from model.controlnet import CONTROLNET_PREFIX
 from model.loading import UNET_PREFIX, CheckpointError, load_stable_diffusion, write_tiny_base
 from model.pipeline import encode_prompts
@@ -81,7 +84,13 @@ def test_end_to_end_writes_an_avatar_that_reloads_as_the_trained_weights(demo_ru
     base_unet = {k: v.clone() for k, v in sd.unet.state_dict().items()}
     controlnet, meta = load_avatar_weights(str(out / "avatar.safetensors"), sd)
     assert meta["train"] == "controlnet+unet" and meta["resolution"] == 64 and meta["hint_channels"] == 8
-    assert meta["prompt"] == "a photo of sks person" and meta["seq"].endswith("seq.npz")
+    assert meta["prompt"] == "a photo of sks person"
+    # Relocatable: paths inside the run folder are stored relative to it, the identity shape in the avatar.
+    assert meta["base"] == "base.safetensors" and meta["seq"] == os.path.join("tracking", "seq.npz")
+    assert meta["identity_shape"] == load_seq(str(out / "tracking" / "seq.npz")).shape.tolist()
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(out / "avatar.safetensors").st_mode & 0o777 == 0o666 & ~umask
     for key, value in controlnet.state_dict().items():
         assert torch.equal(value, trained[CONTROLNET_PREFIX + key]), key
     for key, value in sd.unet.state_dict().items():
@@ -164,6 +173,23 @@ def test_rerun_resumes_exactly_after_a_kill(demo_run, tmp_path):
         run_train(out, *args, "--resume", "--lr", "0.5")
 
 
+def test_ctrl_c_ends_in_one_line_naming_the_step(demo_run, tmp_path):
+    out = clone_run(demo_run[0], tmp_path / "interrupted")
+    run = subprocess.Popen([sys.executable, "train.py", "--video", "demo", "--out", str(out), *TINY_ARGS,
+                            "--max-steps", "1000", "--val-every", "1000", "--preview-every", "1000"],
+                           cwd=REPO, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (out / "log.jsonl").exists() or (out / "log.jsonl").read_text().count("\n") < 3:  # steps 0-2
+        assert run.poll() is None and time.time() < deadline, "training did not start"
+        time.sleep(0.2)
+    run.send_signal(signal.SIGINT)
+    stderr = run.communicate(timeout=120)[1]
+    assert run.returncode == 130, stderr[-2000:]
+    assert "Traceback" not in stderr
+    assert re.fullmatch(r"interrupted at step \d+; rerun with --resume to continue from the last checkpoint",
+                        stderr.splitlines()[-1]), stderr[-2000:]
+
+
 def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
     path = str(tmp_path / "checkpoint.pt")
     train.save_checkpoint(path, {"step": 4, "weights": torch.ones(3)})
@@ -208,8 +234,10 @@ def test_cli_reports_a_missing_video_in_one_line(tmp_path):
     result = subprocess.run([sys.executable, "train.py", "--video", str(tmp_path / "me.mp4"), "--out",
                              str(tmp_path / "run"), "--preset", "tiny"], cwd=REPO, capture_output=True, text=True,
                             timeout=300)
-    assert result.returncode == 1
-    assert result.stderr.strip() == f"error: {tmp_path / 'me.mp4'}: no such video file"
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: argument --video: {tmp_path / 'me.mp4'}: no such video file " \
+                                    "(see train.py --help)"
+    assert not (tmp_path / "run").exists()
 
 
 def test_wrong_base_checkpoint(tmp_path):
@@ -253,12 +281,12 @@ def test_training_can_start_from_an_existing_controlnet(demo_run, tmp_path):
     start = tmp_path / "controlnet.safetensors"
     controlnet_state = {k: v for k, v in trained.items() if k.startswith(CONTROLNET_PREFIX)}
     save_file(controlnet_state, str(start))
-    run = clone_run(out, tmp_path / "run")
-    denoiser = run_train(run, "--max-steps", "0", "--controlnet", str(start))
+    sd = load_stable_diffusion(str(out / "base.safetensors"))
+    denoiser = build_denoiser(sd, "controlnet+unet", 8, checkpointing=False, seed=0, start_from=str(start))
     for key, value in denoiser.controlnet.state_dict().items():
         assert torch.equal(value, trained[CONTROLNET_PREFIX + key]), key
     wrong = {k: (v[:, :5].contiguous() if k.endswith("input_hint_block.0.weight") else v) for k, v in controlnet_state.items()}
     save_file(wrong, str(tmp_path / "wrong.safetensors"))
-    with pytest.raises(CheckpointError, match="5-channel hints, but ours have 8"):
-        run_train(clone_run(out, tmp_path / "run2"), "--max-steps", "0", "--controlnet",
+    with pytest.raises(CheckpointError, match="5-channel hints, but ours have 8"):  # before the first step
+        run_train(clone_run(out, tmp_path / "run"), "--max-steps", "1", "--controlnet",
                   str(tmp_path / "wrong.safetensors"))

@@ -9,21 +9,28 @@ the same command is run again; a rerun with other inputs tracks again.
 import argparse
 import logging
 import os
-import sys
 
-from tracking.cli import add_tracking_args
+from tracking.cli import ArgumentParser, add_tracking_args, output_dir_problem, positive_int, run_command
 from tracking.pipeline import load_flame, track_video
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m tracking", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv=None):
+    p = ArgumentParser(prog="python -m tracking", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("video", help="input video (any format ffmpeg reads) or `demo`")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--size", type=int, default=512, help="side of the square face crops in pixels")
+    p.add_argument("--size", type=positive_int, default=512, help="side of the square face crops in pixels")
     p.add_argument("--no-preview", action="store_true", help="skip preview.mp4")
     add_tracking_args(p)
     args = p.parse_args(argv)
+    problem = output_dir_problem(args.out)
+    if problem:
+        p.error(f"argument --out: {problem}")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     tracked = track_video(args.video, args.out, load_flame(args.flame), size=args.size, bbox=args.bbox,
                           max_frames=args.max_frames, max_gap=args.max_gap, preview=not args.no_preview)
@@ -31,7 +38,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as e:  # every svp input error derives from these
-        sys.exit(f"error: {e}")
+    run_command(main)

@@ -1,24 +1,167 @@
-"""The tracking command-line flags, shared by `python -m tracking` and train.py."""
+"""The command-line pieces shared by train.py, sample.py and `python -m tracking`: the tracking flags, the
+flag types that check a value before any work starts, the checks of output paths, and the one-line ending
+of a failed or interrupted command."""
 import argparse
+import os
+import sys
 
 from tracking.pipeline import DEFAULT_MAX_GAP
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with a one-line error (argparse's own prints the whole usage first)."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def _number(kind, text: str, flag_word: str):
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{flag_word}, got {text!r}") from None
+
+
+def positive_int(text: str) -> int:
+    value = _number(int, text, "must be a whole number > 0")
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a whole number > 0, got {text}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = _number(int, text, "must be a whole number >= 0")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = _number(float, text, "must be a number > 0")
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = _number(float, text, "must be a number >= 0")
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
+    return value
+
+
+def fraction(text: str) -> float:
+    """A number in [0, 1]."""
+    value = _number(float, text, "must be a number in [0, 1]")
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return value
+
+
+def multiple_of_8(text: str) -> int:
+    """Pixels of an image the VAE encodes (it downsamples by 8)."""
+    value = positive_int(text)
+    if value % 8:
+        raise argparse.ArgumentTypeError(f"must be a multiple of 8, got {text}")
+    return value
+
+
+def nonempty_text(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
+def available_device(text: str) -> str:
+    """cpu, cuda or cuda:N, available on this machine."""
+    import torch
+    try:
+        dev = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device (cpu, cuda, cuda:1, ...)") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise argparse.ArgumentTypeError(f"{text}: no CUDA GPU is available here (torch {torch.__version__}); "
+                                             "use --device cpu")
+        if (dev.index or 0) >= count:
+            raise argparse.ArgumentTypeError(f"{text}: this machine has {count} CUDA GPU(s)")
+    elif dev.type != "cpu":
+        raise argparse.ArgumentTypeError(f"{text}: svp runs on cpu or cuda")
+    return text
+
+
+def existing_file(what: str):
+    """A flag type: the path of an existing file, `what` naming it in the error."""
+    def check(path: str) -> str:
+        if not os.path.isfile(path):
+            raise argparse.ArgumentTypeError(f"{what} {path} not found" if not os.path.exists(path)
+                                             else f"{what} {path} is not a file")
+        return path
+    return check
+
+
+def _writable_parent(path: str) -> str | None:
+    """Why files cannot be created at `path` (its nearest existing ancestor is not a writable folder), or None."""
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        return f"{parent} is a file, not a folder"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"the folder {parent} is not writable"
+    return None
+
+
+def output_file_problem(path: str, what: str, extensions: tuple[str, ...]) -> str | None:
+    """Why `path` cannot be written as the output file (`what`, ending in one of `extensions`), or None."""
+    if os.path.isdir(path):
+        return f"{path} is a folder; name the {what} file"
+    if os.path.splitext(path)[1].lower() not in extensions:
+        return f"{path}: the {what} file's name must end in {' or '.join(extensions)}"
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        return f"{path} is not writable"
+    why = _writable_parent(path)
+    return f"cannot write {path}: {why}" if why else None
+
+
+def output_dir_problem(path: str) -> str | None:
+    """Why `path` cannot be (or become) a folder that outputs are written into, or None."""
+    if os.path.exists(path):
+        if not os.path.isdir(path):
+            return f"{path} is a file, not a folder"
+        return None if os.access(path, os.W_OK | os.X_OK) else f"the folder {path} is not writable"
+    why = _writable_parent(os.path.join(path, "x"))
+    return f"cannot create {path}: {why}" if why else None
+
+
+def run_command(main, interrupted: str = "interrupted"):
+    """Run a command's main(): input and file-system errors end in one line `error: ...` (exit 1),
+    Ctrl-C in one line (exit 130), never in a traceback."""
+    try:
+        main()
+    except KeyboardInterrupt as e:
+        print(str(e) or interrupted, file=sys.stderr)
+        sys.exit(130)
+    except (ValueError, OSError) as e:  # every svp input error derives from these (FileNotFoundError too)
+        sys.exit(f"error: {e}")
 
 
 def parse_bbox(text: str):
     try:
         x0, y0, x1, y1 = (float(v) for v in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--bbox wants x0,y0,x1,y1 in pixels, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"wants x0,y0,x1,y1 in pixels, got {text!r}") from None
     if x1 <= x0 or y1 <= y0:
-        raise argparse.ArgumentTypeError(f"--bbox {text!r}: x1 must exceed x0 and y1 exceed y0")
+        raise argparse.ArgumentTypeError(f"{text!r}: x1 must exceed x0 and y1 exceed y0")
     return (x0, y0, x1, y1)
 
 
 def add_tracking_args(p: argparse.ArgumentParser):
-    p.add_argument("--flame", default=None, help="FLAME generic_model.pkl (its landmark embedding beside it); "
-                   "default: the built-in toy head")
+    p.add_argument("--flame", type=existing_file("FLAME file"), default=None,
+                   help="FLAME generic_model.pkl (its landmark embedding beside it); default: the built-in toy head")
     p.add_argument("--bbox", type=parse_bbox, default=None, help="x0,y0,x1,y1 face box in the first frame "
                    "(default: detected)")
-    p.add_argument("--max-frames", type=int, default=None, help="track only the first N frames")
-    p.add_argument("--max-gap", type=int, default=DEFAULT_MAX_GAP,
+    p.add_argument("--max-frames", type=positive_int, default=None, help="track only the first N frames")
+    p.add_argument("--max-gap", type=non_negative_int, default=DEFAULT_MAX_GAP,
                    help="longest run of frames without a face that is bridged by interpolation")

@@ -91,10 +91,14 @@ def load_seq(path):
     if not os.path.isfile(path):
         raise SeqFileError(f"{path}: file not found")
     try:
-        with np.load(path, allow_pickle=False) as f:
-            d = {k: f[k] for k in f.files}
+        f = np.load(path, allow_pickle=False)
+        if isinstance(f, np.lib.npyio.NpzFile):
+            with f:
+                d = {k: f[k] for k in f.files}
     except (ValueError, OSError, EOFError) as e:
         raise SeqFileError(f"{path}: not a readable .npz file ({e})") from e
+    if not isinstance(f, np.lib.npyio.NpzFile):  # np.load reads a bare .npy array whatever the file's name
+        raise SeqFileError(f"{path}: a single .npy array, not a seq.npz archive of FLAME parameters")
     bad = lambda key, why: SeqFileError(f"{path}: key '{key}' {why}")
     for key in ("version", "image_size", "focal", "fps", "flame_n_shape", "flame_n_exp", "shape") + _PER_FRAME:
         if key not in d:
@@ -111,8 +115,11 @@ def load_seq(path):
     for key, shape in expected.items():
         if d[key].shape != shape:
             raise bad(key, f"has shape {d[key].shape}, expected {shape}")
-    if float(d["focal"]) <= 0 or (d["image_size"] <= 0).any():
-        raise bad("focal" if float(d["focal"]) <= 0 else "image_size", "must be positive")
+    for key in ("focal", "fps", "image_size"):
+        if (d[key] <= 0).any():
+            raise bad(key, "must be positive")
+    if n_frames == 0:
+        raise SeqFileError(f"{path}: holds 0 frames")
     return FlameSequence(
         shape=d["shape"], **{k: d[k] for k in _PER_FRAME}, focal=float(d["focal"]),
         image_size=tuple(int(n) for n in d["image_size"]), fps=float(d["fps"]),

@@ -1,0 +1,230 @@
+"""The commands' flags and run folders, in-process and fast: every bad flag is refused by the parser in one
+line before any work starts, output paths are checked first, one training per run folder, Ctrl-C and
+file-system errors end in one line, outputs respect the umask, long prompts are reported."""
+import logging
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import sample
+import train
+from model.files import atomic_write
+from model.tokenizer import CLIPTokenizer
+from tracking import __main__ as tracking_main
+from tracking.cli import run_command
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def refused(parse, argv, capsys) -> str:
+    """The one line the parser prints for bad flags (it exits with status 2)."""
+    with pytest.raises(SystemExit) as exit_info:
+        parse(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    return err
+
+
+@pytest.fixture
+def a_file(tmp_path):
+    path = tmp_path / "a_file"
+    path.write_text("not a folder")
+    return str(path)
+
+
+NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+TRAIN_CASES = [
+    (["--max-steps", "0"], "--max-steps: must be a whole number > 0, got 0"),
+    (["--save-every", "0"], "--save-every: must be a whole number > 0"),
+    (["--resolution", "0"], "--resolution: must be a whole number > 0"),
+    (["--resolution", "60"], "--resolution: must be a multiple of 8, got 60"),
+    (["--batch-size", "0"], "--batch-size: must be a whole number > 0"),
+    (["--grad-accum", "0"], "--grad-accum: must be a whole number > 0"),
+    (["--lr=-1e-4"], "--lr: must be a number > 0"),
+    (["--val-fraction", "1"], "--val-fraction: must be below 1"),
+    (["--conditioning-dropout", "2"], "--conditioning-dropout: must be in [0, 1], got 2"),
+    (["--max-frames", "0"], "--max-frames: must be a whole number > 0"),
+    (["--seed", "-1"], "--seed: must be a whole number >= 0"),
+    (["--vae-steps", "x"], "--vae-steps: must be a whole number >= 0, got 'x'"),
+    (["--prompt", ""], "--prompt: must not be empty"),
+    (["--prompt", "many tasks", "--token", "zz"], "--token: it replaces the word 'sks' in --prompt, and "
+                                                  "'many tasks' has none"),
+    (["--flame", "nowhere/generic_model.pkl"], "--flame: FLAME file nowhere/generic_model.pkl not found"),
+    (["--base", "nowhere.safetensors"], "--base: nowhere.safetensors not found"),
+    pytest.param(["--device", "cuda"], "--device: cuda: no CUDA GPU is available here", marks=NO_GPU),
+    (["--device", "tpu"], "--device: 'tpu' is not a device"),
+]
+
+
+@pytest.mark.parametrize("flags, message", TRAIN_CASES)
+def test_train_refuses_bad_flags_before_any_work(tmp_path, capsys, flags, message):
+    out = tmp_path / "run"
+    err = refused(train.parse_args, ["--video", "demo", "--preset", "tiny", "--out", str(out), *flags], capsys)
+    assert message in err
+    assert not out.exists(), "work started before the flags were checked"
+
+
+def test_train_output_and_input_paths(tmp_path, capsys, a_file):
+    err = refused(train.parse_args, ["--video", "demo", "--preset", "tiny", "--out", a_file], capsys)
+    assert f"--out: {a_file} is a file, not a folder" in err
+    err = refused(train.parse_args, ["--video", "demo", "--preset", "tiny", "--out", a_file + "/run"], capsys)
+    assert f"--out: cannot create {a_file}/run: {a_file} is a file, not a folder" in err
+    err = refused(train.parse_args, ["--video", "me.mp4", "--preset", "tiny", "--out", str(tmp_path)], capsys)
+    assert "--video: me.mp4: no such video file" in err
+    err = refused(train.parse_args, ["--video", "demo", "--out", str(tmp_path)], capsys)
+    assert "--base is required" in err
+
+
+def test_token_replaces_the_whole_word_only(tmp_path):
+    args = train.parse_args(["--video", "demo", "--preset", "tiny", "--out", str(tmp_path), "--token", r"ohwx\1",
+                             "--prompt", "sks does tasks, sks."])
+    assert args.prompt == r"ohwx\1 does tasks, ohwx\1."
+
+
+AVATAR = ["--avatar", "runs/me", "--params", "seq.npz"]
+SAMPLE_CASES = [
+    (AVATAR + ["--steps", "0"], "--steps: must be a whole number > 0, got 0"),
+    (AVATAR + ["--guidance", "-2"], "--guidance: must be a number >= 0, got -2"),
+    (AVATAR + ["--temporal-strength", "2"], "--temporal-strength: must be in [0, 1], got 2"),
+    (AVATAR + ["--temporal-fade", "-0.1"], "--temporal-fade: must be in [0, 1]"),
+    (AVATAR + ["--eta", "-1"], "--eta: must be in [0, 1], got -1"),
+    (AVATAR + ["--batch-frames", "0"], "--batch-frames: must be a whole number > 0"),
+    (AVATAR + ["--conditioning-scale", "-1"], "--conditioning-scale: must be a number >= 0"),
+    (AVATAR + ["--morph-weight", "0.3"], "--morph-weight needs --morph"),
+    (AVATAR + ["--morph", "Tom Cruise", "--morph-weight", "1.5"], "--morph-weight: must be in [0, 1]"),
+    (AVATAR + ["--prompt", ""], "--prompt: must not be empty"),
+    (AVATAR + ["--frames", "5:2"], "--frames: '5:2': need 0 <= a < b"),
+    (AVATAR + ["--frames", "2-5"], "--frames: wants a:b, got '2-5'"),
+    (AVATAR + ["--flame", "nowhere.pkl"], "--flame: FLAME file nowhere.pkl not found"),
+    (AVATAR + ["--out", "x.png"], "--out: x.png: the video file's name must end in .mp4"),
+    (["--ckpt", "sd.safetensors"], "--prompt is required with --ckpt"),
+    (["--ckpt", "sd.safetensors", "--prompt", "a cat", "--num-images", "0"],
+     "--num-images: must be a whole number > 0"),
+    (["--ckpt", "sd.safetensors", "--prompt", "a cat", "--height", "500"], "--height: must be a multiple of 8"),
+    (["--ckpt", "sd.safetensors", "--prompt", "a cat", "--out", "cat.mp4"], "the image file's name must end in .png"),
+    (["--ckpt", "sd.safetensors", "--prompt", "a cat", "--params", "seq.npz"], "--params drives an avatar"),
+    pytest.param(AVATAR + ["--device", "cuda"], "--device: cuda: no CUDA GPU is available here", marks=NO_GPU),
+]
+
+
+@pytest.mark.parametrize("argv, message", SAMPLE_CASES)
+def test_sample_refuses_bad_flags(capsys, argv, message):
+    assert message in refused(sample.parse_args, argv, capsys)
+
+
+def test_sample_output_paths_are_checked_first(tmp_path, capsys, a_file):
+    err = refused(sample.parse_args, AVATAR + ["--out", str(tmp_path)], capsys)
+    assert f"--out: {tmp_path} is a folder; name the video file" in err
+    err = refused(sample.parse_args, AVATAR + ["--out", a_file + "/out.mp4"], capsys)
+    assert f"--out: cannot write {a_file}/out.mp4: {a_file} is a file, not a folder" in err
+    err = refused(sample.parse_args, AVATAR + ["--png-dir", a_file], capsys)
+    assert f"--png-dir: {a_file} is a file, not a folder" in err
+    args = sample.parse_args(AVATAR + ["--out", str(tmp_path / "new" / "out.mp4")])
+    assert args.out.endswith("out.mp4") and args.morph_weight == 0.5
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--size", "0"], "--size: must be a whole number > 0, got 0"),
+    (["--max-gap", "-1"], "--max-gap: must be a whole number >= 0"),
+    (["--bbox", "10,10,5,50"], "--bbox: '10,10,5,50': x1 must exceed x0"),
+    (["--flame", "nowhere/generic_model.pkl"], "--flame: FLAME file nowhere/generic_model.pkl not found"),
+])
+def test_tracking_refuses_bad_flags(tmp_path, capsys, flags, message):
+    assert message in refused(tracking_main.parse_args, ["demo", "--out", str(tmp_path / "t"), *flags], capsys)
+    assert not (tmp_path / "t").exists()
+
+
+def test_tracking_out_that_is_a_file(capsys, a_file):
+    assert f"--out: {a_file} is a file, not a folder" in refused(tracking_main.parse_args, ["demo", "--out", a_file],
+                                                                 capsys)
+
+
+# ----------------------------------------------------------------------------- run folder lock
+
+LOCKER = """
+import os, signal, sys, time
+sys.path.insert(0, {repo!r})
+import train
+with train.run_lock({out!r}):
+    print("locked", flush=True)
+    if {kill}:
+        os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(60)
+"""
+
+
+def locker(out, kill=False) -> subprocess.Popen:
+    child = subprocess.Popen([sys.executable, "-c", LOCKER.format(repo=REPO, out=str(out), kill=kill)],
+                             stdout=subprocess.PIPE, text=True)
+    if not kill:
+        assert child.stdout.readline().strip() == "locked"
+    return child
+
+
+def test_one_training_per_run_folder(tmp_path):
+    child = locker(tmp_path)
+    try:
+        with pytest.raises(train.RunInUseError, match=f"{tmp_path} is in use by pid {child.pid}"):
+            with train.run_lock(str(tmp_path)):
+                pass
+    finally:
+        child.kill()
+        child.wait()
+    with train.run_lock(str(tmp_path)):  # the kernel released the killed run's lock
+        assert (tmp_path / ".lock").read_text() == str(os.getpid())
+
+
+def test_a_lock_left_by_a_killed_run_is_taken_over(tmp_path):
+    child = locker(tmp_path, kill=True)
+    assert child.wait() == -9
+    assert (tmp_path / ".lock").read_text() == str(child.pid)
+    with train.run_lock(str(tmp_path)):
+        assert (tmp_path / ".lock").read_text() == str(os.getpid())
+
+
+# ----------------------------------------------------------------------------- endings, files, prompts
+
+@pytest.mark.parametrize("error, code, stderr", [
+    (KeyboardInterrupt(), 130, "interrupted\n"),
+    (train.TrainingInterrupted("interrupted at step 7; rerun with --resume to continue"), 130,
+     "interrupted at step 7; rerun with --resume to continue\n"),
+    # sys.exit(text): the interpreter prints the text and exits with status 1
+    (PermissionError(13, "Permission denied", "out.mp4"), "error: [Errno 13] Permission denied: 'out.mp4'", ""),
+])
+def test_commands_end_in_one_line(capsys, error, code, stderr):
+    def main():
+        raise error
+    with pytest.raises(SystemExit) as exit_info:
+        run_command(main)
+    assert exit_info.value.code == code and capsys.readouterr().err == stderr
+
+
+def test_outputs_respect_the_umask(tmp_path):
+    """safetensors creates its files 0600; atomic_write gives every output the usual umask mode."""
+    from safetensors.torch import save_file
+    old = os.umask(0o022)
+    try:
+        with atomic_write(str(tmp_path / "w.safetensors")) as tmp:
+            save_file({"w": torch.zeros(2)}, tmp)
+        with atomic_write(str(tmp_path / "a.npy")) as tmp:
+            np.save(tmp, np.zeros(2))
+    finally:
+        os.umask(old)
+    for name in ("w.safetensors", "a.npy"):
+        assert os.stat(tmp_path / name).st_mode & 0o777 == 0o644, name
+
+
+def test_a_prompt_over_77_tokens_is_reported_once(caplog):
+    tokenizer = CLIPTokenizer.byte_level()  # one token per character
+    with caplog.at_level(logging.WARNING):
+        tokenizer(["a" * 75])
+        assert not caplog.records
+        tokenizer(["a" * 80, "a" * 80])
+        tokenizer(["a" * 80])
+    assert len(caplog.records) == 1
+    assert "its last 5 tokens were dropped" in caplog.records[0].getMessage()

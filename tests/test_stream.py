@@ -7,6 +7,15 @@ from model.sampling import NoiseSchedule, make_sampler
 from model.temporal import denoise_video, stream_latents, temporal_weights
 
 SHAPE = (4, 6, 6)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models on a shared 2-core machine: a second intra-op thread makes each op wait for a busy core."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 TARGETS = torch.randn(12, *SHAPE, generator=torch.Generator().manual_seed(0))
 
 
@@ -58,3 +67,51 @@ def test_stream_yields_each_frame_after_steps_ticks():
         assert len(arrived) == min(f + 4, 8)
     assert list(stream) == []
     assert list(stream_latents(toy_model, iter([]), sampler, noise, [0.0] * 4)) == []
+
+
+@pytest.mark.parametrize("settings", [
+    dict(sampler="ddim", steps=25, guidance=3.0),   # sample.py's defaults
+    dict(sampler="lcm", steps=4, guidance=1.0),     # the live setting (LCM-LoRA)
+])
+def test_avatar_stream_equals_render(untrained_avatar_run, settings):
+    """Avatar.stream, fed one FLAME frame at a time, gives Avatar.render's frames for the whole sequence:
+    the latents to 1e-5 of their scale (fp32; the real UNet + ControlNet with per-frame timesteps), hence the same uint8
+    frames up to one level of rounding (the VAE decodes one frame at a time instead of a chunk)."""
+    import numpy as np
+
+    import svp
+    from model.temporal import video_noise
+    avatar = svp.load_avatar(str(untrained_avatar_run))
+    seq = svp.load_seq(str(untrained_avatar_run / "tracking" / "seq.npz"))
+    settings = svp.VideoSampling(**settings, seed=5, batch_frames=3, conditioning_scale=1.0)
+    n = 6
+    one_by_one = [one_frame(seq, f) for f in range(n)]
+    streamed = np.stack(list(avatar.stream(iter(one_by_one), settings)))
+    rendered, hints = avatar.render(seq, frames=range(n), settings=settings, progress=False)
+    assert streamed.shape == rendered.shape == (n, 64, 64, 3)
+    assert np.abs(streamed.astype(int) - rendered).max() <= 1
+
+    # the latents themselves, through the avatar's real denoiser
+    from model.pipeline import encode_prompts
+    context = avatar.text_context(None)
+    uncond = encode_prompts(avatar.sd, [""]) if settings.guidance != 1.0 else None
+    denoiser = avatar.denoiser
+    noise = video_noise(4, (8, 8), settings.seed, "cpu", torch.float32)
+    sampler = make_sampler(NoiseSchedule.from_config(avatar.sd.config), settings.sampler, settings.steps)
+    offline = denoise_video(lambda x, t, ids: denoiser.guided(x, t, context, uncond, hints[ids[0]:ids[-1] + 1]),
+                            sampler, noise, settings.weights, range(n), guidance=settings.guidance, chunk=3,
+                            seed=settings.seed, progress=False)
+    streamed = torch.cat(list(stream_latents(lambda x, t, h: denoiser.guided(x, t, context, uncond, torch.stack(h)),
+                                             iter(hints), sampler, noise, settings.weights, settings.guidance,
+                                             settings.seed)))
+    error = ((streamed - offline).abs().max() / offline.abs().max()).item()  # batches of other sizes round apart
+    assert error <= 1e-5, error
+
+
+def one_frame(seq, frame):
+    """Frame `frame` of `seq` as a one-frame FlameSequence (what live tracking yields)."""
+    from dataclasses import replace
+    pick = slice(frame, frame + 1)
+    return replace(seq, expression=seq.expression[pick], global_rot=seq.global_rot[pick],
+                   neck_rot=seq.neck_rot[pick], jaw_rot=seq.jaw_rot[pick], eye_rots=seq.eye_rots[pick],
+                   translation=seq.translation[pick], crop_boxes=None)

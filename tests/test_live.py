@@ -163,3 +163,30 @@ def test_lora_reaches_the_avatar_and_text_to_image(untrained_avatar_run, tmp_pat
             assert result.returncode == 0 and out.exists(), result.stderr[-2000:]
         else:
             assert_one_line_failure(result, str(out), "other.safetensors", "nowhere")
+
+
+def test_fit_frame_follows_a_synthetic_sequence_frame_by_frame():
+    """Live fitting (tracking/fit.fit_frame): each frame alone, warm-started from the one before, with the
+    identity shape and focal given, lands on the landmarks and the head pose of a known sequence."""
+    from bench.tracking import seq_landmarks_2d, synthetic_sequence
+    from tracking.fit import fit_frame
+    from tracking.pipeline import load_flame
+    flame, size, focal = load_flame(None), (256, 256), 350.0
+    truth = synthetic_sequence(flame, 8, size, focal, seed=1)
+    observed = seq_landmarks_2d(flame, truth) + np.random.default_rng(1).normal(scale=0.5, size=(8, 68, 2))
+    previous, errors, turns = None, [], []
+    torch.set_num_threads(1)
+    for f in range(8):
+        previous = fit_frame(flame, observed[f], size, truth.shape, focal, previous)
+        assert previous.n_frames == 1 and np.array_equal(previous.shape, truth.shape) and previous.focal == pytest.approx(focal)
+        errors.append(np.linalg.norm(seq_landmarks_2d(flame, previous)[0] - observed[f], axis=-1).mean())
+        turns.append(np.degrees(np.arccos(np.clip((np.trace(head(previous, 0).T @ head(truth, f)) - 1) / 2, -1, 1))))
+    assert max(errors) < 1.0, errors  # the landmarks carry 0.5 px of noise per axis
+    assert max(turns) < 2.5, turns
+
+
+def head(seq, f) -> np.ndarray:
+    """The head's rotation in camera space on frame f: the global rotation composed with the neck."""
+    from tracking.flame import axis_angle_to_matrix
+    rotation = lambda a: axis_angle_to_matrix(torch.as_tensor(a[f], dtype=torch.float64)[None])[0].numpy()
+    return rotation(seq.global_rot) @ rotation(seq.neck_rot)

@@ -90,13 +90,16 @@ def camera_frames(device: str):
     if not container.streams.video:
         container.close()
         raise VideoError(device, "the camera has no video stream")
-    return _decode_camera(container), float(container.streams.video[0].average_rate or 30)
+    return _decode_camera(device, container), float(container.streams.video[0].average_rate or 30)
 
 
-def _decode_camera(container):
+def _decode_camera(device: str, container):
     with container:
-        for frame in container.decode(video=0):
-            yield frame.to_ndarray(format="rgb24")
+        try:
+            for frame in container.decode(video=0):
+                yield frame.to_ndarray(format="rgb24")
+        except av.FFmpegError as error:
+            raise VideoError(device, f"the camera stopped delivering frames ({error})") from error
 
 
 # ----------------------------------------------------------------------------- tracking, one frame at a time

@@ -115,7 +115,8 @@ class Avatar:
 
         inputs: FlameSequences (any number of frames each: live tracking yields one per video frame) or
         hint images (C, H, W). Frame f leaves `settings.steps` ticks after it arrives (one tick per
-        arrival, model/temporal.stream_latents): the frames are `render`'s for the whole sequence.
+        arrival, model/temporal.stream_latents): the frames are `render`'s for the whole sequence (up to
+        rounding: each frame is decoded alone).
         """
         settings = settings or VideoSampling()
         param = next(self.controlnet.parameters())

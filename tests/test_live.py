@@ -25,6 +25,15 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 FEW_STEPS = ("--sampler", "lcm", "--steps", "4", "--guidance", "1")
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The same for the tests that run in this process."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -175,7 +184,6 @@ def test_fit_frame_follows_a_synthetic_sequence_frame_by_frame():
     truth = synthetic_sequence(flame, 8, size, focal, seed=1)
     observed = seq_landmarks_2d(flame, truth) + np.random.default_rng(1).normal(scale=0.5, size=(8, 68, 2))
     previous, errors, turns = None, [], []
-    torch.set_num_threads(1)
     for f in range(8):
         previous = fit_frame(flame, observed[f], size, truth.shape, focal, previous)
         assert previous.n_frames == 1 and np.array_equal(previous.shape, truth.shape) and previous.focal == pytest.approx(focal)
@@ -190,3 +198,45 @@ def head(seq, f) -> np.ndarray:
     from tracking.flame import axis_angle_to_matrix
     rotation = lambda a: axis_angle_to_matrix(torch.as_tensor(a[f], dtype=torch.float64)[None])[0].numpy()
     return rotation(seq.global_rot) @ rotation(seq.neck_rot)
+
+
+def test_a_source_that_fails_midway_keeps_the_frames_made(untrained_avatar_run, tmp_path, monkeypatch):
+    """The error surfaces (one line at the command) and the mp4 holds the frames made before it, playable."""
+    import svp
+    from tracking import live
+    from tracking.pipeline import TrackingError
+    avatar = svp.load_avatar(str(untrained_avatar_run))
+    seq = svp.load_seq(str(untrained_avatar_run / "tracking" / "seq.npz"))
+
+    def failing(source, avatar):
+        def frames():
+            for f in range(6):
+                hint = avatar.hints(seq, range(f, f + 1))[0]
+                yield live.normals_image(hint), hint
+            raise TrackingError(f"{source}: no face on frames 6-16 (more than 10 frames in a row)")
+        return live.Feed(frames(), 24)
+    monkeypatch.setattr(live, "open_feed", failing)
+    out = tmp_path / "partial.mp4"
+    with pytest.raises(TrackingError, match="no face"):
+        live.drive(avatar, "talk.mp4", str(out), svp.VideoSampling(sampler="lcm", steps=4, guidance=1.0))
+    assert mp4_frames(out).shape == (3, 64, 64, 3)  # frames 0-2 had left the 4-step wavefront; 3-5 were in it
+
+
+def test_the_tracker_holds_the_last_fit_through_a_short_gap_and_fails_on_a_long_one(untrained_avatar_run):
+    import svp
+    from tracking.demo import demo_frames
+    from tracking.live import LiveTracker
+    from tracking.pipeline import TrackingError
+    avatar = svp.load_avatar(str(untrained_avatar_run))
+    tracker = LiveTracker(avatar.flame, svp.load_seq(avatar.meta["seq"]), avatar.shape, 64, "talk.mp4", max_gap=3)
+    blank = np.full((384, 384, 3), 90, np.uint8)
+    assert tracker(0, blank) is None  # no face yet: skipped
+    crop, params = tracker(1, demo_frames(1)[0])
+    assert crop.shape == (64, 64, 3) and params.n_frames == 1
+    for index in (2, 3):
+        assert tracker(index, blank)[1] is params
+    crop, _ = tracker(4, demo_frames(1)[0])  # the face again: the gap is over
+    for index in (5, 6, 7):
+        tracker(index, blank)
+    with pytest.raises(TrackingError, match="talk.mp4: no face on frames 5-8"):
+        tracker(8, blank)

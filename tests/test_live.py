@@ -229,13 +229,13 @@ def test_the_tracker_holds_the_last_fit_through_a_short_gap_and_fails_on_a_long_
     from tracking.pipeline import TrackingError
     avatar = svp.load_avatar(str(untrained_avatar_run))
     tracker = LiveTracker(avatar.flame, svp.load_seq(avatar.meta["seq"]), avatar.shape, 64, "talk.mp4", max_gap=3)
-    blank = np.full((384, 384, 3), 90, np.uint8)
+    blank, face = np.full((384, 384, 3), 90, np.uint8), demo_frames(1)[0]
     assert tracker(0, blank) is None  # no face yet: skipped
-    crop, params = tracker(1, demo_frames(1)[0])
+    crop, params = tracker(1, face)
     assert crop.shape == (64, 64, 3) and params.n_frames == 1
     for index in (2, 3):
         assert tracker(index, blank)[1] is params
-    crop, _ = tracker(4, demo_frames(1)[0])  # the face again: the gap is over
+    crop, _ = tracker(4, face)  # the face again: the gap is over
     for index in (5, 6, 7):
         tracker(index, blank)
     with pytest.raises(TrackingError, match="talk.mp4: no face on frames 5-8"):

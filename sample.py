@@ -7,6 +7,12 @@ expression and pose come from the sequence, the identity shape from the avatar):
     python sample.py --avatar runs/me --params seq.npz --morph "Tom Cruise" --morph-weight 0.5 --out morph.mp4
     torchrun --nproc_per_node 4 sample.py --avatar runs/me --params seq.npz --out out.mp4   # frames split over GPUs
 
+Live: drive the avatar from a video (played at its own speed), a camera or a seq.npz, tracked frame by frame;
+the mp4 is written as it goes (Ctrl-C stops it, playable), --serve shows it at http://127.0.0.1:PORT/:
+    python sample.py --avatar runs/me --drive talk.mp4 --sampler lcm --steps 4 --guidance 1 \
+        --lora lcm-lora-sdv1-5.safetensors --out live.mp4 --serve 8000
+    python sample.py --avatar runs/me --drive /dev/video0 --serve 8000
+
 Text to image:
     python sample.py --ckpt SD.safetensors --prompt "a photo of an astronaut" --out img.png
 """
@@ -22,6 +28,7 @@ from model.files import atomic_write
 from tracking.cli import (ArgumentParser, available_device, existing_file, fraction, multiple_of_8,
                           non_negative_float, non_negative_int, nonempty_text, output_dir_problem,
                           output_file_problem, positive_int, run_command)
+from model.lora import parse_lora_arg
 from svp import VideoSampling  # its class attributes are the video defaults
 
 
@@ -43,7 +50,10 @@ def parse_args(argv=None):
     p.add_argument("--guidance", type=non_negative_float, default=None,
                    help=f"classifier-free guidance scale, 1 = off (default 7.5; avatar {VideoSampling.guidance:g})")
     p.add_argument("--sampler", default=None, choices=svp.SAMPLER_NAMES,
-                   help=f"default dpmpp_2m; avatar {VideoSampling.sampler}")
+                   help=f"default dpmpp_2m; avatar {VideoSampling.sampler}; few-step: lcm (with an LCM-LoRA), "
+                   "euler_trailing (SD-Turbo-style bases)")
+    p.add_argument("--lora", action="append", type=parse_lora_arg, default=[], metavar="FILE[:SCALE]",
+                   help="a LoRA .safetensors fused into the base (repeatable; scale default 1), e.g. LCM-LoRA")
     video = p.add_argument_group("avatar video")
     video.add_argument("--params", help="FLAME sequence (seq.npz, see tracking/sequence.py) that drives the avatar")
     video.add_argument("--frames", type=parse_frames, default=None, help="a:b, only frames a..b-1")
@@ -63,6 +73,11 @@ def parse_args(argv=None):
                        "(default 0.5)")
     video.add_argument("--side-by-side", action="store_true", help="hint (3DMM rendering) | output in each frame")
     video.add_argument("--png-dir", default=None, help="also write every frame as a PNG here")
+    live = p.add_argument_group("live avatar")
+    live.add_argument("--drive", metavar="SOURCE", help="drive the avatar live: a video file (played at its fps; "
+                      "frames it cannot keep up with are dropped), a camera (/dev/video0) or a seq.npz")
+    live.add_argument("--serve", type=positive_int, metavar="PORT", help="with --drive: show driving | avatar frames at "
+                      "http://127.0.0.1:PORT/ while it runs")
     p.add_argument("--eta", type=fraction, default=0.0, help="DDIM stochasticity (0 = deterministic, 1 = DDPM)")
     p.add_argument("--height", type=multiple_of_8, default=None, help="pixels; default: the family's native size")
     p.add_argument("--width", type=multiple_of_8, default=None)
@@ -94,6 +109,10 @@ def input_problems(args) -> list[str]:
             problems.append("--prompt is required with --ckpt")
         problems += [f"{flag} drives an avatar; it does nothing with --ckpt" for flag, value in
                      (("--params", args.params), ("--morph", args.morph), ("--png-dir", args.png_dir)) if value]
+    if args.serve is not None and not args.drive:
+        problems.append("--serve shows a live run: it needs --drive SOURCE")
+    if args.drive and (args.params or args.frames):
+        problems.append("--drive takes the place of --params and --frames")
     if args.morph_weight is not None and not args.morph:
         problems.append("--morph-weight needs --morph (the prompt to morph toward)")
     args.morph_weight = 0.5 if args.morph_weight is None else args.morph_weight
@@ -122,6 +141,7 @@ def save_image(image: np.ndarray, path: str):
 def text_to_image_main(args, device, dtype):
     sd = svp.load_stable_diffusion(args.ckpt, dtype=dtype, prediction_type=args.prediction_type,
                                tokenizer=args.tokenizer).to(device)
+    svp.fuse_loras(sd, args.lora)
     images = svp.text_to_image(sd, args.prompt, args.negative_prompt, steps=args.steps or 30,
                            guidance=7.5 if args.guidance is None else args.guidance,
                            sampler=args.sampler or "dpmpp_2m", height=args.height, width=args.width,
@@ -166,14 +186,9 @@ def avatar_main(args, device, dtype):
         import torch.distributed as dist
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     avatar = svp.load_avatar(args.avatar, base=args.base, flame=args.flame, device=device, dtype=dtype,
-                             tokenizer=args.tokenizer)
-    settings = VideoSampling(steps=args.steps or VideoSampling.steps,
-                             guidance=VideoSampling.guidance if args.guidance is None else args.guidance,
-                             sampler=args.sampler or VideoSampling.sampler, eta=args.eta, seed=args.seed,
-                             temporal_strength=args.temporal_strength, temporal_fade=args.temporal_fade,
-                             batch_frames=args.batch_frames, conditioning_scale=args.conditioning_scale)
+                             tokenizer=args.tokenizer, loras=args.lora)
     images, hints = avatar.render(seq, args.prompt, args.morph, args.morph_weight, args.negative_prompt,
-                                 split_frames(frames, rank, world), settings, progress=rank == 0)
+                                 split_frames(frames, rank, world), video_settings(args), progress=rank == 0)
     if args.side_by_side:
         normals = (hints[:, :3].permute(0, 2, 3, 1).numpy() * 255).round().astype("uint8")
         images = np.concatenate([normals, images], axis=2)
@@ -194,6 +209,32 @@ def avatar_main(args, device, dtype):
     print(f"wrote {out} ({len(images)} frames)")
 
 
+def video_settings(args) -> VideoSampling:
+    return VideoSampling(steps=args.steps or VideoSampling.steps,
+                         guidance=VideoSampling.guidance if args.guidance is None else args.guidance,
+                         sampler=args.sampler or VideoSampling.sampler, eta=args.eta, seed=args.seed,
+                         temporal_strength=args.temporal_strength, temporal_fade=args.temporal_fade,
+                         batch_frames=args.batch_frames, conditioning_scale=args.conditioning_scale)
+
+
+def live_main(args, device, dtype):
+    """--drive: the avatar driven frame by frame (tracking/live.py), written to --out as it goes."""
+    from tracking.live import drive
+    avatar = svp.load_avatar(args.avatar, base=args.base, flame=args.flame, device=device, dtype=dtype,
+                             tokenizer=args.tokenizer, loras=args.lora)
+    out = args.out
+    if args.serve is not None:
+        print(f"serving http://127.0.0.1:{args.serve}/", flush=True)
+
+    def progress(frame, seconds):
+        if frame % 10 == 0:
+            print(f"frame {frame}: {(frame + 1) / seconds:.1f} frames/s", flush=True)
+    run = drive(avatar, args.drive, out, video_settings(args), args.serve, args.prompt, args.side_by_side, progress)
+    how = "stopped by Ctrl-C; " if run.stopped else ""
+    print(f"wrote {out} ({how}{run.frames} frames in {run.seconds:.1f} s, {run.frames / run.seconds:.1f} frames/s; "
+          f"{run.dropped} source frames dropped)")
+
+
 def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -202,6 +243,9 @@ def main(argv=None):
     dtype = args.dtype or ("fp16" if device.type == "cuda" else "fp32")
     if args.ckpt:
         text_to_image_main(args, device, dtype)
+    elif args.drive:
+        args.avatar = args.avatar or run_of(args.drive if args.drive.endswith(".npz") else None)
+        live_main(args, device, dtype)
     else:
         args.avatar = args.avatar or run_of(args.params)
         avatar_main(args, device, dtype)

@@ -17,6 +17,7 @@ Example (runs offline in a few minutes on a CPU):
     images = svp.text_to_image(sd, "a photo of an astronaut", steps=25)   # uint8 (1, 512, 512, 3)
 """
 import os
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,14 +27,16 @@ import torch.distributed as dist
 from model.avatar import Denoiser, fingerprint, from_run, load_avatar_weights, read_avatar_meta
 from model.controlnet import ControlNet
 from model.loading import CheckpointError, StableDiffusion, load_stable_diffusion
+from model.lora import fuse_lora, load_lora
 from model.pipeline import encode_prompts, text_to_image
-from model.sampling import SAMPLER_NAMES, NoiseSchedule
-from model.temporal import VideoSampling, sample_video, warm_up_start
+from model.sampling import SAMPLER_NAMES, NoiseSchedule, make_sampler
+from model.temporal import VideoSampling, sample_video, stream_latents, video_noise, warm_up_start
+from model.vae import to_uint8
 from tracking.conditioning import render_conditioning
 from tracking.pipeline import TrackedVideo, load_flame, track_video
 from tracking.sequence import FlameSequence, load_seq
 
-__all__ = ["load_stable_diffusion", "text_to_image", "SAMPLER_NAMES", "track", "load_avatar", "Avatar",
+__all__ = ["load_stable_diffusion", "fuse_loras", "text_to_image", "SAMPLER_NAMES", "track", "load_avatar", "Avatar",
            "VideoSampling", "load_seq", "temporal_flicker", "init_processes", "Processes"]
 
 
@@ -105,15 +108,49 @@ class Avatar:
                               context, uncond_context, settings, progress)
         return images, hints[frames.start - first:]
 
+    @torch.no_grad()
+    def stream(self, inputs: Iterable, settings: VideoSampling | None = None, prompt: str | None = None,
+               morph: str | None = None, morph_weight: float = 0.0, negative_prompt: str = "") -> Iterator[np.ndarray]:
+        """Frames (H, W, 3) uint8 of a sequence that arrives piece by piece, as soon as each is done.
+
+        inputs: FlameSequences (any number of frames each: live tracking yields one per video frame) or
+        hint images (C, H, W). Frame f leaves `settings.steps` ticks after it arrives (one tick per
+        arrival, model/temporal.stream_latents): the frames are `render`'s for the whole sequence (up to
+        rounding: each frame is decoded alone).
+        """
+        settings = settings or VideoSampling()
+        param = next(self.controlnet.parameters())
+        context = self.text_context(prompt, morph, morph_weight)
+        uncond_context = encode_prompts(self.sd, [negative_prompt]) if settings.guidance != 1.0 else None
+        denoiser, latent = self.denoiser, self.resolution // self.sd.vae.downscale
+        noise = video_noise(self.sd.unet.config.in_channels, (latent, latent), settings.seed, param.device, param.dtype)
+
+        def model_fn(x, t, hints):
+            hint = torch.stack(hints).to(param.device, param.dtype)
+            return denoiser.guided(x, t, context, uncond_context, hint, settings.conditioning_scale)
+        sampler = make_sampler(NoiseSchedule.from_config(self.sd.config), settings.sampler, settings.steps, settings.eta)
+        for latents in stream_latents(model_fn, self._hint_frames(inputs), sampler, noise, settings.weights,
+                                      settings.guidance, settings.seed):
+            yield to_uint8(self.sd.vae.decode_latents(latents))[0].numpy()
+
+    def _hint_frames(self, inputs: Iterable) -> Iterator[torch.Tensor]:
+        """One hint image per frame of `inputs` (see `stream`), rendered as each piece arrives."""
+        for item in inputs:
+            if isinstance(item, FlameSequence):
+                yield from self.hints(item, range(item.n_frames))
+            else:
+                yield item
+
 
 def load_avatar(run_dir: str, base: str | None = None, flame: str | None = None, device=None,
-                dtype: str = "fp32", tokenizer: str | None = None) -> Avatar:
+                dtype: str = "fp32", tokenizer: str | None = None, loras: Iterable[tuple[str, float]] = ()) -> Avatar:
     """The avatar that `python train.py --out run_dir` wrote, on its base model.
 
     base: the base checkpoint (default: the one recorded at training time, found relative to the run
     folder when it lies inside it); it must be the same file (checked by fingerprint). flame: FLAME
     generic_model.pkl (default: the one recorded, else the toy head). The person's identity shape is
     stored in the avatar itself, so the run folder works from anywhere, moved or copied.
+    loras: (file, scale) LoRAs fused into the base once the avatar is on it (e.g. LCM-LoRA for 4 steps).
     """
     path = os.path.join(run_dir, "avatar.safetensors")
     if not os.path.exists(path):
@@ -132,7 +169,14 @@ def load_avatar(run_dir: str, base: str | None = None, flame: str | None = None,
     sd = load_stable_diffusion(base, dtype=dtype, tokenizer=tokenizer).to(device)
     controlnet, meta = load_avatar_weights(path, sd)
     shape = np.asarray(meta["identity_shape"], np.float32)
+    fuse_loras(sd, loras)
     return Avatar(sd, controlnet.eval(), meta, load_flame(flame), shape)
+
+
+def fuse_loras(sd: StableDiffusion, loras: Iterable[tuple[str, float]]) -> None:
+    """Fuse LoRA files (file, scale), e.g. sample.py's --lora FILE[:SCALE], into sd's weights (model/lora.py)."""
+    for path, scale in loras:
+        fuse_lora(sd, load_lora(path), scale)
 
 
 # ----------------------------------------------------------------------------- processes (torchrun)

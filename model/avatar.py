@@ -73,6 +73,7 @@ class Denoiser(nn.Module):
         def twice(v):
             return None if v is None else torch.cat([v, v])
         contexts = torch.cat([uncond_context.expand(len(x), -1, -1), context.expand(len(x), -1, -1)])
+        t = twice(t) if torch.is_tensor(t) and t.numel() > 1 else t  # per-frame timesteps (streaming)
         uncond_out, cond_out = self(twice(x), t, contexts, twice(hint), scale).chunk(2)
         return cond_out, uncond_out
 

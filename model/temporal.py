@@ -22,8 +22,16 @@ process's share) has no previous chunk; but frame f at step i depends on frame f
 while w > 0, so f depends on at most `coupling_depth` predecessors (a light cone), and the range is
 preceded once by that many warm-up frames, sampled and discarded. Every split of a video therefore
 gives the same frames for the same seed.
+
+Streaming (`stream_latents`, live driving) runs the same arithmetic as a wavefront: frames arrive one at
+a time and each tick runs ONE model batch holding up to `steps` frames, each at a different step (the
+newest frame at step 0 beside its predecessor at step 1, ...). Frame f at step i needs frame f-1's
+estimate of step i-1, which the wavefront computed two ticks before, so the streamed frames equal the
+chunked ones, and after `steps` ticks one finished frame leaves per tick (latency: `steps` ticks).
 """
-from dataclasses import dataclass
+from collections import deque
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -160,6 +168,90 @@ def denoise_video(model_fn, sampler: Sampler, shared_noise: torch.Tensor, weight
     return torch.cat(out)
 
 
+@dataclass
+class _InFlight:
+    """A frame in the wavefront: its conditioning, its current sample and its clean estimate of every step so far."""
+    frame: int
+    condition: object
+    x: torch.Tensor
+    generator: torch.Generator
+    before: "_InFlight | None" = None  # the frame whose estimates pull this one (frame 0: itself)
+    estimates: list = field(default_factory=list)
+
+    @property
+    def step(self) -> int:
+        return len(self.estimates)
+
+
+def _stream_tick(model_fn, batch: list[_InFlight], sampler: Sampler, shared_noise: torch.Tensor,
+                 weights: list[float], guidance: float):
+    """One wavefront tick: one model call on every frame in flight (each at its own step), then each
+    frame's sampler step with that step's coefficients (the same `temporal_step` as `denoise`)."""
+    x = torch.cat([f.x * sampler.input_scale(f.step) for f in batch])
+    t = torch.tensor([sampler.timesteps[f.step] for f in batch], device=x.device)
+    cond_out, uncond_out = model_fn(x, t, [f.condition for f in batch])
+    updates = []
+    for row, f in enumerate(batch):
+        i = f.step
+        p, c = sampler.x0_coefficients(i), sampler.coefficients(i)
+        w = weights[i] if i > 0 else 0.0
+        pull_from = f.before.estimates[i - 1] if w > 0 else None  # computed two ticks ago
+        noise = None
+        if c.c_n != 0:
+            noise = torch.randn(shared_noise.shape, generator=f.generator, device=x.device, dtype=x.dtype)[None]
+        r_0, r_n = sampler.renoise_coefficients(i)
+        updates.append(temporal_step(
+            f.x, cond_out[row:row + 1], None if uncond_out is None else uncond_out[row:row + 1],
+            x0_prev=f.estimates[-1] if c.c_1 != 0 else None, noise=noise,
+            shared_noise=shared_noise if pull_from is not None else None, prev_frame_x0=pull_from,
+            guidance=guidance, a=p.a, b=p.b, c_x=c.c_x, c_0=c.c_0, c_1=c.c_1, c_n=c.c_n, r_0=r_0, r_n=r_n, w=w))
+    for f, (x_next, x0) in zip(batch, updates):  # after every row: a predecessor's estimates are read above
+        f.x = x_next
+        f.estimates.append(x0)
+
+
+_END = object()  # `conditions` is exhausted
+
+
+@torch.no_grad()
+def stream_latents(model_fn, conditions: Iterable, sampler: Sampler, shared_noise: torch.Tensor,
+                   weights: list[float], guidance: float = 1.0, seed: int = 0) -> Iterator[torch.Tensor]:
+    """Clean latents (1, C, H, W) of frames 0, 1, 2, ... of a video whose conditioning arrives frame by
+    frame (`conditions`, pulled one per tick), in order, the same as `denoise_video` gives (module doc).
+
+    model_fn(x, t, conditions) -> (cond_out, uncond_out or None) for a batch x of frames at the timesteps
+    t (a (B,) tensor: each frame at its own step) with those frames' conditioning items.
+    One tick per frame that arrives, then ticks until the last one is done.
+
+    The step itself runs per frame (its coefficients are its step's); a GPU path would hand
+    `temporal_step` per-row coefficient vectors and run the tick as one kernel.
+    """
+    in_flight: deque[_InFlight] = deque()
+    conditions = iter(conditions)
+    frame, arriving, last = 0, True, None
+    while arriving or in_flight:
+        condition = next(conditions, _END) if arriving else _END
+        arriving = condition is not _END
+        if arriving:
+            f = _InFlight(frame, condition, shared_noise[None] * sampler.init_noise_sigma,
+                          step_noise_generator(seed, frame, shared_noise.device))
+            f.before, last = last or f, f
+            in_flight.append(f)
+            frame += 1
+        if not in_flight:
+            break
+        _stream_tick(model_fn, list(in_flight), sampler, shared_noise, weights, guidance)
+        if in_flight[0].step == len(sampler):
+            done = in_flight.popleft()
+            done.before = None  # its successor still reads its estimates; nothing reads further back
+            yield done.x
+
+
+def video_noise(channels: int, latent_size: tuple[int, int], seed: int, device, dtype) -> torch.Tensor:
+    """The noise x_T shared by every frame of a video (one frame's worth), the same on every device."""
+    return torch.randn((channels, *latent_size), generator=torch.Generator().manual_seed(seed)).to(device, dtype)
+
+
 @torch.no_grad()
 def sample_video(denoiser, vae: AutoencoderKL, schedule: NoiseSchedule, hints: torch.Tensor, frames: range,
                  context: torch.Tensor, uncond_context: torch.Tensor | None = None,
@@ -177,8 +269,7 @@ def sample_video(denoiser, vae: AutoencoderKL, schedule: NoiseSchedule, hints: t
     hints = hints.to(param.device, param.dtype)
     first = frames.stop - len(hints)
     latent_size = (hints.shape[-2] // vae.downscale, hints.shape[-1] // vae.downscale)
-    shared_noise = torch.randn((denoiser.unet.config.in_channels, *latent_size),
-                               generator=torch.Generator().manual_seed(settings.seed)).to(param.device, param.dtype)
+    shared_noise = video_noise(denoiser.unet.config.in_channels, latent_size, settings.seed, param.device, param.dtype)
 
     def model_fn(x, t, frame_ids):
         hint = hints[frame_ids[0] - first:frame_ids[-1] + 1 - first]  # a chunk's frames are consecutive

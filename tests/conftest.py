@@ -62,3 +62,39 @@ def tokenizer_folder(openai_bpe_file, tmp_path_factory) -> Path:
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n",
                                        encoding="utf-8")
     return folder
+
+
+@pytest.fixture(scope="session")
+def untrained_avatar_run(tmp_path_factory) -> Path:
+    """A run folder as train.py writes it, without training: a random tiny base (random VAE), a fresh
+    ControlNet, and a short synthetic FLAME sequence (a head turning and opening its mouth) as the
+    'tracked' seq.npz. Seconds to build; its frames show noise-like texture, but the sampler's
+    arithmetic (streaming, live driving) is the real one."""
+    import numpy as np
+    from model.avatar import build_denoiser, fingerprint, save_avatar
+    from model.config import config_to_dict
+    from model.loading import load_stable_diffusion, write_tiny_base
+    from tracking.pipeline import load_flame
+    from tracking.sequence import FlameSequence, save_seq
+
+    run = tmp_path_factory.mktemp("untrained-avatar")
+    base = str(run / "base.safetensors")
+    write_tiny_base(base, seed=0, crops=np.random.default_rng(0).integers(0, 256, (2, 64, 64, 3), np.uint8),
+                    vae_steps=0)
+    flame, n = load_flame(None), 12
+    turn = np.sin(np.linspace(0, np.pi, n, dtype=np.float32))
+    zeros = lambda width: np.zeros((n, width), np.float32)
+    seq = FlameSequence(shape=np.zeros(flame.n_shape, np.float32), expression=zeros(flame.n_exp),
+                        global_rot=np.stack([0 * turn, 0.3 * turn, 0 * turn], 1), neck_rot=zeros(3),
+                        jaw_rot=np.stack([0.2 * turn, 0 * turn, 0 * turn], 1), eye_rots=zeros(6),
+                        translation=np.tile(np.float32([0, 0, -0.5]), (n, 1)), focal=76.8, image_size=(64, 64),
+                        fps=24.0)
+    (run / "tracking").mkdir()
+    save_seq(str(run / "tracking" / "seq.npz"), seq)
+    sd = load_stable_diffusion(base)
+    denoiser = build_denoiser(sd, "controlnet", hint_channels=8, checkpointing=False, seed=0)
+    meta = {"base": "base.safetensors", "base_fingerprint": fingerprint(base), "family": config_to_dict(sd.config),
+            "prompt": "a photo of sks person", "hint_channels": 8, "resolution": 64, "train": "controlnet",
+            "seq": "tracking/seq.npz", "identity_shape": seq.shape.tolist(), "flame": None, "step": 0}
+    save_avatar(str(run / "avatar.safetensors"), denoiser, meta)
+    return run

@@ -17,7 +17,7 @@ Landmarks are projected with the rasterizer's `project` after `opengl_to_opencv`
 camera space has OpenGL axes), so the fitted mesh renders where the landmarks were seen.
 """
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -197,6 +197,32 @@ def fit_sequence(flame, landmarks, image_size, fps=25.0, confidence=None, config
         fit.optimise(_RIGID + focal, config.rigid_iters)
         fit.optimise(_RIGID + focal + ("shape", "jaw_rot"), config.shape_iters)
         fit.optimise(_RIGID + focal + ("shape", "jaw_rot", "expression", "neck_rot"), config.full_iters)
+    return fit.result(fps)
+
+
+def fit_frame(flame, landmarks, image_size, shape, focal, previous=None, iters=20, fps=25.0, config=None):
+    """Fit one frame (live tracking) -> a one-frame FlameSequence, with the identity `shape` and the
+    `focal` length fixed (the avatar's): head pose, translation, jaw, neck and expression.
+
+    landmarks: (68, 2) pixels. previous: the previous frame's one-frame FlameSequence, the warm start
+    (a frame moves little, so `iters` L-BFGS iterations from there suffice); None: the Procrustes pose,
+    refined rigidly first as in `fit_sequence`.
+    """
+    config = replace(config or FitConfig(), focal=float(focal), fit_focal=False)
+    landmarks = np.asarray(landmarks, dtype=np.float64)[None]
+    if landmarks.shape != (1, 68, 2) or not np.isfinite(landmarks).all():
+        raise ValueError(f"landmarks must be finite with shape (68, 2), got {landmarks.shape[1:]}")
+    weights = np.ones(landmarks.shape[:2])
+    weights[:, :17] *= config.contour_weight
+    with torch.enable_grad(), _intra_op_threads(config.threads):
+        fit = _Fit(flame, landmarks, weights, tuple(image_size), config)
+        with torch.no_grad():
+            fit.vars["shape"].copy_(torch.as_tensor(np.asarray(shape, np.float32)) / fit.units["shape"])
+            for name in ("expression", "global_rot", "neck_rot", "jaw_rot", "translation") if previous else ():
+                fit.vars[name].copy_(torch.as_tensor(getattr(previous, name)) / fit.units[name])
+        if previous is None:
+            fit.optimise(_RIGID, config.rigid_iters)
+        fit.optimise(_RIGID + ("jaw_rot", "expression", "neck_rot"), iters)
     return fit.result(fps)
 
 

@@ -60,6 +60,11 @@ class Avatar:
     meta: dict              # the avatar's config (train.py's avatar_meta)
     flame: object           # tracking.flame.FLAME the avatar was trained with
     shape: np.ndarray       # the person's identity shape (tracked from the training video, stored in the avatar)
+    run_dir: str = "."      # the run folder: the config's relative paths resolve against it
+
+    def run_file(self, key: str) -> str:
+        """The path of a file the avatar's config names (`seq`, `base`, `flame`), wherever the run folder is now."""
+        return from_run(self.meta[key], self.run_dir)
 
     @property
     def resolution(self) -> int:
@@ -170,7 +175,7 @@ def load_avatar(run_dir: str, base: str | None = None, flame: str | None = None,
     controlnet, meta = load_avatar_weights(path, sd)
     shape = np.asarray(meta["identity_shape"], np.float32)
     fuse_loras(sd, loras)
-    return Avatar(sd, controlnet.eval(), meta, load_flame(flame), shape)
+    return Avatar(sd, controlnet.eval(), meta, load_flame(flame), shape, run_dir)
 
 
 def fuse_loras(sd: StableDiffusion, loras: Iterable[tuple[str, float]]) -> None:

@@ -194,7 +194,7 @@ def open_feed(source: str, avatar) -> Feed:
     else:
         fps = video_fps(source)
         newest = NewestFrame(iter_frames(source), float(fps))
-    track = LiveTracker(avatar.flame, load_seq(avatar.meta["seq"]), avatar.shape, avatar.resolution, source)
+    track = LiveTracker(avatar.flame, load_seq(avatar.run_file("seq")), avatar.shape, avatar.resolution, source)
 
     def from_video():
         while (taken := newest.get()) is not None:

@@ -29,6 +29,16 @@ from model.tokenizer import OPENAI_BPE_FILE, read_openai_bpe  # noqa: E402
 CACHE = Path.home() / ".cache" / "svp-test-data"
 
 
+@pytest.fixture
+def one_torch_thread():
+    """One torch thread for a test: the test machine's 2 cores are shared, and a second thread makes every
+    small op wait for a busy core (oversubscription stalls)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def openai_bpe_file() -> Path:
     """OpenAI CLIP's merges file from the open_clip_torch wheel; a failed download fails the test."""

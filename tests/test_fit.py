@@ -18,13 +18,7 @@ def toy_flame(tmp_path_factory):
                                   n_shape=100, n_exp=50)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The test machine's cores are shared: one thread avoids oversubscription stalls."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def head_rotation(global_rot, neck_rot):

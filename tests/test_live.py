@@ -25,13 +25,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 FEW_STEPS = ("--sampler", "lcm", "--steps", "4", "--guidance", "1")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The same for the tests that run in this process."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def free_port() -> int:

@@ -214,7 +214,7 @@ def fit_frame(flame, landmarks, image_size, shape, focal, previous=None, iters=2
         raise ValueError(f"landmarks must be finite with shape (68, 2), got {landmarks.shape[1:]}")
     weights = np.ones(landmarks.shape[:2])
     weights[:, :17] *= config.contour_weight
-    with torch.enable_grad(), _intra_op_threads(config.threads):
+    with torch.enable_grad(), intra_op_threads(config.threads):
         fit = _Fit(flame, landmarks, weights, tuple(image_size), config)
         with torch.no_grad():
             fit.vars["shape"].copy_(torch.as_tensor(np.asarray(shape, np.float32)) / fit.units["shape"])

@@ -118,24 +118,18 @@ class LiveTracker:
         self.flame, self.shape, self.size, self.source, self.max_gap = flame, shape, size, source, max_gap
         self.focal = reference.focal * size / reference.image_size[1]
         self.faces = FaceTracker()
-        self.face = None      # (frame, landmarks) of the previous frame while the track holds
+        self.state = None     # FaceTracker's TrackState of the previous frame while the track holds
         self.box = None       # the previous crop box (float, smoothed)
         self.params = None    # the previous frame's fit
         self.faceless = []  # source indices of the frames without a face since the last face
 
     def landmarks(self, frame: np.ndarray):
         """(68, 2) landmarks of the face in `frame`, followed from the previous frame, or None."""
-        if self.face is not None:
-            previous_box, previous_roll = self.faces.predictor.box_from_landmarks(self.face[1])
-            landmarks, box, roll = self.faces.settle(frame, previous_box, previous_roll)
-            if not self.faces.is_lost(frame, box, roll, landmarks, (self.face[0], previous_box, previous_roll)):
-                return landmarks
-        found = self.faces.find(frame)
-        return None if found is None else found[0]
+        result, _, self.state = self.faces.step(frame, self.state)
+        return None if result is None else result[0]
 
     def __call__(self, index: int, frame: np.ndarray) -> tuple[np.ndarray, FlameSequence] | None:
         landmarks = self.landmarks(frame)
-        self.face = None if landmarks is None else (frame, landmarks)
         if landmarks is None:
             self.faceless.append(index)
             if len(self.faceless) > self.max_gap:

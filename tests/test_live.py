@@ -157,7 +157,7 @@ def test_lora_reaches_the_avatar_and_text_to_image(untrained_avatar_run, tmp_pat
         delta = 0.5 * lora[stem + ".lora_up.weight"] @ lora[stem + ".lora_down.weight"]
         assert torch.allclose(fused_modules[name].weight, module.weight + delta, atol=1e-5)
 
-    base = plain.meta["base"]
+    base = plain.run_file("base")
     for lora, ok in ((f"{path}:0.5", True), (tiny_lora(tmp_path / "other.safetensors", {"nowhere.to_k": targets[next(iter(targets))]}), False)):
         out = tmp_path / ("ok.png" if ok else "bad.png")
         result = subprocess.run([sys.executable, "sample.py", "--ckpt", base, "--prompt", "a face", "--steps", "2",
@@ -222,7 +222,7 @@ def test_the_tracker_holds_the_last_fit_through_a_short_gap_and_fails_on_a_long_
     from tracking.live import LiveTracker
     from tracking.pipeline import TrackingError
     avatar = svp.load_avatar(str(untrained_avatar_run))
-    tracker = LiveTracker(avatar.flame, svp.load_seq(avatar.meta["seq"]), avatar.shape, 64, "talk.mp4", max_gap=3)
+    tracker = LiveTracker(avatar.flame, svp.load_seq(avatar.run_file("seq")), avatar.shape, 64, "talk.mp4", max_gap=3)
     blank, face = np.full((384, 384, 3), 90, np.uint8), demo_frames(1)[0]
     assert tracker(0, blank) is None  # no face yet: skipped
     crop, params = tracker(1, face)

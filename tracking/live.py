@@ -23,12 +23,12 @@ import av
 import numpy as np
 from PIL import Image
 
-from model.files import atomic_write
 from tracking.fit import fit_frame
 from tracking.landmarks import FaceTracker
 from tracking.pipeline import DEFAULT_MAX_GAP, TrackingError, to_crop_pixels
 from tracking.sequence import FlameSequence, load_seq
-from tracking.video import VideoError, VideoNotFoundError, crop_frames, iter_frames, smooth_crop_boxes, video_fps
+from tracking.video import (VideoError, VideoNotFoundError, VideoWriter, crop_frames, iter_frames, smooth_crop_boxes,
+                            video_fps)
 
 CROP_SMOOTHING = 0.5  # weight of the new crop box against the previous one: less jitter, little lag
 
@@ -202,32 +202,6 @@ def open_feed(source: str, avatar) -> Feed:
 
 # ----------------------------------------------------------------------------- outputs
 
-class Mp4Writer:
-    """H.264 frames appended as they come, to a file that is complete once closed. (A minimal stand-in
-    until tracking/video.py has an incremental writer.)"""
-
-    def __init__(self, path: str, fps: Fraction, crf: int = 18):
-        self.container = av.open(path, mode="w", format="mp4")
-        self.stream = self.container.add_stream("libx264", rate=fps, options={"crf": str(crf)})
-        self.stream.pix_fmt = "yuv420p"
-        self.count = 0
-
-    def write(self, frame: np.ndarray):
-        frame = frame[:frame.shape[0] // 2 * 2, :frame.shape[1] // 2 * 2]  # yuv420p: even sides
-        if self.count == 0:
-            self.stream.height, self.stream.width = frame.shape[:2]
-        self.container.mux(self.stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")))
-        self.count += 1
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        if self.count:
-            self.container.mux(self.stream.encode())  # flush the encoder's delayed frames
-        self.container.close()
-
-
 PAGE = b"""<!doctype html><title>svp live</title><body style="background:#111;color:#ccc;font-family:sans-serif">
 <p>driving | avatar</p><img src="/stream.mjpg" style="image-rendering:pixelated;height:80vh"></body>"""
 
@@ -338,7 +312,7 @@ def drive(avatar, source: str, out: str, settings, port: int | None = None, prom
             if stop.requested:
                 return
     try:
-        with atomic_write(out) as tmp, Mp4Writer(tmp, feed.fps) as writer:
+        with VideoWriter(out, feed.fps) as writer:
             try:
                 for frame in avatar.stream(hints(), settings, prompt):
                     both = np.concatenate([shown.popleft(), frame], 1)

@@ -220,7 +220,7 @@ def build_caches(cfg: argparse.Namespace, sd: StableDiffusion, flame, tracked, b
         for start in tqdm(range(0, n, 8), desc="caching", leave=False):
             frames = slice(start, min(n, start + 8))
             hints[frames] = render_conditioning(flame, tracked.seq, cfg.resolution, frames=frames).numpy()
-            crops = torch.from_numpy(tracked.crops[frames]).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
+            crops = torch.from_numpy(np.array(tracked.crops[frames])).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
             with torch.no_grad():
                 latents.append((sd.vae.encode(crops).mean * sd.config.vae.scale_factor).half().cpu().numpy())
         hints.flush()

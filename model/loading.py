@@ -255,7 +255,7 @@ def write_tiny_base(path: str, seed: int, crops: np.ndarray, vae_steps: int):
     the noise at every timestep or never be reached by it.
     """
     torch.manual_seed(seed)
-    images = torch.from_numpy(crops).permute(0, 3, 1, 2).float() / 127.5 - 1
+    images = torch.from_numpy(np.array(crops)).permute(0, 3, 1, 2).float() / 127.5 - 1  # a copy: crops may be a memmap
     vae = fit_vae(AutoencoderKL(TINY.vae), images, vae_steps, seed)
     with torch.no_grad():
         scale = 1 / torch.cat([vae.encode(images[i:i + 8]).mean for i in range(0, len(images), 8)]).std().item()

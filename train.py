@@ -193,13 +193,9 @@ class FrameData:
 
 
 def track(cfg: argparse.Namespace) -> svp.TrackedVideo:
-    folder = os.path.join(cfg.out, "tracking")
-    tracked = svp.track(cfg.video, folder, cfg.flame, size=cfg.resolution, max_frames=cfg.max_frames,
-                        bbox=cfg.bbox, max_gap=cfg.max_gap)
-    if tracked.crops.shape[1] != cfg.resolution:
-        raise ValueError(f"{folder} holds crops of {tracked.crops.shape[1]} px but --resolution is "
-                         f"{cfg.resolution}; use another --out")
-    return tracked
+    """<out>/tracking at --resolution (a cache made with other inputs is tracked again: tracking/pipeline.py)."""
+    return svp.track(cfg.video, os.path.join(cfg.out, "tracking"), cfg.flame, size=cfg.resolution,
+                     max_frames=cfg.max_frames, bbox=cfg.bbox, max_gap=cfg.max_gap)
 
 
 def build_caches(cfg: argparse.Namespace, sd: StableDiffusion, flame, tracked, base: str, device):

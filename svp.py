@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from model.avatar import Denoiser, fingerprint, from_run, load_avatar_weights, read_avatar_meta
+from model.files import read_json, write_json
 from model.controlnet import ControlNet
 from model.loading import CheckpointError, StableDiffusion, load_stable_diffusion
 from model.lora import fuse_lora, load_lora
@@ -37,7 +38,8 @@ from tracking.pipeline import TrackedVideo, load_flame, track_video
 from tracking.sequence import FlameSequence, load_seq
 
 __all__ = ["load_stable_diffusion", "fuse_loras", "text_to_image", "SAMPLER_NAMES", "track", "load_avatar", "Avatar",
-           "VideoSampling", "load_seq", "temporal_flicker", "init_processes", "Processes"]
+           "VideoSampling", "load_seq", "temporal_flicker", "init_processes", "Processes", "Split",
+           "last_frames_split", "save_split", "load_split"]
 
 
 def track(video: str, out_dir: str, flame: str | None = None, size: int = 512, max_frames: int | None = None,
@@ -48,6 +50,61 @@ def track(video: str, out_dir: str, flame: str | None = None, size: int = 512, m
     preview (see tracking.pipeline.track_video). Returns the FLAME sequence and the face crops.
     """
     return track_video(video, out_dir, load_flame(flame), size=size, max_frames=max_frames, **options)
+
+
+# ----------------------------------------------------------------------------- the held-out split
+
+SPLIT_FILE = "split.json"
+
+
+@dataclass(frozen=True)
+class Split:
+    """Which of a run's tracked frames train and which are held out for evaluation (<run>/split.json)."""
+    n_frames: int
+    held_out: tuple[int, ...]
+    rule: str                 # how the held-out frames were chosen, in words
+
+    @property
+    def train(self) -> list[int]:
+        held_out = set(self.held_out)
+        return [i for i in range(self.n_frames) if i not in held_out]
+
+
+def last_frames_split(n_frames: int, fraction: float) -> Split:
+    """The last `fraction` of the frames held out (at least one). One stretch at the end: evaluation
+    renders it as video (the temporal sampler needs each frame's predecessors), and no held-out frame
+    has a near-copy a frame away in training, as every k-th frame would."""
+    n_held_out = min(n_frames, max(1, round(n_frames * fraction)))
+    return Split(n_frames, tuple(range(n_frames - n_held_out, n_frames)),
+                 f"the last {n_held_out} of {n_frames} frames (train.py --val-fraction {fraction:g})")
+
+
+def save_split(run_dir: str, split: Split):
+    """Write <run_dir>/split.json, or check that the split there is this one (a resumed run keeps its split)."""
+    path = os.path.join(run_dir, SPLIT_FILE)
+    if os.path.exists(path):
+        stored = load_split(run_dir)
+        if (stored.n_frames, stored.held_out) != (split.n_frames, split.held_out):
+            raise ValueError(f"{path} holds out {stored.rule}, this run would hold out {split.rule}; "
+                             "use another --out")
+        return
+    write_json(path, {"n_frames": split.n_frames, "held_out": list(split.held_out), "rule": split.rule})
+
+
+def load_split(run_dir: str) -> Split:
+    """The held-out split train.py recorded in `run_dir`."""
+    path = os.path.join(run_dir, SPLIT_FILE)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{run_dir}: no {SPLIT_FILE} (trained before held-out splits were recorded); "
+                                "rerun its train.py command with --resume to write it (it trains no further)")
+    data = read_json(path)
+    try:
+        n, held_out, rule = int(data["n_frames"]), tuple(int(i) for i in data["held_out"]), str(data["rule"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path}: not a split file (wants n_frames, held_out, rule; {e!r})") from None
+    if not held_out or not all(0 <= i < n for i in held_out) or len(set(held_out)) != len(held_out):
+        raise ValueError(f"{path}: held_out must name distinct frames among its {n}")
+    return Split(n, held_out, rule)
 
 
 # ----------------------------------------------------------------------------- the avatar

@@ -10,8 +10,8 @@
    built from; they are rebuilt when that differs from the current run.
 3. The ControlNet (and, with --train, the UNet or its attention layers) learns the diffusion loss of
    the checkpoint's prediction type, captioned "a photo of <token> person". The LAST frames are held
-   out; their denoising loss at fixed timesteps and fixed noise is logged at step 0, every --val-every
-   steps and at the end.
+   out (<out>/split.json, written before training: evaluate.py scores the avatar on them); their denoising
+   loss at fixed timesteps and fixed noise is logged at step 0, every --val-every steps and at the end.
 4. Outputs: <out>/avatar.safetensors (the trained weights only: `control_model.*` plus the trained
    `model.diffusion_model.*` UNet tensors; the metadata key `svp_avatar` holds a JSON config),
    <out>/previews/step_XXXXX.png (held-out hint | ground truth | sample), <out>/log.jsonl.
@@ -150,7 +150,7 @@ def load_base(cfg: argparse.Namespace, ranks: svp.Processes) -> tuple[StableDiff
     base = cfg.base or os.path.join(cfg.out, "base.safetensors")
     if cfg.base is None and ranks.main and not os.path.exists(base):
         crops = track(cfg).crops
-        write_tiny_base(base, cfg.seed, crops[:train_frame_count(len(crops), cfg)], cfg.vae_steps)
+        write_tiny_base(base, cfg.seed, crops[split_of(cfg, len(crops)).train], cfg.vae_steps)
     ranks.barrier()
     sd = svp.load_stable_diffusion(base, prediction_type=cfg.prediction_type, tokenizer=cfg.tokenizer)
     return sd.to(ranks.device), base
@@ -185,7 +185,7 @@ class FrameData:
     latents: torch.Tensor    # (T, 4, h, w) float32, the VAE posterior means, scaled
     hints: np.ndarray        # (T, C, S, S) float16 hint images (memory-mapped)
     crops: np.ndarray        # (T, S, S, 3) uint8
-    n_train: int             # frames [0, n_train) train, the rest are held out
+    split: svp.Split         # which frames train, which are held out
     seq_path: str
 
     def hint_batch(self, idx, device) -> torch.Tensor:
@@ -226,38 +226,43 @@ def build_caches(cfg: argparse.Namespace, sd: StableDiffusion, flame, tracked, b
     write_json(paths["meta.json"], key)  # last: it vouches for the two arrays
 
 
-def train_frame_count(n: int, cfg: argparse.Namespace) -> int:
-    """Frames [0, n_train) train; the last ones (at least one) are held out."""
-    n_train = n - max(1, round(n * cfg.val_fraction))
-    if n_train < 1:
-        raise ValueError(f"{cfg.video}: {n} tracked frames leave none for training after holding out {n - n_train}")
-    return n_train
+def split_of(cfg: argparse.Namespace, n: int) -> svp.Split:
+    """The last --val-fraction of the n tracked frames (at least one) are held out, the rest train."""
+    split = svp.last_frames_split(n, cfg.val_fraction)
+    if not split.train:
+        raise ValueError(f"{cfg.video}: {n} tracked frames leave none for training after holding out {n}")
+    return split
 
 
 def prepare_data(cfg: argparse.Namespace, sd: StableDiffusion, base: str, ranks: svp.Processes, flame) -> FrameData:
-    """Track and cache on rank 0; the other ranks wait, then read the same files."""
+    """Track, cache and record the split (<out>/split.json) on rank 0; the other ranks wait, then read the
+    same files."""
     if ranks.main:
-        build_caches(cfg, sd, flame, track(cfg), base, ranks.device)
+        tracked = track(cfg)
+        build_caches(cfg, sd, flame, tracked, base, ranks.device)
+        svp.save_split(cfg.out, split_of(cfg, tracked.seq.n_frames))
     ranks.barrier()
     folder = os.path.join(cfg.out, "cache")
     latents = torch.from_numpy(np.load(os.path.join(folder, "latents.npy"))).float()
     return FrameData(latents, np.load(os.path.join(folder, "hints.npy"), mmap_mode="r"), track(cfg).crops,
-                     train_frame_count(len(latents), cfg), os.path.join(cfg.out, "tracking", "seq.npz"))
+                     svp.load_split(cfg.out), os.path.join(cfg.out, "tracking", "seq.npz"))
 
 
 def epoch_order(n: int, epoch: int, seed: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
 
 
-def batch_indices(step: int, micro: int, cfg: argparse.Namespace, ranks: svp.Processes, n_train: int) -> list[int]:
-    """This rank's frames of a micro-batch: a stateless walk through seeded per-epoch permutations.
+def batch_indices(step: int, micro: int, cfg: argparse.Namespace, ranks: svp.Processes,
+                  train_frames: list[int]) -> list[int]:
+    """This rank's frames of a micro-batch: a stateless walk through seeded per-epoch permutations of the
+    training frames (the held-out ones are never drawn).
 
     The global batch (world x batch_size frames) is cut into one contiguous share per rank, like
     DistributedSampler, and the position in the stream depends only on (step, micro-batch).
     """
     start = ((step * cfg.grad_accum + micro) * ranks.world + ranks.rank) * cfg.batch_size
-    positions = range(start, start + cfg.batch_size)
-    return [int(epoch_order(n_train, p // n_train, cfg.seed)[p % n_train]) for p in positions]
+    positions, n = range(start, start + cfg.batch_size), len(train_frames)
+    return [train_frames[int(epoch_order(n, p // n, cfg.seed)[p % n])] for p in positions]
 
 
 def step_generator(*keys: int) -> torch.Generator:
@@ -280,7 +285,7 @@ def held_out_loss(denoiser: Denoiser, schedule: NoiseSchedule, data: FrameData, 
                   batch_size: int, autocast=nullcontext, zero_hint: bool = False) -> float:
     """The diffusion loss on the held-out frames at fixed timesteps and fixed noise."""
     device = context.device
-    frames = range(data.n_train, len(data.latents))
+    frames = data.split.held_out
     timesteps = [int(f * schedule.num_train_timesteps) for f in VAL_TIMESTEP_FRACTIONS]
     pairs = [(i, t) for i in frames for t in timesteps]
     noise = torch.randn((len(pairs),) + tuple(data.latents.shape[1:]), generator=torch.Generator().manual_seed(seed))
@@ -314,7 +319,7 @@ def avatar_meta(cfg: argparse.Namespace, sd: StableDiffusion, identity: dict, ba
 def save_preview(path: str, sd: StableDiffusion, denoiser: Denoiser, data: FrameData, context, steps: int, seed: int):
     """Held-out hint (its normals as colours) | ground truth | a DDIM sample (no guidance): the video sampler
     on that one frame."""
-    frame = data.n_train
+    frame = data.split.held_out[0]
     settings = svp.VideoSampling(steps=steps, guidance=1.0, sampler="ddim", seed=seed, temporal_strength=0.0)
     denoiser.eval()
     image = sample_video(denoiser, sd.vae, NoiseSchedule.from_config(sd.config), data.hint_batch([frame], context.device),
@@ -458,13 +463,14 @@ def train_locked(cfg: argparse.Namespace, ranks: svp.Processes) -> Denoiser:
         if ranks.main:
             append_log(paths["log.jsonl"], record)
 
+    train_frames = data.split.train
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not ranks.main, desc="training")
     try:
         while step < cfg.max_steps:
             started = time.perf_counter()
             loss = 0.0
             for micro in range(cfg.grad_accum):
-                idx = batch_indices(step, micro, cfg, ranks, data.n_train)
+                idx = batch_indices(step, micro, cfg, ranks, train_frames)
                 generator = step_generator(cfg.seed, step, micro, ranks.rank)
                 last = micro == cfg.grad_accum - 1
                 with (model.no_sync() if ranks.world > 1 and not last else nullcontext()), autocast():

@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+import svp
 import train
 from model.avatar import build_denoiser, load_avatar_weights
 from model.controlnet import CONTROLNET_PREFIX
@@ -107,6 +108,30 @@ def test_held_out_loss_falls(demo_run):
     assert drop >= 0.5
 
 
+def test_the_held_out_frames_are_recorded_and_never_drawn_for_training(demo_run):
+    """split.json names the held-out frames (the last 10%: 1 of 12) before training starts, and the data
+    order of every step, micro-batch and rank draws only the other frames, each of them."""
+    out = demo_run[0]
+    split = svp.load_split(str(out))
+    assert split == svp.last_frames_split(FRAMES, 0.1) and split.held_out == (11,)
+    assert split.train == list(range(11))
+    cfg = train.parse_args(["--video", "demo", "--out", str(out), *TINY_ARGS, "--grad-accum", "2"])
+    for world in (1, 2):
+        drawn = [i for rank in range(world) for step in range(DEMO_STEPS) for micro in range(cfg.grad_accum)
+                 for i in train.batch_indices(step, micro, cfg, svp.Processes(rank, world, None), split.train)]
+        assert set(drawn) == set(split.train), world
+
+
+def test_a_run_keeps_its_split(demo_run, tmp_path):
+    """A rerun into a run folder whose split.json holds out other frames (its tracking changed) is refused
+    before training, naming the file."""
+    out = clone_run(demo_run[0], tmp_path / "run")
+    svp.save_split(str(out), svp.last_frames_split(FRAMES, 0.5))
+    with pytest.raises(ValueError, match="split.json holds out the last 6 of 12 frames"):
+        run_train(out, "--max-steps", "1")
+    assert not (out / "log.jsonl").exists()
+
+
 def pose_sweep(src, dst, frames=24, period=8):
     """A tracking folder whose "video" is its own conditioning: the demo's head turning +-35 degrees.
 
@@ -136,7 +161,8 @@ def test_it_learns_to_use_the_conditioning(demo_run, tmp_path):
                          "--train", "controlnet", "--lr", "3e-3")
     sd = load_stable_diffusion(str(out / "base.safetensors"))
     latents = torch.from_numpy(np.load(out / "cache" / "latents.npy")).float()
-    data = train.FrameData(latents, np.load(out / "cache" / "hints.npy"), None, 24 - 4, "")
+    data = train.FrameData(latents, np.load(out / "cache" / "hints.npy"), None, svp.load_split(str(out)), "")
+    assert data.split.held_out == (20, 21, 22, 23)
     context = encode_prompts(sd, ["a photo of sks person"])
     schedule = NoiseSchedule.from_config(sd.config)
     with_hint = train.held_out_loss(denoiser, schedule, data, context, seed=1, batch_size=8)
@@ -163,6 +189,7 @@ def test_rerun_resumes_exactly_after_a_kill(demo_run, tmp_path):
         run_train(out, *args)
     resumed = state_of(run_train(out, *args, "--resume"))
     assert os.path.getmtime(out / "cache" / "hints.npy") == cache_time, "the caches were rebuilt"
+    assert svp.load_split(str(out)) == svp.load_split(str(demo_run[0]))
     assert [r["step"] for r in read_log(out)] == list(range(9))
     assert resumed.keys() == straight.keys()
     assert all(torch.equal(resumed[k], straight[k]) for k in straight)

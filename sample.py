@@ -38,25 +38,59 @@ def parse_args(argv=None):
     mode.add_argument("--avatar", help="run folder of `python train.py` (holds avatar.safetensors): video mode; "
                       "default: the run whose tracking/ holds --params")
     mode.add_argument("--ckpt", help="single-file .safetensors checkpoint or diffusers folder: text-to-image mode")
-    p.add_argument("--prompt", type=nonempty_text, default=None,
-                   help="text prompt (avatar default: its training caption)")
-    p.add_argument("--negative-prompt", default="", help="what to steer away from (classifier-free guidance)")
     p.add_argument("--out", default=None, help="output video (.mp4; default out.mp4) or image (.png/.jpg; default "
                    "sample.png); with --num-images N, files are named <stem>-<i><ext>")
     p.add_argument("--num-images", type=positive_int, default=1, help="text-to-image: images per prompt")
-    p.add_argument("--seed", type=non_negative_int, default=0)
-    p.add_argument("--steps", type=positive_int, default=None,
-                   help=f"sampler steps (default 30; avatar {VideoSampling.steps})")
-    p.add_argument("--guidance", type=non_negative_float, default=None,
-                   help=f"classifier-free guidance scale, 1 = off (default 7.5; avatar {VideoSampling.guidance:g})")
-    p.add_argument("--sampler", default=None, choices=svp.SAMPLER_NAMES,
-                   help=f"default dpmpp_2m; avatar {VideoSampling.sampler}; few-step: lcm (with an LCM-LoRA), "
-                   "euler_trailing (SD-Turbo-style bases)")
-    p.add_argument("--lora", action="append", type=parse_lora_arg, default=[], metavar="FILE[:SCALE]",
-                   help="a LoRA .safetensors fused into the base (repeatable; scale default 1), e.g. LCM-LoRA")
-    video = p.add_argument_group("avatar video")
+    video = add_sampler_args(p)
     video.add_argument("--params", help="FLAME sequence (seq.npz, see tracking/sequence.py) that drives the avatar")
     video.add_argument("--frames", type=parse_frames, default=None, help="a:b, only frames a..b-1")
+    video.add_argument("--morph", default=None, help='morph toward "a photo of <MORPH>" (e.g. "Tom Cruise")')
+    video.add_argument("--morph-weight", type=fraction, default=None, help="0 = the avatar, 1 = the --morph prompt "
+                       "(default 0.5)")
+    video.add_argument("--side-by-side", action="store_true", help="hint (3DMM rendering) | output in each frame")
+    video.add_argument("--png-dir", default=None, help="also write every frame as a PNG here")
+    live = p.add_argument_group("live avatar")
+    live.add_argument("--drive", metavar="SOURCE", help="drive the avatar live: a video file (played at its fps; "
+                      "frames it cannot keep up with are dropped), a camera (/dev/video0) or a seq.npz")
+    live.add_argument("--serve", type=positive_int, metavar="PORT", help="with --drive: show driving | avatar frames at "
+                      "http://127.0.0.1:PORT/ while it runs")
+    p.add_argument("--height", type=multiple_of_8, default=None, help="pixels; default: the family's native size")
+    p.add_argument("--width", type=multiple_of_8, default=None)
+    pred = p.add_mutually_exclusive_group()
+    pred.add_argument("--v-prediction", dest="prediction_type", action="store_const", const="v_prediction",
+                      help="the checkpoint predicts v (SD2-768); overrides detection")
+    pred.add_argument("--epsilon", dest="prediction_type", action="store_const", const="epsilon",
+                      help="the checkpoint predicts noise (SD1, SD2-512 base); overrides detection")
+    args = p.parse_args(argv)
+    for problem in input_problems(args):
+        p.error(problem)
+    return args
+
+
+def add_sampler_args(p: argparse.ArgumentParser):
+    """The flags that say how a sample is made, shared with evaluate.py (an evaluation scores what sample.py
+    makes with the same flags; `video_settings` reads them). Returns the "avatar video" group."""
+    p.add_argument("--prompt", type=nonempty_text, default=None,
+                   help="text prompt (avatar default: its training caption)")
+    p.add_argument("--negative-prompt", default="", help="what to steer away from (classifier-free guidance)")
+    p.add_argument("--seed", type=non_negative_int, default=0)
+    p.add_argument("--steps", type=positive_int, default=None,
+                   help=f"sampler steps (avatar default {VideoSampling.steps}; text to image 30)")
+    p.add_argument("--guidance", type=non_negative_float, default=None, help="classifier-free guidance scale, "
+                   f"1 = off (avatar default {VideoSampling.guidance:g}; text to image 7.5)")
+    p.add_argument("--sampler", default=None, choices=svp.SAMPLER_NAMES,
+                   help=f"avatar default {VideoSampling.sampler}; text to image dpmpp_2m; few-step: lcm (with an "
+                   "LCM-LoRA), euler_trailing (SD-Turbo-style bases)")
+    p.add_argument("--eta", type=fraction, default=0.0, help="DDIM stochasticity (0 = deterministic, 1 = DDPM)")
+    p.add_argument("--lora", action="append", type=parse_lora_arg, default=[], metavar="FILE[:SCALE]",
+                   help="a LoRA .safetensors fused into the base (repeatable; scale default 1), e.g. LCM-LoRA")
+    p.add_argument("--dtype", default=None, choices=("fp32", "fp16", "bf16"),
+                   help="weights and activations (default: fp16 on CUDA, fp32 on CPU)")
+    p.add_argument("--device", type=available_device, default=None,
+                   help="cuda, cuda:1, cpu (default: cuda when available)")
+    p.add_argument("--tokenizer", default=None, help="CLIP vocabulary: a tokenizer/ folder, tokenizer.json, "
+                   "vocab.json or bpe_simple_vocab_16e6.txt.gz (default: beside the checkpoint, or $SVP_TOKENIZER)")
+    video = p.add_argument_group("avatar video")
     video.add_argument("--base", default=None, help="the avatar's base checkpoint, if it moved since training")
     video.add_argument("--flame", type=existing_file("FLAME file"), default=None,
                        help="FLAME generic_model.pkl, if it moved since training")
@@ -68,34 +102,7 @@ def parse_args(argv=None):
                        help="frames denoised together in lock-step")
     video.add_argument("--conditioning-scale", type=non_negative_float, default=VideoSampling.conditioning_scale,
                        help="strength of the 3DMM conditioning (multiplies the ControlNet's residuals)")
-    video.add_argument("--morph", default=None, help='morph toward "a photo of <MORPH>" (e.g. "Tom Cruise")')
-    video.add_argument("--morph-weight", type=fraction, default=None, help="0 = the avatar, 1 = the --morph prompt "
-                       "(default 0.5)")
-    video.add_argument("--side-by-side", action="store_true", help="hint (3DMM rendering) | output in each frame")
-    video.add_argument("--png-dir", default=None, help="also write every frame as a PNG here")
-    live = p.add_argument_group("live avatar")
-    live.add_argument("--drive", metavar="SOURCE", help="drive the avatar live: a video file (played at its fps; "
-                      "frames it cannot keep up with are dropped), a camera (/dev/video0) or a seq.npz")
-    live.add_argument("--serve", type=positive_int, metavar="PORT", help="with --drive: show driving | avatar frames at "
-                      "http://127.0.0.1:PORT/ while it runs")
-    p.add_argument("--eta", type=fraction, default=0.0, help="DDIM stochasticity (0 = deterministic, 1 = DDPM)")
-    p.add_argument("--height", type=multiple_of_8, default=None, help="pixels; default: the family's native size")
-    p.add_argument("--width", type=multiple_of_8, default=None)
-    p.add_argument("--dtype", default=None, choices=("fp32", "fp16", "bf16"),
-                   help="weights and activations (default: fp16 on CUDA, fp32 on CPU)")
-    p.add_argument("--device", type=available_device, default=None,
-                   help="cuda, cuda:1, cpu (default: cuda when available)")
-    pred = p.add_mutually_exclusive_group()
-    pred.add_argument("--v-prediction", dest="prediction_type", action="store_const", const="v_prediction",
-                      help="the checkpoint predicts v (SD2-768); overrides detection")
-    pred.add_argument("--epsilon", dest="prediction_type", action="store_const", const="epsilon",
-                      help="the checkpoint predicts noise (SD1, SD2-512 base); overrides detection")
-    p.add_argument("--tokenizer", default=None, help="CLIP vocabulary: a tokenizer/ folder, tokenizer.json, "
-                   "vocab.json or bpe_simple_vocab_16e6.txt.gz (default: beside the checkpoint, or $SVP_TOKENIZER)")
-    args = p.parse_args(argv)
-    for problem in input_problems(args):
-        p.error(problem)
-    return args
+    return video
 
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")

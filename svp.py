@@ -47,7 +47,7 @@ def track(video: str, out_dir: str, flame: str | None = None, size: int = 512, m
     """Track `video` (a path, or "demo" for the offline demo video of `max_frames` or 48 frames) into `out_dir`.
 
     flame: path of FLAME's generic_model.pkl (None: the built-in toy head); options: bbox, max_gap,
-    preview (see tracking.pipeline.track_video). Returns the FLAME sequence and the face crops.
+    preview, shape (a fixed identity shape; see tracking.pipeline.track_video). Returns the FLAME sequence and the face crops.
     """
     return track_video(video, out_dir, load_flame(flame), size=size, max_frames=max_frames, **options)
 

@@ -94,3 +94,14 @@ def test_fit_runs_on_its_own_thread_count(toy_flame, monkeypatch):
     fit.fit_sequence(toy_flame, noisy, IMAGE_SIZE, config=FitConfig(
         focal=FOCAL, fit_focal=False, rigid_iters=2, shape_iters=2, full_iters=2, threads=1))
     assert seen and set(seen) == {1} and torch.get_num_threads() == 2
+
+
+def test_a_fixed_identity_shape_is_kept(toy_flame):
+    """shape=...: the identity is not fitted (evaluate.py tracks another video of an avatar's person with the
+    avatar's shape); the pose still is, as well as with the shape fitted."""
+    truth, clean, noisy = _noisy_observation(toy_flame, 12, seed=3)
+    config = FitConfig(focal=FOCAL, fit_focal=False, rigid_iters=20, shape_iters=20, full_iters=40)
+    result = fit.fit_sequence(toy_flame, noisy, IMAGE_SIZE, config=config, shape=truth.shape)
+    assert np.array_equal(result.shape, truth.shape)
+    reprojection = np.linalg.norm(seq_landmarks_2d(toy_flame, result) - clean, axis=-1)
+    assert reprojection.mean() <= 1.5, reprojection.mean()

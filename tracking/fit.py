@@ -172,13 +172,14 @@ class _Fit:
             focal=float(p["log_focal"].exp()), image_size=tuple(int(s) for s in self.image_size), fps=float(fps))
 
 
-def fit_sequence(flame, landmarks, image_size, fps=25.0, confidence=None, config=None):
+def fit_sequence(flame, landmarks, image_size, fps=25.0, confidence=None, config=None, shape=None):
     """Fit FLAME to 2D landmarks -> FlameSequence.
 
     flame: tracking.flame.FLAME (its n_shape / n_exp are the fitted sizes).
     landmarks: (T,68,2) pixels; image_size: (height, width); confidence: optional (T,68) or (T,)
     weights in [0, 1] (0 = missing detection; a frame with < 6 valid points is filled in by the
-    smoothness terms). config: FitConfig.
+    smoothness terms). config: FitConfig. shape: a fixed identity (n_shape,), e.g. an avatar's when
+    tracking another video of its person; None: fitted.
     """
     config = config or FitConfig()
     landmarks = np.asarray(landmarks, dtype=np.float64)
@@ -192,11 +193,15 @@ def fit_sequence(flame, landmarks, image_size, fps=25.0, confidence=None, config
     focal = ("log_focal",) if config.fit_focal else ()
     with torch.enable_grad(), intra_op_threads(config.threads):
         fit = _Fit(flame, landmarks, weights, tuple(image_size), config)
+        identity = ("shape",) if shape is None else ()
+        if shape is not None:
+            with torch.no_grad():
+                fit.vars["shape"].copy_(torch.as_tensor(np.asarray(shape, np.float32)) / fit.units["shape"])
         # Freedom is added in stages: the per-frame expression could otherwise absorb pose errors
         # of the neutral-face initialisation, so pose and the shared shape settle first.
         fit.optimise(_RIGID + focal, config.rigid_iters)
-        fit.optimise(_RIGID + focal + ("shape", "jaw_rot"), config.shape_iters)
-        fit.optimise(_RIGID + focal + ("shape", "jaw_rot", "expression", "neck_rot"), config.full_iters)
+        fit.optimise(_RIGID + focal + identity + ("jaw_rot",), config.shape_iters)
+        fit.optimise(_RIGID + focal + identity + ("jaw_rot", "expression", "neck_rot"), config.full_iters)
     return fit.result(fps)
 
 

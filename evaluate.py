@@ -24,6 +24,7 @@ from PIL import Image
 
 import svp
 from model.files import atomic_write, write_json
+from model.loading import DTYPES
 from model.metrics import frame_metrics, load_inception, load_lpips
 from sample import add_sampler_args, video_settings
 from tracking.cli import (ArgumentParser, existing_file, output_dir_problem, output_file_problem, positive_int,
@@ -144,25 +145,32 @@ def plain(value):
     return value
 
 
+ROWS = {"frames": "frames", "psnr": "PSNR dB (higher: closer)", "ssim": "SSIM (higher: closer, 1 = same)",
+        "lpips": "LPIPS (lower: closer)", "fid": "FID (lower: closer)", "kid": "KID (lower: closer)",
+        "flicker": "flicker render | real | excess"}
+
+
 def shown(value) -> str:
-    """One cell of the table."""
-    if isinstance(value, dict) and "missing" in value:
-        return f"missing: {value['missing']}"
-    if isinstance(value, dict) and {"mean", "std"} <= value.keys():
-        return f"{value['mean']:.4g} ± {value['std']:.2g}"
-    if isinstance(value, dict):
-        return ", ".join(f"{k} {shown(v)}" for k, v in value.items())
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
+    """One cell of the table (model.metrics.frame_metrics' entries)."""
+    if not isinstance(value, dict):
+        return f"{value:.4g}" if isinstance(value, float) else str(value)
+    if "missing" in value:
+        return "missing"
+    if "std" in value:
+        return f"{value['mean']:.4g} +- {value['std']:.2g}"
+    if "excess" in value:
+        return " | ".join(f"{value[k]:.4f}" for k in ("render", "real", "excess"))
+    return f"{value['value' if 'value' in value else 'mean']:.4g}"
 
 
 def table(results: dict[str, dict]) -> str:
-    """Metrics as rows, sources as columns."""
-    names = list(next(iter(results.values())))
-    rows = [["metric", *results]] + [[name, *(shown(r[name]) for r in results.values())] for name in names]
+    """Metrics as rows, sources as columns; below, why a metric is missing."""
+    rows = [["", *results]] + [[label, *(shown(r[key]) for r in results.values())] for key, label in ROWS.items()]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    missing = {r[key]['missing'] for r in results.values() for key in ROWS
+               if isinstance(r[key], dict) and "missing" in r[key]}
+    return "\n".join(lines + sorted(f"missing: {why}" for why in missing))
 
 
 def strip_rows(real: np.ndarray, fake: np.ndarray, count: int = STRIP_FRAMES) -> np.ndarray:
@@ -177,8 +185,8 @@ def main(argv=None):
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype or ("fp16" if device.startswith("cuda") else "fp32")
     svp.load_split(args.avatar)  # a run without a split fails before any loading
-    lpips = load_lpips(args.lpips, device, dtype) if args.lpips else None
-    inception = load_inception(args.inception, device, dtype) if args.inception else None
+    lpips = load_lpips(args.lpips, device, DTYPES[dtype]) if args.lpips else None
+    inception = load_inception(args.inception, device, DTYPES[dtype]) if args.inception else None
     avatar = svp.load_avatar(args.avatar, base=args.base, flame=args.flame, device=device, dtype=dtype,
                              tokenizer=args.tokenizer, loras=args.lora)
     sources = [held_out_source(avatar)] + ([video_source(avatar, args.video, args.max_frames)] if args.video else [])
@@ -191,6 +199,7 @@ def main(argv=None):
         report.append({"name": source.name, **source.about, "frames": source.frames,
                        "metrics": results[source.name]})
     print(table(results))
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with atomic_write(strip_path(args.out)) as tmp:
         Image.fromarray(np.concatenate(rows)).save(tmp)
     settings = {**dataclasses.asdict(video_settings(args)), "prompt": args.prompt or avatar.meta["prompt"],

@@ -108,3 +108,37 @@ def untrained_avatar_run(tmp_path_factory) -> Path:
             "seq": "tracking/seq.npz", "identity_shape": seq.shape.tolist(), "flame": None, "step": 0}
     save_avatar(str(run / "avatar.safetensors"), denoiser, meta)
     return run
+
+
+@pytest.fixture(scope="session")
+def metric_weights(tmp_path_factory) -> Path:
+    """Random LPIPS and FID-Inception weights (seeded default init) under the published file names and in
+    their layouts (model/metrics.py): alexnet-owt-7be5be79.pth (AlexNet features and a classifier),
+    alex.pth (the v0.1 heads, non-negative like the real ones), pt_inception-2015-12-05-6726825d.pth."""
+    from model.inception import FIDInception
+    from model.lpips import LPIPS
+    folder = tmp_path_factory.mktemp("metric-weights")
+    torch.manual_seed(0)
+    lpips = LPIPS().state_dict()
+    torch.save({**{k: v for k, v in lpips.items() if k.startswith("features.")}, "classifier.6.bias": torch.zeros(1000)},
+               folder / "alexnet-owt-7be5be79.pth")
+    torch.save({k: v.abs() for k, v in lpips.items() if k.startswith("lin")}, folder / "alex.pth")
+    torch.save({**FIDInception().state_dict(), "fc.bias": torch.zeros(1008)},
+               folder / "pt_inception-2015-12-05-6726825d.pth")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def evaluable_avatar_run(untrained_avatar_run, tmp_path_factory) -> Path:
+    """`untrained_avatar_run` with what evaluate.py reads besides: the tracking's face crops (random) and
+    split.json holding out the last 6 of its 12 frames."""
+    import shutil
+
+    import numpy as np
+    import svp
+    run = tmp_path_factory.mktemp("evaluable") / "run"
+    shutil.copytree(untrained_avatar_run, run)
+    n = svp.load_seq(str(run / "tracking" / "seq.npz")).n_frames
+    np.save(run / "tracking" / "crops.npy", np.random.default_rng(0).integers(0, 256, (n, 64, 64, 3), np.uint8))
+    svp.save_split(str(run), svp.last_frames_split(n, 0.5))
+    return run

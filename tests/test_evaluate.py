@@ -1,0 +1,159 @@
+"""evaluate.py: an avatar scored on its held-out frames (and on another video) with every metric, its outputs,
+and its bad input.
+
+The run is conftest's evaluable_avatar_run (a run folder as train.py writes it, untrained: seconds to build;
+tests/test_sample.py scores the trained demo avatar), the metric networks random weights in the published
+layouts (conftest's metric_weights), sampling 2 steps.
+"""
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import evaluate
+import svp
+from model.metrics import MetricWeightsError, psnr
+from tracking.demo import write_demo_video
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = ["--steps", "2"]
+
+
+def numbers(tree) -> list[float]:
+    if isinstance(tree, dict):
+        return [x for v in tree.values() for x in numbers(v)]
+    if isinstance(tree, list):
+        return [x for v in tree for x in numbers(v)]
+    return [tree] if isinstance(tree, (int, float)) and not isinstance(tree, bool) else []
+
+
+def missing(metrics: dict) -> dict:
+    return {k: v["missing"] for k, v in metrics.items() if isinstance(v, dict) and "missing" in v}
+
+
+def copy_run(run, dst):
+    shutil.copytree(run, dst, ignore=shutil.ignore_patterns("eval*"))
+    return dst
+
+
+def test_evaluate_py_scores_the_held_out_frames_and_another_video(evaluable_avatar_run, metric_weights, tmp_path):
+    """Every metric of both sources is a finite number; the JSON holds the settings and the frames; the strip
+    shows real | render | difference, the render being sample.py's for those frames and settings."""
+    run = copy_run(evaluable_avatar_run, tmp_path / "run")
+    video = write_demo_video(str(tmp_path / "take2.mp4"), n_frames=10, seed=1)
+    result = subprocess.run([sys.executable, "evaluate.py", "--avatar", str(run), "--lpips", str(metric_weights),
+                             "--inception", str(metric_weights / "pt_inception-2015-12-05-6726825d.pth"),
+                             "--video", video, "--max-frames", "8", *STEPS], cwd=REPO, capture_output=True,
+                            text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "held-out" in result.stdout and "take2.mp4" in result.stdout and "FID" in result.stdout
+
+    report = json.loads((run / "eval.json").read_text())
+    assert report["settings"]["steps"] == 2 and report["settings"]["prompt"] == "a photo of sks person"
+    assert report["weights"]["inception"].endswith("pt_inception-2015-12-05-6726825d.pth")
+    held_out, other = report["sources"]
+    assert held_out["frames"] == [6, 7, 8, 9, 10, 11] and other["frames"] == list(range(8))
+    assert held_out["split"] == "the last 6 of 12 frames (train.py --val-fraction 0.5)"
+    for source in (held_out, other):
+        metrics = source["metrics"]
+        assert not missing(metrics), missing(metrics)
+        assert {"psnr", "ssim", "lpips", "fid", "kid", "flicker"} <= metrics.keys()
+        assert len(metrics["psnr"]["per_frame"]) == len(source["frames"]) == metrics["frames"]
+        assert all(math.isfinite(x) for x in numbers(metrics)), metrics
+
+    # The video was tracked with the avatar's identity shape, at the avatar's resolution.
+    tracked = svp.load_seq(str(run / "eval" / "take2" / "seq.npz"))
+    avatar = svp.load_avatar(str(run))
+    assert np.array_equal(tracked.shape, avatar.shape) and tracked.image_size == (64, 64)
+
+    strip = np.asarray(Image.open(run / "eval.png")).astype(np.int16)
+    assert strip.shape == (2 * 4 * 64, 3 * 64, 3)  # 4 frames of each source
+    rows = strip[:4 * 64].reshape(4, 64, 3, 64, 3).transpose(2, 0, 1, 3, 4)  # column, frame, H, W, RGB
+    picked = [6, 8, 9, 11]  # 4 of the 6 held-out frames, evenly spaced
+    real = np.load(run / "tracking" / "crops.npy")[picked]
+    seq = svp.load_seq(str(run / "tracking" / "seq.npz"))
+    render, _ = avatar.render(seq, frames=range(6, 12), settings=svp.VideoSampling(steps=2), progress=False)
+    render = render[[f - 6 for f in picked]]
+    assert np.array_equal(rows[0], real) and np.array_equal(rows[1], render)
+    assert np.array_equal(rows[2], np.abs(rows[0] - rows[1]))
+    np.testing.assert_allclose(psnr(real, render), np.array(held_out["metrics"]["psnr"]["per_frame"])[[0, 2, 3, 5]])
+
+
+def test_without_weights_lpips_fid_and_kid_are_missing_naming_their_files(evaluable_avatar_run, tmp_path, capsys):
+    out = tmp_path / "scores" / "e.json"
+    evaluate.main(["--avatar", str(evaluable_avatar_run), "--out", str(out), *STEPS])
+    metrics = json.loads(out.read_text())["sources"][0]["metrics"]
+    gaps = missing(metrics)
+    assert gaps.keys() == {"lpips", "fid", "kid"}
+    assert "alexnet-owt-7be5be79.pth" in gaps["lpips"] and "alex.pth" in gaps["lpips"]
+    assert "pt_inception-2015-12-05-6726825d.pth" in gaps["fid"]
+    assert all(math.isfinite(x) for k in ("psnr", "ssim", "flicker") for x in numbers(metrics[k]))
+    printed = capsys.readouterr().out
+    assert "missing: LPIPS needs alexnet-owt-7be5be79.pth" in printed and (tmp_path / "scores" / "e.png").is_file()
+
+
+def test_too_few_held_out_frames_for_fid_kid_and_flicker_are_said(evaluable_avatar_run, metric_weights, tmp_path):
+    run = copy_run(evaluable_avatar_run, tmp_path / "run")
+    os.remove(run / "split.json")
+    svp.save_split(str(run), svp.last_frames_split(12, 0.01))  # one frame
+    evaluate.main(["--avatar", str(run), "--lpips", str(metric_weights), "--inception",
+                   str(metric_weights / "pt_inception-2015-12-05-6726825d.pth"), *STEPS])
+    metrics = json.loads((run / "eval.json").read_text())["sources"][0]["metrics"]
+    gaps = missing(metrics)
+    assert gaps.keys() == {"fid", "kid", "flicker"} and "got 1" in gaps["fid"] and "got 1" in gaps["flicker"]
+    assert math.isfinite(metrics["lpips"]["mean"])
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def test_a_run_without_a_split_says_how_to_make_one(evaluable_avatar_run, tmp_path):
+    run = copy_run(evaluable_avatar_run, tmp_path / "run")
+    os.remove(run / "split.json")
+    result = subprocess.run([sys.executable, "evaluate.py", "--avatar", str(run)], cwd=REPO, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"error: {run}: no split.json (trained before held-out splits were recorded); " \
+                                    "rerun its train.py command with --resume to write it (it trains no further)"
+    assert not [f for f in os.listdir(run) if f.startswith("eval")]
+
+
+def test_wrong_or_corrupt_weight_files_are_named(evaluable_avatar_run, metric_weights, tmp_path):
+    weights = tmp_path / "lpips"
+    shutil.copytree(metric_weights, weights)
+    (weights / "alex.pth").write_bytes(b"not a weights file")
+    out = tmp_path / "e.json"
+    argv = ["--avatar", str(evaluable_avatar_run), "--out", str(out), *STEPS]
+    with pytest.raises(MetricWeightsError, match="alex.pth"):
+        evaluate.main([*argv, "--lpips", str(weights)])
+    lpips_as_inception = str(metric_weights / "alexnet-owt-7be5be79.pth")
+    with pytest.raises(MetricWeightsError, match="alexnet-owt-7be5be79.pth"):
+        evaluate.main([*argv, "--inception", lpips_as_inception])
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--steps", "0"], "--steps: must be a whole number > 0, got 0"),
+    (["--temporal-strength", "2"], "--temporal-strength: must be in [0, 1], got 2"),
+    (["--lpips", "nowhere/"], "--lpips: LPIPS weights nowhere/ not found"),
+    (["--inception", "nowhere.pth"], "--inception: Inception weights nowhere.pth not found"),
+    (["--video", "nowhere.mp4"], "--video: video nowhere.mp4 not found"),
+    (["--max-frames", "4"], "--max-frames counts frames of --video; there is none"),
+    (["--out", "scores.txt"], "--out: scores.txt: the evaluation file's name must end in .json"),
+])
+def test_bad_flags_are_refused_before_any_work(evaluable_avatar_run, capsys, flags, message):
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.parse_args(["--avatar", str(evaluable_avatar_run), *flags])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and message in err, err
+
+
+def test_an_avatar_folder_without_an_avatar(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        evaluate.parse_args(["--avatar", str(tmp_path)])
+    assert f"--avatar: {tmp_path}: no avatar.safetensors here" in capsys.readouterr().err

@@ -132,6 +132,18 @@ def test_a_run_keeps_its_split(demo_run, tmp_path):
     assert not (out / "log.jsonl").exists()
 
 
+def test_resume_writes_the_split_of_a_run_trained_before_splits_were_recorded(demo_run, tmp_path):
+    """What evaluate.py tells the owner of such a run to do: the same command with --resume writes split.json
+    (the same last frames that run held out) and trains no further."""
+    out = clone_run(demo_run[0], tmp_path / "old", parts=("base.safetensors", "tracking", "cache", "checkpoint.pt",
+                                                           "run.json", "log.jsonl"))
+    assert not (out / "split.json").exists()
+    resumed = state_of(run_train(out, "--max-steps", str(DEMO_STEPS), "--save-every", "30", "--resume"))
+    assert svp.load_split(str(out)) == svp.load_split(str(demo_run[0]))
+    assert read_log(out) == read_log(demo_run[0])
+    assert all(torch.equal(resumed[k], demo_run[1][k]) for k in demo_run[1])
+
+
 def pose_sweep(src, dst, frames=24, period=8):
     """A tracking folder whose "video" is its own conditioning: the demo's head turning +-35 degrees.
 

@@ -228,20 +228,16 @@ def _batches(frames: np.ndarray, batch: int, device, bar):
         bar.update(len(chunk))
 
 
-def param_dtype(net: torch.nn.Module) -> torch.dtype:
-    return next(net.parameters(), next(net.buffers())).dtype
-
-
 @torch.no_grad()
 def lpips_distances(net: LPIPS, real: np.ndarray, fake: np.ndarray, device="cpu", batch: int = 16,
                     progress: bool = True) -> np.ndarray:
     """Per-frame LPIPS of uint8 (T, H, W, 3) videos (lpips' im2tensor scaling: x / 127.5 - 1)."""
     _check_pair(real, fake)
-    dtype, out = param_dtype(net), []
+    out = []
     with tqdm(total=len(real), disable=not progress, desc="LPIPS", unit="frame") as bar:
         quiet = tqdm(disable=True)
         for a, b in zip(_batches(real, batch, device, quiet), _batches(fake, batch, device, bar)):
-            out.append(net((a / 127.5 - 1).to(dtype), (b / 127.5 - 1).to(dtype)).double().cpu())
+            out.append(net(a / 127.5 - 1, b / 127.5 - 1).double().cpu())
     return torch.cat(out).numpy()
 
 

@@ -109,20 +109,27 @@ def flicker(real: np.ndarray, fake: np.ndarray) -> dict:
 
 def fid(feats_real: np.ndarray, feats_fake: np.ndarray) -> float:
     """Fréchet distance between Gaussians fitted to two feature sets (N, D), in float64:
-    |mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr sqrt(S1 S2).
+    |mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr sqrt(S1 S2), with unbiased covariances as the references use.
 
-    tr sqrt(S1 S2) = tr sqrt(S1^1/2 S2 S1^1/2), a symmetric PSD matrix, so it comes from two symmetric
-    eigendecompositions: stable when the covariances are singular (fewer samples than dimensions), where
-    scipy's sqrtm needs an offset."""
+    With X1, X2 the centred features, tr sqrt(S1 S2) is the sum of the singular values of X1 X2^T, divided
+    by sqrt((N1 - 1)(N2 - 1)) (S1 S2 and X1 X2^T X2 X1^T share their nonzero eigenvalues). No D x D square
+    root: exact when the covariances are singular (fewer frames than the 2048 dimensions, where scipy's sqrtm
+    needs an offset), and an N1 x N2 problem for few frames; past D frames each set is first reduced to its
+    D x D QR factor R (R^T R = X^T X)."""
     a, b = np.asarray(feats_real, np.float64), np.asarray(feats_fake, np.float64)
     if min(len(a), len(b)) < MIN_FRAMES_FID_KID:
         raise ValueError(f"FID needs >= {MIN_FRAMES_FID_KID} samples per set, got {len(a)} and {len(b)}")
-    mu1, mu2 = a.mean(0), b.mean(0)
-    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    w, v = np.linalg.eigh(s1)
-    root = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
-    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh(root @ s2 @ root), 0, None)).sum()
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr_covmean)
+    xa, xb = a - a.mean(0), b - b.mean(0)
+    na, nb = len(a) - 1, len(b) - 1
+    cross = _gram_factor(xa) @ _gram_factor(xb).T
+    tr_covmean = np.linalg.svd(cross, compute_uv=False).sum() / np.sqrt(na * nb)
+    return float(((a.mean(0) - b.mean(0)) ** 2).sum() + (xa ** 2).sum() / na + (xb ** 2).sum() / nb
+                 - 2 * tr_covmean)
+
+
+def _gram_factor(x: np.ndarray) -> np.ndarray:
+    """A matrix F with F^T F = x^T x and at most min(N, D) rows."""
+    return np.linalg.qr(x, mode="r") if len(x) > x.shape[1] else x
 
 
 def mmd2_unbiased(x: np.ndarray, y: np.ndarray) -> float:

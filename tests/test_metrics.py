@@ -30,6 +30,8 @@ sys.path.insert(0, DATA)
 from make_metrics_reference import (INCEPTION_IMAGES, KID_SUBSET_SIZE, KID_SUBSETS, LPIPS_PAIRS,  # noqa: E402
                                     random_features, random_weights, reference_images, weights_sum)
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")   # the Inception's convolutions stall on shared cores
+
 
 @pytest.fixture(scope="module")
 def reference():

@@ -102,30 +102,24 @@ def lpips_reference(images):
     return np.array(d), weights_sum(weights)
 
 
-def inception_weights(module):
-    shapes = {k: v.shape for k, v in module.state_dict().items() if not k.endswith("num_batches_tracked")}
-    return random_weights(shapes)
-
-
 def inception_reference(images):
     import torch
     from pytorch_fid import inception as pytorch_fid_inception
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
     # pytorch-fid builds its network (torchvision's Inception with the FID blocks swapped in), then asks for the
-    # published weights; it gets random ones in that layout instead. torch-fidelity reads the same file.
-    built = []
+    # published weights; it gets random ones in their layout instead. torch-fidelity reads the same weights.
+    built, weights = [], {}
     make = pytorch_fid_inception._inception_v3
     pytorch_fid_inception._inception_v3 = lambda *args, **kwargs: built.append(make(*args, **kwargs)) or built[-1]
-    weights = state = None
 
     def random_state(*args, **kwargs):
-        nonlocal weights, state
-        weights = inception_weights(built[-1])
-        state = {k: torch.from_numpy(v) for k, v in weights.items()}
-        return state
+        weights.update(random_weights({k: v.shape for k, v in built[-1].state_dict().items()
+                                       if not k.endswith("num_batches_tracked")}))
+        return {k: torch.from_numpy(v) for k, v in weights.items()}
     pytorch_fid_inception.load_state_dict_from_url = random_state
     net = pytorch_fid_inception.InceptionV3([3], resize_input=False, normalize_input=False).eval()
+    state = {k: torch.from_numpy(v) for k, v in weights.items()}
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "pt_inception-random.pth")
         torch.save(state, path)
@@ -156,7 +150,7 @@ def fid_kid_reference(features):
     for case, (a, b) in {"many": ("real", "fake"), "few": ("few_real", "few_fake")}.items():
         x, y = torch.from_numpy(features[a]), torch.from_numpy(features[b])   # float64 throughout
         sx, sy = fid_features_to_statistics(x), fid_features_to_statistics(y)
-        out[f"fid_{case}_torch_fidelity"] = fid_statistics_to_metric(sx, sy, verbose=False)["frechet_inception_distance"]
+        out[f"fid_{case}_torch_fidelity"] = fid_statistics_to_metric(sx, sy, False)["frechet_inception_distance"]
         out[f"fid_{case}_torchmetrics"] = _compute_fid(torch.from_numpy(sx["mu"]), torch.from_numpy(sx["sigma"]),
                                                        torch.from_numpy(sy["mu"]), torch.from_numpy(sy["sigma"])).item()
         out[f"fid_{case}_pytorch_fid"] = calculate_frechet_distance(sx["mu"], sx["sigma"], sy["mu"], sy["sigma"])

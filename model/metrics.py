@@ -28,7 +28,7 @@ LPIPS_FILES = ("alexnet-owt-7be5be79", "alex")    # stems; .pth or .safetensors
 INCEPTION_FILES = ("pt_inception-2015-12-05-6726825d", "weights-inception-2015-12-05-6726825d")
 LPIPS_NEEDS = "alexnet-owt-7be5be79.pth (torchvision's AlexNet) and alex.pth (the lpips wheel's weights/v0.1/)"
 INCEPTION_NEEDS = "pt_inception-2015-12-05-6726825d.pth (pytorch-fid's FID Inception)"
-UNUSED_KEYS = {"lpips": ("classifier.",), "inception": ("fc.",)}   # classifier heads the metrics do not use
+UNUSED_KEYS = ("classifier.", "fc.")   # AlexNet's and the Inception's classifiers: the metrics do not use them
 MIN_FRAMES_FID_KID = 2    # a covariance, and the unbiased MMD, need two samples
 KID_SEED = 2020           # torch-fidelity's default, so our subsets are its subsets
 
@@ -198,16 +198,16 @@ def weight_files(path: str | Sequence[str], stems: Sequence[str], needs: str) ->
     return found
 
 
-def load_network(build, files: list[str], kind: str, device, dtype):
+def load_network(build, files: list[str], kind: str, needs: str, device, dtype):
     state = {}
     for file in files:
         state.update(read_weights(file))
-    state = {k: v for k, v in state.items()
-             if not k.startswith(UNUSED_KEYS[kind]) and not k.endswith("num_batches_tracked")}
+    state = {k: v for k, v in state.items()   # num_batches_tracked: a training counter of torch's batch norm
+             if not k.startswith(UNUSED_KEYS) and not k.endswith("num_batches_tracked")}
     try:
-        net = assign_weights(build, state, "weights", ", ".join(files), f"the {kind} network")
+        net = assign_weights(build, state, "set of weights", ", ".join(files), f"the {kind} network")
     except CheckpointError as e:
-        raise MetricWeightsError(str(e)) from e
+        raise MetricWeightsError(f"{e} ({kind} needs {needs})") from e
     bad = [k for k, v in state.items() if not torch.isfinite(v).all()]
     if bad:
         raise MetricWeightsError(f"{', '.join(files)}: non-finite values in {', '.join(bad[:3])}")
@@ -217,22 +217,20 @@ def load_network(build, files: list[str], kind: str, device, dtype):
 def load_lpips(path: str | Sequence[str], device="cpu", dtype=torch.float32) -> LPIPS:
     """LPIPS (alex, v0.1) from a folder holding alexnet-owt-7be5be79.pth and alex.pth (or .safetensors of
     those stems), from a list of files, or from one file with both key sets (`features.*`, `lin*.*`)."""
-    return load_network(LPIPS, weight_files(path, LPIPS_FILES, LPIPS_NEEDS), "lpips", device, dtype)
+    return load_network(LPIPS, weight_files(path, LPIPS_FILES, LPIPS_NEEDS), "LPIPS", LPIPS_NEEDS, device, dtype)
 
 
 def load_inception(path: str | Sequence[str], device="cpu", dtype=torch.float32) -> FIDInception:
     """The FID Inception from pt_inception-2015-12-05-6726825d.pth (or a folder holding it, or a
     .safetensors with its keys)."""
-    return load_network(FIDInception, weight_files(path, INCEPTION_FILES, INCEPTION_NEEDS), "inception",
-                        device, dtype)
+    return load_network(FIDInception, weight_files(path, INCEPTION_FILES, INCEPTION_NEEDS), "FID Inception",
+                        INCEPTION_NEEDS, device, dtype)
 
 
-def _batches(frames: np.ndarray, batch: int, device, bar):
+def _batches(frames: np.ndarray, batch: int, device):
     """(N, 3, H, W) float32 tensors on `device`, `batch` frames at a time, values 0..255."""
     for start in range(0, len(frames), batch):
-        chunk = torch.from_numpy(np.ascontiguousarray(frames[start:start + batch]))
-        yield chunk.to(device).permute(0, 3, 1, 2).float()
-        bar.update(len(chunk))
+        yield torch.from_numpy(np.ascontiguousarray(frames[start:start + batch])).to(device).permute(0, 3, 1, 2).float()
 
 
 @torch.no_grad()
@@ -242,9 +240,9 @@ def lpips_distances(net: LPIPS, real: np.ndarray, fake: np.ndarray, device="cpu"
     _check_pair(real, fake)
     out = []
     with tqdm(total=len(real), disable=not progress, desc="LPIPS", unit="frame") as bar:
-        quiet = tqdm(disable=True)
-        for a, b in zip(_batches(real, batch, device, quiet), _batches(fake, batch, device, bar)):
+        for a, b in zip(_batches(real, batch, device), _batches(fake, batch, device)):
             out.append(net(a / 127.5 - 1, b / 127.5 - 1).double().cpu())
+            bar.update(len(a))
     return torch.cat(out).numpy()
 
 
@@ -252,8 +250,12 @@ def lpips_distances(net: LPIPS, real: np.ndarray, fake: np.ndarray, device="cpu"
 def inception_features(net: FIDInception, frames: np.ndarray, device="cpu", batch: int = 16,
                        progress: bool = True, desc: str = "Inception") -> np.ndarray:
     """(T, 2048) pool features of uint8 (T, H, W, 3) frames."""
+    out = []
     with tqdm(total=len(frames), disable=not progress, desc=desc, unit="frame") as bar:
-        return torch.cat([net(x).cpu() for x in _batches(frames, batch, device, bar)]).numpy()
+        for x in _batches(frames, batch, device):
+            out.append(net(x).cpu())
+            bar.update(len(x))
+    return torch.cat(out).numpy()
 
 
 # ----------------------------------------------------------------------------- everything at once
@@ -275,16 +277,18 @@ def frame_metrics(real: np.ndarray, fake: np.ndarray, lpips: LPIPS | None = None
     out["lpips"] = ({"missing": f"LPIPS needs {LPIPS_NEEDS}"} if lpips is None else
                     _summary(lpips_distances(lpips, real, fake, device, batch, progress)))
     if inception is None:
-        out["fid"] = out["kid"] = {"missing": f"FID and KID need {INCEPTION_NEEDS}"}
+        out["fid"], out["kid"] = ({"missing": f"FID and KID need {INCEPTION_NEEDS}"} for _ in range(2))
     elif n < MIN_FRAMES_FID_KID:
-        out["fid"] = out["kid"] = {"missing": f"needs >= {MIN_FRAMES_FID_KID} frames, got {n}"}
+        out["fid"], out["kid"] = ({"missing": f"needs >= {MIN_FRAMES_FID_KID} frames, got {n}"} for _ in range(2))
     else:
         feats_real = inception_features(inception, real, device, batch, progress, "Inception (real)")
         feats_fake = inception_features(inception, fake, device, batch, progress, "Inception (render)")
         subsets, subset_size = 100, kid_subset_size(n, n)
         mean, std = kid(feats_real, feats_fake, subsets, subset_size)
         out["fid"] = {"value": fid(feats_real, feats_fake), "samples": n}
-        out["kid"] = {"mean": mean, "std": std, "subsets": subsets, "subset_size": subset_size,
-                      "note": f"subset size clipped from 1000 to the {n} frames" if subset_size < 1000 else ""}
+        out["kid"] = {"mean": mean, "std": std, "subsets": subsets, "subset_size": subset_size}
+        if subset_size < 1000:
+            out["kid"]["note"] = (f"subset size clipped from the usual 1000 to the {n} frames: every subset is "
+                                  "all frames, so the std is 0")
     out["flicker"] = flicker(real, fake) if n >= 3 else {"missing": f"needs >= 3 frames, got {n}"}
     return out

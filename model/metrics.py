@@ -26,8 +26,8 @@ from model.lpips import LPIPS
 
 LPIPS_FILES = ("alexnet-owt-7be5be79", "alex")    # stems; .pth or .safetensors
 INCEPTION_FILES = ("pt_inception-2015-12-05-6726825d", "weights-inception-2015-12-05-6726825d")
-LPIPS_NEEDS = "alexnet-owt-7be5be79.pth (torchvision's AlexNet) and alex.pth (the lpips wheel's weights/v0.1/)"
-INCEPTION_NEEDS = "pt_inception-2015-12-05-6726825d.pth (pytorch-fid's FID Inception)"
+LPIPS_NEEDS = "alexnet-owt-7be5be79.pth from torchvision and alex.pth from the lpips wheel's lpips/weights/v0.1/"
+INCEPTION_NEEDS = "pt_inception-2015-12-05-6726825d.pth from pytorch-fid's release"
 UNUSED_KEYS = ("classifier.", "fc.")   # AlexNet's and the Inception's classifiers: the metrics do not use them
 MIN_FRAMES_FID_KID = 2    # a covariance, and the unbiased MMD, need two samples
 KID_SEED = 2020           # torch-fidelity's default, so our subsets are its subsets
@@ -289,6 +289,6 @@ def frame_metrics(real: np.ndarray, fake: np.ndarray, lpips: LPIPS | None = None
         out["kid"] = {"mean": mean, "std": std, "subsets": subsets, "subset_size": subset_size}
         if subset_size < 1000:
             out["kid"]["note"] = (f"subset size clipped from the usual 1000 to the {n} frames: every subset is "
-                                  "all frames, so the std is 0")
+                                  "all frames, so the std is 0 up to rounding")
     out["flicker"] = flicker(real, fake) if n >= 3 else {"missing": f"needs >= 3 frames, got {n}"}
     return out

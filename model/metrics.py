@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from model.inception import FIDInception
-from model.loading import CheckpointError, assign_weights, open_safetensors, read_tensors
+from model.loading import DTYPES, CheckpointError, assign_weights, open_safetensors, read_tensors
 from model.lpips import LPIPS
 
 LPIPS_FILES = ("alexnet-owt-7be5be79", "alex")    # stems; .pth or .safetensors
@@ -185,20 +185,25 @@ def read_weights(path: str) -> dict:
     return state
 
 
+def files_in(folder: str, stems: Sequence[str]) -> list[str]:
+    return [os.path.join(folder, stem + ext) for stem in stems for ext in (".safetensors", ".pth")
+            if os.path.isfile(os.path.join(folder, stem + ext))]
+
+
 def weight_files(path: str | Sequence[str], stems: Sequence[str], needs: str) -> list[str]:
     """The files to read: `path` itself, each of a list, or in a folder the files named by `stems`."""
     if not isinstance(path, str):
         return list(path)
     if not os.path.isdir(path):
         return [path]
-    found = [os.path.join(path, stem + ext) for stem in stems for ext in (".safetensors", ".pth")
-             if os.path.isfile(os.path.join(path, stem + ext))]
+    found = files_in(path, stems)
     if not found:
         raise MetricWeightsError(f"{path}: no metric weights in this folder; it needs {needs}")
     return found
 
 
 def load_network(build, files: list[str], kind: str, needs: str, device, dtype):
+    dtype = DTYPES.get(dtype, dtype)   # "fp32", "fp16", "bf16" or a torch dtype
     state = {}
     for file in files:
         state.update(read_weights(file))
@@ -225,6 +230,18 @@ def load_inception(path: str | Sequence[str], device="cpu", dtype=torch.float32)
     .safetensors with its keys)."""
     return load_network(FIDInception, weight_files(path, INCEPTION_FILES, INCEPTION_NEEDS), "FID Inception",
                         INCEPTION_NEEDS, device, dtype)
+
+
+def load_networks(folder: str | None, device="cpu", dtype=torch.float32) -> tuple[LPIPS | None, FIDInception | None]:
+    """Both metric networks from one folder; a network none of whose files are there is None (its metrics are
+    then reported missing), one whose files are there but incomplete or unreadable is a MetricWeightsError."""
+    if folder is None:
+        return None, None
+    if not os.path.isdir(folder):
+        raise MetricWeightsError(f"{folder}: not a folder (of {LPIPS_NEEDS}; {INCEPTION_NEEDS})")
+    lpips = load_lpips(folder, device, dtype) if files_in(folder, LPIPS_FILES) else None
+    inception = load_inception(folder, device, dtype) if files_in(folder, INCEPTION_FILES) else None
+    return lpips, inception
 
 
 def _batches(frames: np.ndarray, batch: int, device):

@@ -199,6 +199,19 @@ def test_weight_files_read_from_safetensors_and_lists(tmp_path, weights_dir, lpi
     assert metrics.load_lpips(str(tmp_path / "lpips.safetensors")).lin4.model[1].weight.shape == (1, 256, 1, 1)
 
 
+def test_load_networks_from_one_folder(tmp_path, weights_dir):
+    lpips, inception = metrics.load_networks(str(weights_dir), dtype="bf16")
+    assert lpips.lin0.model[1].weight.dtype == inception.Conv2d_1a_3x3.conv.weight.dtype == torch.bfloat16
+    os.link(weights_dir / "alex.pth", tmp_path / "alex.pth")
+    os.link(weights_dir / "alexnet-owt-7be5be79.pth", tmp_path / "alexnet-owt-7be5be79.pth")
+    lpips, inception = metrics.load_networks(str(tmp_path))
+    assert isinstance(lpips, LPIPS) and inception is None       # FID / KID will be reported missing
+    assert metrics.load_networks(None) == (None, None)
+    os.remove(tmp_path / "alex.pth")
+    with pytest.raises(metrics.MetricWeightsError, match="missing .5.: lin0.*alex.pth from the lpips wheel"):
+        metrics.load_networks(str(tmp_path))
+
+
 class RunsCode:
     def __reduce__(self):
         return (os.getcwd, ())

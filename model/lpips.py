@@ -48,7 +48,8 @@ class LPIPS(nn.Module):
             self.add_module(f"lin{i}", LinearHead(channels))
 
     def taps(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """The five ReLU outputs for images in [-1, 1]."""
+        """The five ReLU outputs for images in [-1, 1], in the network's dtype."""
+        x = x.to(self.features[0].weight.dtype)
         shift, scale = (torch.tensor(v, dtype=x.dtype, device=x.device).view(1, 3, 1, 1) for v in (SHIFT, SCALE))
         x = (x - shift) / scale
         out = []

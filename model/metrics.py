@@ -21,14 +21,14 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from model.inception import FIDInception
-from model.loading import CheckpointError, assign_weights, open_safetensors, read_tensors
+from model.loading import DTYPES, CheckpointError, assign_weights, open_safetensors, read_tensors
 from model.lpips import LPIPS
 
 LPIPS_FILES = ("alexnet-owt-7be5be79", "alex")    # stems; .pth or .safetensors
 INCEPTION_FILES = ("pt_inception-2015-12-05-6726825d", "weights-inception-2015-12-05-6726825d")
-LPIPS_NEEDS = "alexnet-owt-7be5be79.pth (torchvision's AlexNet) and alex.pth (the lpips wheel's weights/v0.1/)"
-INCEPTION_NEEDS = "pt_inception-2015-12-05-6726825d.pth (pytorch-fid's FID Inception)"
-UNUSED_KEYS = {"lpips": ("classifier.",), "inception": ("fc.",)}   # classifier heads the metrics do not use
+LPIPS_NEEDS = "alexnet-owt-7be5be79.pth from torchvision and alex.pth from the lpips wheel's lpips/weights/v0.1/"
+INCEPTION_NEEDS = "pt_inception-2015-12-05-6726825d.pth from pytorch-fid's release"
+UNUSED_KEYS = ("classifier.", "fc.")   # AlexNet's and the Inception's classifiers: the metrics do not use them
 MIN_FRAMES_FID_KID = 2    # a covariance, and the unbiased MMD, need two samples
 KID_SEED = 2020           # torch-fidelity's default, so our subsets are its subsets
 
@@ -109,20 +109,27 @@ def flicker(real: np.ndarray, fake: np.ndarray) -> dict:
 
 def fid(feats_real: np.ndarray, feats_fake: np.ndarray) -> float:
     """Fréchet distance between Gaussians fitted to two feature sets (N, D), in float64:
-    |mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr sqrt(S1 S2).
+    |mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr sqrt(S1 S2), with unbiased covariances as the references use.
 
-    tr sqrt(S1 S2) = tr sqrt(S1^1/2 S2 S1^1/2), a symmetric PSD matrix, so it comes from two symmetric
-    eigendecompositions: stable when the covariances are singular (fewer samples than dimensions), where
-    scipy's sqrtm needs an offset."""
+    With X1, X2 the centred features, tr sqrt(S1 S2) is the sum of the singular values of X1 X2^T, divided
+    by sqrt((N1 - 1)(N2 - 1)) (S1 S2 and X1 X2^T X2 X1^T share their nonzero eigenvalues). No D x D square
+    root: exact when the covariances are singular (fewer frames than the 2048 dimensions, where scipy's sqrtm
+    needs an offset), and an N1 x N2 problem for few frames; past D frames each set is first reduced to its
+    D x D QR factor R (R^T R = X^T X)."""
     a, b = np.asarray(feats_real, np.float64), np.asarray(feats_fake, np.float64)
     if min(len(a), len(b)) < MIN_FRAMES_FID_KID:
         raise ValueError(f"FID needs >= {MIN_FRAMES_FID_KID} samples per set, got {len(a)} and {len(b)}")
-    mu1, mu2 = a.mean(0), b.mean(0)
-    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    w, v = np.linalg.eigh(s1)
-    root = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
-    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh(root @ s2 @ root), 0, None)).sum()
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr_covmean)
+    xa, xb = a - a.mean(0), b - b.mean(0)
+    na, nb = len(a) - 1, len(b) - 1
+    cross = _gram_factor(xa) @ _gram_factor(xb).T
+    tr_covmean = np.linalg.svd(cross, compute_uv=False).sum() / np.sqrt(na * nb)
+    return float(((a.mean(0) - b.mean(0)) ** 2).sum() + (xa ** 2).sum() / na + (xb ** 2).sum() / nb
+                 - 2 * tr_covmean)
+
+
+def _gram_factor(x: np.ndarray) -> np.ndarray:
+    """A matrix F with F^T F = x^T x and at most min(N, D) rows."""
+    return np.linalg.qr(x, mode="r") if len(x) > x.shape[1] else x
 
 
 def mmd2_unbiased(x: np.ndarray, y: np.ndarray) -> float:
@@ -178,29 +185,34 @@ def read_weights(path: str) -> dict:
     return state
 
 
+def files_in(folder: str, stems: Sequence[str]) -> list[str]:
+    return [os.path.join(folder, stem + ext) for stem in stems for ext in (".safetensors", ".pth")
+            if os.path.isfile(os.path.join(folder, stem + ext))]
+
+
 def weight_files(path: str | Sequence[str], stems: Sequence[str], needs: str) -> list[str]:
     """The files to read: `path` itself, each of a list, or in a folder the files named by `stems`."""
     if not isinstance(path, str):
         return list(path)
     if not os.path.isdir(path):
         return [path]
-    found = [os.path.join(path, stem + ext) for stem in stems for ext in (".safetensors", ".pth")
-             if os.path.isfile(os.path.join(path, stem + ext))]
+    found = files_in(path, stems)
     if not found:
         raise MetricWeightsError(f"{path}: no metric weights in this folder; it needs {needs}")
     return found
 
 
-def load_network(build, files: list[str], kind: str, device, dtype):
+def load_network(build, files: list[str], kind: str, needs: str, device, dtype):
+    dtype = DTYPES.get(dtype, dtype)   # "fp32", "fp16", "bf16" or a torch dtype
     state = {}
     for file in files:
         state.update(read_weights(file))
-    state = {k: v for k, v in state.items()
-             if not k.startswith(UNUSED_KEYS[kind]) and not k.endswith("num_batches_tracked")}
+    state = {k: v for k, v in state.items()   # num_batches_tracked: a training counter of torch's batch norm
+             if not k.startswith(UNUSED_KEYS) and not k.endswith("num_batches_tracked")}
     try:
-        net = assign_weights(build, state, "weights", ", ".join(files), f"the {kind} network")
+        net = assign_weights(build, state, "set of weights", ", ".join(files), f"the {kind} network")
     except CheckpointError as e:
-        raise MetricWeightsError(str(e)) from e
+        raise MetricWeightsError(f"{e} ({kind} needs {needs})") from e
     bad = [k for k, v in state.items() if not torch.isfinite(v).all()]
     if bad:
         raise MetricWeightsError(f"{', '.join(files)}: non-finite values in {', '.join(bad[:3])}")
@@ -210,26 +222,32 @@ def load_network(build, files: list[str], kind: str, device, dtype):
 def load_lpips(path: str | Sequence[str], device="cpu", dtype=torch.float32) -> LPIPS:
     """LPIPS (alex, v0.1) from a folder holding alexnet-owt-7be5be79.pth and alex.pth (or .safetensors of
     those stems), from a list of files, or from one file with both key sets (`features.*`, `lin*.*`)."""
-    return load_network(LPIPS, weight_files(path, LPIPS_FILES, LPIPS_NEEDS), "lpips", device, dtype)
+    return load_network(LPIPS, weight_files(path, LPIPS_FILES, LPIPS_NEEDS), "LPIPS", LPIPS_NEEDS, device, dtype)
 
 
 def load_inception(path: str | Sequence[str], device="cpu", dtype=torch.float32) -> FIDInception:
     """The FID Inception from pt_inception-2015-12-05-6726825d.pth (or a folder holding it, or a
     .safetensors with its keys)."""
-    return load_network(FIDInception, weight_files(path, INCEPTION_FILES, INCEPTION_NEEDS), "inception",
-                        device, dtype)
+    return load_network(FIDInception, weight_files(path, INCEPTION_FILES, INCEPTION_NEEDS), "FID Inception",
+                        INCEPTION_NEEDS, device, dtype)
 
 
-def _batches(frames: np.ndarray, batch: int, device, bar):
+def load_networks(folder: str | None, device="cpu", dtype=torch.float32) -> tuple[LPIPS | None, FIDInception | None]:
+    """Both metric networks from one folder; a network none of whose files are there is None (its metrics are
+    then reported missing), one whose files are there but incomplete or unreadable is a MetricWeightsError."""
+    if folder is None:
+        return None, None
+    if not os.path.isdir(folder):
+        raise MetricWeightsError(f"{folder}: not a folder (of {LPIPS_NEEDS}; {INCEPTION_NEEDS})")
+    lpips = load_lpips(folder, device, dtype) if files_in(folder, LPIPS_FILES) else None
+    inception = load_inception(folder, device, dtype) if files_in(folder, INCEPTION_FILES) else None
+    return lpips, inception
+
+
+def _batches(frames: np.ndarray, batch: int, device):
     """(N, 3, H, W) float32 tensors on `device`, `batch` frames at a time, values 0..255."""
     for start in range(0, len(frames), batch):
-        chunk = torch.from_numpy(np.ascontiguousarray(frames[start:start + batch]))
-        yield chunk.to(device).permute(0, 3, 1, 2).float()
-        bar.update(len(chunk))
-
-
-def param_dtype(net: torch.nn.Module) -> torch.dtype:
-    return next(net.parameters(), next(net.buffers())).dtype
+        yield torch.from_numpy(np.ascontiguousarray(frames[start:start + batch])).to(device).permute(0, 3, 1, 2).float()
 
 
 @torch.no_grad()
@@ -237,11 +255,11 @@ def lpips_distances(net: LPIPS, real: np.ndarray, fake: np.ndarray, device="cpu"
                     progress: bool = True) -> np.ndarray:
     """Per-frame LPIPS of uint8 (T, H, W, 3) videos (lpips' im2tensor scaling: x / 127.5 - 1)."""
     _check_pair(real, fake)
-    dtype, out = param_dtype(net), []
+    out = []
     with tqdm(total=len(real), disable=not progress, desc="LPIPS", unit="frame") as bar:
-        quiet = tqdm(disable=True)
-        for a, b in zip(_batches(real, batch, device, quiet), _batches(fake, batch, device, bar)):
-            out.append(net((a / 127.5 - 1).to(dtype), (b / 127.5 - 1).to(dtype)).double().cpu())
+        for a, b in zip(_batches(real, batch, device), _batches(fake, batch, device)):
+            out.append(net(a / 127.5 - 1, b / 127.5 - 1).double().cpu())
+            bar.update(len(a))
     return torch.cat(out).numpy()
 
 
@@ -249,8 +267,12 @@ def lpips_distances(net: LPIPS, real: np.ndarray, fake: np.ndarray, device="cpu"
 def inception_features(net: FIDInception, frames: np.ndarray, device="cpu", batch: int = 16,
                        progress: bool = True, desc: str = "Inception") -> np.ndarray:
     """(T, 2048) pool features of uint8 (T, H, W, 3) frames."""
+    out = []
     with tqdm(total=len(frames), disable=not progress, desc=desc, unit="frame") as bar:
-        return torch.cat([net(x).cpu() for x in _batches(frames, batch, device, bar)]).numpy()
+        for x in _batches(frames, batch, device):
+            out.append(net(x).cpu())
+            bar.update(len(x))
+    return torch.cat(out).numpy()
 
 
 # ----------------------------------------------------------------------------- everything at once
@@ -272,16 +294,18 @@ def frame_metrics(real: np.ndarray, fake: np.ndarray, lpips: LPIPS | None = None
     out["lpips"] = ({"missing": f"LPIPS needs {LPIPS_NEEDS}"} if lpips is None else
                     _summary(lpips_distances(lpips, real, fake, device, batch, progress)))
     if inception is None:
-        out["fid"] = out["kid"] = {"missing": f"FID and KID need {INCEPTION_NEEDS}"}
+        out["fid"], out["kid"] = ({"missing": f"FID and KID need {INCEPTION_NEEDS}"} for _ in range(2))
     elif n < MIN_FRAMES_FID_KID:
-        out["fid"] = out["kid"] = {"missing": f"needs >= {MIN_FRAMES_FID_KID} frames, got {n}"}
+        out["fid"], out["kid"] = ({"missing": f"needs >= {MIN_FRAMES_FID_KID} frames, got {n}"} for _ in range(2))
     else:
         feats_real = inception_features(inception, real, device, batch, progress, "Inception (real)")
         feats_fake = inception_features(inception, fake, device, batch, progress, "Inception (render)")
         subsets, subset_size = 100, kid_subset_size(n, n)
         mean, std = kid(feats_real, feats_fake, subsets, subset_size)
         out["fid"] = {"value": fid(feats_real, feats_fake), "samples": n}
-        out["kid"] = {"mean": mean, "std": std, "subsets": subsets, "subset_size": subset_size,
-                      "note": f"subset size clipped from 1000 to the {n} frames" if subset_size < 1000 else ""}
+        out["kid"] = {"mean": mean, "std": std, "subsets": subsets, "subset_size": subset_size}
+        if subset_size < 1000:
+            out["kid"]["note"] = (f"subset size clipped from the usual 1000 to the {n} frames: every subset is "
+                                  "all frames, so the std is 0 up to rounding")
     out["flicker"] = flicker(real, fake) if n >= 3 else {"missing": f"needs >= 3 frames, got {n}"}
     return out

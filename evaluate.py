@@ -82,9 +82,8 @@ class Source:
     about: dict             # what it is, for eval.json
 
 
-def held_out_source(avatar: svp.Avatar) -> Source:
-    """The run's held-out frames (split.json) and its own tracking."""
-    split = svp.load_split(avatar.run_dir)
+def held_out_source(avatar: svp.Avatar, split: svp.Split) -> Source:
+    """The run's held-out frames and its own tracking."""
     seq_path = avatar.run_file("seq")
     crops_path = os.path.join(os.path.dirname(seq_path), "crops.npy")
     seq, crops = svp.load_seq(seq_path), np.load(crops_path, mmap_mode="r")
@@ -92,7 +91,7 @@ def held_out_source(avatar: svp.Avatar) -> Source:
         if n != split.n_frames:
             raise ValueError(f"{path} has {n} frames, but {os.path.join(avatar.run_dir, svp.SPLIT_FILE)} splits "
                              f"{split.n_frames}: the tracking changed after training")
-    return Source("held-out", seq, crops, list(split.held_out), {"truth": crops_path, "split": split.rule})
+    return Source("held-out", seq, crops, sorted(split.held_out), {"truth": crops_path, "split": split.rule})
 
 
 def video_source(avatar: svp.Avatar, video: str, max_frames: int | None) -> Source:
@@ -131,19 +130,6 @@ def real_frames(source: Source, size: int) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- reporting
-
-def plain(value):
-    """`value` with numpy scalars and arrays as JSON numbers and lists."""
-    if isinstance(value, dict):
-        return {k: plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [plain(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
-
 
 ROWS = {"frames": "frames", "psnr": "PSNR dB (higher: closer)", "ssim": "SSIM (higher: closer, 1 = same)",
         "lpips": "LPIPS (lower: closer)", "fid": "FID (lower: closer)", "kid": "KID (lower: closer)",
@@ -184,30 +170,31 @@ def main(argv=None):
     args = parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype or ("fp16" if device.startswith("cuda") else "fp32")
-    svp.load_split(args.avatar)  # a run without a split fails before any loading
+    split = svp.load_split(args.avatar)  # a run without one fails before anything loads
     lpips = load_lpips(args.lpips, device, DTYPES[dtype]) if args.lpips else None
     inception = load_inception(args.inception, device, DTYPES[dtype]) if args.inception else None
     avatar = svp.load_avatar(args.avatar, base=args.base, flame=args.flame, device=device, dtype=dtype,
                              tokenizer=args.tokenizer, loras=args.lora)
-    sources = [held_out_source(avatar)] + ([video_source(avatar, args.video, args.max_frames)] if args.video else [])
-    results, rows, report = {}, [], []
+    sources = [held_out_source(avatar, split)]
+    if args.video:
+        sources.append(video_source(avatar, args.video, args.max_frames))
+    results, strips = {}, []
     for source in sources:
         print(f"{source.name}: rendering {len(source.frames)} frames")
         real, fake = real_frames(source, avatar.resolution), render(avatar, source, args)
-        results[source.name] = plain(frame_metrics(real, fake, lpips, inception, device, args.metric_batch))
-        rows.append(strip_rows(real, fake))
-        report.append({"name": source.name, **source.about, "frames": source.frames,
-                       "metrics": results[source.name]})
+        results[source.name] = frame_metrics(real, fake, lpips, inception, device, args.metric_batch)
+        strips.append(strip_rows(real, fake))
     print(table(results))
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with atomic_write(strip_path(args.out)) as tmp:
-        Image.fromarray(np.concatenate(rows)).save(tmp)
+        Image.fromarray(np.concatenate(strips)).save(tmp)
     settings = {**dataclasses.asdict(video_settings(args)), "prompt": args.prompt or avatar.meta["prompt"],
-                "negative_prompt": args.negative_prompt, "lora": [list(l) for l in args.lora], "dtype": dtype,
-                "device": device}
-    write_json(args.out, {"avatar": os.path.abspath(args.avatar), "step": avatar.meta["step"], "settings": settings,
-                          "weights": {"lpips": args.lpips, "inception": args.inception}, "sources": report,
-                          "strip": os.path.basename(strip_path(args.out))})
+                "negative_prompt": args.negative_prompt, "lora": [list(lora) for lora in args.lora],
+                "dtype": dtype, "device": device}
+    write_json(args.out, {
+        "avatar": os.path.abspath(args.avatar), "step": avatar.meta["step"], "settings": settings,
+        "weights": {"lpips": args.lpips, "inception": args.inception}, "strip": os.path.basename(strip_path(args.out)),
+        "sources": [{"name": s.name, **s.about, "frames": s.frames, "metrics": results[s.name]} for s in sources]})
     print(f"wrote {args.out} and {strip_path(args.out)}")
 
 

@@ -25,8 +25,8 @@ import torch
 import torch.distributed as dist
 
 from model.avatar import Denoiser, fingerprint, from_run, load_avatar_weights, read_avatar_meta
-from model.files import read_json, write_json
 from model.controlnet import ControlNet
+from model.files import read_json, write_json
 from model.loading import CheckpointError, StableDiffusion, load_stable_diffusion
 from model.lora import fuse_lora, load_lora
 from model.metrics import temporal_flicker
@@ -48,7 +48,8 @@ def track(video: str, out_dir: str, flame: str | None = None, size: int = 512, m
     """Track `video` (a path, or "demo" for the offline demo video of `max_frames` or 48 frames) into `out_dir`.
 
     flame: path of FLAME's generic_model.pkl (None: the built-in toy head); options: bbox, max_gap,
-    preview, shape (a fixed identity shape; see tracking.pipeline.track_video). Returns the FLAME sequence and the face crops.
+    preview, shape (a fixed identity shape; see tracking.pipeline.track_video). Returns the FLAME
+    sequence and the face crops.
     """
     return track_video(video, out_dir, load_flame(flame), size=size, max_frames=max_frames, **options)
 

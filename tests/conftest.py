@@ -120,8 +120,8 @@ def metric_weights(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("metric-weights")
     torch.manual_seed(0)
     lpips = LPIPS().state_dict()
-    torch.save({**{k: v for k, v in lpips.items() if k.startswith("features.")}, "classifier.6.bias": torch.zeros(1000)},
-               folder / "alexnet-owt-7be5be79.pth")
+    features = {k: v for k, v in lpips.items() if k.startswith("features.")}
+    torch.save({**features, "classifier.6.bias": torch.zeros(1000)}, folder / "alexnet-owt-7be5be79.pth")
     torch.save({k: v.abs() for k, v in lpips.items() if k.startswith("lin")}, folder / "alex.pth")
     torch.save({**FIDInception().state_dict(), "fc.bias": torch.zeros(1008)},
                folder / "pt_inception-2015-12-05-6726825d.pth")

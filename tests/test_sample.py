@@ -57,6 +57,28 @@ def test_temporal_denoising_is_smoother_and_as_faithful(run, avatar):
     assert psnr_t > psnr_0 - 1.0
 
 
+def test_evaluate_py_scores_the_demo_avatar_on_its_held_out_frames(run, metric_weights, tmp_path):
+    """`train.py --video demo --preset tiny` then `evaluate.py --avatar`: the split train.py recorded is scored
+    (the last 5 frames), every metric a finite number, and the held-out PSNR that of the test above."""
+    import json
+    import math
+    out = tmp_path / "eval.json"
+    result = subprocess.run([sys.executable, "evaluate.py", "--avatar", str(run), "--out", str(out), "--lpips",
+                             str(metric_weights), "--inception",
+                             str(metric_weights / "pt_inception-2015-12-05-6726825d.pth")],
+                            cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    print(result.stdout)
+    (source,) = json.loads(out.read_text())["sources"]
+    assert source["frames"] == list(HELD_OUT)
+    metrics = source["metrics"]
+    values = [metrics["psnr"]["mean"], metrics["ssim"]["mean"], metrics["lpips"]["mean"], metrics["fid"]["value"],
+              metrics["kid"]["mean"], metrics["kid"]["std"], *metrics["flicker"].values()]
+    assert all(math.isfinite(v) for v in values), metrics
+    assert metrics["psnr"]["mean"] > 15
+    assert (tmp_path / "eval.png").is_file()
+
+
 def test_same_seed_same_frames(run, avatar):
     seq = svp.load_seq(str(run / "tracking" / "seq.npz"))
     settings = svp.VideoSampling(steps=6, seed=3)

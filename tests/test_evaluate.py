@@ -23,6 +23,8 @@ from tracking.demo import write_demo_video
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = ["--steps", "2"]
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}  # the commands run here, like one_torch_thread
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def numbers(tree) -> list[float]:
@@ -50,7 +52,7 @@ def test_evaluate_py_scores_the_held_out_frames_and_another_video(evaluable_avat
     result = subprocess.run([sys.executable, "evaluate.py", "--avatar", str(run), "--lpips", str(metric_weights),
                              "--inception", str(metric_weights / "pt_inception-2015-12-05-6726825d.pth"),
                              "--video", video, "--max-frames", "8", *STEPS], cwd=REPO, capture_output=True,
-                            text=True, timeout=900)
+                            text=True, timeout=900, env=ONE_THREAD)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "held-out" in result.stdout and "take2.mp4" in result.stdout and "FID" in result.stdout
 
@@ -116,7 +118,7 @@ def test_a_run_without_a_split_says_how_to_make_one(evaluable_avatar_run, tmp_pa
     run = copy_run(evaluable_avatar_run, tmp_path / "run")
     os.remove(run / "split.json")
     result = subprocess.run([sys.executable, "evaluate.py", "--avatar", str(run)], cwd=REPO, capture_output=True,
-                            text=True, timeout=600)
+                            text=True, timeout=600, env=ONE_THREAD)
     assert result.returncode == 1
     assert result.stderr.strip() == f"error: {run}: no split.json (trained before held-out splits were recorded); " \
                                     "rerun its train.py command with --resume to write it (it trains no further)"

@@ -79,11 +79,11 @@ def read_weights(path: str) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, ValueError) as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = str(e).strip().split(". ")[0].splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path}: not a readable PyTorch state dict (corrupt, or not only tensors): "
-                              f"{first_line}") from e
+                              f"{reason}") from e
     if not (isinstance(state, dict) and all(torch.is_tensor(v) for v in state.values())):
-        raise CheckpointError(f"{path}: holds a {type(state).__name__}, not a state dict of tensors")
+        raise CheckpointError(f"{path}: not a state dict of tensors (names -> tensors)")
     return state
 
 

@@ -71,6 +71,10 @@ def parse_args(argv=None):
     video.add_argument("--morph", default=None, help='morph toward "a photo of <MORPH>" (e.g. "Tom Cruise")')
     video.add_argument("--morph-weight", type=fraction, default=None, help="0 = the avatar, 1 = the --morph prompt "
                        "(default 0.5)")
+    video.add_argument("--decoder", type=existing_file("tiny decoder"), default=None, metavar="FILE",
+                       help="decode frames with a tiny autoencoder decoder (TAESD: taesd_decoder.safetensors or .pth, "
+                       "or diffusers' AutoencoderTiny weights) instead of the VAE: faster, less detail; "
+                       "with --params or --drive")
     video.add_argument("--side-by-side", action="store_true", help="hint (3DMM rendering) | output in each frame")
     video.add_argument("--png-dir", default=None, help="also write every frame as a PNG here")
     live = p.add_argument_group("live avatar")
@@ -108,7 +112,8 @@ def input_problems(args) -> list[str]:
         if not args.prompt:
             problems.append("--prompt is required with --ckpt")
         problems += [f"{flag} drives an avatar; it does nothing with --ckpt" for flag, value in
-                     (("--params", args.params), ("--morph", args.morph), ("--png-dir", args.png_dir)) if value]
+                     (("--params", args.params), ("--morph", args.morph), ("--png-dir", args.png_dir),
+                      ("--decoder", args.decoder)) if value]
     if args.serve is not None and not args.drive:
         problems.append("--serve shows a live run: it needs --drive SOURCE")
     if args.drive and (args.params or args.frames):
@@ -186,7 +191,7 @@ def avatar_main(args, device, dtype):
         import torch.distributed as dist
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     avatar = svp.load_avatar(args.avatar, base=args.base, flame=args.flame, device=device, dtype=dtype,
-                             tokenizer=args.tokenizer, loras=args.lora)
+                             tokenizer=args.tokenizer, loras=args.lora, decoder=args.decoder)
     images, hints = avatar.render(seq, args.prompt, args.morph, args.morph_weight, args.negative_prompt,
                                  split_frames(frames, rank, world), video_settings(args), progress=rank == 0)
     if args.side_by_side:
@@ -221,7 +226,7 @@ def live_main(args, device, dtype):
     """--drive: the avatar driven frame by frame (tracking/live.py), written to --out as it goes."""
     from tracking.live import drive
     avatar = svp.load_avatar(args.avatar, base=args.base, flame=args.flame, device=device, dtype=dtype,
-                             tokenizer=args.tokenizer, loras=args.lora)
+                             tokenizer=args.tokenizer, loras=args.lora, decoder=args.decoder)
     out = args.out
     if args.serve is not None:
         print(f"serving http://127.0.0.1:{args.serve}/", flush=True)

@@ -101,6 +101,8 @@ SAMPLE_CASES = [
     (AVATAR + ["--frames", "5:2"], "--frames: '5:2': need 0 <= a < b"),
     (AVATAR + ["--frames", "2-5"], "--frames: wants a:b, got '2-5'"),
     (AVATAR + ["--flame", "nowhere.pkl"], "--flame: FLAME file nowhere.pkl not found"),
+    (AVATAR + ["--decoder", "taesd_decoder.pth"], "--decoder: tiny decoder taesd_decoder.pth not found"),
+    (["--ckpt", "sd.safetensors", "--prompt", "a cat", "--decoder", __file__], "--decoder drives an avatar"),
     (AVATAR + ["--out", "x.png"], "--out: x.png: the video file's name must end in .mp4"),
     (["--ckpt", "sd.safetensors"], "--prompt is required with --ckpt"),
     (["--ckpt", "sd.safetensors", "--prompt", "a cat", "--num-images", "0"],

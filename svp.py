@@ -28,6 +28,7 @@ from model.avatar import Denoiser, fingerprint, from_run, load_avatar_weights, r
 from model.controlnet import ControlNet
 from model.loading import CheckpointError, StableDiffusion, load_stable_diffusion
 from model.lora import fuse_lora, load_lora
+from model.metrics import temporal_flicker
 from model.pipeline import encode_prompts, text_to_image
 from model.sampling import SAMPLER_NAMES, NoiseSchedule, make_sampler
 from model.taesd import TinyDecoder, load_tiny_decoder
@@ -240,16 +241,3 @@ def init_processes(device: str | None) -> Processes:
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return Processes(int(os.environ.get("RANK", 0)), world, device)
-
-
-def temporal_flicker(frames: np.ndarray) -> float:
-    """Flicker of a video: the mean absolute difference between each frame and the average of its two
-    neighbours, on [0, 1] pixels, halved (mean |x[t+1] - 2 x[t] + x[t-1]| / 2).
-
-    Motion that is locally steady (a head turning, a mouth opening) cancels out; what a frame does on
-    its own, against both neighbours (details that pop in and out), does not. It is a comparison
-    between samplings of the same sequence: the motion of the sequence itself adds a floor."""
-    if len(frames) < 3:
-        raise ValueError(f"flicker needs at least 3 frames, got {len(frames)}")
-    video = torch.from_numpy(frames).float() / 255
-    return (video[2:] - 2 * video[1:-1] + video[:-2]).abs().mean().item() / 2

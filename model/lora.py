@@ -186,13 +186,3 @@ def unfuse_lora(sd: StableDiffusion, lora: LoRA, scale: float = 1.0) -> None:
     """Undo `fuse_lora(sd, lora, scale)` (exact up to the weights' float rounding)."""
     fuse_lora(sd, lora, -scale)
 
-
-def parse_lora_arg(arg: str) -> tuple[str, float]:
-    """`FILE[:SCALE]` (the --lora option) -> (path, scale); without a numeric suffix the scale is 1."""
-    path, sep, scale = arg.rpartition(":")
-    if sep and path:
-        try:
-            return path, float(scale)
-        except ValueError:
-            pass
-    return arg, 1.0

@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from model.clip import CLIPTextModel, hf_to_ours, layers_run
 from model.config import TINY, SDConfig
 from model.loading import CheckpointError, StableDiffusion
-from model.lora import fuse_lora, load_lora, parse_lora_arg, unfuse_lora
+from model.lora import fuse_lora, load_lora, unfuse_lora
 from model.unet import UNet, diffusers_to_ldm_unet
 
 diffusers = pytest.importorskip("diffusers")
@@ -240,9 +240,3 @@ def test_malformed_files_are_refused_by_name(tensors, message, tmp_path):
     with pytest.raises(CheckpointError, match="no such file"):
         load_lora(str(tmp_path / "missing.safetensors"))
 
-
-def test_parse_lora_arg():
-    assert parse_lora_arg("lcm.safetensors") == ("lcm.safetensors", 1.0)
-    assert parse_lora_arg("loras/lcm.safetensors:0.8") == ("loras/lcm.safetensors", 0.8)
-    assert parse_lora_arg("style.safetensors:-1") == ("style.safetensors", -1.0)
-    assert parse_lora_arg("odd:name.safetensors") == ("odd:name.safetensors", 1.0)

@@ -1,16 +1,18 @@
 """LoRA (model/lora.py) against diffusers' own loader: the same random LoRA file, in each layout people have,
-fused by diffusers (`load_lora_weights` + `fuse_lora`, through peft) and by us, gives the same networks.
+fused by diffusers (`load_lora_weights` + `fuse_lora`, through peft) and by us, gives the same networks; so do
+files written by diffusers' own `save_lora_weights`, whose strengths (alpha, patterns, rsLoRA) are in the header.
 
 Every Linear and Conv2d of a tiny SD1- or SD2-layout UNet (attention projections, 1x1-conv or Linear
 proj_in, 1x1 conv_shortcut, 3x3 ResBlock / down / up convs, the time MLP) and of a tiny CLIP text encoder
 carries a LoRA layer."""
 import functools
+import json
 import re
 from dataclasses import replace
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from model.clip import CLIPTextModel, hf_to_ours, layers_run
 from model.config import TINY, SDConfig
@@ -19,7 +21,8 @@ from model.lora import fuse_lora, load_lora, unfuse_lora
 from model.unet import UNet, diffusers_to_ldm_unet
 
 diffusers = pytest.importorskip("diffusers")
-pytest.importorskip("peft")  # diffusers' LoRA loading runs on peft
+peft = pytest.importorskip("peft")  # diffusers' LoRA loading runs on peft
+from peft.utils import get_peft_model_state_dict  # noqa: E402
 from test_clip import SD2_TINY as SD2_TINY_CLIP, hf_reference  # noqa: E402
 from test_unet import SD2_TINY as SD2_TINY_UNET  # noqa: E402
 from test_unet import diffusers_config, diffusers_forward, ldm_module_name, random_inputs, randomize_  # noqa: E402
@@ -37,13 +40,16 @@ def lora_modules(model: torch.nn.Module) -> dict[str, tuple]:
             if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
 
 
+def random_factor(shape: tuple, gen, up: bool) -> torch.Tensor:
+    """A random down (r, in[, kh, kw]) or up (out, r[, 1, 1]) weight, small enough that the network stays sane."""
+    scale = 0.3 * shape[1] ** -0.5 if up else torch.Size(shape[1:]).numel() ** -0.5
+    return torch.randn(shape, generator=gen) * scale
+
+
 def random_pair(shape: tuple, gen) -> tuple[torch.Tensor, torch.Tensor]:
-    """down (r, in[, kh, kw]) and up (out, r[, 1, 1]), small enough that the network stays sane."""
-    out_ch, rest = shape[0], shape[1:]
-    fan_in = torch.Size(rest).numel()
-    down = torch.randn(RANK, *rest, generator=gen) * fan_in ** -0.5
-    up = torch.randn(out_ch, RANK, *[1] * (len(shape) - 2), generator=gen) * 0.3 * RANK ** -0.5
-    return down, up
+    """down and up of rank RANK for a weight of `shape`."""
+    down = random_factor((RANK, *shape[1:]), gen, up=False)
+    return down, random_factor((shape[0], RANK, *[1] * (len(shape) - 2)), gen, up=True)
 
 
 def kohya_file(modules: dict, network: str, gen, name=lambda n: n) -> dict:
@@ -70,9 +76,23 @@ def hf_name(module: str) -> str:
     return "text_model." + module.removeprefix("text_model.")
 
 
+def old_diffusers_key(peft_key: str) -> str:
+    """A PEFT key as older diffusers spelled it: attention projections as unet.<attention>.processor.to_q_lora
+    and text_encoder.<layer>.self_attn.to_q_lora (to_k, to_v, to_out likewise), other layers as
+    unet.<module>.lora and text_encoder.<module>.lora_linear_layer; lora_A / lora_B as down / up."""
+    module, role = peft_key.rsplit(".lora_", 1)
+    role = "down" if role == "A.weight" else "up"
+    if m := re.fullmatch(r"(unet\..+)\.(to_q|to_k|to_v|to_out)(?:\.0)?", module):
+        return f"{m[1]}.processor.{m[2]}_lora.{role}.weight"
+    if m := re.fullmatch(r"(text_encoder\..+\.self_attn)\.(q|k|v|out)_proj", module):
+        return f"{m[1]}.to_{m[2]}_lora.{role}.weight"
+    return f"{module}.{'lora' if module.startswith('unet.') else 'lora_linear_layer'}.{role}.weight"
+
+
 LAYOUTS = {  # layout -> (UNet modules, text-encoder modules, generator) -> the file's tensors
     "kohya": lambda unet, te, gen: kohya_file(unet, "unet", gen) | kohya_file(te, "te", gen, hf_name),
     "peft": lambda unet, te, gen: peft_file(unet, "unet", gen) | peft_file(te, "text_encoder", gen, hf_name),
+    "old diffusers": lambda unet, te, gen: {old_diffusers_key(k): v for k, v in LAYOUTS["peft"](unet, te, gen).items()},
 }
 
 
@@ -160,13 +180,6 @@ def test_fused_lora_matches_diffusers(layout, family, tmp_path):
         torch.testing.assert_close(after[key], weight, rtol=0, atol=1e-6, msg=key)
 
 
-def processor_key(peft_key: str) -> str:
-    """unet.<attention>.to_q.lora_A.weight -> unet.<attention>.processor.to_q_lora.down.weight (old diffusers)."""
-    module, role = peft_key.rsplit(".lora_", 1)
-    attention, projection = re.fullmatch(r"(.+)\.(to_q|to_k|to_v|to_out)(?:\.0)?", module).groups()
-    return f"{attention}.processor.{projection}_lora.{'down' if role == 'A.weight' else 'up'}.weight"
-
-
 def test_other_spellings_give_the_same_weights(reference, tmp_path):
     """LDM module names in a kohya file, `.alpha` beside PEFT weights, the old attention-processor keys:
     each fuses exactly like the spelling that diffusers itself was checked against above."""
@@ -190,7 +203,7 @@ def test_other_spellings_give_the_same_weights(reference, tmp_path):
     peft = peft_file(attention, "unet", torch.Generator().manual_seed(2))
     with_alpha = peft | {k.replace(".lora_A.weight", ".alpha"): torch.tensor(ALPHA) for k in peft if "lora_A" in k}
     plain, alpha_scaled = fused(peft), fused(with_alpha)
-    old = fused({processor_key(k): v for k, v in peft.items()})
+    old = fused({old_diffusers_key(k): v for k, v in peft.items()})
     for key in plain:
         assert torch.equal(old[key], plain[key]), key
         torch.testing.assert_close(alpha_scaled[key] - base[key], (plain[key] - base[key]) * ALPHA / RANK,

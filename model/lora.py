@@ -15,7 +15,8 @@ Layouts read (one file may hold UNet and text-encoder layers):
                        text_encoder.<layer>.self_attn.to_q_lora.down/up.weight (to_k, to_v, to_out likewise).
                        diffusers' save_lora_weights keeps alpha in the safetensors header instead, under
                        `lora_adapter_metadata`: PEFT's LoraConfig per network as JSON (`unet.lora_alpha`,
-                       `unet.r`, `unet.alpha_pattern`, `unet.use_rslora`, `text_encoder.lora_alpha`, ...);
+                       `unet.r`, `unet.alpha_pattern`, `unet.use_rslora`, `text_encoder.lora_alpha`, ...),
+                       read as diffusers reads it (an `.alpha` tensor, which diffusers never writes, comes first);
   * kohya / A1111:     lora_unet_<module>.lora_down.weight / lora_up.weight / alpha, lora_te_<module>...,
                        with the module path's dots written as underscores.
 A module may be named the diffusers way (`down_blocks.0.attentions.0.proj_in`, what kohya trains SD1 on)
@@ -39,7 +40,8 @@ from model.unet import diffusers_to_ldm_prefixes, rename_key
 KOHYA_KEY = re.compile(r"lora_(unet|te)_(\w+)\.(lora_down\.weight|lora_up\.weight|alpha)")
 DIFFUSERS_KEY = re.compile(r"(unet|text_encoder)\.(.+?)\.(lora_A\.weight|lora_B\.weight|lora\.down\.weight|"
                            r"lora\.up\.weight|lora_linear_layer\.down\.weight|lora_linear_layer\.up\.weight|alpha)")
-OLD_ATTENTION_KEY = re.compile(r"(unet|text_encoder)\.(.+?)(?:\.processor)?\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight")
+OLD_ATTENTION_KEY = re.compile(r"(unet|text_encoder)\.(.+?)(?:\.processor)?\.(to_q|to_k|to_v|to_out)_lora\."
+                               r"(down|up)\.weight")
 ROLES = {"lora_down.weight": "down", "lora_A.weight": "down", "lora.down.weight": "down",
          "lora_linear_layer.down.weight": "down", "down": "down",
          "lora_up.weight": "up", "lora_B.weight": "up", "lora.up.weight": "up",

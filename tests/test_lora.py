@@ -148,20 +148,30 @@ def outputs(config: SDConfig, unet_fn, te_fn):
         return unet_fn(x, t, context), te_fn(ids)
 
 
+def fused_by_diffusers(reference, path: str):
+    """The UNet's and the text encoder's outputs once diffusers has loaded the LoRA file `path` and fused it."""
+    pipe = reference_pipeline(reference)
+    pipe.load_lora_weights(path)
+    pipe.fuse_lora(lora_scale=SCALE)
+    return outputs(reference[0], lambda *a: diffusers_forward(pipe.unet, *a),
+                   lambda ids: pipe.text_encoder(ids).last_hidden_state)
+
+
+def fused_by_us(reference, path: str):
+    ours = ours_from(reference)
+    fuse_lora(ours, load_lora(path), SCALE)
+    return outputs(reference[0], ours.unet, ours.text_encoder)
+
+
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_fused_lora_matches_diffusers(layout, family, tmp_path):
     reference = reference_weights(family)
     config = reference[0]
-    pipe = reference_pipeline(reference)
-    path = str(tmp_path / f"{layout}.safetensors")
-    save_file(LAYOUTS[layout](lora_modules(pipe.unet), lora_modules(pipe.text_encoder),
-                              torch.Generator().manual_seed(0)), path)
-
-    pipe.load_lora_weights(path)
-    pipe.fuse_lora(lora_scale=SCALE)
-    expected_unet, expected_te = outputs(config, lambda *a: diffusers_forward(pipe.unet, *a),
-                                         lambda ids: pipe.text_encoder(ids).last_hidden_state)
+    unet, text_encoder = reference_networks(config)
+    path = str(tmp_path / "lora.safetensors")
+    save_file(LAYOUTS[layout](lora_modules(unet), lora_modules(text_encoder), torch.Generator().manual_seed(0)), path)
+    expected_unet, expected_te = fused_by_diffusers(reference, path)
 
     ours = ours_from(reference)
     plain_unet, plain_te = outputs(config, ours.unet, ours.text_encoder)
@@ -178,6 +188,50 @@ def test_fused_lora_matches_diffusers(layout, family, tmp_path):
     after = {**ours.unet.state_dict(), **ours.text_encoder.state_dict()}
     for key, weight in before.items():
         torch.testing.assert_close(after[key], weight, rtol=0, atol=1e-6, msg=key)
+
+
+ADAPTERS = {  # peft LoraConfig settings (besides target_modules) that set the layers' strengths
+    "alpha": dict(r=RANK, lora_alpha=8),  # alpha / r = 2
+    # rank_pattern makes those layers' tensors that rank; the header's pattern keys are sorted, and the first
+    # that matches wins: attn1.to_q gets 5 in down_blocks too
+    "patterns": dict(r=RANK, lora_alpha=8, rank_pattern={"attn2.to_k": 8, r"layers\.0\.self_attn\.q_proj": 2},
+                     alpha_pattern={"conv.*": 16, "fc1": 1, "attn1.to_q": 5, "down_blocks.*attn1.to_q": 7}),
+    "rslora": dict(r=RANK, lora_alpha=8, use_rslora=True),  # alpha / sqrt(r)
+}
+
+
+def diffusers_saved_lora(reference, directory: str, settings: dict) -> str:
+    """Random LoRA layers on every Linear / Conv2d of a UNet and text encoder shaped like the reference's, made
+    by peft with LoraConfig(**settings) and saved by diffusers' save_lora_weights with those configs as the
+    header's adapter metadata, as diffusers' training scripts save them."""
+    layers, metadata, gen = {}, {}, torch.Generator().manual_seed(5)
+    for name, network in zip(("unet", "text_encoder"), reference_networks(reference[0])):
+        config = peft.LoraConfig(target_modules=list(lora_modules(network)), **settings)
+        peft.inject_adapter_in_model(config, network)
+        with torch.no_grad():
+            for key, weight in network.named_parameters():
+                if ".lora_" in key:
+                    weight.copy_(random_factor(weight.shape, gen, up=".lora_B." in key))
+        layers[name], metadata[name] = get_peft_model_state_dict(network), config.to_dict()
+    diffusers.StableDiffusionPipeline.save_lora_weights(
+        directory, unet_lora_layers=layers["unet"], text_encoder_lora_layers=layers["text_encoder"],
+        unet_lora_adapter_metadata=metadata["unet"], text_encoder_lora_adapter_metadata=metadata["text_encoder"])
+    return f"{directory}/pytorch_lora_weights.safetensors"
+
+
+# one config for both networks: peft warns that the UNet's patterns match no text-encoder module and back
+@pytest.mark.filterwarnings("ignore:The following (rank|alpha)_pattern keys did not match")
+@pytest.mark.parametrize("adapter", sorted(ADAPTERS))
+def test_strengths_from_the_header_of_a_file_diffusers_saved(adapter, reference, tmp_path):
+    """diffusers keeps alpha, the patterns and rsLoRA in the header's lora_adapter_metadata, not in tensors."""
+    path = diffusers_saved_lora(reference, str(tmp_path), ADAPTERS[adapter])
+    tensors = load_file(path)
+    assert tensors and not [key for key in tensors if not key.endswith(("lora_A.weight", "lora_B.weight"))]
+    bare = write(tmp_path, tensors, "bare.safetensors")  # the same tensors without the header
+    for expected, got, headless in zip(fused_by_diffusers(reference, path), fused_by_us(reference, path),
+                                       fused_by_us(reference, bare)):
+        assert rel_err(got, expected) <= 1e-5
+        assert rel_err(headless, expected) > 1e-3, "the header changed nothing: the test would not see it ignored"
 
 
 def test_other_spellings_give_the_same_weights(reference, tmp_path):
@@ -238,13 +292,16 @@ def test_a_lora_that_does_not_fit_is_refused_before_any_weight_changes(reference
 
 @pytest.mark.parametrize("tensors, message", [
     ({"lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(4, 32)},
-     "1 tensors are not LoRA weights .* lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight"),
+     r"1 tensors are not LoRA weights of an SD1/SD2 UNet or text encoder \(this looks like a SDXL \(two text "
+     r"encoders\) file, which is not supported\): lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight"),
     ({"unet.conv_in.lora_A.weight": torch.zeros(4, 4, 3, 3), "unet.conv_in.lora_magnitude_vector": torch.zeros(32)},
-     "DoRA"),
+     r"\(this looks like a DoRA file, which is not supported\): unet.conv_in.lora_magnitude_vector$"),
+    ({"lora_unet_conv_in.hada_w1_a": torch.zeros(4, 4)}, "looks like a LyCORIS"),
     ({"unet.conv_in.lora_A.weight": torch.zeros(4, 4, 3, 3)}, "lack a down or up weight.*: unet.conv_in"),
     ({"lora_unet_conv_in.lora_down.weight": torch.zeros(4, 4, 3, 3),
       "lora_unet_conv_in.lora_up.weight": torch.zeros(32, 8, 1, 1)}, "do not compose: lora_unet_conv_in"),
-    ({"model.diffusion_model.out.2.bias": torch.zeros(4)}, "not LoRA weights"),
+    ({"model.diffusion_model.out.2.bias": torch.zeros(4)},  # blamed on nothing it is not
+     "1 tensors are not LoRA weights of an SD1/SD2 UNet or text encoder: model.diffusion_model.out.2.bias$"),
 ])
 def test_malformed_files_are_refused_by_name(tensors, message, tmp_path):
     path = write(tmp_path, tensors)
@@ -253,3 +310,22 @@ def test_malformed_files_are_refused_by_name(tensors, message, tmp_path):
     with pytest.raises(CheckpointError, match="no such file"):
         load_lora(str(tmp_path / "missing.safetensors"))
 
+
+
+@pytest.mark.parametrize("header, message", [
+    (json.dumps({"unet.r": 4, "unet.use_dora": True}), r"a DoRA adapter \(unet.use_dora is true in its header\); "
+                                                       "DoRA is not supported"),
+    (json.dumps({"unet.r": 8}), "unet.conv_in has rank 4, its lora_adapter_metadata says r = 8"),
+    (json.dumps({"unet.r": 8, "unet.rank_pattern": {"conv_in": 4}}), None),
+    ("{not json", "its header's lora_adapter_metadata is not a JSON object"),
+])
+def test_adapter_metadata_that_does_not_fit_is_refused_by_name(header, message, tmp_path):
+    path = str(tmp_path / "lora.safetensors")
+    tensors = {"unet.conv_in.lora_A.weight": torch.zeros(4, 4, 3, 3),
+               "unet.conv_in.lora_B.weight": torch.zeros(32, 4, 1, 1)}
+    save_file(tensors, path, metadata={"lora_adapter_metadata": header})
+    if message is None:
+        assert load_lora(path).layers["unet"]["conv_in"].alpha == 8  # PEFT's default lora_alpha
+        return
+    with pytest.raises(CheckpointError, match=f"{re.escape(path)}: {message}$"):
+        load_lora(path)

@@ -25,10 +25,10 @@ from PIL import Image
 
 import svp
 from model.files import atomic_write
-from tracking.cli import (ArgumentParser, available_device, existing_file, fraction, multiple_of_8,
-                          non_negative_float, non_negative_int, nonempty_text, output_dir_problem,
-                          output_file_problem, positive_int, run_command)
-from model.lora import parse_lora_arg
+from tracking.cli import (ArgumentParser, available_device, existing_file, fraction, lora_file_and_scale,
+                          multiple_of_8, non_negative_float, non_negative_int, nonempty_text, output_dir_problem,
+                          output_file_problem, port, positive_int, run_command)
+from tracking.page import MjpegServer
 from svp import VideoSampling  # its class attributes are the video defaults
 
 
@@ -52,7 +52,7 @@ def parse_args(argv=None):
     p.add_argument("--sampler", default=None, choices=svp.SAMPLER_NAMES,
                    help=f"default dpmpp_2m; avatar {VideoSampling.sampler}; few-step: lcm (with an LCM-LoRA), "
                    "euler_trailing (SD-Turbo-style bases)")
-    p.add_argument("--lora", action="append", type=parse_lora_arg, default=[], metavar="FILE[:SCALE]",
+    p.add_argument("--lora", action="append", type=lora_file_and_scale, default=[], metavar="FILE[:SCALE]",
                    help="a LoRA .safetensors fused into the base (repeatable; scale default 1), e.g. LCM-LoRA")
     video = p.add_argument_group("avatar video")
     video.add_argument("--params", help="FLAME sequence (seq.npz, see tracking/sequence.py) that drives the avatar")
@@ -80,8 +80,8 @@ def parse_args(argv=None):
     live = p.add_argument_group("live avatar")
     live.add_argument("--drive", metavar="SOURCE", help="drive the avatar live: a video file (played at its fps; "
                       "frames it cannot keep up with are dropped), a camera (/dev/video0) or a seq.npz")
-    live.add_argument("--serve", type=positive_int, metavar="PORT", help="with --drive: show driving | avatar frames at "
-                      "http://127.0.0.1:PORT/ while it runs")
+    live.add_argument("--serve", type=port, metavar="PORT", help="with --drive: show driving | avatar frames at "
+                      "http://127.0.0.1:PORT/ while it runs (0: a free port, printed)")
     p.add_argument("--eta", type=fraction, default=0.0, help="DDIM stochasticity (0 = deterministic, 1 = DDPM)")
     p.add_argument("--height", type=multiple_of_8, default=None, help="pixels; default: the family's native size")
     p.add_argument("--width", type=multiple_of_8, default=None)
@@ -99,6 +99,12 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     for problem in input_problems(args):
         p.error(problem)
+    args.page = None
+    if args.serve is not None:  # bound now, so that a port in use is refused before the avatar loads
+        try:
+            args.page = MjpegServer(args.serve)
+        except OSError as error:
+            p.error(f"argument --serve: cannot listen on 127.0.0.1:{args.serve} ({error.strerror})")
     return args
 
 
@@ -225,16 +231,16 @@ def video_settings(args) -> VideoSampling:
 def live_main(args, device, dtype):
     """--drive: the avatar driven frame by frame (tracking/live.py), written to --out as it goes."""
     from tracking.live import drive
+    if args.page is not None:
+        print(f"serving {args.page.start().url}", flush=True)
     avatar = svp.load_avatar(args.avatar, base=args.base, flame=args.flame, device=device, dtype=dtype,
                              tokenizer=args.tokenizer, loras=args.lora, decoder=args.decoder)
     out = args.out
-    if args.serve is not None:
-        print(f"serving http://127.0.0.1:{args.serve}/", flush=True)
 
     def progress(frame, seconds):
         if frame % 10 == 0:
             print(f"frame {frame}: {(frame + 1) / seconds:.1f} frames/s", flush=True)
-    run = drive(avatar, args.drive, out, video_settings(args), args.serve, args.prompt, args.side_by_side, progress)
+    run = drive(avatar, args.drive, out, video_settings(args), args.page, args.prompt, args.side_by_side, progress)
     how = "stopped by Ctrl-C; " if run.stopped else ""
     print(f"wrote {out} ({how}{run.frames} frames in {run.seconds:.1f} s, {run.frames / run.seconds:.1f} frames/s; "
           f"{run.dropped} source frames dropped)")

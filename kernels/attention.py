@@ -30,7 +30,9 @@ F.scaled_dot_product_attention(is_causal=True): query i sees keys j <= i.
 Precision: inputs fp16, bf16 or fp32; every accumulation is fp32. For fp32 inputs the dots use IEEE
 fp32 (not TF32), so results match the reference to fp32 rounding.
 """
+import functools
 import math
+import os
 from typing import NamedTuple
 
 import torch
@@ -38,7 +40,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.dispatch import on_device, use_triton
+from kernels.dispatch import Op, dtype_name, on_device, size_class
 
 LOG2E = 1.4426950408889634
 
@@ -257,22 +259,27 @@ class AttentionBlocks(NamedTuple):
     num_warps: int
     num_stages: int
 
+    def triton_config(self) -> triton.Config:
+        return triton.Config({"BLOCK_M": self.block_m, "BLOCK_N": self.block_n}, num_warps=self.num_warps,
+                             num_stages=self.num_stages)
+
 
 class AttentionConfig(NamedTuple):
     forward: AttentionBlocks
     backward: AttentionBlocks
 
 
+@functools.lru_cache(maxsize=None)
 def padded_head_dim(head_dim: int) -> int:
-    # tl.dot needs every extent >= 16.
+    # tl.arange needs a power of two and tl.dot every extent >= 16.
     return max(16, triton.next_power_of_2(head_dim))
 
 
+@functools.lru_cache(maxsize=None)
 def default_attention_config(head_dim: int, dtype: torch.dtype) -> AttentionConfig:
-    """Tiles that fit an A100/H100's shared memory (<= 96 KiB) and registers for this (padded) head dim.
-
-    Not tuned on hardware yet: bench/kernels.py measures them. Wider heads get smaller tiles and more
-    warps, so the fp32 accumulators (tile x head dim) stay around 64 registers per thread.
+    """Hand-picked tiles: what the interpreter runs, and one of the candidates the GPU autotunes over.
+    Wider heads get smaller tiles and more warps, so the fp32 accumulators (tile x head dim) stay around
+    64 registers per thread and the tiles fit an A100/H100's shared memory.
     """
     padded = padded_head_dim(head_dim)
     if padded <= 64:
@@ -287,66 +294,117 @@ def default_attention_config(head_dim: int, dtype: torch.dtype) -> AttentionConf
     return AttentionConfig(forward, backward)
 
 
+# Candidates the autotuner times on the GPU, per kernel (the backward's two kernels are tuned on their own).
+# Forward: the space Triton's fused-attention tutorial tunes over on an H100 (query tiles 64/128, key
+# tiles 32-128, a few pipeline stages, 8 warps only for 128x128 tiles), stages 3 and 4 to bound the
+# compile time. dK/dV (one program per key block) and dQ (one per query block): the tutorial's Hopper
+# pairs (32 queries x 128 keys for dK/dV, the transpose for dQ, 4 warps) and smaller tiles for wide heads.
+FORWARD_TILES = [AttentionBlocks(m, n, w, s) for m in (64, 128) for n in (32, 64, 128) for s in (3, 4)
+                 for w in (4, 8) if w == 4 or m * n >= 128 * 128]
+DKDV_TILES = [AttentionBlocks(*t) for t in ((32, 128, 4, 5), (32, 128, 8, 3), (64, 128, 8, 2), (32, 64, 4, 3),
+                                            (64, 64, 4, 2), (64, 64, 8, 3), (32, 64, 8, 2), (32, 32, 4, 2))]
+DQ_TILES = [AttentionBlocks(*t) for t in ((128, 32, 4, 5), (128, 32, 8, 3), (128, 64, 8, 2), (64, 32, 4, 3),
+                                          (64, 64, 4, 2), (64, 64, 8, 3), (64, 32, 8, 2), (32, 32, 4, 2))]
+MAX_FP32_PER_THREAD = 192  # accumulators + one score tile, fp32 values per thread: beyond, registers spill
+MAX_SHARED_BYTES = 160 * 1024  # pipelined tiles; an H100 has 227 KiB a block, the rest for the compiler
+
+
+def _fits(blocks: AttentionBlocks, block_d: int, element_size: int, kernel: str) -> bool:
+    """A rough resource check, so the autotuner compiles only candidates that can run well."""
+    kept, streamed = {"forward": (blocks.block_m, blocks.block_n), "dkdv": (2 * blocks.block_n, blocks.block_m),
+                      "dq": (blocks.block_m, blocks.block_n)}[kernel]
+    registers = (kept * block_d + blocks.block_m * blocks.block_n) / (32 * blocks.num_warps)
+    shared = blocks.num_stages * 2 * streamed * block_d * element_size
+    return registers <= MAX_FP32_PER_THREAD and shared <= MAX_SHARED_BYTES
+
+
+TILES = {"forward": FORWARD_TILES, "dkdv": DKDV_TILES, "dq": DQ_TILES}
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"  # as @triton.jit decided when this module loaded
+
+
+def candidate_tiles(kernel: str, head_dim: int, dtype: torch.dtype) -> list[AttentionBlocks]:
+    """The tiles the autotuner times for one kernel ("forward", "dkdv" or "dq"): the candidates that fit
+    this head dim and dtype, and the hand-picked default. Interpreted, only the default: the interpreter
+    cannot time, and each config would cost seconds. fp32 (tests, CLIP) keeps the safe default too."""
+    default = default_attention_config(head_dim, dtype)
+    default = default.forward if kernel == "forward" else default.backward
+    if INTERPRETED or dtype == torch.float32:
+        return [default]
+    element_size = torch.empty((), dtype=dtype).element_size()
+    fit = [t for t in TILES[kernel] if _fits(t, padded_head_dim(head_dim), element_size, kernel)]
+    return list(dict.fromkeys(fit + [default]))
+
+
+def _tuned(kernel, name: str):
+    def prune(configs, named_args, **kwargs):
+        return [t.triton_config() for t in candidate_tiles(name, named_args["head_dim"], named_args["Q"].dtype)]
+
+    return triton.autotune(configs=[t.triton_config() for t in TILES[name]],
+                           key=["len_q", "len_k", "head_dim", "CAUSAL"],
+                           prune_configs_by={"early_config_prune": prune}, cache_results=True)(kernel)
+
+
+_forward_tuned = _tuned(_attention_forward_kernel, "forward")
+_dkdv_tuned = _tuned(_attention_backward_dkdv_kernel, "dkdv")
+_dq_tuned = _tuned(_attention_backward_dq_kernel, "dq")
+
+
+def _launch(kernel, tuned, grid, blocks: AttentionBlocks | None, *args, **meta):
+    """kernel with the given tiles, or its autotuned version when blocks is None. grid(BLOCK_M, BLOCK_N)."""
+    if blocks is None:
+        tuned[lambda m: grid(m["BLOCK_M"], m["BLOCK_N"])](*args, **meta)
+    else:
+        kernel[grid(blocks.block_m, blocks.block_n)](*args, **meta, BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n,
+                                                     num_warps=blocks.num_warps, num_stages=blocks.num_stages)
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
     # TF32 would round fp32 inputs to 10 mantissa bits; for 16-bit inputs the setting changes nothing.
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _strides(t: torch.Tensor) -> tuple[int, ...]:
-    return tuple(t.stride())
-
-
-def _attention_forward(q, k, v, causal: bool, blocks: AttentionBlocks):
+def _attention_forward(q, k, v, causal: bool, blocks: AttentionBlocks | None):
     batch, heads, len_q, head_dim = q.shape
-    len_k = k.shape[2]
     out = torch.empty_like(q)
     lse = torch.empty(batch * heads, len_q, device=q.device, dtype=torch.float32)
-    grid = (triton.cdiv(len_q, blocks.block_m), batch * heads)
-    _attention_forward_kernel[grid](
-        q, k, v, out, lse,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(out),
-        heads, len_q, len_k, head_dim, LOG2E / math.sqrt(head_dim),
-        CAUSAL=causal, PRECISION=_dot_precision(q.dtype),
-        BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n, BLOCK_D=padded_head_dim(head_dim),
-        num_warps=blocks.num_warps, num_stages=blocks.num_stages,
-    )
+    _launch(_attention_forward_kernel, _forward_tuned, lambda m, n: (triton.cdiv(len_q, m), batch * heads), blocks,
+            q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+            heads, len_q, k.shape[2], head_dim, LOG2E / math.sqrt(head_dim),
+            CAUSAL=causal, PRECISION=_dot_precision(q.dtype), BLOCK_D=padded_head_dim(head_dim))
     return out, lse
 
 
-def _attention_backward(q, k, v, out, lse, grad_out, causal: bool, blocks: AttentionBlocks):
+DELTA_BLOCK_M = 64
+
+
+def _attention_backward(q, k, v, out, lse, grad_out, causal: bool, blocks: AttentionBlocks | None):
     batch, heads, len_q, head_dim = q.shape
     len_k = k.shape[2]
     block_d = padded_head_dim(head_dim)
     sm_scale = 1.0 / math.sqrt(head_dim)
-    common = dict(CAUSAL=causal, PRECISION=_dot_precision(q.dtype), BLOCK_M=blocks.block_m,
-                  BLOCK_N=blocks.block_n, BLOCK_D=block_d, num_warps=blocks.num_warps,
-                  num_stages=blocks.num_stages)
-
     delta = torch.empty_like(lse)
-    q_blocks = triton.cdiv(len_q, blocks.block_m)
-    _attention_backward_delta_kernel[(q_blocks, batch * heads)](
-        out, grad_out, delta, *_strides(out), *_strides(grad_out), heads, len_q, head_dim,
-        BLOCK_M=blocks.block_m, BLOCK_D=block_d, num_warps=blocks.num_warps,
+    _attention_backward_delta_kernel[(triton.cdiv(len_q, DELTA_BLOCK_M), batch * heads)](
+        out, grad_out, delta, *out.stride(), *grad_out.stride(), heads, len_q, head_dim,
+        BLOCK_M=DELTA_BLOCK_M, BLOCK_D=block_d, num_warps=4,
     )
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    _attention_backward_dkdv_kernel[(triton.cdiv(len_k, blocks.block_n), batch * heads)](
-        q, k, v, grad_out, lse, delta, dk, dv,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dk), *_strides(dv),
-        heads, len_q, len_k, head_dim, LOG2E * sm_scale, sm_scale, **common,
-    )
-    _attention_backward_dq_kernel[(q_blocks, batch * heads)](
-        q, k, v, grad_out, lse, delta, dq,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dq),
-        heads, len_q, len_k, head_dim, LOG2E * sm_scale, sm_scale, **common,
-    )
+    meta = dict(CAUSAL=causal, PRECISION=_dot_precision(q.dtype), BLOCK_D=block_d)
+    _launch(_attention_backward_dkdv_kernel, _dkdv_tuned, lambda m, n: (triton.cdiv(len_k, n), batch * heads),
+            blocks, q, k, v, grad_out, lse, delta, dk, dv,
+            *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(),
+            heads, len_q, len_k, head_dim, LOG2E * sm_scale, sm_scale, **meta)
+    _launch(_attention_backward_dq_kernel, _dq_tuned, lambda m, n: (triton.cdiv(len_q, m), batch * heads),
+            blocks, q, k, v, grad_out, lse, delta, dq,
+            *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(),
+            heads, len_q, len_k, head_dim, LOG2E * sm_scale, sm_scale, **meta)
     return dq, dk, dv
 
 
 class FlashAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, causal: bool, config: AttentionConfig):
+    def forward(ctx, q, k, v, causal: bool, config: AttentionConfig | None):
         with on_device(q):
-            out, lse = _attention_forward(q, k, v, causal, config.forward)
+            out, lse = _attention_forward(q, k, v, causal, config and config.forward)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.causal, ctx.config = causal, config
         return out
@@ -355,14 +413,14 @@ class FlashAttention(torch.autograd.Function):
     def backward(ctx, grad_out):
         q, k, v, out, lse = ctx.saved_tensors
         with on_device(q):
-            dq, dk, dv = _attention_backward(q, k, v, out, lse, grad_out, ctx.causal, ctx.config.backward)
+            dq, dk, dv = _attention_backward(q, k, v, out, lse, grad_out, ctx.causal,
+                                             ctx.config and ctx.config.backward)
         return dq, dk, dv, None, None
 
 
 def flash_attention(q, k, v, causal: bool = False, config: AttentionConfig | None = None) -> torch.Tensor:
-    """The Triton path of `attention`, on any device Triton can launch on (CUDA, or CPU when interpreted)."""
-    if config is None:
-        config = default_attention_config(q.shape[-1], q.dtype)
+    """The Triton path of `attention`, on any device Triton can launch on (CUDA, or CPU when interpreted).
+    config None: tiles autotuned per shape on the GPU (the hand-picked defaults when interpreted)."""
     return FlashAttention.apply(q, k, v, causal, config)
 
 
@@ -374,8 +432,17 @@ def _kernel_supports(q, k, v) -> bool:
             and q.shape[3] == k.shape[3] == v.shape[3] <= 256 and q.numel() > 0 and k.numel() > 0)
 
 
+def _bucket(q, k, v, causal) -> tuple:
+    """Shape class: dtype, causal, head dim, and query/key lengths and batch x heads up to powers of two."""
+    batch, heads, len_q, head_dim = q.shape
+    return dtype_name(q.dtype), causal, head_dim, size_class(len_q), size_class(k.shape[2]), size_class(batch * heads)
+
+
+ATTENTION = Op("attention", ours=flash_attention, theirs=attention_reference, bucket=_bucket)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False) -> torch.Tensor:
     """q: (B, H, Lq, D), k and v: (B, H, Lk, D) -> (B, H, Lq, D). Scale 1/sqrt(D)."""
-    if use_triton(q, k, v) and _kernel_supports(q, k, v):
+    if _kernel_supports(q, k, v) and ATTENTION.use_ours((q, k, v), q, k, v, causal):
         return flash_attention(q, k, v, causal)
     return attention_reference(q, k, v, causal)

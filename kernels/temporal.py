@@ -92,9 +92,8 @@ def fused_temporal_step(x, cond_out, uncond_out, x0_prev, noise, shared_noise, p
 
 
 def _bucket(x, *args) -> tuple:
-    """Shape class: dtype, which optional inputs are present, elements (up to a power of two)."""
-    present = "".join("1" if t is not None else "0" for t in args[1:6])
-    return dtype_name(x.dtype), present, size_class(x.numel())
+    """Shape class: dtype and elements (up to a power of two)."""
+    return dtype_name(x.dtype), size_class(x.numel())
 
 
 def _reference_in_dtype(*args):

@@ -324,11 +324,10 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"  # as @triton.jit d
 
 def candidate_tiles(kernel: str, head_dim: int, dtype: torch.dtype) -> list[AttentionBlocks]:
     """The tiles the autotuner times for one kernel ("forward", "dkdv" or "dq"): the candidates that fit
-    this head dim and dtype, and the hand-picked default. Interpreted, only the default: the interpreter
-    cannot time, and each config would cost seconds. fp32 (tests, CLIP) keeps the safe default too."""
+    this head dim and dtype, and the hand-picked default. fp32 (tests, CLIP) keeps the safe default."""
     default = default_attention_config(head_dim, dtype)
     default = default.forward if kernel == "forward" else default.backward
-    if INTERPRETED or dtype == torch.float32:
+    if dtype == torch.float32:
         return [default]
     element_size = torch.empty((), dtype=dtype).element_size()
     fit = [t for t in TILES[kernel] if _fits(t, padded_head_dim(head_dim), element_size, kernel)]
@@ -421,6 +420,8 @@ class FlashAttention(torch.autograd.Function):
 def flash_attention(q, k, v, causal: bool = False, config: AttentionConfig | None = None) -> torch.Tensor:
     """The Triton path of `attention`, on any device Triton can launch on (CUDA, or CPU when interpreted).
     config None: tiles autotuned per shape on the GPU (the hand-picked defaults when interpreted)."""
+    if config is None and INTERPRETED:  # the interpreter cannot time configs (and each costs seconds)
+        config = default_attention_config(q.shape[-1], q.dtype)
     return FlashAttention.apply(q, k, v, causal, config)
 
 

@@ -557,7 +557,7 @@ def test_kernel_path_is_chosen_when_dispatch_says_ours(monkeypatch):
 
 FLOAT_ARGS = {"qk_scale", "sm_scale", "eps", "guidance", "a", "b", "c_x", "c_0", "c_1", "c_n", "r_0", "r_n", "w"}
 FP32_POINTERS = {"LSE", "DELTA", "COUNT", "MEAN", "M2", "GROUP_MEAN", "GROUP_RSTD", "RSTD", "SUM_DZ", "SUM_DZ_XHAT",
-                 "MEAN_WDZ", "MEAN_WDZ_XHAT"}
+                 "MEAN_WDZ", "MEAN_WDZ_XHAT", "SUMS"}
 MAX_SHARED_MEMORY = 99 * 1024  # per block on every NVIDIA GPU from sm_80 on (A100 and H100 allow more)
 
 
@@ -611,7 +611,9 @@ def test_compile_group_norm_and_temporal_for_gpu(row_len):
     module = load_private_copy("groupnorm", interpret=False)
     blocks = module.default_group_norm_blocks(row_len)
     tile = dict(BLOCK=blocks.block)
-    for kernel, constexprs in ((module._group_norm_stats_kernel, tile),
+    for kernel, constexprs in ((module._group_norm_one_program_forward_kernel, dict(tile, SILU=True)),
+                               (module._group_norm_one_program_backward_kernel, dict(tile, SILU=True)),
+                               (module._group_norm_stats_kernel, tile),
                                (module._group_norm_finalize_kernel, dict(PARTS=64)),
                                (module._group_norm_forward_kernel, dict(tile, SILU=True)),
                                (module._group_norm_backward_reduce_kernel, dict(tile, SILU=True)),

@@ -295,16 +295,17 @@ def default_attention_config(head_dim: int, dtype: torch.dtype) -> AttentionConf
 
 
 # Candidates the autotuner times on the GPU, per kernel (the backward's two kernels are tuned on their own).
-# Forward: the space Triton's fused-attention tutorial tunes over on an H100 (query tiles 64/128, key
-# tiles 32-128, a few pipeline stages, 8 warps only for 128x128 tiles), stages 3 and 4 to bound the
-# compile time. dK/dV (one program per key block) and dQ (one per query block): the tutorial's Hopper
-# pairs (32 queries x 128 keys for dK/dV, the transpose for dQ, 4 warps) and smaller tiles for wide heads.
-FORWARD_TILES = [AttentionBlocks(m, n, w, s) for m in (64, 128) for n in (32, 64, 128) for s in (3, 4)
-                 for w in (4, 8) if w == 4 or m * n >= 128 * 128]
-DKDV_TILES = [AttentionBlocks(*t) for t in ((32, 128, 4, 5), (32, 128, 8, 3), (64, 128, 8, 2), (32, 64, 4, 3),
-                                            (64, 64, 4, 2), (64, 64, 8, 3), (32, 64, 8, 2), (32, 32, 4, 2))]
-DQ_TILES = [AttentionBlocks(*t) for t in ((128, 32, 4, 5), (128, 32, 8, 3), (128, 64, 8, 2), (64, 32, 4, 3),
-                                          (64, 64, 4, 2), (64, 64, 8, 3), (64, 32, 8, 2), (32, 32, 4, 2))]
+# Forward: from the space Triton's fused-attention tutorial tunes over on an H100 (query tiles 64/128, key
+# tiles 32-128, 3-4 pipeline stages, 8 warps only for 128x128 tiles), thinned so that tuning one head dim
+# compiles about 20 kernels in all. dK/dV (one program per key block) and dQ (one per query block): the
+# tutorial's Hopper tiles (32 queries x 128 keys for dK/dV, the transpose for dQ, 4 warps, 5 stages) and
+# smaller ones for wide heads.
+FORWARD_TILES = [AttentionBlocks(*t) for t in ((128, 64, 4, 3), (128, 64, 4, 4), (128, 32, 4, 3), (128, 128, 8, 3),
+                                               (64, 64, 4, 3), (64, 64, 4, 4), (64, 32, 4, 3), (64, 128, 4, 3))]
+DKDV_TILES = [AttentionBlocks(*t) for t in ((32, 128, 4, 5), (64, 128, 8, 2), (32, 64, 4, 3), (64, 64, 4, 2),
+                                            (32, 32, 4, 2))]
+DQ_TILES = [AttentionBlocks(*t) for t in ((128, 32, 4, 5), (128, 64, 8, 2), (64, 32, 4, 3), (64, 64, 4, 2),
+                                          (32, 32, 4, 2))]
 MAX_FP32_PER_THREAD = 192  # accumulators + one score tile, fp32 values per thread: beyond, registers spill
 MAX_SHARED_BYTES = 160 * 1024  # pipelined tiles; an H100 has 227 KiB a block, the rest for the compiler
 

@@ -14,8 +14,10 @@ Where the measurements come from, first found wins:
    for one GPU name and one torch and triton version; a corrupt or stale cache is rebuilt.
 3. One timing of both at the first call of a new shape class, added to that cache. Never while a CUDA
    graph is being captured (timing would break the capture): then PyTorch's op runs, undecided.
-A decision is then one dict lookup per call. Shapes are bucketed (`size_class`) so one measurement covers
-a class of shapes, and a call that trains (autograd on) is decided by forward+backward time.
+Table entries hold the eager times of both (forward, or forward+backward for training) and, forward,
+their times replayed from a CUDA graph: ours must win both. A decision is then one dict lookup per call.
+Shapes are bucketed (`size_class`) so one measurement covers a class of shapes, and a call that trains
+(autograd on) is decided by forward+backward time.
 """
 import contextlib
 import os
@@ -106,7 +108,9 @@ def read_entries(path: Path) -> dict | None:
 
 
 def ours_faster(entry: dict) -> bool:
-    return entry["ours_ms"] < entry["torch_ms"]
+    """Ours must win eager and, where the bench measured it, replayed from a CUDA graph too."""
+    graphed = entry.get("graphed_ours_ms", 0.0) < entry.get("graphed_torch_ms", 1.0)
+    return entry["ours_ms"] < entry["torch_ms"] and graphed
 
 
 class Op:

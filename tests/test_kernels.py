@@ -514,6 +514,31 @@ def test_repo_tables_are_valid():
         assert {key.split("|")[0] for key in data["entries"]} <= {"attention", "group_norm", "temporal_step"}
 
 
+def test_bench_writes_the_table_dispatch_reads(tmp_path, monkeypatch):
+    """bench/kernels.py --write-table: rows of one shape class add up, ours must win eager and graphed,
+    and entries this run did not measure stay."""
+    from kernels import dispatch
+    bench = importlib.import_module("bench.kernels")
+    monkeypatch.setattr(dispatch, "gpu_identity", lambda device: dict(FakeGPU.IDENTITY))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    path = tmp_path / "sm00.json"
+    path.write_text(json.dumps(dict(entries={"fake|False|1": dict(ours_ms=1.0, torch_ms=2.0)})))
+    op = dispatch.Op("fake", ours=None, theirs=None, bucket=None)
+    recorder = bench.Recorder()
+    recorder.add(op, False, (256,), dict(ours_ms=1.0, torch_ms=3.0, graphed_ours_ms=2.0, graphed_torch_ms=1.5))
+    recorder.add(op, False, (512,), dict(ours_ms=1.0, torch_ms=3.0, graphed_ours_ms=1.0, graphed_torch_ms=1.5))
+    recorder.add(op, True, (256,), dict(ours_ms=1.0, torch_ms=3.0))
+    recorder.add(op, True, (256,), dict(ours_ms=4.0, torch_ms=1.0))  # same class: 5 ms ours vs 4 ms torch
+    bench.write_table(path, recorder.entries)
+    assert json.loads(path.read_text())["gpu"] == "Fake GPU 80GB"
+    policy, device = FakeGPU(tmp_path).policy, torch.device("cuda", 0)
+    assert policy.known(device, "fake", (False, 256)) is False  # faster eager, slower graphed
+    assert policy.known(device, "fake", (False, 512)) is True
+    assert policy.known(device, "fake", (True, 256)) is False
+    assert policy.known(device, "fake", (False, 1)) is True  # from before, kept
+    assert policy.known(device, "fake", (False, 64)) is None  # never measured: timed at first use
+
+
 def refuse(*args, **kwargs):
     raise AssertionError("the Triton path ran on CPU tensors")
 

@@ -18,11 +18,14 @@ accumulates dK = scale * dS^T q and dV = P^T dO over all query blocks; one progr
 accumulates dQ = scale * dS k over all key blocks.
 
 Head dims. SD uses head dims 40, 80 and 160 (SD1) and 64 (SD2), but tl.arange and tl.dot need power-of-two
-extents. The kernels index the head dim with tl.arange up to the next power of two and mask the loads:
-the padded lanes read as zero, add nothing to any dot product, and are never stored. The tensors are
-used in place through their strides (no padded copy, no .contiguous()), so transposed views of a
-(B, L, H, D) projection go straight in. Ragged lengths (cross-attention's 77 text tokens) are masked the
-same way along the length axis; masked scores are -inf so they get zero probability.
+extents of at least 16. Rather than pad to the next power of two (64, 128 and 256 lanes: 60% wasted dot
+work at 80 and 160), the kernels split the head dim into two power-of-two chunks, HEAD_A + HEAD_B
+(`head_chunks`: 32 + 16, 64 + 16, 128 + 32; 64 stays one chunk): every product over the head dim is the
+sum of two dots, every output over it two tiles. The lanes past the real head dim (40 of 48) read as zero,
+add nothing, and are never stored. The tensors are used in place through their strides (no padded copy,
+no .contiguous()), so transposed views of a (B, L, H, D) projection go straight in. Ragged lengths
+(cross-attention's 77 text tokens) are masked the same way along the length axis; masked scores are -inf
+so they get zero probability.
 
 Causal masking (CLIP's text encoder) is supported, with the top-left alignment of
 F.scaled_dot_product_attention(is_causal=True): query i sees keys j <= i.
@@ -91,40 +94,54 @@ def _attention_forward_kernel(
     stride_ob, stride_oh, stride_om, stride_od,
     num_heads, len_q, len_k, head_dim, qk_scale,
     CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_A: tl.constexpr, HEAD_B: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    dims = tl.arange(0, BLOCK_D)
-    q = _load_tile(Q + _head_offset(pid_bh, num_heads, stride_qb, stride_qh),
-                   rows, dims, stride_qm, stride_qd, len_q, head_dim)
+    dims_a = tl.arange(0, HEAD_A)
+    q_base = Q + _head_offset(pid_bh, num_heads, stride_qb, stride_qh)
     k_base = K + _head_offset(pid_bh, num_heads, stride_kb, stride_kh)
     v_base = V + _head_offset(pid_bh, num_heads, stride_vb, stride_vh)
+    q_a = _load_tile(q_base, rows, dims_a, stride_qm, stride_qd, len_q, head_dim)
+    acc_a = tl.zeros([BLOCK_M, HEAD_A], tl.float32)
+    if HEAD_B:
+        dims_b = HEAD_A + tl.arange(0, HEAD_B)
+        q_b = _load_tile(q_base, rows, dims_b, stride_qm, stride_qd, len_q, head_dim)
+        acc_b = tl.zeros([BLOCK_M, HEAD_B], tl.float32)
 
     row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
     row_sum = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     end_n = len_k
     if CAUSAL:  # key blocks right of this query block's diagonal are fully masked: skip them
         end_n = tl.minimum(len_k, (pid_m + 1) * BLOCK_M)
     for start_n in range(0, end_n, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
-        k_t = _load_tile(k_base, dims, cols, stride_kd, stride_kn, head_dim, len_k)
-        scores = tl.dot(q, k_t, input_precision=PRECISION) * qk_scale
-        scores = tl.where(_visible(rows[:, None], cols[None, :], len_k, CAUSAL), scores, float("-inf"))
+        k_t = _load_tile(k_base, dims_a, cols, stride_kd, stride_kn, head_dim, len_k)
+        scores = tl.dot(q_a, k_t, input_precision=PRECISION)
+        if HEAD_B:
+            k_t = _load_tile(k_base, dims_b, cols, stride_kd, stride_kn, head_dim, len_k)
+            scores += tl.dot(q_b, k_t, input_precision=PRECISION)
+        scores = tl.where(_visible(rows[:, None], cols[None, :], len_k, CAUSAL), scores * qk_scale, float("-inf"))
         # Column 0 is visible to every row, so new_max is finite from the first block on.
         new_max = tl.maximum(row_max, tl.max(scores, 1))
         p = tl.exp2(scores - new_max[:, None])
         rescale = tl.exp2(row_max - new_max)
         row_sum = row_sum * rescale + tl.sum(p, 1)
-        v = _load_tile(v_base, cols, dims, stride_vn, stride_vd, len_k, head_dim)
-        acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        p = p.to(V.dtype.element_ty)
+        v = _load_tile(v_base, cols, dims_a, stride_vn, stride_vd, len_k, head_dim)
+        acc_a = acc_a * rescale[:, None] + tl.dot(p, v, input_precision=PRECISION)
+        if HEAD_B:
+            v = _load_tile(v_base, cols, dims_b, stride_vn, stride_vd, len_k, head_dim)
+            acc_b = acc_b * rescale[:, None] + tl.dot(p, v, input_precision=PRECISION)
         row_max = new_max
 
-    out = acc / row_sum[:, None]
-    _store_tile(O + _head_offset(pid_bh, num_heads, stride_ob, stride_oh), out.to(O.dtype.element_ty),
-                rows, dims, stride_om, stride_od, len_q, head_dim)
+    o_base = O + _head_offset(pid_bh, num_heads, stride_ob, stride_oh)
+    _store_tile(o_base, (acc_a / row_sum[:, None]).to(O.dtype.element_ty), rows, dims_a, stride_om, stride_od,
+                len_q, head_dim)
+    if HEAD_B:
+        _store_tile(o_base, (acc_b / row_sum[:, None]).to(O.dtype.element_ty), rows, dims_b, stride_om, stride_od,
+                    len_q, head_dim)
     # logsumexp in base 2, the unit the backward's exp2 works in.
     tl.store(LSE + pid_bh * len_q + rows, row_max + tl.log2(row_sum), mask=rows < len_q)
 
@@ -135,18 +152,23 @@ def _attention_backward_delta_kernel(
     stride_ob, stride_oh, stride_om, stride_od,
     stride_dob, stride_doh, stride_dom, stride_dod,
     num_heads, len_q, head_dim,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, HEAD_A: tl.constexpr, HEAD_B: tl.constexpr,
 ):
     """delta_i = sum_d dO_id * O_id: the row term of the softmax gradient."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    dims = tl.arange(0, BLOCK_D)
-    o = _load_tile(O + _head_offset(pid_bh, num_heads, stride_ob, stride_oh),
-                   rows, dims, stride_om, stride_od, len_q, head_dim)
-    do = _load_tile(DO + _head_offset(pid_bh, num_heads, stride_dob, stride_doh),
-                    rows, dims, stride_dom, stride_dod, len_q, head_dim)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    o_base = O + _head_offset(pid_bh, num_heads, stride_ob, stride_oh)
+    do_base = DO + _head_offset(pid_bh, num_heads, stride_dob, stride_doh)
+    dims = tl.arange(0, HEAD_A)
+    o = _load_tile(o_base, rows, dims, stride_om, stride_od, len_q, head_dim).to(tl.float32)
+    do = _load_tile(do_base, rows, dims, stride_dom, stride_dod, len_q, head_dim).to(tl.float32)
+    delta = tl.sum(o * do, 1)
+    if HEAD_B:
+        dims = HEAD_A + tl.arange(0, HEAD_B)
+        o = _load_tile(o_base, rows, dims, stride_om, stride_od, len_q, head_dim).to(tl.float32)
+        do = _load_tile(do_base, rows, dims, stride_dom, stride_dod, len_q, head_dim).to(tl.float32)
+        delta += tl.sum(o * do, 1)
     tl.store(DELTA + pid_bh * len_q + rows, delta, mask=rows < len_q)
 
 
@@ -161,46 +183,66 @@ def _attention_backward_dkdv_kernel(
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     num_heads, len_q, len_k, head_dim, qk_scale, sm_scale,
     CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_A: tl.constexpr, HEAD_B: tl.constexpr,
 ):
     """One program per key block: dK and dV summed over every query block that sees it."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    dims = tl.arange(0, BLOCK_D)
-    k = _load_tile(K + _head_offset(pid_bh, num_heads, stride_kb, stride_kh),
-                   cols, dims, stride_kn, stride_kd, len_k, head_dim)
-    v = _load_tile(V + _head_offset(pid_bh, num_heads, stride_vb, stride_vh),
-                   cols, dims, stride_vn, stride_vd, len_k, head_dim)
+    dims_a = tl.arange(0, HEAD_A)
+    k_base = K + _head_offset(pid_bh, num_heads, stride_kb, stride_kh)
+    v_base = V + _head_offset(pid_bh, num_heads, stride_vb, stride_vh)
+    k_a = _load_tile(k_base, cols, dims_a, stride_kn, stride_kd, len_k, head_dim)
+    v_a = _load_tile(v_base, cols, dims_a, stride_vn, stride_vd, len_k, head_dim)
+    dk_a = tl.zeros([BLOCK_N, HEAD_A], tl.float32)
+    dv_a = tl.zeros([BLOCK_N, HEAD_A], tl.float32)
+    if HEAD_B:
+        dims_b = HEAD_A + tl.arange(0, HEAD_B)
+        k_b = _load_tile(k_base, cols, dims_b, stride_kn, stride_kd, len_k, head_dim)
+        v_b = _load_tile(v_base, cols, dims_b, stride_vn, stride_vd, len_k, head_dim)
+        dk_b = tl.zeros([BLOCK_N, HEAD_B], tl.float32)
+        dv_b = tl.zeros([BLOCK_N, HEAD_B], tl.float32)
     q_base = Q + _head_offset(pid_bh, num_heads, stride_qb, stride_qh)
     do_base = DO + _head_offset(pid_bh, num_heads, stride_dob, stride_doh)
     lse_base = LSE + pid_bh * len_q
     delta_base = DELTA + pid_bh * len_q
 
-    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     start_m = 0
     if CAUSAL:  # query rows above this key block's diagonal never see it
         start_m = (pid_n * BLOCK_N) // BLOCK_M * BLOCK_M
     for block_start in range(start_m, len_q, BLOCK_M):
         rows = block_start + tl.arange(0, BLOCK_M)
-        q = _load_tile(q_base, rows, dims, stride_qm, stride_qd, len_q, head_dim)
-        do = _load_tile(do_base, rows, dims, stride_dom, stride_dod, len_q, head_dim)
         lse = tl.load(lse_base + rows, mask=rows < len_q, other=0.0)
         delta = tl.load(delta_base + rows, mask=rows < len_q, other=0.0)
         # Work transposed, (keys, queries), so every dot below takes its operands as loaded.
-        scores_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
+        q_a = _load_tile(q_base, rows, dims_a, stride_qm, stride_qd, len_q, head_dim)
+        do_a = _load_tile(do_base, rows, dims_a, stride_dom, stride_dod, len_q, head_dim)
+        scores_t = tl.dot(k_a, tl.trans(q_a), input_precision=PRECISION)
+        dp_t = tl.dot(v_a, tl.trans(do_a), input_precision=PRECISION)
+        if HEAD_B:
+            q_b = _load_tile(q_base, rows, dims_b, stride_qm, stride_qd, len_q, head_dim)
+            do_b = _load_tile(do_base, rows, dims_b, stride_dom, stride_dod, len_q, head_dim)
+            scores_t += tl.dot(k_b, tl.trans(q_b), input_precision=PRECISION)
+            dp_t += tl.dot(v_b, tl.trans(do_b), input_precision=PRECISION)
         visible_t = _visible(rows[None, :], cols[:, None], len_k, CAUSAL) & (rows[None, :] < len_q)
-        p_t = tl.where(visible_t, tl.exp2(scores_t - lse[None, :]), 0.0)
-        dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
+        p_t = tl.where(visible_t, tl.exp2(scores_t * qk_scale - lse[None, :]), 0.0)
+        ds_t = (p_t * (dp_t - delta[None, :])).to(Q.dtype.element_ty)
+        p_t = p_t.to(DO.dtype.element_ty)
+        dv_a += tl.dot(p_t, do_a, input_precision=PRECISION)
+        dk_a += tl.dot(ds_t, q_a, input_precision=PRECISION)
+        if HEAD_B:
+            dv_b += tl.dot(p_t, do_b, input_precision=PRECISION)
+            dk_b += tl.dot(ds_t, q_b, input_precision=PRECISION)
 
-    _store_tile(DK + _head_offset(pid_bh, num_heads, stride_dkb, stride_dkh), (dk * sm_scale).to(DK.dtype.element_ty),
-                cols, dims, stride_dkn, stride_dkd, len_k, head_dim)
-    _store_tile(DV + _head_offset(pid_bh, num_heads, stride_dvb, stride_dvh), dv.to(DV.dtype.element_ty),
-                cols, dims, stride_dvn, stride_dvd, len_k, head_dim)
+    dk_base = DK + _head_offset(pid_bh, num_heads, stride_dkb, stride_dkh)
+    dv_base = DV + _head_offset(pid_bh, num_heads, stride_dvb, stride_dvh)
+    _store_tile(dk_base, (dk_a * sm_scale).to(DK.dtype.element_ty), cols, dims_a, stride_dkn, stride_dkd, len_k,
+                head_dim)
+    _store_tile(dv_base, dv_a.to(DV.dtype.element_ty), cols, dims_a, stride_dvn, stride_dvd, len_k, head_dim)
+    if HEAD_B:
+        _store_tile(dk_base, (dk_b * sm_scale).to(DK.dtype.element_ty), cols, dims_b, stride_dkn, stride_dkd, len_k,
+                    head_dim)
+        _store_tile(dv_base, dv_b.to(DV.dtype.element_ty), cols, dims_b, stride_dvn, stride_dvd, len_k, head_dim)
 
 
 @triton.jit
@@ -213,39 +255,55 @@ def _attention_backward_dq_kernel(
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     num_heads, len_q, len_k, head_dim, qk_scale, sm_scale,
     CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_A: tl.constexpr, HEAD_B: tl.constexpr,
 ):
     """One program per query block: dQ summed over every key block it sees."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    dims = tl.arange(0, BLOCK_D)
-    q = _load_tile(Q + _head_offset(pid_bh, num_heads, stride_qb, stride_qh),
-                   rows, dims, stride_qm, stride_qd, len_q, head_dim)
-    do = _load_tile(DO + _head_offset(pid_bh, num_heads, stride_dob, stride_doh),
-                    rows, dims, stride_dom, stride_dod, len_q, head_dim)
+    dims_a = tl.arange(0, HEAD_A)
+    q_base = Q + _head_offset(pid_bh, num_heads, stride_qb, stride_qh)
+    do_base = DO + _head_offset(pid_bh, num_heads, stride_dob, stride_doh)
+    q_a = _load_tile(q_base, rows, dims_a, stride_qm, stride_qd, len_q, head_dim)
+    do_a = _load_tile(do_base, rows, dims_a, stride_dom, stride_dod, len_q, head_dim)
+    dq_a = tl.zeros([BLOCK_M, HEAD_A], tl.float32)
+    if HEAD_B:
+        dims_b = HEAD_A + tl.arange(0, HEAD_B)
+        q_b = _load_tile(q_base, rows, dims_b, stride_qm, stride_qd, len_q, head_dim)
+        do_b = _load_tile(do_base, rows, dims_b, stride_dom, stride_dod, len_q, head_dim)
+        dq_b = tl.zeros([BLOCK_M, HEAD_B], tl.float32)
     lse = tl.load(LSE + pid_bh * len_q + rows, mask=rows < len_q, other=0.0)
     delta = tl.load(DELTA + pid_bh * len_q + rows, mask=rows < len_q, other=0.0)
     k_base = K + _head_offset(pid_bh, num_heads, stride_kb, stride_kh)
     v_base = V + _head_offset(pid_bh, num_heads, stride_vb, stride_vh)
 
-    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     end_n = len_k
     if CAUSAL:
         end_n = tl.minimum(len_k, (pid_m + 1) * BLOCK_M)
     for start_n in range(0, end_n, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
-        k = _load_tile(k_base, cols, dims, stride_kn, stride_kd, len_k, head_dim)
-        v_t = _load_tile(v_base, dims, cols, stride_vd, stride_vn, head_dim, len_k)
-        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        k_a = _load_tile(k_base, cols, dims_a, stride_kn, stride_kd, len_k, head_dim)
+        v_t = _load_tile(v_base, dims_a, cols, stride_vd, stride_vn, head_dim, len_k)
+        scores = tl.dot(q_a, tl.trans(k_a), input_precision=PRECISION)
+        dp = tl.dot(do_a, v_t, input_precision=PRECISION)
+        if HEAD_B:
+            k_b = _load_tile(k_base, cols, dims_b, stride_kn, stride_kd, len_k, head_dim)
+            v_t = _load_tile(v_base, dims_b, cols, stride_vd, stride_vn, head_dim, len_k)
+            scores += tl.dot(q_b, tl.trans(k_b), input_precision=PRECISION)
+            dp += tl.dot(do_b, v_t, input_precision=PRECISION)
         visible = _visible(rows[:, None], cols[None, :], len_k, CAUSAL) & (rows[:, None] < len_q)
-        p = tl.where(visible, tl.exp2(scores - lse[:, None]), 0.0)
-        dp = tl.dot(do, v_t, input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+        p = tl.where(visible, tl.exp2(scores * qk_scale - lse[:, None]), 0.0)
+        ds = (p * (dp - delta[:, None])).to(K.dtype.element_ty)
+        dq_a += tl.dot(ds, k_a, input_precision=PRECISION)
+        if HEAD_B:
+            dq_b += tl.dot(ds, k_b, input_precision=PRECISION)
 
-    _store_tile(DQ + _head_offset(pid_bh, num_heads, stride_dqb, stride_dqh), (dq * sm_scale).to(DQ.dtype.element_ty),
-                rows, dims, stride_dqm, stride_dqd, len_q, head_dim)
+    dq_base = DQ + _head_offset(pid_bh, num_heads, stride_dqb, stride_dqh)
+    _store_tile(dq_base, (dq_a * sm_scale).to(DQ.dtype.element_ty), rows, dims_a, stride_dqm, stride_dqd, len_q,
+                head_dim)
+    if HEAD_B:
+        _store_tile(dq_base, (dq_b * sm_scale).to(DQ.dtype.element_ty), rows, dims_b, stride_dqm, stride_dqd, len_q,
+                    head_dim)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -270,9 +328,19 @@ class AttentionConfig(NamedTuple):
 
 
 @functools.lru_cache(maxsize=None)
+def head_chunks(head_dim: int) -> tuple[int, int]:
+    """The head dim as HEAD_A + HEAD_B lanes, each a power of two >= 16 (tl.arange and tl.dot need that)
+    or HEAD_B = 0: 40 -> 32 + 16, 80 -> 64 + 16, 160 -> 128 + 32, 64 -> 64 + 0. One padded power of two
+    would compute 64, 128 and 256 lanes for SD1's 40, 80 and 160; two chunks cost one more dot each."""
+    whole = max(16, triton.next_power_of_2(head_dim))
+    head_a = max(16, whole // 2)
+    head_b = 0 if head_dim <= head_a else max(16, triton.next_power_of_2(head_dim - head_a))
+    return (whole, 0) if head_b == 0 or head_a + head_b >= whole else (head_a, head_b)
+
+
 def padded_head_dim(head_dim: int) -> int:
-    # tl.arange needs a power of two and tl.dot every extent >= 16.
-    return max(16, triton.next_power_of_2(head_dim))
+    """Head-dim lanes the kernels compute."""
+    return sum(head_chunks(head_dim))
 
 
 @functools.lru_cache(maxsize=None)
@@ -310,12 +378,12 @@ MAX_FP32_PER_THREAD = 192  # accumulators + one score tile, fp32 values per thre
 MAX_SHARED_BYTES = 160 * 1024  # pipelined tiles; an H100 has 227 KiB a block, the rest for the compiler
 
 
-def _fits(blocks: AttentionBlocks, block_d: int, element_size: int, kernel: str) -> bool:
+def _fits(blocks: AttentionBlocks, head_lanes: int, element_size: int, kernel: str) -> bool:
     """A rough resource check, so the autotuner compiles only candidates that can run well."""
     kept, streamed = {"forward": (blocks.block_m, blocks.block_n), "dkdv": (2 * blocks.block_n, blocks.block_m),
                       "dq": (blocks.block_m, blocks.block_n)}[kernel]
-    registers = (kept * block_d + blocks.block_m * blocks.block_n) / (32 * blocks.num_warps)
-    shared = blocks.num_stages * 2 * streamed * block_d * element_size
+    registers = (kept * head_lanes + blocks.block_m * blocks.block_n) / (32 * blocks.num_warps)
+    shared = blocks.num_stages * 2 * streamed * head_lanes * element_size
     return registers <= MAX_FP32_PER_THREAD and shared <= MAX_SHARED_BYTES
 
 
@@ -358,6 +426,11 @@ def _launch(kernel, tuned, grid, blocks: AttentionBlocks | None, *args, **meta):
                                                      num_warps=blocks.num_warps, num_stages=blocks.num_stages)
 
 
+def _head_meta(head_dim: int) -> dict:
+    head_a, head_b = head_chunks(head_dim)
+    return dict(HEAD_A=head_a, HEAD_B=head_b)
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
     # TF32 would round fp32 inputs to 10 mantissa bits; for 16-bit inputs the setting changes nothing.
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -370,7 +443,7 @@ def _attention_forward(q, k, v, causal: bool, blocks: AttentionBlocks | None):
     _launch(_attention_forward_kernel, _forward_tuned, lambda m, n: (triton.cdiv(len_q, m), batch * heads), blocks,
             q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
             heads, len_q, k.shape[2], head_dim, LOG2E / math.sqrt(head_dim),
-            CAUSAL=causal, PRECISION=_dot_precision(q.dtype), BLOCK_D=padded_head_dim(head_dim))
+            CAUSAL=causal, PRECISION=_dot_precision(q.dtype), **_head_meta(head_dim))
     return out, lse
 
 
@@ -380,15 +453,14 @@ DELTA_BLOCK_M = 64
 def _attention_backward(q, k, v, out, lse, grad_out, causal: bool, blocks: AttentionBlocks | None):
     batch, heads, len_q, head_dim = q.shape
     len_k = k.shape[2]
-    block_d = padded_head_dim(head_dim)
     sm_scale = 1.0 / math.sqrt(head_dim)
     delta = torch.empty_like(lse)
     _attention_backward_delta_kernel[(triton.cdiv(len_q, DELTA_BLOCK_M), batch * heads)](
         out, grad_out, delta, *out.stride(), *grad_out.stride(), heads, len_q, head_dim,
-        BLOCK_M=DELTA_BLOCK_M, BLOCK_D=block_d, num_warps=4,
+        BLOCK_M=DELTA_BLOCK_M, num_warps=4, **_head_meta(head_dim),
     )
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    meta = dict(CAUSAL=causal, PRECISION=_dot_precision(q.dtype), BLOCK_D=block_d)
+    meta = dict(CAUSAL=causal, PRECISION=_dot_precision(q.dtype), **_head_meta(head_dim))
     _launch(_attention_backward_dkdv_kernel, _dkdv_tuned, lambda m, n: (triton.cdiv(len_k, n), batch * heads),
             blocks, q, k, v, grad_out, lse, delta, dk, dv,
             *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(),

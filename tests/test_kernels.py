@@ -147,9 +147,9 @@ def check_attention(module, q, k, v, causal, config):
 @needs_kernels
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("len_q, len_k, head_dim, causal", [
-    (24, 77, 40, False),  # SD1 cross-attention: 77 text tokens, head dim 40 padded to 64
-    (40, 40, 80, False),  # self-attention, length not a multiple of the block, head dim 80 -> 128
-    (32, 32, 64, True),  # SD2 head dim, causal (CLIP), exact blocks
+    (24, 77, 40, False),  # SD1 cross-attention: 77 text tokens, head dim 40 in chunks of 32 + 16 lanes
+    (40, 40, 80, False),  # self-attention, length not a multiple of the block, head dim 80 = 64 + 16
+    (32, 32, 64, True),  # SD2 head dim (one chunk), causal (CLIP), exact blocks
     (21, 21, 40, True),  # causal with a ragged last block
     (20, 37, 40, True),  # causal with Lq != Lk: top-left aligned like SDPA, the last keys seen by no query
 ])
@@ -158,6 +158,13 @@ def test_attention_matches_reference(kernel_module, dtype, len_q, len_k, head_di
     gen = torch.Generator().manual_seed(len_q * 1000 + head_dim)
     q, k, v = (torch.randn(1, 2, n, head_dim, generator=gen).to(dtype) for n in (len_q, len_k, len_k))
     check_attention(module, q, k, v, causal, small_attention_config(module))
+
+
+def test_attention_head_chunks(kernel_module):
+    """Head dims as two power-of-two chunks of >= 16 lanes where that computes fewer lanes than one."""
+    chunks = kernel_module("attention").head_chunks
+    assert [chunks(d) for d in (40, 80, 160, 64, 8, 96, 100, 320)] == [
+        (32, 16), (64, 16), (128, 32), (64, 0), (16, 0), (64, 32), (128, 0), (256, 64)]
 
 
 @needs_kernels
@@ -613,20 +620,21 @@ def compile_for_gpu(kernel, element: str, constexprs: dict, num_warps: int, num_
 
 @pytest.mark.slow
 @compile_test
-@pytest.mark.parametrize("head_dim, element, causal", [(40, "fp16", True), (80, "bf16", False), (160, "fp16", False)])
+@pytest.mark.parametrize("head_dim, element, causal", [(40, "fp16", True), (80, "bf16", False), (160, "fp16", False),
+                                                      (64, "fp16", False)])
 def test_compile_attention_for_gpu(head_dim, element, causal):
     module = load_private_copy("attention", interpret=False)
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[element]
     config = module.default_attention_config(head_dim, dtype)
-    block_d = module.padded_head_dim(head_dim)
+    head = module._head_meta(head_dim)
     for kernel, blocks in ((module._attention_forward_kernel, config.forward),
                            (module._attention_backward_dkdv_kernel, config.backward),
                            (module._attention_backward_dq_kernel, config.backward)):
         constexprs = dict(CAUSAL=causal, PRECISION="tf32", BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n,
-                          BLOCK_D=block_d)
+                          **head)
         assert compile_for_gpu(kernel, element, constexprs, blocks.num_warps, blocks.num_stages) <= MAX_SHARED_MEMORY
     compile_for_gpu(module._attention_backward_delta_kernel, element,
-                    dict(BLOCK_M=config.backward.block_m, BLOCK_D=block_d), config.backward.num_warps)
+                    dict(BLOCK_M=config.backward.block_m, **head), config.backward.num_warps)
 
 
 @pytest.mark.slow

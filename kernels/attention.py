@@ -426,7 +426,8 @@ def _launch(kernel, tuned, grid, blocks: AttentionBlocks | None, *args, **meta):
                                                      num_warps=blocks.num_warps, num_stages=blocks.num_stages)
 
 
-def _head_meta(head_dim: int) -> dict:
+@functools.lru_cache(maxsize=None)
+def _head_meta(head_dim: int) -> dict:  # read-only: passed on as keyword arguments
     head_a, head_b = head_chunks(head_dim)
     return dict(HEAD_A=head_a, HEAD_B=head_b)
 

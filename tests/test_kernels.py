@@ -191,10 +191,11 @@ def test_attention_default_config(kernel_module, len_q, len_k, head_dim):
 
 @needs_kernels
 def test_attention_without_config(kernel_module):
-    """config=None: autotuned tiles on the GPU; interpreted, the hand-picked ones."""
+    """config=None: autotuned tiles on the GPU (head dim 160 has the fewest candidates to compile);
+    interpreted, the hand-picked ones."""
     module = kernel_module("attention")
     gen = torch.Generator().manual_seed(11)
-    q, k, v = (torch.randn(1, 2, n, 40, generator=gen).to(torch.float16) for n in (24, 77, 77))
+    q, k, v = (torch.randn(1, 2, n, 160, generator=gen).to(torch.float16) for n in (24, 77, 77))
     check_attention(module, q, k, v, False, None)
 
 
@@ -393,12 +394,17 @@ class FakeGPU:
                               theirs=lambda n: self.ran.append("torch"), bucket=lambda n: (dispatch.size_class(n),))
         self.table_dir, self.cache = tmp_path, tmp_path / "cache" / "kernels-fake.json"
         self.identity = dict(self.IDENTITY)
+        self.identified = 0
         self.policy = self.new_policy()
 
     def new_policy(self):
         from kernels import dispatch
-        return dispatch.KernelPolicy(timer=self.timer, identify=lambda device: self.identity,
-                                     table_dir=self.table_dir, cache_path=lambda gpu: self.cache)
+        return dispatch.KernelPolicy(timer=self.timer, identify=self.identify, table_dir=self.table_dir,
+                                     cache_path=lambda gpu: self.cache)
+
+    def identify(self, device):
+        self.identified += 1
+        return self.identity
 
     def timer(self, run):
         self.ran.clear()
@@ -442,6 +448,7 @@ def test_table_decides_and_first_use_is_timed_once_per_bucket(tmp_path):
     assert gpu.timed == []
     assert gpu.prefers_ours(200) and gpu.prefers_ours(256)  # bucket 256, not in the table: timed once
     assert gpu.timed == ["torch", "ours"]
+    assert gpu.identified == 1  # the GPU, its table and its cache are read once; then a decision is a lookup
     cached = json.loads(gpu.cache.read_text())
     assert cached["gpu"] == "Fake GPU 80GB" and cached["entries"] == {
         entry_key("fake", (False, 256)): dict(ours_ms=1.0, torch_ms=2.0)}

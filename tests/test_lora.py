@@ -25,13 +25,10 @@ peft = pytest.importorskip("peft")  # diffusers' LoRA loading runs on peft
 from peft.utils import get_peft_model_state_dict  # noqa: E402
 from test_clip import SD2_TINY as SD2_TINY_CLIP, hf_reference  # noqa: E402
 from test_unet import SD2_TINY as SD2_TINY_UNET  # noqa: E402
-from test_unet import diffusers_config, diffusers_forward, ldm_module_name, random_inputs, randomize_  # noqa: E402
+from test_unet import (diffusers_config, diffusers_forward, ldm_module_name, random_inputs,  # noqa: E402
+                       randomize_, rel_err)
 
 RANK, ALPHA, SCALE = 4, 2.0, 0.7
-
-
-def rel_err(ours, ref):
-    return ((ours - ref).norm() / ref.norm()).item()
 
 
 def lora_modules(model: torch.nn.Module) -> dict[str, tuple]:

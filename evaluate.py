@@ -174,7 +174,7 @@ def main(argv=None):
     lpips = load_lpips(args.lpips, device, DTYPES[dtype]) if args.lpips else None
     inception = load_inception(args.inception, device, DTYPES[dtype]) if args.inception else None
     avatar = svp.load_avatar(args.avatar, base=args.base, flame=args.flame, device=device, dtype=dtype,
-                             tokenizer=args.tokenizer, loras=args.lora)
+                             tokenizer=args.tokenizer, loras=args.lora, decoder=args.decoder)
     sources = [held_out_source(avatar, split)]
     if args.video:
         sources.append(video_source(avatar, args.video, args.max_frames))
@@ -190,7 +190,7 @@ def main(argv=None):
         Image.fromarray(np.concatenate(strips)).save(tmp)
     settings = {**dataclasses.asdict(video_settings(args)), "prompt": args.prompt or avatar.meta["prompt"],
                 "negative_prompt": args.negative_prompt, "lora": [list(lora) for lora in args.lora],
-                "dtype": dtype, "device": device}
+                "decoder": args.decoder, "dtype": dtype, "device": device}
     write_json(args.out, {
         "avatar": os.path.abspath(args.avatar), "step": avatar.meta["step"], "settings": settings,
         "weights": {"lpips": args.lpips, "inception": args.inception}, "strip": os.path.basename(strip_path(args.out)),

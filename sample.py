@@ -25,10 +25,10 @@ from PIL import Image
 
 import svp
 from model.files import atomic_write
-from tracking.cli import (ArgumentParser, available_device, existing_file, fraction, multiple_of_8,
-                          non_negative_float, non_negative_int, nonempty_text, output_dir_problem,
-                          output_file_problem, positive_int, run_command)
-from model.lora import parse_lora_arg
+from tracking.cli import (ArgumentParser, available_device, existing_file, fraction, lora_file_and_scale,
+                          multiple_of_8, non_negative_float, non_negative_int, nonempty_text, output_dir_problem,
+                          output_file_problem, port, positive_int, run_command)
+from tracking.page import MjpegServer
 from svp import VideoSampling  # its class attributes are the video defaults
 
 
@@ -52,8 +52,8 @@ def parse_args(argv=None):
     live = p.add_argument_group("live avatar")
     live.add_argument("--drive", metavar="SOURCE", help="drive the avatar live: a video file (played at its fps; "
                       "frames it cannot keep up with are dropped), a camera (/dev/video0) or a seq.npz")
-    live.add_argument("--serve", type=positive_int, metavar="PORT", help="with --drive: show driving | avatar frames at "
-                      "http://127.0.0.1:PORT/ while it runs")
+    live.add_argument("--serve", type=port, metavar="PORT", help="with --drive: show driving | avatar frames at "
+                      "http://127.0.0.1:PORT/ while it runs (0: a free port, printed)")
     p.add_argument("--height", type=multiple_of_8, default=None, help="pixels; default: the family's native size")
     p.add_argument("--width", type=multiple_of_8, default=None)
     pred = p.add_mutually_exclusive_group()
@@ -64,6 +64,12 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     for problem in input_problems(args):
         p.error(problem)
+    args.page = None
+    if args.serve is not None:  # bound now, so that a port in use is refused before the avatar loads
+        try:
+            args.page = MjpegServer(args.serve)
+        except OSError as error:
+            p.error(f"argument --serve: cannot listen on 127.0.0.1:{args.serve} ({error.strerror})")
     return args
 
 
@@ -82,7 +88,7 @@ def add_sampler_args(p: argparse.ArgumentParser):
                    help=f"avatar default {VideoSampling.sampler}; text to image dpmpp_2m; few-step: lcm (with an "
                    "LCM-LoRA), euler_trailing (SD-Turbo-style bases)")
     p.add_argument("--eta", type=fraction, default=0.0, help="DDIM stochasticity (0 = deterministic, 1 = DDPM)")
-    p.add_argument("--lora", action="append", type=parse_lora_arg, default=[], metavar="FILE[:SCALE]",
+    p.add_argument("--lora", action="append", type=lora_file_and_scale, default=[], metavar="FILE[:SCALE]",
                    help="a LoRA .safetensors fused into the base (repeatable; scale default 1), e.g. LCM-LoRA")
     p.add_argument("--dtype", default=None, choices=("fp32", "fp16", "bf16"),
                    help="weights and activations (default: fp16 on CUDA, fp32 on CPU)")
@@ -102,6 +108,9 @@ def add_sampler_args(p: argparse.ArgumentParser):
                        help="frames denoised together in lock-step")
     video.add_argument("--conditioning-scale", type=non_negative_float, default=VideoSampling.conditioning_scale,
                        help="strength of the 3DMM conditioning (multiplies the ControlNet's residuals)")
+    video.add_argument("--decoder", type=existing_file("tiny decoder"), default=None, metavar="FILE",
+                       help="decode frames with a tiny autoencoder decoder (TAESD: taesd_decoder.safetensors or .pth, "
+                       "or diffusers' AutoencoderTiny weights) instead of the VAE: faster, less detail")
     return video
 
 
@@ -115,7 +124,8 @@ def input_problems(args) -> list[str]:
         if not args.prompt:
             problems.append("--prompt is required with --ckpt")
         problems += [f"{flag} drives an avatar; it does nothing with --ckpt" for flag, value in
-                     (("--params", args.params), ("--morph", args.morph), ("--png-dir", args.png_dir)) if value]
+                     (("--params", args.params), ("--morph", args.morph), ("--png-dir", args.png_dir),
+                      ("--decoder", args.decoder)) if value]
     if args.serve is not None and not args.drive:
         problems.append("--serve shows a live run: it needs --drive SOURCE")
     if args.drive and (args.params or args.frames):
@@ -193,7 +203,7 @@ def avatar_main(args, device, dtype):
         import torch.distributed as dist
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     avatar = svp.load_avatar(args.avatar, base=args.base, flame=args.flame, device=device, dtype=dtype,
-                             tokenizer=args.tokenizer, loras=args.lora)
+                             tokenizer=args.tokenizer, loras=args.lora, decoder=args.decoder)
     images, hints = avatar.render(seq, args.prompt, args.morph, args.morph_weight, args.negative_prompt,
                                  split_frames(frames, rank, world), video_settings(args), progress=rank == 0)
     if args.side_by_side:
@@ -227,16 +237,16 @@ def video_settings(args) -> VideoSampling:
 def live_main(args, device, dtype):
     """--drive: the avatar driven frame by frame (tracking/live.py), written to --out as it goes."""
     from tracking.live import drive
+    if args.page is not None:
+        print(f"serving {args.page.start().url}", flush=True)
     avatar = svp.load_avatar(args.avatar, base=args.base, flame=args.flame, device=device, dtype=dtype,
-                             tokenizer=args.tokenizer, loras=args.lora)
+                             tokenizer=args.tokenizer, loras=args.lora, decoder=args.decoder)
     out = args.out
-    if args.serve is not None:
-        print(f"serving http://127.0.0.1:{args.serve}/", flush=True)
 
     def progress(frame, seconds):
         if frame % 10 == 0:
             print(f"frame {frame}: {(frame + 1) / seconds:.1f} frames/s", flush=True)
-    run = drive(avatar, args.drive, out, video_settings(args), args.serve, args.prompt, args.side_by_side, progress)
+    run = drive(avatar, args.drive, out, video_settings(args), args.page, args.prompt, args.side_by_side, progress)
     how = "stopped by Ctrl-C; " if run.stopped else ""
     print(f"wrote {out} ({how}{run.frames} frames in {run.seconds:.1f} s, {run.frames / run.seconds:.1f} frames/s; "
           f"{run.dropped} source frames dropped)")

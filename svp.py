@@ -32,8 +32,9 @@ from model.lora import fuse_lora, load_lora
 from model.metrics import temporal_flicker
 from model.pipeline import encode_prompts, text_to_image
 from model.sampling import SAMPLER_NAMES, NoiseSchedule, make_sampler
+from model.taesd import TinyDecoder, load_tiny_decoder
 from model.temporal import VideoSampling, sample_video, stream_latents, video_noise, warm_up_start
-from model.vae import to_uint8
+from model.vae import AutoencoderKL, to_uint8
 from tracking.conditioning import render_conditioning
 from tracking.pipeline import TrackedVideo, load_flame, track_video
 from tracking.sequence import FlameSequence, load_seq
@@ -120,6 +121,7 @@ class Avatar:
     flame: object           # tracking.flame.FLAME the avatar was trained with
     shape: np.ndarray       # the person's identity shape (tracked from the training video, stored in the avatar)
     run_dir: str = "."      # the run folder: the config's relative paths resolve against it
+    tiny_decoder: TinyDecoder | None = None  # decodes frames in place of the base's VAE (sample.py --decoder)
 
     def run_file(self, key: str) -> str:
         """The path of a file the avatar's config names (`seq`, `base`, `flame`), wherever the run folder is now."""
@@ -152,6 +154,12 @@ class Avatar:
         return context
 
     @property
+    def decoder(self) -> AutoencoderKL | TinyDecoder:
+        """What turns the UNet's latents into frames (`decode_latents`, `downscale`): the tiny decoder when
+        one was loaded, else the base's VAE."""
+        return self.sd.vae if self.tiny_decoder is None else self.tiny_decoder
+
+    @property
     def denoiser(self) -> Denoiser:
         return Denoiser(self.sd.unet, self.controlnet)
 
@@ -168,7 +176,7 @@ class Avatar:
         hints = self.hints(seq, range(first, frames.stop))
         context = self.text_context(prompt, morph, morph_weight)
         uncond_context = encode_prompts(self.sd, [negative_prompt]) if settings.guidance != 1.0 else None
-        images = sample_video(self.denoiser, self.sd.vae, NoiseSchedule.from_config(self.sd.config), hints, frames,
+        images = sample_video(self.denoiser, self.decoder, NoiseSchedule.from_config(self.sd.config), hints, frames,
                               context, uncond_context, settings, progress)
         return images, hints[frames.start - first:]
 
@@ -186,7 +194,7 @@ class Avatar:
         param = next(self.controlnet.parameters())
         context = self.text_context(prompt, morph, morph_weight)
         uncond_context = encode_prompts(self.sd, [negative_prompt]) if settings.guidance != 1.0 else None
-        denoiser, latent = self.denoiser, self.resolution // self.sd.vae.downscale
+        denoiser, latent = self.denoiser, self.resolution // self.decoder.downscale
         noise = video_noise(self.sd.unet.config.in_channels, (latent, latent), settings.seed, param.device, param.dtype)
 
         def model_fn(x, t, hints):
@@ -195,7 +203,7 @@ class Avatar:
         sampler = make_sampler(NoiseSchedule.from_config(self.sd.config), settings.sampler, settings.steps, settings.eta)
         for latents in stream_latents(model_fn, self._hint_frames(inputs), sampler, noise, settings.weights,
                                       settings.guidance, settings.seed):
-            yield to_uint8(self.sd.vae.decode_latents(latents))[0].numpy()
+            yield to_uint8(self.decoder.decode_latents(latents))[0].numpy()
 
     def _hint_frames(self, inputs: Iterable) -> Iterator[torch.Tensor]:
         """One hint image per frame of `inputs` (see `stream`), rendered as each piece arrives."""
@@ -207,7 +215,8 @@ class Avatar:
 
 
 def load_avatar(run_dir: str, base: str | None = None, flame: str | None = None, device=None,
-                dtype: str = "fp32", tokenizer: str | None = None, loras: Iterable[tuple[str, float]] = ()) -> Avatar:
+                dtype: str = "fp32", tokenizer: str | None = None, loras: Iterable[tuple[str, float]] = (),
+                decoder: str | None = None) -> Avatar:
     """The avatar that `python train.py --out run_dir` wrote, on its base model.
 
     base: the base checkpoint (default: the one recorded at training time, found relative to the run
@@ -215,6 +224,8 @@ def load_avatar(run_dir: str, base: str | None = None, flame: str | None = None,
     generic_model.pkl (default: the one recorded, else the toy head). The person's identity shape is
     stored in the avatar itself, so the run folder works from anywhere, moved or copied.
     loras: (file, scale) LoRAs fused into the base once the avatar is on it (e.g. LCM-LoRA for 4 steps).
+    decoder: a tiny autoencoder decoder file (TAESD, model/taesd.py) that decodes the frames instead of
+    the base's VAE; read first, so a bad file is reported before the base loads.
     """
     path = os.path.join(run_dir, "avatar.safetensors")
     if not os.path.exists(path):
@@ -230,11 +241,23 @@ def load_avatar(run_dir: str, base: str | None = None, flame: str | None = None,
     flame = flame or (meta["flame"] and from_run(meta["flame"], run_dir))
     if flame and not os.path.exists(flame):
         raise FileNotFoundError(f"{path}: its FLAME file {flame} is missing; pass --flame")
+    tiny_decoder = load_tiny_decoder(decoder, device, dtype) if decoder else None
     sd = load_stable_diffusion(base, dtype=dtype, tokenizer=tokenizer).to(device)
+    if tiny_decoder is not None:
+        check_decoder_fits(decoder, tiny_decoder, sd)
     controlnet, meta = load_avatar_weights(path, sd)
     shape = np.asarray(meta["identity_shape"], np.float32)
     fuse_loras(sd, loras)
-    return Avatar(sd, controlnet.eval(), meta, load_flame(flame), shape, run_dir)
+    return Avatar(sd, controlnet.eval(), meta, load_flame(flame), shape, run_dir, tiny_decoder)
+
+
+def check_decoder_fits(path: str, tiny_decoder: TinyDecoder, sd: StableDiffusion):
+    """A tiny decoder for another latent space (SD3/FLUX: 16 channels) or scale would fail mid-sampling."""
+    theirs = (tiny_decoder.latent_channels, tiny_decoder.downscale)
+    ours = (sd.config.unet.in_channels, sd.vae.downscale)
+    if theirs != ours:
+        raise CheckpointError(f"{path}: the tiny decoder takes {theirs[0]}-channel latents and upscales {theirs[1]}x; "
+                              f"the avatar's base makes {ours[0]}-channel latents of {ours[1]}x (SD1/SD2: TAESD)")
 
 
 def fuse_loras(sd: StableDiffusion, loras: Iterable[tuple[str, float]]) -> None:

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.dispatch import on_device, use_triton
+from kernels.dispatch import Op, dtype_name, on_device, size_class
 
 
 def temporal_step_reference(x, cond_out, uncond_out, x0_prev, noise, shared_noise, prev_frame_x0,
@@ -91,6 +91,19 @@ def fused_temporal_step(x, cond_out, uncond_out, x0_prev, noise, shared_noise, p
     return x_next, x0
 
 
+def _bucket(x, *args) -> tuple:
+    """Shape class: dtype and elements (up to a power of two)."""
+    return dtype_name(x.dtype), size_class(x.numel())
+
+
+def _reference_in_dtype(*args):
+    x_next, x0 = temporal_step_reference(*args)
+    return x_next.to(args[0].dtype), x0.to(args[0].dtype)
+
+
+TEMPORAL_STEP = Op("temporal_step", ours=fused_temporal_step, theirs=_reference_in_dtype, bucket=_bucket)
+
+
 class TemporalStepError(ValueError):
     pass
 
@@ -131,7 +144,7 @@ def temporal_step(x: torch.Tensor, cond_out: torch.Tensor, uncond_out: torch.Ten
             float(guidance), float(a), float(b), float(c_x), float(c_0), float(c_1), float(c_n),
             float(r_0), float(r_n), float(w))
     tensors = [t for t in args[:7] if t is not None]
-    if use_triton(*tensors) and x.dtype in (torch.float16, torch.bfloat16, torch.float32) and x.numel() > 0:
+    if x.dtype in (torch.float16, torch.bfloat16, torch.float32) and x.numel() > 0 \
+            and TEMPORAL_STEP.use_ours(tensors, *args):
         return fused_temporal_step(*args)
-    x_next, x0 = temporal_step_reference(*args)
-    return x_next.to(x.dtype), x0.to(x.dtype)
+    return _reference_in_dtype(*args)

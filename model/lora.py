@@ -2,7 +2,7 @@
 
 A LoRA layer for a Linear weight W (out, in) is a pair down (r, in), up (out, r) and a scalar alpha:
 
-    W' = W + scale * alpha / r * up @ down          (alpha defaults to r)
+    W' = W + scale * alpha / r * up @ down          (alpha defaults to r; rsLoRA: alpha / sqrt(r))
 
 For a Conv2d W (out, in, kh, kw) down is a conv (r, in, kh, kw) and up a 1x1 conv (out, r, 1, 1); their
 composition is the conv up.flatten(1) @ down.flatten(1), reshaped to W's shape. Fusing changes the weights
@@ -11,7 +11,12 @@ in place (no extra work per step); unfusing subtracts the same delta again.
 Layouts read (one file may hold UNet and text-encoder layers):
   * diffusers / PEFT:  unet.<module>.lora_A.weight / lora_B.weight [/ .alpha], text_encoder.<module>...;
                        older diffusers: <module>.lora.down/up.weight, <module>.lora_linear_layer.down/up.weight,
-                       <attention>.processor.to_q_lora.down/up.weight (to_k, to_v, to_out likewise);
+                       unet.<attention>.processor.to_q_lora.down/up.weight and
+                       text_encoder.<layer>.self_attn.to_q_lora.down/up.weight (to_k, to_v, to_out likewise).
+                       diffusers' save_lora_weights keeps alpha in the safetensors header instead, under
+                       `lora_adapter_metadata`: PEFT's LoraConfig per network as JSON (`unet.lora_alpha`,
+                       `unet.r`, `unet.alpha_pattern`, `unet.use_rslora`, `text_encoder.lora_alpha`, ...),
+                       read as diffusers reads it (an `.alpha` tensor, which diffusers never writes, comes first);
   * kohya / A1111:     lora_unet_<module>.lora_down.weight / lora_up.weight / alpha, lora_te_<module>...,
                        with the module path's dots written as underscores.
 A module may be named the diffusers way (`down_blocks.0.attentions.0.proj_in`, what kohya trains SD1 on)
@@ -20,6 +25,8 @@ transformers way (`text_model.encoder.layers.0.self_attn.q_proj`). Since undersc
 once dots become underscores, names are resolved by flattening every name each of OUR Linear and Conv2d
 modules goes by and looking the LoRA's flattened name up there.
 """
+import json
+import math
 import re
 from dataclasses import dataclass
 
@@ -33,13 +40,20 @@ from model.unet import diffusers_to_ldm_prefixes, rename_key
 KOHYA_KEY = re.compile(r"lora_(unet|te)_(\w+)\.(lora_down\.weight|lora_up\.weight|alpha)")
 DIFFUSERS_KEY = re.compile(r"(unet|text_encoder)\.(.+?)\.(lora_A\.weight|lora_B\.weight|lora\.down\.weight|"
                            r"lora\.up\.weight|lora_linear_layer\.down\.weight|lora_linear_layer\.up\.weight|alpha)")
-PROCESSOR_KEY = re.compile(r"(unet)\.(.+)\.processor\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight")
+OLD_ATTENTION_KEY = re.compile(r"(unet|text_encoder)\.(.+?)(?:\.processor)?\.(to_q|to_k|to_v|to_out)_lora\."
+                               r"(down|up)\.weight")
 ROLES = {"lora_down.weight": "down", "lora_A.weight": "down", "lora.down.weight": "down",
          "lora_linear_layer.down.weight": "down", "down": "down",
          "lora_up.weight": "up", "lora_B.weight": "up", "lora.up.weight": "up",
          "lora_linear_layer.up.weight": "up", "up": "up", "alpha": "alpha"}
 NETWORKS = {"unet": "unet", "te": "text_encoder", "text_encoder": "text_encoder"}
-PROCESSOR_MODULES = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"}
+OLD_PROJECTIONS = {"unet": {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"},
+                   "text_encoder": {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}}
+METADATA_KEY = "lora_adapter_metadata"
+# What a file whose tensors we do not read probably is, told by their names (said in the error, if one fits).
+OTHER_KINDS = {"DoRA": re.compile(r"lora_magnitude_vector|dora_scale"),
+               "SDXL (two text encoders)": re.compile(r"lora_te[12]_|text_encoder_2\."),
+               "LyCORIS (LoHa, LoKr)": re.compile(r"hada_|lokr_|\.lora_mid\.")}
 
 
 @dataclass
@@ -49,16 +63,17 @@ class LoRALayer:
     down: torch.Tensor
     up: torch.Tensor
     alpha: float | None = None
+    rslora: bool = False  # rank-stabilized LoRA: alpha / sqrt(r) instead of alpha / r
 
     @property
     def rank(self) -> int:
         return self.down.shape[0]
 
     def delta(self, device=None) -> torch.Tensor:
-        """alpha / r * up @ down in float32, flattened to (out, in * kh * kw)."""
+        """alpha / r * up @ down (rsLoRA: alpha / sqrt(r)) in float32, flattened to (out, in * kh * kw)."""
         up, down = (t.to(device=device, dtype=torch.float32).flatten(1) for t in (self.up, self.down))
         alpha = self.alpha if self.alpha is not None else self.rank
-        return (alpha / self.rank) * (up @ down)
+        return (alpha / (math.sqrt(self.rank) if self.rslora else self.rank)) * (up @ down)
 
 
 @dataclass
@@ -77,19 +92,28 @@ def _listed(keys: list[str], limit: int = 4) -> str:
 
 
 def parse_key(key: str) -> tuple[str, str, str, str] | None:
-    """(network, flattened module name, role, the key's layer part) of one LoRA tensor name; None if it is none."""
-    if m := PROCESSOR_KEY.fullmatch(key):
+    """(network, module name as the file spells it, role, the key's layer part) of one LoRA tensor name;
+    None if it is none."""
+    if m := OLD_ATTENTION_KEY.fullmatch(key):
         network, attention, projection, role = m.groups()
-        return NETWORKS[network], flatten(f"{attention}.{PROCESSOR_MODULES[projection]}"), role, key[:m.start(4) - 1]
+        return network, f"{attention}.{OLD_PROJECTIONS[network][projection]}", role, key[:m.start(4) - 1]
     if m := KOHYA_KEY.fullmatch(key) or DIFFUSERS_KEY.fullmatch(key):
         network, module, role = m.groups()
-        return NETWORKS[network], flatten(module), ROLES[role], key[:m.start(3) - 1]
+        return NETWORKS[network], module, ROLES[role], key[:m.start(3) - 1]
     return None
 
 
+def not_lora_weights(path: str, unknown: list[str]) -> CheckpointError:
+    kinds = [kind for kind, names in OTHER_KINDS.items() if any(names.search(key) for key in unknown)]
+    guess = f" (this looks like a {' / '.join(kinds)} file, which is not supported)" if kinds else ""
+    return CheckpointError(f"{path}: {len(unknown)} tensors are not LoRA weights of an SD1/SD2 UNet or text "
+                           f"encoder{guess}: {_listed(unknown)}")
+
+
 def load_lora(path: str) -> LoRA:
-    """Read a LoRA .safetensors file in any of the layouts of the module doc; malformed files raise
-    CheckpointError naming the file and a few offending keys."""
+    """Read a LoRA .safetensors file in any of the layouts of the module doc, its strengths from its
+    `.alpha` tensors or else its header; malformed files raise CheckpointError naming the file and a few
+    offending keys."""
     handle = open_safetensors(path)
     parts, unknown = {}, []
     for key in handle.keys():
@@ -98,20 +122,24 @@ def load_lora(path: str) -> LoRA:
             unknown.append(key)
             continue
         network, module, role, layer_name = parsed
-        layer = parts.setdefault((network, module), {"name": layer_name})
+        layer = parts.setdefault((network, flatten(module)), {"name": layer_name, "module": module})
         layer[role] = handle.get_tensor(key)
     if unknown:
-        raise CheckpointError(f"{path}: {len(unknown)} tensors are not LoRA weights of an SD1/SD2 UNet or text "
-                              f"encoder (SDXL, DoRA and LyCORIS files are not supported): {_listed(unknown)}")
+        raise not_lora_weights(path, unknown)
     if not parts:
         raise CheckpointError(f"{path}: no LoRA weights in this file")
+    configs = adapter_configs(path, handle.metadata() or {})
     layers, malformed = {}, []
     for (network, module), p in parts.items():
         if not composes(p.get("down"), p.get("up")):
             malformed.append(p["name"])
             continue
-        alpha = float(p["alpha"]) if "alpha" in p else None
-        layers.setdefault(network, {})[module] = LoRALayer(p["name"], p["down"], p["up"], alpha)
+        layer = LoRALayer(p["name"], p["down"], p["up"])
+        if "alpha" in p:
+            layer.alpha = float(p["alpha"])
+        elif network in configs:
+            layer.alpha, layer.rslora = configs[network].strength(p["module"], layer)
+        layers.setdefault(network, {})[module] = layer
     if malformed:
         raise CheckpointError(f"{path}: {len(malformed)} LoRA layers lack a down or up weight, or their shapes do "
                               f"not compose: {_listed(malformed)}")
@@ -123,6 +151,64 @@ def composes(down: torch.Tensor | None, up: torch.Tensor | None) -> bool:
     if down is None or up is None or down.ndim not in (2, 4) or up.ndim != down.ndim:
         return False
     return up.shape[1] == down.shape[0] and up.shape[2:] in ((), (1, 1))
+
+
+# ----------------------------------------------------------------------------- diffusers' adapter metadata
+
+STRENGTH_FIELDS = ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora")
+
+
+@dataclass
+class AdapterConfig:
+    """The fields of PEFT's LoraConfig that set a layer's strength, with PEFT's defaults (diffusers builds a
+    LoraConfig from exactly this header, so a field it leaves out has PEFT's default there too)."""
+    path: str
+    r: int = 8
+    lora_alpha: float = 8
+    rank_pattern: dict | None = None
+    alpha_pattern: dict | None = None
+    use_rslora: bool = False
+
+    def strength(self, module: str, layer: LoRALayer) -> tuple[float, bool]:
+        """(alpha, rsLoRA) of the layer on `module` (its name in the file, without `unet.` / `text_encoder.`)."""
+        rank = pattern_value(self.rank_pattern or {}, module, self.r)
+        if rank != layer.rank:
+            raise CheckpointError(f"{self.path}: {layer.name} has rank {layer.rank}, its lora_adapter_metadata says "
+                                  f"r = {rank}")
+        return float(pattern_value(self.alpha_pattern or {}, module, self.lora_alpha)), bool(self.use_rslora)
+
+
+def pattern_value(patterns: dict, module: str, default):
+    """PEFT's rank_pattern / alpha_pattern (peft.utils.other.get_pattern_key): the first key, a regular
+    expression, that matches the whole module name or its end after a dot; else `default`."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def adapter_configs(path: str, header: dict) -> dict[str, AdapterConfig]:
+    """network -> AdapterConfig, from the `lora_adapter_metadata` entry of a safetensors header (written by
+    diffusers' save_lora_weights: `unet.lora_alpha`, `text_encoder.r`, ...); {} without one."""
+    if METADATA_KEY not in header:
+        return {}
+    try:
+        metadata = json.loads(header[METADATA_KEY])
+    except ValueError:
+        metadata = None
+    if not isinstance(metadata, dict):
+        raise CheckpointError(f"{path}: its header's {METADATA_KEY} is not a JSON object")
+    fields = {}  # network -> its strength fields; a network with any entry gets PEFT's defaults for the rest
+    for key, value in metadata.items():
+        network, _, field = key.partition(".")
+        if network not in NETWORKS.values():
+            continue
+        if field == "use_dora" and value:
+            raise CheckpointError(f"{path}: a DoRA adapter ({key} is true in its header); DoRA is not supported")
+        fields.setdefault(network, {})
+        if field in STRENGTH_FIELDS:
+            fields[network][field] = value
+    return {network: AdapterConfig(path, **values) for network, values in fields.items()}
 
 
 # ----------------------------------------------------------------------------- names of our modules
@@ -186,13 +272,3 @@ def unfuse_lora(sd: StableDiffusion, lora: LoRA, scale: float = 1.0) -> None:
     """Undo `fuse_lora(sd, lora, scale)` (exact up to the weights' float rounding)."""
     fuse_lora(sd, lora, -scale)
 
-
-def parse_lora_arg(arg: str) -> tuple[str, float]:
-    """`FILE[:SCALE]` (the --lora option) -> (path, scale); without a numeric suffix the scale is 1."""
-    path, sep, scale = arg.rpartition(":")
-    if sep and path:
-        try:
-            return path, float(scale)
-        except ValueError:
-            pass
-    return arg, 1.0

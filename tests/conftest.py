@@ -1,7 +1,7 @@
 """Shared test setup: the repo root on sys.path, and the real CLIP vocabulary as a fixture.
 
 The vocabulary is OpenAI's bpe_simple_vocab_16e6.txt.gz, taken from the open_clip_torch wheel on
-PyPI (downloaded once, never installed) and cached in ~/.cache/svp-test-data/.
+PyPI (one pinned release, downloaded once, never installed) and cached in ~/.cache/svp-test-data/.
 """
 import json
 import os
@@ -27,6 +27,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from model.tokenizer import OPENAI_BPE_FILE, read_openai_bpe  # noqa: E402
 
 CACHE = Path.home() / ".cache" / "svp-test-data"
+# Pinned like requirements-lock.txt: a new upstream release must not change what the tests read.
+OPEN_CLIP_WHEEL = "open_clip_torch==3.3.0"
 
 
 @pytest.fixture
@@ -48,7 +50,7 @@ def openai_bpe_file() -> Path:
     with tempfile.TemporaryDirectory() as tmp:
         result = subprocess.run(
             [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
-             "open_clip_torch", "-d", tmp], capture_output=True, text=True, timeout=600)
+             OPEN_CLIP_WHEEL, "-d", tmp], capture_output=True, text=True, timeout=600)
         wheels = sorted(Path(tmp).glob("open_clip_torch-*.whl"))
         if result.returncode != 0 or not wheels:
             pytest.fail("could not download the open_clip_torch wheel from PyPI, which carries the CLIP "

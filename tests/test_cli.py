@@ -3,6 +3,7 @@ line before any work starts, output paths are checked first, one training per ru
 file-system errors end in one line, outputs respect the umask, long prompts are reported."""
 import logging
 import os
+import socket
 import subprocess
 import sys
 
@@ -15,7 +16,7 @@ import train
 from model.files import atomic_write
 from model.tokenizer import CLIPTokenizer
 from tracking import __main__ as tracking_main
-from tracking.cli import run_command
+from tracking.cli import lora_file_and_scale, run_command
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -87,6 +88,7 @@ def test_token_replaces_the_whole_word_only(tmp_path):
 
 
 AVATAR = ["--avatar", "runs/me", "--params", "seq.npz"]
+LIVE = ["--avatar", "runs/me", "--drive", "talk.mp4"]
 SAMPLE_CASES = [
     (AVATAR + ["--steps", "0"], "--steps: must be a whole number > 0, got 0"),
     (AVATAR + ["--guidance", "-2"], "--guidance: must be a number >= 0, got -2"),
@@ -101,6 +103,8 @@ SAMPLE_CASES = [
     (AVATAR + ["--frames", "5:2"], "--frames: '5:2': need 0 <= a < b"),
     (AVATAR + ["--frames", "2-5"], "--frames: wants a:b, got '2-5'"),
     (AVATAR + ["--flame", "nowhere.pkl"], "--flame: FLAME file nowhere.pkl not found"),
+    (AVATAR + ["--decoder", "taesd_decoder.pth"], "--decoder: tiny decoder taesd_decoder.pth not found"),
+    (["--ckpt", "sd.safetensors", "--prompt", "a cat", "--decoder", __file__], "--decoder drives an avatar"),
     (AVATAR + ["--out", "x.png"], "--out: x.png: the video file's name must end in .mp4"),
     (["--ckpt", "sd.safetensors"], "--prompt is required with --ckpt"),
     (["--ckpt", "sd.safetensors", "--prompt", "a cat", "--num-images", "0"],
@@ -109,6 +113,14 @@ SAMPLE_CASES = [
     (["--ckpt", "sd.safetensors", "--prompt", "a cat", "--out", "cat.mp4"], "the image file's name must end in .png"),
     (["--ckpt", "sd.safetensors", "--prompt", "a cat", "--params", "seq.npz"], "--params drives an avatar"),
     pytest.param(AVATAR + ["--device", "cuda"], "--device: cuda: no CUDA GPU is available here", marks=NO_GPU),
+    (LIVE + ["--serve", "99999"], "--serve: must be a port number 0-65535 (0: any free port), got 99999"),
+    (LIVE + ["--serve", "-1"], "--serve: must be a port number 0-65535 (0: any free port), got -1"),
+    (LIVE + ["--serve", "http"], "--serve: must be a port number 0-65535, got 'http'"),
+    (AVATAR + ["--serve", "8000"], "--serve shows a live run: it needs --drive SOURCE"),
+    (AVATAR + ["--lora", "nowhere.safetensors"], "--lora: LoRA file nowhere.safetensors not found"),
+    (AVATAR + ["--lora", "nowhere.safetensors:0.5"], "--lora: LoRA file nowhere.safetensors not found"),
+    (AVATAR + ["--lora", "nowhere.safetensors:abc"],
+     "--lora: nowhere.safetensors:abc: no such LoRA file, and 'abc' is not a scale (a number)"),
 ]
 
 
@@ -126,6 +138,43 @@ def test_sample_output_paths_are_checked_first(tmp_path, capsys, a_file):
     assert f"--png-dir: {a_file} is a file, not a folder" in err
     args = sample.parse_args(AVATAR + ["--out", str(tmp_path / "new" / "out.mp4")])
     assert args.out.endswith("out.mp4") and args.morph_weight == 0.5
+
+
+def test_a_port_in_use_is_refused_before_the_avatar_loads(capsys):
+    """--serve binds its socket while the flags are checked: a taken port ends there, in one line."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        err = refused(sample.parse_args, LIVE + ["--serve", str(port)], capsys)
+    assert f"--serve: cannot listen on 127.0.0.1:{port} (Address already in use)" in err
+
+
+def test_serve_0_listens_on_a_free_port():
+    page = sample.parse_args(LIVE + ["--serve", "0"]).page
+    try:
+        port = int(page.url.removeprefix("http://127.0.0.1:").removesuffix("/"))
+        assert port > 0
+        with pytest.raises(OSError), socket.socket() as other:  # bound by the parser, not later
+            other.bind(("127.0.0.1", port))
+    finally:
+        page.close()
+
+
+def test_lora_file_and_scale(tmp_path, capsys):
+    """FILE[:SCALE]: an existing file is the file (':' in its name or not); else the part after the last ':'
+    is the scale, and a scale that is not a number is named in the one-line error."""
+    lcm, odd = tmp_path / "lcm.safetensors", tmp_path / "odd:name.safetensors"
+    lcm.write_bytes(b"")
+    odd.write_bytes(b"")
+    assert lora_file_and_scale(str(lcm)) == (str(lcm), 1.0)
+    assert lora_file_and_scale(f"{lcm}:0.8") == (str(lcm), 0.8)
+    assert lora_file_and_scale(f"{lcm}:-1") == (str(lcm), -1.0)
+    assert lora_file_and_scale(str(odd)) == (str(odd), 1.0)
+    assert lora_file_and_scale(f"{odd}:2") == (str(odd), 2.0)
+    for scale in ("abc", "inf", ""):
+        err = refused(sample.parse_args, AVATAR + ["--lora", f"{lcm}:{scale}"], capsys)
+        assert f"--lora: {lcm}:{scale}: the scale '{scale}' is not a finite number" in err
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -17,6 +17,8 @@ the interpreter's bf16 tl.dot is broken (rel. error ~1e9), which says nothing ab
 """
 import importlib
 import importlib.util
+import itertools
+import json
 import os
 import pathlib
 import subprocess
@@ -25,6 +27,7 @@ import types
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 ON_GPU = torch.cuda.is_available()
 if not ON_GPU and "triton" not in sys.modules:
@@ -144,9 +147,9 @@ def check_attention(module, q, k, v, causal, config):
 @needs_kernels
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("len_q, len_k, head_dim, causal", [
-    (24, 77, 40, False),  # SD1 cross-attention: 77 text tokens, head dim 40 padded to 64
-    (40, 40, 80, False),  # self-attention, length not a multiple of the block, head dim 80 -> 128
-    (32, 32, 64, True),  # SD2 head dim, causal (CLIP), exact blocks
+    (24, 77, 40, False),  # SD1 cross-attention: 77 text tokens, head dim 40 in chunks of 32 + 16 lanes
+    (40, 40, 80, False),  # self-attention, length not a multiple of the block, head dim 80 = 64 + 16
+    (32, 32, 64, True),  # SD2 head dim (one chunk), causal (CLIP), exact blocks
     (21, 21, 40, True),  # causal with a ragged last block
     (20, 37, 40, True),  # causal with Lq != Lk: top-left aligned like SDPA, the last keys seen by no query
 ])
@@ -155,6 +158,13 @@ def test_attention_matches_reference(kernel_module, dtype, len_q, len_k, head_di
     gen = torch.Generator().manual_seed(len_q * 1000 + head_dim)
     q, k, v = (torch.randn(1, 2, n, head_dim, generator=gen).to(dtype) for n in (len_q, len_k, len_k))
     check_attention(module, q, k, v, causal, small_attention_config(module))
+
+
+def test_attention_head_chunks(kernel_module):
+    """Head dims as two power-of-two chunks of >= 16 lanes where that computes fewer lanes than one."""
+    chunks = kernel_module("attention").head_chunks
+    assert [chunks(d) for d in (40, 80, 160, 64, 8, 96, 100, 320)] == [
+        (32, 16), (64, 16), (128, 32), (64, 0), (16, 0), (64, 32), (128, 0), (256, 64)]
 
 
 @needs_kernels
@@ -179,24 +189,57 @@ def test_attention_default_config(kernel_module, len_q, len_k, head_dim):
     check_attention(module, q, k, v, False, module.default_attention_config(head_dim, q.dtype))
 
 
+@needs_kernels
+def test_attention_without_config(kernel_module):
+    """config=None: autotuned tiles on the GPU (head dim 160 has the fewest candidates to compile);
+    interpreted, the hand-picked ones."""
+    module = kernel_module("attention")
+    gen = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(1, 2, n, 160, generator=gen).to(torch.float16) for n in (24, 77, 77))
+    check_attention(module, q, k, v, False, None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_attention_autotune_candidates(kernel_module, dtype):
+    """On the GPU each kernel is timed over the candidates that fit the head dim, the hand-picked default
+    included; for head dim 64 they hold the tutorial's H100 tiles."""
+    module = kernel_module("attention")
+    for head_dim in (40, 64, 80, 160):
+        default = module.default_attention_config(head_dim, dtype)
+        for kernel, default_tiles in (("forward", default.forward), ("dkdv", default.backward),
+                                      ("dq", default.backward)):
+            tiles = module.candidate_tiles(kernel, head_dim, dtype)
+            assert default_tiles in tiles and len(tiles) == len(set(tiles))
+            block_d = module.padded_head_dim(head_dim)
+            assert all(module._fits(t, block_d, 2, kernel) for t in tiles if t != default_tiles)
+            assert head_dim == 160 or len(tiles) >= 4, (kernel, head_dim, tiles)
+    tutorial = {"forward": (128, 64, 4, 3), "dkdv": (32, 128, 4, 5), "dq": (128, 32, 4, 5)}
+    for kernel, tile in tutorial.items():
+        assert module.AttentionBlocks(*tile) in module.candidate_tiles(kernel, 64, dtype)
+
+
 # ----------------------------------------------------------------------------------------------------
 # GroupNorm
 
 
 @needs_kernels
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("one_program", [True, False], ids=["one program", "split"])
 @pytest.mark.parametrize("shape, num_groups, silu, tiny_blocks", [
-    ((2, 8, 5, 7), 4, True, True),  # 35-element rows over 16-element tiles, 2 tiles per chunk: 2 chunks
+    ((2, 8, 5, 7), 4, True, True),  # 35-element rows over 16-element tiles; split: 2 tiles per chunk, 2 chunks
     ((1, 6, 33), 3, False, False),  # 1-D spatial, default blocks
     ((2, 4, 3, 3, 3), 2, True, True),  # 3-D spatial (video), one tile per chunk
 ])
-def test_group_norm_matches_reference(kernel_module, dtype, shape, num_groups, silu, tiny_blocks):
+def test_group_norm_matches_reference(kernel_module, dtype, one_program, shape, num_groups, silu, tiny_blocks):
     module = kernel_module("groupnorm")
     gen = torch.Generator().manual_seed(sum(shape))
     # Offset mean and large scale: E[x^2] - E[x]^2 would lose digits here; Welford/Chan must not.
     x = (torch.randn(shape, generator=gen) * 3 + 5).to(dtype)
     weight, bias = (torch.randn(shape[1], generator=gen).to(dtype) for _ in range(2))
-    blocks = module.GroupNormBlocks(block=16, chunk_tiles=1 if len(shape) == 5 else 2, num_warps=4) if tiny_blocks else None
+    blocks = (module.GroupNormBlocks(block=16, chunk_tiles=1 if len(shape) == 5 else 2, num_warps=4) if tiny_blocks
+              else module.default_group_norm_blocks(x[0, 0].numel()))
+    blocks = blocks._replace(one_program_max=x[0].numel() if one_program else 0)
+    assert module.plan(x.shape, num_groups, blocks).one_program == one_program
     outs = forward_backward(lambda x, w, b: module.fused_group_norm(x, num_groups, w, b, 1e-5, silu, blocks),
                             [x, weight, bias])
     refs = forward_backward(lambda x, w, b: module.group_norm_reference(x, num_groups, w, b, 1e-5, silu),
@@ -265,23 +308,249 @@ def test_temporal_step_rejects_inconsistent_inputs():
 
 
 # ----------------------------------------------------------------------------------------------------
-# Dispatch
+# Launches per call
 
 
-def fake_cuda_tensor():
-    return types.SimpleNamespace(is_cuda=True)
+class LaunchRecorder:
+    """Stands in for a jitted kernel: records each launch (kernel name) instead of running it."""
+
+    def __init__(self, name, launches):
+        self.name, self.launches = name, launches
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launches.append(self.name)
 
 
-def test_dispatch_honours_svp_kernels(monkeypatch):
-    from kernels.dispatch import KernelModeError, use_triton
+class AtenOps(TorchDispatchMode):
+    """Records the PyTorch ops that compute (each a kernel launch on a GPU), not those that only allocate."""
+    ALLOCATING = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "view", "select",
+                  "unbind", "alias", "detach", "_unsafe_view", "split", "slice"}
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name not in self.ALLOCATING:
+            self.ops.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("shape, forward_kernels, backward_kernels", [
+    # UNet at 512 px: every GroupNorm call is one launch forward, one Triton launch + two small ops backward
+    ((2, 320, 64, 64), ["one_program_forward"], ["one_program_backward"]),
+    ((2, 1280, 8, 8), ["one_program_forward"], ["one_program_backward"]),
+    # VAE decoder at 512 px: the split path, measured faster there
+    ((1, 256, 256, 256), ["stats", "finalize", "forward"], ["backward_reduce", "backward_dx"]),
+])
+def test_group_norm_launches_per_call(kernel_module, monkeypatch, shape, forward_kernels, backward_kernels):
+    """Counts launches at full size without running them: the kernels are replaced by recorders."""
+    module = kernel_module("groupnorm")
+    launches = []
+    for name in dir(module):
+        if name.startswith("_group_norm_") and name.endswith("_kernel"):
+            monkeypatch.setattr(module, name, LaunchRecorder(name.removeprefix("_group_norm_").removesuffix("_kernel"),
+                                                             launches))
+    x = torch.empty(shape, dtype=torch.float16, requires_grad=True)
+    weight, bias = (torch.ones(shape[1], dtype=torch.float16, requires_grad=True) for _ in range(2))
+    with AtenOps() as forward_ops:
+        y = module.fused_group_norm(x, 32, weight, bias, 1e-5, True)
+    assert launches == forward_kernels and forward_ops.ops == []
+    launches.clear()
+    with AtenOps() as backward_ops:
+        torch.autograd.grad(y, (x, weight, bias), torch.empty_like(y))
+    assert launches == backward_kernels
+    if len(backward_kernels) == 1:  # one program: the batch sum of dweight and dbias, and one cast to fp16
+        assert sorted(backward_ops.ops) == ["_to_copy", "sum"]
+
+
+def test_group_norm_plan_is_worked_out_once_per_shape(kernel_module):
+    module = kernel_module("groupnorm")
+    first = module.plan(torch.Size([2, 64, 9, 9]), 32)
+    hits = module.plan.cache_info().hits
+    assert module.plan(torch.Size([2, 64, 9, 9]), 32) is first and module.plan.cache_info().hits == hits + 1
+    assert first.one_program and first.row_len == 81 and first.groups == 64
+
+
+# ----------------------------------------------------------------------------------------------------
+# Dispatch: SVP_KERNELS, the measured table, the per-GPU cache, first-use timing
+
+
+def fake_cuda_tensor(requires_grad=False):
+    return types.SimpleNamespace(is_cuda=True, device=torch.device("cuda", 0), requires_grad=requires_grad)
+
+
+class FakeGPU:
+    """An Op whose two implementations only record that they ran, a timer that reads fake times, and a
+    policy built on them with its table and cache in tmp_path."""
+    IDENTITY = dict(gpu="Fake GPU 80GB", arch="sm00", torch="2.0", triton="3.0")
+
+    def __init__(self, tmp_path, ours_ms=1.0, torch_ms=2.0):
+        from kernels import dispatch
+        self.ran, self.timed = [], []
+        self.ms = {"ours": ours_ms, "torch": torch_ms}
+        self.op = dispatch.Op("fake", ours=lambda n: self.ran.append("ours"),
+                              theirs=lambda n: self.ran.append("torch"), bucket=lambda n: (dispatch.size_class(n),))
+        self.table_dir, self.cache = tmp_path, tmp_path / "cache" / "kernels-fake.json"
+        self.identity = dict(self.IDENTITY)
+        self.identified = 0
+        self.policy = self.new_policy()
+
+    def new_policy(self):
+        from kernels import dispatch
+        return dispatch.KernelPolicy(timer=self.timer, identify=self.identify, table_dir=self.table_dir,
+                                     cache_path=lambda gpu: self.cache)
+
+    def identify(self, device):
+        self.identified += 1
+        return self.identity
+
+    def timer(self, run):
+        self.ran.clear()
+        run()
+        self.timed.append(self.ran[-1])
+        return self.ms[self.ran[-1]]
+
+    def prefers_ours(self, n, requires_grad=False):
+        return self.policy.prefers_ours(self.op, [fake_cuda_tensor(requires_grad)], (n,))
+
+    def write_table(self, entries):
+        (self.table_dir / "sm00.json").write_text(json.dumps(dict(gpu="Fake GPU", arch="sm00", entries=entries)))
+
+
+def test_svp_kernels_modes(monkeypatch, tmp_path):
+    from kernels import dispatch
+    gpu = FakeGPU(tmp_path, ours_ms=3.0, torch_ms=2.0)  # ours is slower
+    monkeypatch.setattr(dispatch, "POLICY", gpu.policy)
     monkeypatch.delenv("SVP_KERNELS", raising=False)
-    assert use_triton(fake_cuda_tensor(), fake_cuda_tensor())
-    assert not use_triton(fake_cuda_tensor(), torch.zeros(1))  # any CPU tensor -> reference
+    assert not gpu.op.use_ours([fake_cuda_tensor()], 100)  # auto: measured slower -> torch
+    assert gpu.timed == ["torch", "ours"]
+    assert not gpu.op.use_ours([fake_cuda_tensor(), torch.zeros(1)], 100)  # any CPU tensor -> reference
+    monkeypatch.setenv("SVP_KERNELS", "triton")
+    assert gpu.op.use_ours([fake_cuda_tensor()], 100)
+    assert not gpu.op.use_ours([torch.zeros(1)], 100)  # CPU tensors take the reference even then
     monkeypatch.setenv("SVP_KERNELS", "torch")
-    assert not use_triton(fake_cuda_tensor())
+    assert not gpu.op.use_ours([fake_cuda_tensor()], 100)
     monkeypatch.setenv("SVP_KERNELS", "trition")
-    with pytest.raises(KernelModeError, match="SVP_KERNELS"):
-        use_triton(fake_cuda_tensor())
+    with pytest.raises(dispatch.KernelModeError, match="SVP_KERNELS"):
+        gpu.op.use_ours([fake_cuda_tensor()], 100)
+    assert gpu.timed == ["torch", "ours"]  # timed once, at the first auto call
+
+
+def test_table_decides_and_first_use_is_timed_once_per_bucket(tmp_path):
+    from kernels.dispatch import entry_key
+    gpu = FakeGPU(tmp_path, ours_ms=1.0, torch_ms=2.0)
+    gpu.write_table({entry_key("fake", (False, 128)): dict(ours_ms=5.0, torch_ms=4.0),  # table: ours loses
+                     entry_key("fake", (True, 128)): dict(ours_ms=1.0, torch_ms=4.0)})  # training: ours wins
+    assert not gpu.prefers_ours(100) and not gpu.prefers_ours(128)  # both in bucket 128: from the table
+    assert gpu.prefers_ours(100, requires_grad=True)  # forward + backward has its own entry
+    assert gpu.timed == []
+    assert gpu.prefers_ours(200) and gpu.prefers_ours(256)  # bucket 256, not in the table: timed once
+    assert gpu.timed == ["torch", "ours"]
+    assert gpu.identified == 1  # the GPU, its table and its cache are read once; then a decision is a lookup
+    cached = json.loads(gpu.cache.read_text())
+    assert cached["gpu"] == "Fake GPU 80GB" and cached["entries"] == {
+        entry_key("fake", (False, 256)): dict(ours_ms=1.0, torch_ms=2.0)}
+    second_process = gpu.new_policy()  # reads the cache: no new timing
+    assert second_process.prefers_ours(gpu.op, [fake_cuda_tensor()], (256,)) and gpu.timed == ["torch", "ours"]
+
+
+def test_training_calls_are_timed_forward_and_backward(tmp_path):
+    from kernels import dispatch
+    gpu = FakeGPU(tmp_path)
+    x = torch.randn(3, requires_grad=True)
+    runs = []
+
+    def square(x):
+        runs.append(torch.is_grad_enabled())
+        return x * x
+
+    op = dispatch.Op("square", ours=square, theirs=square, bucket=lambda x: (x.numel(),))
+    times = itertools.cycle([2.0, 1.0])  # torch, then ours
+    policy = dispatch.KernelPolicy(timer=lambda run: (run(), next(times))[1], identify=lambda device: gpu.identity,
+                                   table_dir=tmp_path, cache_path=lambda name: gpu.cache)
+    assert policy.prefers_ours(op, [x], (x,))
+    assert runs == [True, True] and x.grad is None  # with autograd on, on a detached copy
+    with torch.no_grad():
+        policy.prefers_ours(op, [x], (x,))
+    assert runs == [True, True, False, False]
+
+
+def test_corrupt_or_stale_cache_is_rebuilt(tmp_path):
+    from kernels.dispatch import entry_key
+    gpu = FakeGPU(tmp_path)
+    gpu.cache.parent.mkdir()
+    gpu.cache.write_text('{"entries": {"fake|False|128": {"ours_ms": 1.0')  # cut short
+    with pytest.warns(UserWarning, match="not a kernel timing cache; rebuilt"):
+        assert gpu.prefers_ours(128)
+    assert json.loads(gpu.cache.read_text())["entries"] == {entry_key("fake", (False, 128)): dict(ours_ms=1.0,
+                                                                                                  torch_ms=2.0)}
+    gpu.identity = dict(gpu.identity, triton="3.1")  # a new triton: the old timings no longer count
+    gpu.ms = {"ours": 9.0, "torch": 2.0}
+    assert not gpu.new_policy().prefers_ours(gpu.op, [fake_cuda_tensor()], (128,))
+    assert json.loads(gpu.cache.read_text())["triton"] == "3.1"
+
+
+def test_no_timing_during_cuda_graph_capture(monkeypatch, tmp_path):
+    gpu = FakeGPU(tmp_path)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert not gpu.prefers_ours(128) and gpu.timed == [] and not gpu.cache.exists()
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    assert gpu.prefers_ours(128) and gpu.timed == ["torch", "ours"]  # decided at the next eager call
+
+
+def test_a_kernel_that_fails_its_timing_never_wins(tmp_path):
+    gpu = FakeGPU(tmp_path)
+
+    def timer(run):
+        gpu.ran.clear()
+        run()
+        if gpu.ran[-1] == "ours":
+            raise RuntimeError("out of resources")
+        return 1.0
+
+    gpu.timer = timer
+    policy = gpu.new_policy()
+    with pytest.warns(UserWarning, match="failed its timing"):
+        assert not policy.prefers_ours(gpu.op, [fake_cuda_tensor()], (128,))
+
+
+def test_repo_tables_are_valid():
+    """Every kernels/sm*.json reads as a table whose keys name a known op."""
+    from kernels.dispatch import TABLE_DIR, read_entries
+    tables = sorted(TABLE_DIR.glob("sm*.json"))
+    assert tables, "no measured table in kernels/"
+    for path in tables:
+        data = read_entries(path)
+        assert data is not None, path
+        assert {key.split("|")[0] for key in data["entries"]} <= {"attention", "group_norm", "temporal_step"}
+
+
+def test_bench_writes_the_table_dispatch_reads(tmp_path, monkeypatch):
+    """bench/kernels.py --write-table: rows of one shape class add up, ours must win eager and graphed,
+    and entries this run did not measure stay."""
+    from kernels import dispatch
+    bench = importlib.import_module("bench.kernels")
+    monkeypatch.setattr(dispatch, "gpu_identity", lambda device: dict(FakeGPU.IDENTITY))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    path = tmp_path / "sm00.json"
+    path.write_text(json.dumps(dict(entries={"fake|False|1": dict(ours_ms=1.0, torch_ms=2.0)})))
+    op = dispatch.Op("fake", ours=None, theirs=None, bucket=None)
+    recorder = bench.Recorder()
+    recorder.add(op, False, (256,), dict(ours_ms=1.0, torch_ms=3.0, graphed_ours_ms=2.0, graphed_torch_ms=1.5))
+    recorder.add(op, False, (512,), dict(ours_ms=1.0, torch_ms=3.0, graphed_ours_ms=1.0, graphed_torch_ms=1.5))
+    recorder.add(op, True, (256,), dict(ours_ms=1.0, torch_ms=3.0))
+    recorder.add(op, True, (256,), dict(ours_ms=4.0, torch_ms=1.0))  # same class: 5 ms ours vs 4 ms torch
+    bench.write_table(path, recorder.entries)
+    assert json.loads(path.read_text())["gpu"] == "Fake GPU 80GB"
+    policy, device = FakeGPU(tmp_path).policy, torch.device("cuda", 0)
+    assert policy.known(device, "fake", (False, 256)) is False  # faster eager, slower graphed
+    assert policy.known(device, "fake", (False, 512)) is True
+    assert policy.known(device, "fake", (True, 256)) is False
+    assert policy.known(device, "fake", (False, 1)) is True  # from before, kept
+    assert policy.known(device, "fake", (False, 64)) is None  # never measured: timed at first use
 
 
 def refuse(*args, **kwargs):
@@ -290,6 +559,7 @@ def refuse(*args, **kwargs):
 
 def test_cpu_tensors_take_the_reference(monkeypatch):
     import kernels
+    monkeypatch.setenv("SVP_KERNELS", "triton")
     modules = {name: importlib.import_module(f"kernels.{name}") for name in ("attention", "groupnorm", "temporal")}
     monkeypatch.setattr(modules["attention"], "flash_attention", refuse)
     monkeypatch.setattr(modules["groupnorm"], "fused_group_norm", refuse)
@@ -304,18 +574,21 @@ def test_cpu_tensors_take_the_reference(monkeypatch):
     assert torch.allclose(x0, 2 * x + w.view(1, 4, 1, 1)) and torch.allclose(x_next, 0.5 * x + 0.25 * x0)
 
 
-def test_kernel_path_is_chosen_for_cuda_tensors(monkeypatch):
-    """With use_triton true (as on CUDA) the public functions call the Triton launchers."""
+def test_kernel_path_is_chosen_when_dispatch_says_ours(monkeypatch):
+    """With the op's dispatch saying ours (as on CUDA), the public functions call the Triton launchers."""
     import kernels
+    from kernels import dispatch
     calls = []
-    for name, launcher in (("attention", "flash_attention"), ("groupnorm", "fused_group_norm")):
+    monkeypatch.setattr(dispatch.Op, "use_ours", lambda self, tensors, *args: True)
+    for name, launcher in (("attention", "flash_attention"), ("groupnorm", "fused_group_norm"),
+                           ("temporal", "fused_temporal_step")):
         module = importlib.import_module(f"kernels.{name}")
-        monkeypatch.setattr(module, "use_triton", lambda *tensors: True)
         monkeypatch.setattr(module, launcher, lambda *args, _name=launcher, **kwargs: calls.append(_name))
     q = torch.randn(1, 1, 4, 8)
     kernels.attention(q, q, q)
     kernels.group_norm(torch.randn(1, 4, 2, 2), 2, None, None)
-    assert calls == ["flash_attention", "fused_group_norm"]
+    kernels.temporal_step(q, q, a=1.0, b=0.0, c_x=1.0, c_0=0.0)
+    assert calls == ["flash_attention", "fused_group_norm", "fused_temporal_step"]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -323,7 +596,7 @@ def test_kernel_path_is_chosen_for_cuda_tensors(monkeypatch):
 
 FLOAT_ARGS = {"qk_scale", "sm_scale", "eps", "guidance", "a", "b", "c_x", "c_0", "c_1", "c_n", "r_0", "r_n", "w"}
 FP32_POINTERS = {"LSE", "DELTA", "COUNT", "MEAN", "M2", "GROUP_MEAN", "GROUP_RSTD", "RSTD", "SUM_DZ", "SUM_DZ_XHAT",
-                 "MEAN_WDZ", "MEAN_WDZ_XHAT"}
+                 "MEAN_WDZ", "MEAN_WDZ_XHAT", "SUMS"}
 MAX_SHARED_MEMORY = 99 * 1024  # per block on every NVIDIA GPU from sm_80 on (A100 and H100 allow more)
 
 
@@ -354,20 +627,21 @@ def compile_for_gpu(kernel, element: str, constexprs: dict, num_warps: int, num_
 
 @pytest.mark.slow
 @compile_test
-@pytest.mark.parametrize("head_dim, element, causal", [(40, "fp16", True), (80, "bf16", False), (160, "fp16", False)])
+@pytest.mark.parametrize("head_dim, element, causal", [(40, "fp16", True), (80, "bf16", False), (160, "fp16", False),
+                                                      (64, "fp16", False)])
 def test_compile_attention_for_gpu(head_dim, element, causal):
     module = load_private_copy("attention", interpret=False)
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[element]
     config = module.default_attention_config(head_dim, dtype)
-    block_d = module.padded_head_dim(head_dim)
+    head = module._head_meta(head_dim)
     for kernel, blocks in ((module._attention_forward_kernel, config.forward),
                            (module._attention_backward_dkdv_kernel, config.backward),
                            (module._attention_backward_dq_kernel, config.backward)):
         constexprs = dict(CAUSAL=causal, PRECISION="tf32", BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n,
-                          BLOCK_D=block_d)
+                          **head)
         assert compile_for_gpu(kernel, element, constexprs, blocks.num_warps, blocks.num_stages) <= MAX_SHARED_MEMORY
     compile_for_gpu(module._attention_backward_delta_kernel, element,
-                    dict(BLOCK_M=config.backward.block_m, BLOCK_D=block_d), config.backward.num_warps)
+                    dict(BLOCK_M=config.backward.block_m, **head), config.backward.num_warps)
 
 
 @pytest.mark.slow
@@ -377,7 +651,9 @@ def test_compile_group_norm_and_temporal_for_gpu(row_len):
     module = load_private_copy("groupnorm", interpret=False)
     blocks = module.default_group_norm_blocks(row_len)
     tile = dict(BLOCK=blocks.block)
-    for kernel, constexprs in ((module._group_norm_stats_kernel, tile),
+    for kernel, constexprs in ((module._group_norm_one_program_forward_kernel, dict(tile, SILU=True)),
+                               (module._group_norm_one_program_backward_kernel, dict(tile, SILU=True)),
+                               (module._group_norm_stats_kernel, tile),
                                (module._group_norm_finalize_kernel, dict(PARTS=64)),
                                (module._group_norm_forward_kernel, dict(tile, SILU=True)),
                                (module._group_norm_backward_reduce_kernel, dict(tile, SILU=True)),

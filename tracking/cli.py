@@ -2,6 +2,7 @@
 flag types that check a value before any work starts, the checks of output paths, and the one-line ending
 of a failed or interrupted command."""
 import argparse
+import math
 import os
 import sys
 
@@ -66,6 +67,14 @@ def multiple_of_8(text: str) -> int:
     return value
 
 
+def port(text: str) -> int:
+    """A TCP port to listen on; 0 lets the system pick a free one (the command prints which)."""
+    value = _number(int, text, "must be a port number 0-65535")
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number 0-65535 (0: any free port), got {text}")
+    return value
+
+
 def nonempty_text(text: str) -> str:
     if not text.strip():
         raise argparse.ArgumentTypeError("must not be empty")
@@ -99,6 +108,24 @@ def existing_file(what: str):
                                              else f"{what} {path} is not a file")
         return path
     return check
+
+
+def lora_file_and_scale(text: str) -> tuple[str, float]:
+    """FILE[:SCALE] (sample.py's --lora) -> (an existing file, a finite scale; 1 without one). A name that
+    is an existing file is the file, even with a ':' in it; otherwise the part after the last ':' is the scale."""
+    if os.path.isfile(text):
+        return text, 1.0
+    path, colon, scale = text.rpartition(":")
+    if not colon:
+        return existing_file("LoRA file")(text), 1.0
+    try:
+        value = float(scale)
+    except ValueError:
+        value = float("nan")
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text}: the scale {scale!r} is not a finite number" if os.path.isfile(path)
+                                         else f"{text}: no such LoRA file, and {scale!r} is not a scale (a number)")
+    return existing_file("LoRA file")(path), value
 
 
 def _writable_parent(path: str) -> str | None:

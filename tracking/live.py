@@ -4,7 +4,7 @@
       -> 68 landmarks (FaceTracker, the box from the previous frame's landmarks) -> square face crop
       -> FLAME fit of that one frame, warm-started from the previous one, the avatar's identity and camera
       -> its conditioning image -> Avatar.stream (one frame out per frame in, `steps` frames late)
-      -> the mp4, written as it goes, and the MJPEG page (driving crop | avatar) with --serve
+      -> the mp4, written as it goes, and the MJPEG page (driving crop | avatar, tracking/page.py)
 
 A seq.npz drives every frame in order (no clock, nothing dropped): the frames are `Avatar.render`'s.
 Ctrl-C stops taking frames; the frames in flight are finished and the mp4 is closed, playable.
@@ -16,15 +16,13 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from fractions import Fraction
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from io import BytesIO
 
 import av
 import numpy as np
-from PIL import Image
 
 from tracking.fit import fit_frame
 from tracking.landmarks import FaceTracker
+from tracking.page import MjpegServer
 from tracking.pipeline import DEFAULT_MAX_GAP, TrackingError, to_crop_pixels
 from tracking.sequence import FlameSequence, load_seq
 from tracking.video import (VideoError, VideoNotFoundError, VideoWriter, crop_frames, iter_frames, smooth_crop_boxes,
@@ -202,73 +200,6 @@ def open_feed(source: str, avatar) -> Feed:
 
 # ----------------------------------------------------------------------------- outputs
 
-PAGE = b"""<!doctype html><title>svp live</title><body style="background:#111;color:#ccc;font-family:sans-serif">
-<p>driving | avatar</p><img src="/stream.mjpg" style="image-rendering:pixelated;height:80vh"></body>"""
-
-
-class MjpegServer:
-    """http://127.0.0.1:port/: a page showing the newest published image, as an MJPEG stream (/stream.mjpg)."""
-
-    def __init__(self, port: int):
-        self.jpeg, self.closed, self.changed = None, False, threading.Condition()
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):
-                if self.path == "/":
-                    self.send_response(200)
-                    self.send_header("Content-Type", "text/html")
-                    self.end_headers()
-                    self.wfile.write(PAGE)
-                elif self.path == "/stream.mjpg":
-                    self.send_response(200)
-                    self.send_header("Content-Type", "multipart/x-mixed-replace; boundary=frame")
-                    self.end_headers()
-                    server.send_stream(self.wfile)
-                else:
-                    self.send_error(404)
-
-            def log_message(self, *args):  # the terminal shows the run's progress, not every request
-                pass
-        try:
-            self.httpd = ThreadingHTTPServer(("127.0.0.1", port), Handler)
-        except OSError as error:
-            raise ValueError(f"--serve {port}: cannot listen on 127.0.0.1:{port} ({error.strerror})") from error
-        self.httpd.daemon_threads = True
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def send_stream(self, out):
-        last = None
-        while True:
-            with self.changed:
-                self.changed.wait_for(lambda: self.closed or (self.jpeg is not None and self.jpeg is not last), 1.0)
-                if self.closed:
-                    return
-                jpeg = last = self.jpeg
-            if jpeg is None:
-                continue
-            try:
-                out.write(b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n" % len(jpeg))
-                out.write(jpeg + b"\r\n")
-                out.flush()
-            except OSError:  # the viewer went away
-                return
-
-    def publish(self, image: np.ndarray):
-        buffer = BytesIO()
-        Image.fromarray(image).save(buffer, format="JPEG", quality=90)
-        with self.changed:
-            self.jpeg = buffer.getvalue()
-            self.changed.notify_all()
-
-    def close(self):
-        with self.changed:
-            self.closed = True
-            self.changed.notify_all()
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
 class StopOnCtrlC:
     """The first Ctrl-C asks the run to stop (its mp4 is then finished properly); a second one interrupts."""
 
@@ -294,15 +225,15 @@ class LiveRun:
     stopped: bool           # by Ctrl-C
 
 
-def drive(avatar, source: str, out: str, settings, port: int | None = None, prompt: str | None = None,
+def drive(avatar, source: str, out: str, settings, server: MjpegServer | None = None, prompt: str | None = None,
           side_by_side: bool = False, on_frame=None) -> LiveRun:
-    """Drive `avatar` (svp.Avatar) from `source` into the mp4 `out` (and the page on `port`), see the module doc.
+    """Drive `avatar` (svp.Avatar) from `source` into the mp4 `out` (and onto the page `server`, closed when
+    the run ends), see the module doc.
 
     A source that fails midway (no face for too long, a broken stream) raises after the frames made so
     far are written; with no frame made, nothing is written. on_frame(index, seconds) after each frame.
     """
     feed = open_feed(source, avatar)
-    server = MjpegServer(port) if port is not None else None
     stop, shown, error, start = StopOnCtrlC(), deque(), None, time.monotonic()
 
     def hints():

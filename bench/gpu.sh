@@ -11,8 +11,8 @@
 #     pip download --no-deps --only-binary=:all: --python-version 3.12 -d wheels diffusers importlib_metadata
 #     (on the GPU machine) pip install --no-index --no-deps --target /tmp/site wheels/*.whl
 #     PYTHONPATH=/tmp/site bash bench/gpu.sh
-# Steps run most important first (the issue-18 goals: UNet, live stream, video sampling, training; then
-# the kernels alone and the compiled kernel tests); each has its own time limit, cut to what is left of
+# Steps run most important first (that the graphs replay the eager results; the issue-18 goals: UNet,
+# live stream, video sampling, training; then the kernels alone and the compiled kernel tests); each has its own time limit, cut to what is left of
 # the budget, and a step with under 15 s left is skipped.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -74,6 +74,8 @@ EOF
         fi
     }
 
+    step 45 "pytest" "CUDA graphs replay the eager results (tests/test_graphs.py, GPU tests)" \
+        "$PY" -m pytest -q -p no:cacheprovider tests/test_graphs.py -k "real_graph or on_the_gpu"
     step 150 "" "UNet: ours per SVP_KERNELS mode, eager and CUDA-graphed; diffusers eager, graphed, compiled (bench/unet.py)" \
         "$PY" bench/unet.py --device cuda --repeats 20
     step 90 "" "Live stream and offline, CUDA graphs on/off (bench/stream.py)" \

@@ -12,8 +12,8 @@
 #     (on the GPU machine) pip install --no-index --no-deps --target /tmp/site wheels/*.whl
 #     PYTHONPATH=/tmp/site bash bench/gpu.sh
 # Steps run most important first (that the graphs replay the eager results; the issue-18 goals: UNet,
-# live stream, video sampling, training; then the kernels alone and the compiled kernel tests); each has its own time limit, cut to what is left of
-# the budget, and a step with under 15 s left is skipped.
+# live stream, video sampling, training; then the kernels alone and the compiled kernel tests); each has
+# its own time limit, cut to what is left of the budget, and a step with under 15 s left is skipped.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -43,8 +43,10 @@ EOF
     local decoder=()
     if [ -z "${TAESD:-}" ]; then
         echo "NO TINY DECODER: set TAESD=path/to/taesd_decoder.safetensors for bench/stream.py's tiny-decoder rows"
-    elif [ ! -f model/taesd.py ] || [ ! -f "$TAESD" ]; then
-        echo "SKIPPED the tiny-decoder rows: $([ -f model/taesd.py ] && echo "no file $TAESD" || echo 'no model/taesd.py')"
+    elif [ ! -f model/taesd.py ]; then
+        echo "SKIPPED the tiny-decoder rows: this checkout has no model/taesd.py"
+    elif [ ! -f "$TAESD" ]; then
+        echo "SKIPPED the tiny-decoder rows: no file $TAESD"
     else
         decoder=(--decoder "$TAESD")
     fi
@@ -76,7 +78,7 @@ EOF
 
     step 45 "pytest" "CUDA graphs replay the eager results (tests/test_graphs.py, GPU tests)" \
         "$PY" -m pytest -q -p no:cacheprovider tests/test_graphs.py -k "real_graph or on_the_gpu"
-    step 150 "" "UNet: ours per SVP_KERNELS mode, eager and CUDA-graphed; diffusers eager, graphed, compiled (bench/unet.py)" \
+    step 150 "" "UNet: ours per SVP_KERNELS mode, eager and graphed; diffusers eager, graphed, compiled (bench/unet.py)" \
         "$PY" bench/unet.py --device cuda --repeats 20
     step 90 "" "Live stream and offline, CUDA graphs on/off (bench/stream.py)" \
         "$PY" bench/stream.py --device cuda "${decoder[@]}"

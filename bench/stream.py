@@ -136,7 +136,8 @@ def main():
           "| latency p99 ms |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for (how, strength, cuda_graphs, decoder), r in best.items():
-        print(f"| {today} | {where} | {config.name} {size}px {dtype_name} | {args.sampler} {args.steps} steps, guidance 1 "
+        print(f"| {today} | {where} | {config.name} {size}px {dtype_name} "
+              f"| {args.sampler} {args.steps} steps, guidance 1 "
               f"| {'on' if strength else 'off'} | {how} | {'on' if cuda_graphs else 'off'} | {decoder} "
               f"| {r['fps']:.2f} | {1e3 * r['median']:.0f} | {1e3 * r['p99']:.0f} |")
 

@@ -8,7 +8,8 @@ Rows, all on the same random SD-shaped weights and the same input:
     policy, triton: our kernels wherever one applies, torch: PyTorch's ops), eager and replayed from a CUDA
     graph (model/graphs.GraphedCall, as the samplers run it);
   * diffusers: eager, replayed from a CUDA graph, and torch.compile'd (--compile-mode; its first call
-    compiles, about 70 s on an H200): the strongest stock paths.
+    compiles, about 70 s on an H200, so it runs last, after the other rows are printed): the strongest
+    stock paths.
 On the CPU only the eager rows run, ours once (no Triton kernel runs on CPU tensors); without diffusers
 only ours, from our own random initialisation.
 
@@ -136,23 +137,43 @@ def kernels(mode: str | None):
             os.environ["SVP_KERNELS"] = before
 
 
-def variants(ours, reference, cuda: bool, compile_mode: str) -> list[tuple[str, str | None, str, object]]:
-    """(implementation, SVP_KERNELS mode, how it is launched, forward(x, t, context)) for every row."""
+def variants(ours, reference, cuda: bool) -> list[tuple[str, str | None, str, object]]:
+    """(implementation, SVP_KERNELS mode, how it is launched, forward(x, t, context)) for each row but the
+    torch.compile one."""
     rows = []
     for mode in KERNEL_MODES if cuda else ("torch",):
         rows.append(("ours", mode, "eager", ours))
         if cuda:
             rows.append(("ours", mode, "CUDA graph", GraphedCall(ours, clone_outputs=False)))
     if reference is not None:
-        def diffusers_forward(x, t, context):
-            return reference(x, t, context, return_dict=False)[0]
-        rows.append(("diffusers", None, "eager", diffusers_forward))
+        rows.append(("diffusers", None, "eager", diffusers_forward(reference)))
         if cuda:
-            rows.append(("diffusers", None, "CUDA graph", GraphedCall(diffusers_forward, clone_outputs=False)))
-            if compile_mode != "off":
-                rows.append(("diffusers", None, f"torch.compile {compile_mode}",
-                             torch.compile(diffusers_forward, mode=compile_mode)))
+            graphed = GraphedCall(diffusers_forward(reference), clone_outputs=False)
+            rows.append(("diffusers", None, "CUDA graph", graphed))
     return rows
+
+
+def diffusers_forward(reference):
+    return lambda x, t, context: reference(x, t, context, return_dict=False)[0]
+
+
+def measure(rows, inputs, repeats: int, device) -> list[dict]:
+    """Per row: median ms of `repeats` calls after two untimed ones (their seconds: "first"), the most one
+    call adds to memory, the last output. The rows take turns."""
+    results = [{"times": [], "first": 0.0, "peak": 0} for _ in rows]
+    with torch.inference_mode():
+        for repeat in range(repeats + 2):            # calls 0 and 1: warm-up, capture, compilation
+            for (_, mode, _, forward), result in zip(rows, results):
+                with kernels(mode):
+                    seconds, peak, result["out"] = timed_forward(lambda: forward(*inputs), device)
+                result["peak"] = max(result["peak"], peak)
+                if repeat < 2:
+                    result["first"] += seconds
+                else:
+                    result["times"].append(seconds)
+    for result in results:
+        result["ms"] = 1000 * statistics.median(result["times"])
+    return results
 
 
 def main():
@@ -165,8 +186,8 @@ def main():
     parser.add_argument("--size", type=int, default=64, help="latent height and width")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--compile-mode", default="default",
-                        help="torch.compile mode of the diffusers row (default, reduce-overhead, max-autotune; "
-                        "off: no such row)")
+                        help="torch.compile mode of diffusers' last row (default, reduce-overhead, max-autotune; "
+                        "off: no such row); it runs after the others are printed")
     args = parser.parse_args()
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -175,31 +196,18 @@ def main():
 
     torch.manual_seed(0)
     ours, reference = build_models(args.family, args.width, device, dtype)
-    x = torch.randn(args.batch, 4, args.size, args.size, device=device, dtype=dtype)
-    t = torch.randint(0, 1000, (args.batch,), device=device)
-    context = torch.randn(args.batch, 77, ours.config.context_dim, device=device, dtype=dtype)
-    rows = variants(ours, reference, cuda, args.compile_mode)
     if reference is None:
         print("diffusers is not importable here: its rows are skipped")
+    inputs = (torch.randn(args.batch, 4, args.size, args.size, device=device, dtype=dtype),
+              torch.randint(0, 1000, (args.batch,), device=device),
+              torch.randn(args.batch, 77, ours.config.context_dim, device=device, dtype=dtype))
+    rows = variants(ours, reference, cuda)
+    results = measure(rows, inputs, args.repeats, device)
 
-    times, first_calls, peaks, outputs = [[] for _ in rows], [0.0] * len(rows), [0] * len(rows), [None] * len(rows)
-    with torch.inference_mode():
-        for repeat in range(args.repeats + 2):            # rounds 0 and 1: warm-up, capture, compilation
-            for i, (_, mode, _, forward) in enumerate(rows):
-                with kernels(mode):
-                    seconds, peak, outputs[i] = timed_forward(lambda: forward(x, t, context), device)
-                peaks[i] = max(peaks[i], peak)
-                if repeat < 2:
-                    first_calls[i] += seconds
-                else:
-                    times[i].append(seconds)
-
-    ms = [1000 * statistics.median(v) for v in times]
     launches = [(name, launch) for name, _, launch, _ in rows]
     baseline = ("diffusers", "CUDA graph") if ("diffusers", "CUDA graph") in launches else ("diffusers", "eager")
-    baseline_ms = ms[launches.index(baseline)] if baseline in launches else None
-    truth = outputs[launches.index(("diffusers", "eager"))] if reference is not None else outputs[0]
-    truth = truth.float()
+    baseline_ms = results[launches.index(baseline)]["ms"] if baseline in launches else None
+    truth = results[launches.index(("diffusers", "eager")) if reference is not None else 0]["out"].float()
     where = torch.cuda.get_device_name(device) if cuda else f"CPU ({torch.get_num_threads()} threads)"
     today = datetime.date.today().isoformat()
     print(f"{where}, {today}: {args.family} UNet width {args.width}, {dtype_name}, batch {args.batch}, latent "
@@ -208,11 +216,18 @@ def main():
     print(f"| date | device | implementation | SVP_KERNELS | launch | ms | time / {' '.join(baseline)} "
           "| first calls s | peak MiB | rel err |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for i, (name, mode, launch, _) in enumerate(rows):
-        ratio = f"{ms[i] / baseline_ms:.2f}" if baseline_ms else "n/a"
-        rel_err = ((outputs[i].float() - truth).norm() / truth.norm()).item()
-        print(f"| {today} | {where} | {name} | {mode or '-'} | {launch} | {ms[i]:.1f} | {ratio} "
-              f"| {first_calls[i]:.1f} | {peaks[i] / 2**20:.0f} | {rel_err:.1e} |")
+
+    def print_row(name, mode, launch, result):
+        ratio = f"{result['ms'] / baseline_ms:.2f}" if baseline_ms else "n/a"
+        rel_err = ((result["out"].float() - truth).norm() / truth.norm()).item()
+        print(f"| {today} | {where} | {name} | {mode or '-'} | {launch} | {result['ms']:.1f} | {ratio} "
+              f"| {result['first']:.1f} | {result['peak'] / 2**20:.0f} | {rel_err:.1e} |", flush=True)
+    for (name, mode, launch, _), result in zip(rows, results):
+        print_row(name, mode, launch, result)
+    if cuda and reference is not None and args.compile_mode != "off":  # last: a slow first call, the rest printed
+        compiled = ("diffusers", None, f"torch.compile {args.compile_mode}",
+                    torch.compile(diffusers_forward(reference), mode=args.compile_mode))
+        print_row(*compiled[:3], measure([compiled], inputs, args.repeats, device)[0])
 
 
 if __name__ == "__main__":

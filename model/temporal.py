@@ -303,8 +303,8 @@ def _video_latents(denoiser, schedule: NoiseSchedule, hints: torch.Tensor, frame
 
 
 @torch.no_grad()
-def stream_video(denoiser, decoder, schedule: NoiseSchedule, hints: Iterable[torch.Tensor], latent_size: tuple[int, int],
-                 context: torch.Tensor, uncond_context: torch.Tensor | None = None,
+def stream_video(denoiser, decoder, schedule: NoiseSchedule, hints: Iterable[torch.Tensor],
+                 latent_size: tuple[int, int], context: torch.Tensor, uncond_context: torch.Tensor | None = None,
                  settings: VideoSampling | None = None) -> Iterator[np.ndarray]:
     """Frames uint8 (H, W, 3) of a video whose hint images (C, H, W) arrive one at a time (live driving), each
     as soon as it is done: `stream_latents` on `denoiser`, every frame decoded as it leaves by `decoder`

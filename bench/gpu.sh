@@ -78,7 +78,7 @@ EOF
 
     step 45 "pytest" "CUDA graphs replay the eager results (tests/test_graphs.py, GPU tests)" \
         "$PY" -m pytest -q -p no:cacheprovider tests/test_graphs.py -k "real_graph or on_the_gpu"
-    step 150 "" "UNet: ours per SVP_KERNELS mode, eager and graphed; diffusers eager, graphed, compiled (bench/unet.py)" \
+    step 150 "" "UNet: ours per kernel mode and diffusers, eager / graphed / compiled (bench/unet.py)" \
         "$PY" bench/unet.py --device cuda --repeats 20
     step 90 "" "Live stream and offline, CUDA graphs on/off (bench/stream.py)" \
         "$PY" bench/stream.py --device cuda "${decoder[@]}"

@@ -56,6 +56,10 @@ def signature(args: tuple) -> tuple:
     return tuple(("tensor", tuple(a.shape), a.dtype, a.device) if torch.is_tensor(a) else ("value", a) for a in args)
 
 
+class GraphCaptureError(RuntimeError):
+    pass
+
+
 class CudaGraphCapture:
     """Records a call into a CUDA graph: GraphedCall's way of capturing, on the GPU."""
 
@@ -130,6 +134,11 @@ class GraphedCall:
         inputs = [t.clone() for t in tensors]
         static = iter(inputs)
         static_args = [next(static) if torch.is_tensor(a) else a for a in args]
-        replay, outputs = self.capture(lambda: self.fn(*static_args), tensors[0].device)
+        try:
+            replay, outputs = self.capture(lambda: self.fn(*static_args), tensors[0].device)
+        except RuntimeError as e:  # an op that cannot be captured: say how to run without graphs
+            name = getattr(self.fn, "__qualname__", repr(self.fn))
+            raise GraphCaptureError(f"capturing {name} into a CUDA graph failed ({str(e).splitlines()[0]}); "
+                                    "--no-cuda-graphs (VideoSampling.cuda_graphs=False) runs it eagerly") from e
         self.graphs[key] = graph = _Graph(inputs, replay, outputs)
         return graph

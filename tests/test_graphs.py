@@ -89,6 +89,16 @@ def test_outputs_are_copies_unless_the_call_site_uses_them_before_the_next_call(
     assert_same(first, affine(*inputs(2), 1.0))
 
 
+def test_a_failed_capture_says_how_to_run_without_graphs(stand_in):
+    class Failing(ReplayingCapture):
+        def __call__(self, run, device):
+            raise RuntimeError("operation not permitted when stream is capturing\nmore detail")
+    call = GraphedCall(affine, capture=Failing())
+    call(*inputs(0), 1.0)
+    with pytest.raises(model.graphs.GraphCaptureError, match=r"affine .*not permitted.*; --no-cuda-graphs"):
+        call(*inputs(1), 1.0)
+
+
 def test_cpu_tensors_and_disabled_graphs_run_the_call_itself():
     calls = []
 

@@ -9,7 +9,7 @@ PyTorch's CUDA graph notes:
   buffers before every replay; the outputs are the same tensors at every replay, so they are cloned for
   the caller unless the call site says it is done with them before its next call (`clone_outputs`).
 - Shapes and Python values are baked in: every signature (each tensor argument's shape, dtype and
-  device, every other argument's value) gets its own graph, captured at its first call. Non-tensor
+  device, every other argument's value) gets its own graph, captured at its second call. Non-tensor
   arguments must be hashable, and few (each value is a capture); pass what changes per call as tensors
   (e.g. timesteps as device tensors, `device_scalar`).
 - Before its capture, a signature's first call runs eagerly on a side stream (lazy initialisation, Triton

@@ -111,6 +111,9 @@ def add_sampler_args(p: argparse.ArgumentParser):
     video.add_argument("--decoder", type=existing_file("tiny decoder"), default=None, metavar="FILE",
                        help="decode frames with a tiny autoencoder decoder (TAESD: taesd_decoder.safetensors or .pth, "
                        "or diffusers' AutoencoderTiny weights) instead of the VAE: faster, less detail")
+    video.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                       help="run every model call eagerly (default on CUDA: the calls whose shapes repeat, the model's "
+                       "steps and the decode, replay CUDA graphs); to compare or debug")
     return video
 
 
@@ -162,7 +165,7 @@ def text_to_image_main(args, device, dtype):
     images = svp.text_to_image(sd, args.prompt, args.negative_prompt, steps=args.steps or 30,
                            guidance=7.5 if args.guidance is None else args.guidance,
                            sampler=args.sampler or "dpmpp_2m", height=args.height, width=args.width,
-                           seed=args.seed, num_images=args.num_images, eta=args.eta)
+                           seed=args.seed, num_images=args.num_images, eta=args.eta, cuda_graphs=args.cuda_graphs)
     out = args.out
     stem, ext = os.path.splitext(out)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
@@ -231,7 +234,8 @@ def video_settings(args) -> VideoSampling:
                          guidance=VideoSampling.guidance if args.guidance is None else args.guidance,
                          sampler=args.sampler or VideoSampling.sampler, eta=args.eta, seed=args.seed,
                          temporal_strength=args.temporal_strength, temporal_fade=args.temporal_fade,
-                         batch_frames=args.batch_frames, conditioning_scale=args.conditioning_scale)
+                         batch_frames=args.batch_frames, conditioning_scale=args.conditioning_scale,
+                         cuda_graphs=args.cuda_graphs)
 
 
 def live_main(args, device, dtype):

@@ -31,10 +31,10 @@ from model.loading import CheckpointError, StableDiffusion, load_stable_diffusio
 from model.lora import fuse_lora, load_lora
 from model.metrics import temporal_flicker
 from model.pipeline import encode_prompts, text_to_image
-from model.sampling import SAMPLER_NAMES, NoiseSchedule, make_sampler
+from model.sampling import SAMPLER_NAMES, NoiseSchedule
 from model.taesd import TinyDecoder, load_tiny_decoder
-from model.temporal import VideoSampling, sample_video, stream_latents, video_noise, warm_up_start
-from model.vae import AutoencoderKL, to_uint8
+from model.temporal import VideoSampling, sample_video, stream_video, warm_up_start
+from model.vae import AutoencoderKL
 from tracking.conditioning import render_conditioning
 from tracking.pipeline import TrackedVideo, load_flame, track_video
 from tracking.sequence import FlameSequence, load_seq
@@ -191,19 +191,11 @@ class Avatar:
         rounding: each frame is decoded alone).
         """
         settings = settings or VideoSampling()
-        param = next(self.controlnet.parameters())
         context = self.text_context(prompt, morph, morph_weight)
         uncond_context = encode_prompts(self.sd, [negative_prompt]) if settings.guidance != 1.0 else None
-        denoiser, latent = self.denoiser, self.resolution // self.decoder.downscale
-        noise = video_noise(self.sd.unet.config.in_channels, (latent, latent), settings.seed, param.device, param.dtype)
-
-        def model_fn(x, t, hints):
-            hint = torch.stack(hints).to(param.device, param.dtype)
-            return denoiser.guided(x, t, context, uncond_context, hint, settings.conditioning_scale)
-        sampler = make_sampler(NoiseSchedule.from_config(self.sd.config), settings.sampler, settings.steps, settings.eta)
-        for latents in stream_latents(model_fn, self._hint_frames(inputs), sampler, noise, settings.weights,
-                                      settings.guidance, settings.seed):
-            yield to_uint8(self.decoder.decode_latents(latents))[0].numpy()
+        latent = self.resolution // self.decoder.downscale
+        yield from stream_video(self.denoiser, self.decoder, NoiseSchedule.from_config(self.sd.config),
+                                self._hint_frames(inputs), (latent, latent), context, uncond_context, settings)
 
     def _hint_frames(self, inputs: Iterable) -> Iterator[torch.Tensor]:
         """One hint image per frame of `inputs` (see `stream`), rendered as each piece arrives."""

@@ -172,7 +172,8 @@ def main():
     print(f"device {device} ({torch.cuda.get_device_name(device) if cuda else f'{torch.get_num_threads()} threads'}), "
           f"{dtype_name}, UNet+ControlNet+VAE {params / 1e6:.0f}M params (UNet width {width}, VAE width {vae_width}), "
           f"{num_frames} frames of {size}x{size}, DDIM {steps} steps, guidance {args.guidance}, "
-          f"batch {args.batch_frames} frames, temporal fade {temporal.temporal_fade}; "
+          f"batch {args.batch_frames} frames, temporal fade {temporal.temporal_fade}, "
+          f"ours with CUDA graphs {'on (VideoSampling default)' if cuda else 'off (CPU)'}; "
           f"frames/s of the best / median of {repeats} runs\n")
     print_table(num_frames, times, peaks, diff, {"ours": independent, "ours temporal": temporal})
 

@@ -1,26 +1,29 @@
 """Live rendering speed: the stream (wavefront, Avatar.stream's loop) beside the offline chunked sampler.
 
-    python bench/stream.py                      # CPU: the tiny preset (64 px), 24 frames
+    python bench/stream.py                      # CPU: the tiny preset (64 px), 24 frames, eager
     python bench/stream.py --device cuda        # GPU: SD1.5 shapes at 512x512, fp16, 48 frames
+    python bench/stream.py --device cuda --decoder taesd_decoder.safetensors   # also rows with a tiny decoder
 
 Both denoise the same video (random 8-channel hints, a random text embedding, LCM with --steps steps,
 guidance 1: the few-step live setting) with random weights of the chosen shapes (UNet + ControlNet + VAE;
-speed does not depend on the values), temporal denoising on (VideoSampling's strength and fade) and off,
-then decode every frame to uint8.
+speed does not depend on the values), temporal denoising on and off (--temporal), with CUDA graphs on and
+off (on CUDA; model/graphs.py: the stream's steady ticks, the offline chunks' model calls and the
+decodes replay graphs, captured during the run, so their capture is in the figures), then decode every
+frame to uint8 with the VAE, or with the tiny decoder of `--decoder FILE` (model/taesd.load_tiny_decoder).
 
-  * stream: model/temporal.stream_latents fed one hint per tick as fast as it asks (a source that keeps up),
+  * stream: model/temporal.stream_video fed one hint per tick as fast as it asks (a source that keeps up),
     each finished frame decoded as it leaves. Frames/s is sustained (frames after the first / the time
     between the first and the last frame out); latency is a frame's time from its hint going in to its
     uint8 frame coming out (median and p99), about `steps` ticks.
   * offline: model/temporal.sample_video with --steps frames per lock-step chunk (the stream's batch size);
     its latency is a chunk's time, since a frame waits for its chunk's last hint and then the whole chunk.
 
-The two are interleaved (stream, offline, per temporal setting) after a warm-up of each; prints one markdown
-table. --repeats N keeps each configuration's best sustained run. No CUDA graphs yet: the tick's shapes
-change while the wavefront fills and drains, and are fixed in between, so capturing the full tick once
-is the next step on a GPU.
+The configurations are interleaved after a warm-up of each; prints markdown rows with the date and the
+device. --repeats N keeps each configuration's best sustained run.
 """
 import argparse
+import datetime
+import itertools
 import os
 import statistics
 import sys
@@ -34,9 +37,9 @@ from model.avatar import Denoiser  # noqa: E402
 from model.config import SD1, TINY  # noqa: E402
 from model.controlnet import ControlNet  # noqa: E402
 from model.sampling import NoiseSchedule, make_sampler  # noqa: E402
-from model.temporal import VideoSampling, sample_video, stream_latents, video_noise  # noqa: E402
+from model.temporal import VideoSampling, sample_video, stream_video  # noqa: E402
 from model.unet import UNet  # noqa: E402
-from model.vae import AutoencoderKL, to_uint8  # noqa: E402
+from model.vae import AutoencoderKL  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 HINT_CHANNELS = 8
@@ -56,23 +59,17 @@ def synchronize(device):
 
 
 @torch.no_grad()
-def run_stream(denoiser, vae, hints, context, settings: VideoSampling, device) -> dict:
+def run_stream(denoiser, decoder, hints, context, settings: VideoSampling) -> dict:
     """Times of each frame's hint going in and its uint8 frame coming out of the wavefront."""
-    sampler = make_sampler(NoiseSchedule(), settings.sampler, settings.steps)
-    latent = hints.shape[-1] // vae.downscale
-    noise = video_noise(denoiser.unet.config.in_channels, (latent, latent), settings.seed, device, hints.dtype)
+    latent = hints.shape[-1] // decoder.downscale
     arrived, left = [], []
 
     def arrivals():
         for hint in hints:
             arrived.append(time.perf_counter())
             yield hint
-
-    def model_fn(x, t, frame_hints):
-        return denoiser.guided(x, t, context, None, torch.stack(frame_hints))
-    for latents in stream_latents(model_fn, arrivals(), sampler, noise, settings.weights, settings.guidance,
-                                  settings.seed):
-        to_uint8(vae.decode_latents(latents)).numpy()  # to the host, as a live viewer needs it
+    # each uint8 frame is on the host (as a live viewer needs it) when it is yielded
+    for _ in stream_video(denoiser, decoder, NoiseSchedule(), arrivals(), (latent, latent), context, None, settings):
         left.append(time.perf_counter())
     latency = [b - a for a, b in zip(arrived, left)]
     return {"fps": (len(left) - 1) / (left[-1] - left[0]), "median": statistics.median(latency),
@@ -80,9 +77,9 @@ def run_stream(denoiser, vae, hints, context, settings: VideoSampling, device) -
 
 
 @torch.no_grad()
-def run_offline(denoiser, vae, hints, context, settings: VideoSampling, device) -> dict:
+def run_offline(denoiser, decoder, hints, context, settings: VideoSampling) -> dict:
     start = time.perf_counter()
-    sample_video(denoiser, vae, NoiseSchedule(), hints, range(len(hints)), context, None, settings, progress=False)
+    sample_video(denoiser, decoder, NoiseSchedule(), hints, range(len(hints)), context, None, settings, progress=False)
     seconds = time.perf_counter() - start
     chunk = seconds * settings.batch_frames / len(hints)
     return {"fps": len(hints) / seconds, "median": chunk, "p99": chunk}
@@ -95,6 +92,8 @@ def main():
     p.add_argument("--frames", type=int, default=None, help="video length (default 48 on CUDA, 24 on the CPU)")
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--sampler", default="lcm")
+    p.add_argument("--temporal", default="on,off", help="temporal denoising in the rows: on, off or on,off")
+    p.add_argument("--decoder", metavar="FILE", help="a tiny decoder (TAESD) file: rows decoding with it too")
     p.add_argument("--repeats", type=int, default=1)
     args = p.parse_args()
     device = torch.device(args.device)
@@ -104,31 +103,43 @@ def main():
     size = 512 if cuda else TINY.image_size
     frames = args.frames or (48 if cuda else 24)
     denoiser, vae = build(config, device, dtype)
+    decoders = {"VAE": vae}
+    if args.decoder:
+        from model.taesd import load_tiny_decoder  # the tiny decoder's loader, only when asked for
+        decoders["tiny"] = load_tiny_decoder(args.decoder, device, dtype)
     gen = torch.Generator().manual_seed(1)
     hints = torch.rand(frames, HINT_CHANNELS, size, size, generator=gen).to(device, dtype)
     context = torch.randn(1, 77, config.unet.context_dim, generator=gen).to(device, dtype)
-    where = torch.cuda.get_device_name(device) if cuda else f"CPU, {torch.get_num_threads()} threads"
-    print(f"{config.name} shapes, {size}x{size}, {str(dtype).removeprefix('torch.')}, {where}; {frames} frames, "
-          f"{args.sampler} {args.steps} steps, guidance 1")
-    settings = {strength: VideoSampling(steps=args.steps, guidance=1.0, sampler=args.sampler, batch_frames=args.steps,
-                                        temporal_strength=strength) for strength in (VideoSampling.temporal_strength, 0.0)}
-    runs = {(how, strength): fn for strength in settings
-            for how, fn in (("stream", run_stream), ("offline", run_offline))}
+    where = torch.cuda.get_device_name(device) if cuda else f"CPU ({torch.get_num_threads()} threads)"
+    dtype_name = str(dtype).removeprefix("torch.")
+    today = datetime.date.today().isoformat()
+    print(f"{where}, {today}: {config.name} shapes, {size}x{size}, {dtype_name}; {frames} frames, "
+          f"{args.sampler} {args.steps} steps, guidance 1; torch {torch.__version__}")
+    strengths = {"on": VideoSampling.temporal_strength, "off": 0.0}
+    temporal = [strengths[v] for v in args.temporal.split(",")]
+    graphs = (True, False) if cuda else (False,)  # no graphs on the CPU: the same eager run twice
+    configs = list(itertools.product(("stream", "offline"), temporal, graphs, decoders))
+    runs = {"stream": run_stream, "offline": run_offline}
     best = {}
     for repeat in range(args.repeats + 1):  # the first round warms up (kernels, allocator, caches)
-        for (how, strength), fn in runs.items():
-            result = fn(denoiser, vae, hints[:args.steps + 1] if repeat == 0 else hints, context,
-                        settings[strength], device)
+        for how, strength, cuda_graphs, decoder in configs:
+            settings = VideoSampling(steps=args.steps, guidance=1.0, sampler=args.sampler, batch_frames=args.steps,
+                                     temporal_strength=strength, cuda_graphs=cuda_graphs)
+            result = runs[how](denoiser, decoders[decoder], hints[:args.steps + 1] if repeat == 0 else hints, context,
+                               settings)
             synchronize(device)
-            if repeat and ((how, strength) not in best or result["fps"] > best[how, strength]["fps"]):
-                best[how, strength] = result
+            key = how, strength, cuda_graphs, decoder
+            if repeat and (key not in best or result["fps"] > best[key]["fps"]):
+                best[key] = result
     print()
-    print("| device | model | sampler | temporal | mode | frames/s | latency median ms | latency p99 ms |")
-    print("|---|---|---|---|---|---|---|---|")
-    for (how, strength), r in best.items():
-        print(f"| {device.type} | {config.name} {size}px {str(dtype).removeprefix('torch.')} | {args.sampler} "
-              f"{args.steps} steps, guidance 1 | {'on' if strength else 'off'} | {how} | {r['fps']:.2f} | "
-              f"{1e3 * r['median']:.0f} | {1e3 * r['p99']:.0f} |")
+    print("| date | device | model | sampler | temporal | mode | CUDA graphs | decoder | frames/s | latency median ms "
+          "| latency p99 ms |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for (how, strength, cuda_graphs, decoder), r in best.items():
+        print(f"| {today} | {where} | {config.name} {size}px {dtype_name} "
+              f"| {args.sampler} {args.steps} steps, guidance 1 "
+              f"| {'on' if strength else 'off'} | {how} | {'on' if cuda_graphs else 'off'} | {decoder} "
+              f"| {r['fps']:.2f} | {1e3 * r['median']:.0f} | {1e3 * r['p99']:.0f} |")
 
 
 if __name__ == "__main__":

@@ -28,6 +28,13 @@ a time and each tick runs ONE model batch holding up to `steps` frames, each at 
 newest frame at step 0 beside its predecessor at step 1, ...). Frame f at step i needs frame f-1's
 estimate of step i-1, which the wavefront computed two ticks before, so the streamed frames equal the
 chunked ones, and after `steps` ticks one finished frame leaves per tick (latency: `steps` ticks).
+
+On CUDA the calls whose shapes repeat replay CUDA graphs (model/graphs.py; VideoSampling.cuda_graphs):
+the model call of every step of a chunk (UNet + ControlNet, both guidance branches in one batch), the
+stream's steady-state ticks (`steps` frames in flight; the wavefront's fill and drain ticks run eagerly,
+each of their batch sizes occurs once) and the decode. The fused step (guidance, solver update, pull)
+stays one eager kernel launch per step: its coefficients are the step's, passed as kernel scalars, which
+a graph would bake in (one capture of the whole network per step).
 """
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -38,6 +45,7 @@ import torch
 from tqdm.auto import tqdm
 
 from kernels.temporal import temporal_step
+from model.graphs import GraphedCall, device_scalar
 from model.sampling import NoiseSchedule, Sampler, make_sampler
 from model.vae import AutoencoderKL, to_uint8
 
@@ -50,7 +58,8 @@ class VideoSampling:
     temporal_strength: pull of each frame toward the previous one (0 = independent frames);
     temporal_fade: the fraction of the steps over which that pull fades out (see the module doc);
     batch_frames: frames denoised together in lock-step (one UNet batch); conditioning_scale:
-    multiplies the ControlNet's residuals (how strongly the 3DMM rendering steers; 0 = plain text-to-image).
+    multiplies the ControlNet's residuals (how strongly the 3DMM rendering steers; 0 = plain text-to-image);
+    cuda_graphs: replay CUDA graphs where shapes repeat (see the module doc; no effect on the CPU).
     """
     steps: int = 25
     guidance: float = 3.0
@@ -61,6 +70,7 @@ class VideoSampling:
     temporal_fade: float = 0.8
     batch_frames: int = 8
     conditioning_scale: float = 1.0
+    cuda_graphs: bool = True
 
     @property
     def weights(self) -> list[float]:
@@ -266,17 +276,52 @@ def sample_video(denoiser, vae: AutoencoderKL, schedule: NoiseSchedule, hints: t
     """
     settings = settings or VideoSampling()
     param = next(denoiser.parameters())
-    hints = hints.to(param.device, param.dtype)
+    latents = _video_latents(denoiser, schedule, hints.to(param.device, param.dtype), frames, context, uncond_context,
+                             settings, vae.downscale, progress)
+    decode = GraphedCall(vae.decode_latents, settings.cuda_graphs, clone_outputs=False)  # to_uint8 copies each chunk
+    chunk = settings.batch_frames
+    return torch.cat([to_uint8(decode(latents[i:i + chunk])) for i in range(0, len(latents), chunk)]).numpy()
+
+
+def _video_latents(denoiser, schedule: NoiseSchedule, hints: torch.Tensor, frames: range, context: torch.Tensor,
+                   uncond_context: torch.Tensor | None, settings: VideoSampling, downscale: int, progress: bool):
+    """sample_video's latents. A function of its own so that its graphs are freed before the decoder's."""
+    param = next(denoiser.parameters())
     first = frames.stop - len(hints)
-    latent_size = (hints.shape[-2] // vae.downscale, hints.shape[-1] // vae.downscale)
+    latent_size = (hints.shape[-2] // downscale, hints.shape[-1] // downscale)
     shared_noise = video_noise(denoiser.unet.config.in_channels, latent_size, settings.seed, param.device, param.dtype)
+    # the step's temporal_step reads the outputs before the next call: no copy for the caller needed
+    guided = GraphedCall(denoiser.guided, settings.cuda_graphs, clone_outputs=False)
 
     def model_fn(x, t, frame_ids):
         hint = hints[frame_ids[0] - first:frame_ids[-1] + 1 - first]  # a chunk's frames are consecutive
-        return denoiser.guided(x, t, context, uncond_context, hint, settings.conditioning_scale)
+        return guided(x, device_scalar(t, x.device), context, uncond_context, hint, settings.conditioning_scale)
 
     sampler = make_sampler(schedule, settings.sampler, settings.steps, settings.eta)
-    latents = denoise_video(model_fn, sampler, shared_noise, settings.weights, frames, first, settings.guidance,
-                            settings.batch_frames, settings.seed, progress)
-    chunk = settings.batch_frames
-    return torch.cat([to_uint8(vae.decode_latents(latents[i:i + chunk])) for i in range(0, len(latents), chunk)]).numpy()
+    return denoise_video(model_fn, sampler, shared_noise, settings.weights, frames, first, settings.guidance,
+                         settings.batch_frames, settings.seed, progress)
+
+
+@torch.no_grad()
+def stream_video(denoiser, decoder, schedule: NoiseSchedule, hints: Iterable[torch.Tensor],
+                 latent_size: tuple[int, int], context: torch.Tensor, uncond_context: torch.Tensor | None = None,
+                 settings: VideoSampling | None = None) -> Iterator[np.ndarray]:
+    """Frames uint8 (H, W, 3) of a video whose hint images (C, H, W) arrive one at a time (live driving), each
+    as soon as it is done: `stream_latents` on `denoiser`, every frame decoded as it leaves by `decoder`
+    (its `decode_latents`: the VAE, or a smaller decoder). Arguments as for `sample_video`.
+    """
+    settings = settings or VideoSampling()
+    param = next(denoiser.parameters())
+    noise = video_noise(denoiser.unet.config.in_channels, latent_size, settings.seed, param.device, param.dtype)
+    # a tick reads the model's outputs before the next tick, to_uint8 copies the decoded frame: no copies needed
+    steady = GraphedCall(denoiser.guided, settings.cuda_graphs, clone_outputs=False)
+    decode = GraphedCall(decoder.decode_latents, settings.cuda_graphs, clone_outputs=False)
+
+    def model_fn(x, t, frame_hints):
+        hint = torch.stack(frame_hints).to(param.device, param.dtype)
+        call = steady if len(frame_hints) == settings.steps else denoiser.guided  # fill and drain: eager
+        return call(x, t, context, uncond_context, hint, settings.conditioning_scale)
+
+    sampler = make_sampler(schedule, settings.sampler, settings.steps, settings.eta)
+    for latents in stream_latents(model_fn, hints, sampler, noise, settings.weights, settings.guidance, settings.seed):
+        yield to_uint8(decode(latents))[0].numpy()

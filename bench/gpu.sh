@@ -3,9 +3,9 @@
 # $BUDGET seconds (default 470, under 8 minutes), installing nothing:
 #     bash bench/gpu.sh                              # prints markdown for BENCHMARKS.md (GPU name and date)
 #     OUT=/some/dir bash bench/gpu.sh                # also appends it all to $OUT/gpu-bench.md
-#     TAESD=taesd_decoder.safetensors bash bench/gpu.sh   # bench/stream.py rows with the tiny decoder too
+#     TAESD=taesd_decoder.safetensors bash bench/gpu.sh   # the tiny-decoder rows with real weights
 #     PYTHON=python3.11 BUDGET=300 bash bench/gpu.sh
-# What is missing (CUDA, torch, triton, pytest, diffusers, a TAESD file) is said up front, and a step
+# What is missing (CUDA, torch, triton, pytest, diffusers) is said up front, and a step
 # that needs it is skipped with that reason instead of failing halfway. A machine without diffusers
 # (the H200 image of 2026-12-04) can take it as wheels, without an index:
 #     pip download --no-deps --only-binary=:all: --python-version 3.12 -d wheels diffusers importlib_metadata
@@ -42,14 +42,16 @@ EOF
     done
     local decoder=()
     if [ -z "${TAESD:-}" ]; then
-        echo "NO TINY DECODER: set TAESD=path/to/taesd_decoder.safetensors for bench/stream.py's tiny-decoder rows"
-    elif [ ! -f model/taesd.py ]; then
-        echo "SKIPPED the tiny-decoder rows: this checkout has no model/taesd.py"
-    elif [ ! -f "$TAESD" ]; then
-        echo "SKIPPED the tiny-decoder rows: no file $TAESD"
-    else
-        decoder=(--decoder "$TAESD")
+        # The tiny decoder's speed does not depend on its weights: without a real file, random ones in
+        # TAESD's (diffusers') layout, read by the same loader, give the rows all the same.
+        TAESD=$(mktemp -d)/taesd-random.safetensors
+        "$PY" -c "import sys; from safetensors.torch import save_file; from model.taesd import TinyDecoder
+save_file({'decoder.' + k: v.contiguous() for k, v in TinyDecoder().state_dict().items()}, sys.argv[1])" \
+            "$TAESD" && echo "TINY DECODER: random weights in TAESD's layout (TAESD=FILE for the real ones)"
     fi
+    if [ -f "$TAESD" ]; then decoder=(--decoder "$TAESD"); else echo "SKIPPED the tiny-decoder rows: no file $TAESD"; fi
+    local table=()
+    [ -n "${OUT:-}" ] && table=(--write-table "$OUT/kernels-table.json")
 
     local start=$SECONDS failed=0
     # step SECONDS NEEDS TITLE COMMAND...: run with a time limit (cut to the budget left), or say why it is skipped.
@@ -86,7 +88,9 @@ EOF
         "$PY" bench/sample.py --device cuda --dtype fp16 --repeats 2
     step 60 "diffusers" "Training step vs diffusers, bf16 autocast, eager (bench/train.py)" \
         "$PY" bench/train.py --device cuda --channels 320 --size 64 --batch 4
-    step 75 "" "Kernels vs PyTorch (bench/kernels.py)" "$PY" bench/kernels.py
+    # fp16 only: the autotuner's first run compiles every attention candidate (bf16 would double it).
+    # With $OUT, the measured table comes back as kernels-table.json, to commit as kernels/sm<arch>.json.
+    step 150 "" "Kernels vs PyTorch (bench/kernels.py)" "$PY" bench/kernels.py --dtypes float16 "${table[@]}"
     step 90 "pytest" "Kernel tests, compiled" "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py
     echo
     echo "total $((SECONDS - start)) s of a ${BUDGET} s budget"

@@ -21,8 +21,10 @@ import torch  # noqa: E402
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-# Tests import the project as top-level packages (model, kernels, tracking), like train.py does.
+# Tests import the project as top-level packages (model, kernels, tracking), like train.py does, and the
+# helpers of tests/data (the metrics' reference weights).
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(1, os.path.join(os.path.dirname(os.path.abspath(__file__)), "data"))
 
 from model.tokenizer import OPENAI_BPE_FILE, read_openai_bpe  # noqa: E402
 
@@ -114,18 +116,30 @@ def untrained_avatar_run(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def metric_weights(tmp_path_factory) -> Path:
-    """Random LPIPS and FID-Inception weights (seeded default init) under the published file names and in
-    their layouts (model/metrics.py): alexnet-owt-7be5be79.pth (AlexNet features and a classifier),
-    alex.pth (the v0.1 heads, non-negative like the real ones), pt_inception-2015-12-05-6726825d.pth."""
+    """LPIPS and FID-Inception weights under the published file names, in their layouts: torchvision's AlexNet
+    with a classifier (cut short here), lpips' heads in torch's legacy (non-zip) format, the FID Inception with
+    its fc and the num_batches_tracked a torchvision-made state dict carries. The values are random, seeded per
+    tensor name as tests/data/make_metrics_reference.py seeded the reference implementations' networks, so
+    tests/test_metrics.py compares what loads from these files with the references' stored outputs."""
+    from make_metrics_reference import random_weights
     from model.inception import FIDInception
     from model.lpips import LPIPS
+
+    def random_state_dict(build) -> dict:
+        with torch.device("meta"):
+            shapes = {k: tuple(v.shape) for k, v in build().state_dict().items()}
+        return {k: torch.from_numpy(v) for k, v in random_weights(shapes).items()}
+
     folder = tmp_path_factory.mktemp("metric-weights")
-    torch.manual_seed(0)
-    lpips = LPIPS().state_dict()
+    lpips = random_state_dict(LPIPS)
     features = {k: v for k, v in lpips.items() if k.startswith("features.")}
+    heads = {k: v for k, v in lpips.items() if k.startswith("lin")}
     torch.save({**features, "classifier.6.bias": torch.zeros(1000)}, folder / "alexnet-owt-7be5be79.pth")
-    torch.save({k: v.abs() for k, v in lpips.items() if k.startswith("lin")}, folder / "alex.pth")
-    torch.save({**FIDInception().state_dict(), "fc.bias": torch.zeros(1008)},
+    torch.save(heads, folder / "alex.pth", _use_new_zipfile_serialization=False)
+    inception = random_state_dict(FIDInception)
+    bn_counters = {k.replace("running_mean", "num_batches_tracked"): torch.tensor(0) for k in inception
+                   if k.endswith("running_mean")}
+    torch.save({**inception, **bn_counters, "fc.bias": torch.zeros(1008)},
                folder / "pt_inception-2015-12-05-6726825d.pth")
     return folder
 

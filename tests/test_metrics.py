@@ -8,13 +8,12 @@ CPU torch; tests/data/make_metrics_reference.py made it in its own venv, and the
     sizes: its TF1 resize, normalisation, network) and pytorch-fid 0.3.0's InceptionV3([3]) (299x299 input);
   * FID against torch-fidelity, torchmetrics 1.9.0 and pytorch-fid; KID against torch-fidelity (the same
     subsets) and torchmetrics' poly_mmd (all samples).
-The networks get random weights, seeded per tensor name (make_metrics_reference.random_tensor), written here in
-the published files' layouts (.pth, alex.pth in torch's legacy format like the real one) and read through
-load_lpips / load_inception.
+The networks get random weights, seeded per tensor name (make_metrics_reference.random_tensor), written by
+conftest's metric_weights in the published files' layouts (alex.pth in torch's legacy format like the real
+one) and read through load_lpips / load_inception.
 """
 import json
 import os
-import sys
 
 import numpy as np
 import pytest
@@ -25,10 +24,10 @@ from model import metrics
 from model.inception import FIDInception
 from model.lpips import LPIPS
 
-DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
-sys.path.insert(0, DATA)
-from make_metrics_reference import (INCEPTION_IMAGES, KID_SUBSET_SIZE, KID_SUBSETS, LPIPS_PAIRS,  # noqa: E402
+from make_metrics_reference import (INCEPTION_IMAGES, KID_SUBSET_SIZE, KID_SUBSETS, LPIPS_PAIRS,  # tests/data
                                     random_features, random_weights, reference_images, weights_sum)
+
+DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")   # the Inception's convolutions stall on shared cores
 
@@ -48,37 +47,14 @@ def shapes_of(build) -> dict:
         return {k: v.shape for k, v in build().state_dict().items()}
 
 
-def tensors(weights: dict) -> dict:
-    return {k: torch.from_numpy(v) for k, v in weights.items()}
+@pytest.fixture(scope="module")
+def lpips_net(metric_weights):
+    return metrics.load_lpips(str(metric_weights))
 
 
 @pytest.fixture(scope="module")
-def weights_dir(tmp_path_factory):
-    """Random weights under the published file names, in their layouts: torchvision's AlexNet with a classifier
-    (cut short here), lpips' heads in torch's legacy (non-zip) format, the FID Inception with its fc and the
-    num_batches_tracked a torchvision-made state dict carries."""
-    folder = tmp_path_factory.mktemp("metric_weights")
-    lpips = random_weights(shapes_of(LPIPS))
-    features = {k: v for k, v in lpips.items() if k.startswith("features.")}
-    heads = {k: v for k, v in lpips.items() if k.startswith("lin")}
-    torch.save({**tensors(features), "classifier.6.bias": torch.zeros(1000)}, folder / "alexnet-owt-7be5be79.pth")
-    torch.save(tensors(heads), folder / "alex.pth", _use_new_zipfile_serialization=False)
-    inception = tensors(random_weights(shapes_of(FIDInception)))
-    bn_counters = {k.replace("running_mean", "num_batches_tracked"): torch.tensor(0) for k in inception
-                   if k.endswith("running_mean")}
-    torch.save({**inception, **bn_counters, "fc.bias": torch.zeros(1008)},
-               folder / "pt_inception-2015-12-05-6726825d.pth")
-    return folder
-
-
-@pytest.fixture(scope="module")
-def lpips_net(weights_dir):
-    return metrics.load_lpips(str(weights_dir))
-
-
-@pytest.fixture(scope="module")
-def inception_net(weights_dir):
-    return metrics.load_inception(str(weights_dir))
+def inception_net(metric_weights):
+    return metrics.load_inception(str(metric_weights))
 
 
 def video(*frames):
@@ -123,10 +99,10 @@ def test_lpips_matches_the_lpips_package(reference, images, lpips_net):
     assert np.array_equal(metrics.lpips_distances(lpips_net, same, same, progress=False), [0, 0])
 
 
-def test_lpips_black_frames_in_bfloat16(lpips_net, weights_dir):
+def test_lpips_black_frames_in_bfloat16(lpips_net, metric_weights):
     """All-zero ReLU outputs have norm 0; the heads run in float32, so lpips' 1e-10 keeps that 0 / 0 away."""
     black = np.zeros((2, 64, 64, 3), np.uint8)
-    net = metrics.load_lpips(str(weights_dir), dtype=torch.bfloat16)
+    net = metrics.load_lpips(str(metric_weights), dtype=torch.bfloat16)
     assert np.array_equal(metrics.lpips_distances(net, black, black, progress=False), [0, 0])
 
 
@@ -186,12 +162,12 @@ def test_frame_metrics_reports_every_metric(images, lpips_net, inception_net):
     assert one["flicker"] == {"missing": "needs >= 3 frames, got 1"} and np.isfinite(one["lpips"]["mean"])
 
 
-def test_weight_files_read_from_safetensors_and_lists(tmp_path, weights_dir, lpips_net, images):
+def test_weight_files_read_from_safetensors_and_lists(tmp_path, metric_weights, lpips_net, images):
     from safetensors.torch import save_file
-    features = torch.load(weights_dir / "alexnet-owt-7be5be79.pth", weights_only=True)
-    heads = torch.load(weights_dir / "alex.pth", weights_only=True)
+    features = torch.load(metric_weights / "alexnet-owt-7be5be79.pth", weights_only=True)
+    heads = torch.load(metric_weights / "alex.pth", weights_only=True)
     save_file(features, tmp_path / "alexnet-owt-7be5be79.safetensors")
-    both = metrics.load_lpips([str(tmp_path / "alexnet-owt-7be5be79.safetensors"), str(weights_dir / "alex.pth")])
+    both = metrics.load_lpips([str(tmp_path / "alexnet-owt-7be5be79.safetensors"), str(metric_weights / "alex.pth")])
     a, b = video(images["a64"]), video(images["a64_noisy"])
     assert metrics.lpips_distances(both, a, b, progress=False) == metrics.lpips_distances(lpips_net, a, b,
                                                                                           progress=False)
@@ -199,11 +175,11 @@ def test_weight_files_read_from_safetensors_and_lists(tmp_path, weights_dir, lpi
     assert metrics.load_lpips(str(tmp_path / "lpips.safetensors")).lin4.model[1].weight.shape == (1, 256, 1, 1)
 
 
-def test_load_networks_from_one_folder(tmp_path, weights_dir):
-    lpips, inception = metrics.load_networks(str(weights_dir), dtype="bf16")
+def test_load_networks_from_one_folder(tmp_path, metric_weights):
+    lpips, inception = metrics.load_networks(str(metric_weights), dtype="bf16")
     assert lpips.lin0.model[1].weight.dtype == inception.Conv2d_1a_3x3.conv.weight.dtype == torch.bfloat16
-    os.link(weights_dir / "alex.pth", tmp_path / "alex.pth")
-    os.link(weights_dir / "alexnet-owt-7be5be79.pth", tmp_path / "alexnet-owt-7be5be79.pth")
+    os.link(metric_weights / "alex.pth", tmp_path / "alex.pth")
+    os.link(metric_weights / "alexnet-owt-7be5be79.pth", tmp_path / "alexnet-owt-7be5be79.pth")
     lpips, inception = metrics.load_networks(str(tmp_path))
     assert isinstance(lpips, LPIPS) and inception is None       # FID / KID will be reported missing
     assert metrics.load_networks(None) == (None, None)
@@ -217,7 +193,7 @@ class RunsCode:
         return (os.getcwd, ())
 
 
-def test_bad_weight_files_are_one_error_naming_the_file(tmp_path, weights_dir):
+def test_bad_weight_files_are_one_error_naming_the_file(tmp_path, metric_weights):
     garbage = tmp_path / "alex.pth"
     garbage.write_bytes(b"not a torch file" * 10)
     code = tmp_path / "code.pth"
@@ -228,13 +204,13 @@ def test_bad_weight_files_are_one_error_naming_the_file(tmp_path, weights_dir):
     empty = tmp_path / "empty"
     empty.mkdir()
     cases = [
-        (lambda: metrics.load_lpips([str(weights_dir / "alexnet-owt-7be5be79.pth"), str(garbage)]),
+        (lambda: metrics.load_lpips([str(metric_weights / "alexnet-owt-7be5be79.pth"), str(garbage)]),
          str(garbage), "not a readable weights-only .pth"),
-        (lambda: metrics.load_lpips([str(weights_dir / "alexnet-owt-7be5be79.pth"), str(code)]),
+        (lambda: metrics.load_lpips([str(metric_weights / "alexnet-owt-7be5be79.pth"), str(code)]),
          str(code), "not a readable weights-only .pth"),
         (lambda: metrics.load_inception(str(truncated)), str(truncated), "not a readable .safetensors"),
-        (lambda: metrics.load_inception(str(weights_dir / "alex.pth")), "alex.pth", "missing"),
-        (lambda: metrics.load_lpips(str(weights_dir / "alexnet-owt-7be5be79.pth")), "alexnet", "missing (5): lin0"),
+        (lambda: metrics.load_inception(str(metric_weights / "alex.pth")), "alex.pth", "missing"),
+        (lambda: metrics.load_lpips(str(metric_weights / "alexnet-owt-7be5be79.pth")), "alexnet", "missing (5): lin0"),
         (lambda: metrics.load_lpips(str(tmp_path / "nothing.pth")), "nothing.pth", "no such file"),
         (lambda: metrics.load_inception(str(tmp_path / "weights.txt")), "weights.txt", "expected a .pth or"),
         (lambda: metrics.load_inception(str(empty)), str(empty), "pt_inception-2015-12-05-6726825d.pth"),

@@ -40,11 +40,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 import svp
-from model.avatar import Denoiser, build_denoiser, fingerprint, run_relative, save_avatar
+from model.avatar import (Denoiser, build_denoiser, diffusion_loss, fingerprint, held_out_loss, run_relative,
+                          save_avatar)
 from model.config import config_to_dict
 from model.files import atomic_write, read_json, write_json
 from model.loading import DTYPES, StableDiffusion, write_tiny_base
@@ -66,7 +66,6 @@ PRESETS = {  # defaults that --flags override
     "sd": dict(resolution=512, max_steps=3000, lr=1e-5, batch_size=4, val_every=250, preview_every=250,
                save_every=500, preview_steps=25),
 }
-VAL_TIMESTEP_FRACTIONS = (0.05, 0.2, 0.35, 0.5, 0.65, 0.8, 0.95)  # of num_train_timesteps
 TOKEN_WORD = r"\bsks\b"  # the identity token of the default caption, as a whole word ("tasks" stays)
 # What a run is: --resume and a rerun into the same --out must agree on all of these.
 IDENTITY_FIELDS = ("preset", "video", "controlnet", "train", "prompt", "resolution", "lr", "batch_size", "grad_accum", "seed",
@@ -267,41 +266,6 @@ def batch_indices(step: int, micro: int, cfg: argparse.Namespace, ranks: svp.Pro
 
 def step_generator(*keys: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(np.random.SeedSequence(list(keys)).generate_state(1)[0]))
-
-
-# ----------------------------------------------------------------------------- model and loss
-
-def diffusion_loss(model, schedule: NoiseSchedule, x0, hint, context, generator, dropout: float = 0.0):
-    """The mean squared error to the checkpoint's training target at uniformly drawn timesteps."""
-    t = torch.randint(0, schedule.num_train_timesteps, (len(x0),), generator=generator).to(x0.device)
-    noise = torch.randn(x0.shape, generator=generator).to(x0.device)
-    keep = (torch.rand(len(x0), generator=generator) >= dropout).to(hint)
-    out = model(schedule.add_noise(x0, noise, t), t, context, hint * keep[:, None, None, None])
-    return F.mse_loss(out.float(), schedule.training_target(x0, noise, t))
-
-
-@torch.no_grad()
-def held_out_loss(denoiser: Denoiser, schedule: NoiseSchedule, data: FrameData, context, seed: int,
-                  batch_size: int, autocast=nullcontext, zero_hint: bool = False) -> float:
-    """The diffusion loss on the held-out frames at fixed timesteps and fixed noise."""
-    device = context.device
-    frames = data.split.held_out
-    timesteps = [int(f * schedule.num_train_timesteps) for f in VAL_TIMESTEP_FRACTIONS]
-    pairs = [(i, t) for i in frames for t in timesteps]
-    noise = torch.randn((len(pairs),) + tuple(data.latents.shape[1:]), generator=torch.Generator().manual_seed(seed))
-    was_training = denoiser.training
-    denoiser.eval()
-    total = 0.0
-    for start in range(0, len(pairs), batch_size):
-        idx, t = zip(*pairs[start:start + batch_size])
-        x0, eps = data.latents[list(idx)].to(device), noise[start:start + len(idx)].to(device)
-        t = torch.tensor(t, device=device)
-        hint = data.hint_batch(list(idx), device) * (0.0 if zero_hint else 1.0)
-        with autocast():
-            out = denoiser(schedule.add_noise(x0, eps, t), t, context, hint)
-        total += F.mse_loss(out.float(), schedule.training_target(x0, eps, t), reduction="sum").item()
-    denoiser.train(was_training)
-    return total / (len(pairs) * data.latents[0].numel())
 
 
 # ----------------------------------------------------------------------------- outputs

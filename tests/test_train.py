@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 
 import svp
 import train
-from model.avatar import build_denoiser, load_avatar_weights
+from model.avatar import build_denoiser, held_out_loss, load_avatar_weights
 from model.controlnet import CONTROLNET_PREFIX
 from model.loading import UNET_PREFIX, CheckpointError, load_stable_diffusion, write_tiny_base
 from model.pipeline import encode_prompts
@@ -177,8 +177,8 @@ def test_it_learns_to_use_the_conditioning(demo_run, tmp_path):
     assert data.split.held_out == (20, 21, 22, 23)
     context = encode_prompts(sd, ["a photo of sks person"])
     schedule = NoiseSchedule.from_config(sd.config)
-    with_hint = train.held_out_loss(denoiser, schedule, data, context, seed=1, batch_size=8)
-    zeroed = train.held_out_loss(denoiser, schedule, data, context, seed=1, batch_size=8, zero_hint=True)
+    with_hint = held_out_loss(denoiser, schedule, data, context, seed=1, batch_size=8)
+    zeroed = held_out_loss(denoiser, schedule, data, context, seed=1, batch_size=8, zero_hint=True)
     print(f"held-out loss {with_hint:.4f} with the conditioning, {zeroed:.4f} with it zeroed")
     assert zeroed >= 1.03 * with_hint
 

@@ -26,10 +26,8 @@ batch (DDP); rank 0 alone tracks, builds the caches and writes files.
 import argparse
 import fcntl
 import hashlib
-import json
 import logging
 import os
-import random
 import re
 import signal
 import time
@@ -46,7 +44,8 @@ import svp
 from model.avatar import (Denoiser, build_denoiser, diffusion_loss, fingerprint, held_out_loss, run_relative,
                           save_avatar)
 from model.config import config_to_dict
-from model.files import atomic_write, read_json, write_json
+from model.files import (append_log, atomic_write, load_checkpoint, read_json, rng_state, save_checkpoint,
+                         set_rng_state, truncate_log, write_json)
 from model.loading import DTYPES, StableDiffusion, write_tiny_base
 from model.pipeline import encode_prompts
 from model.sampling import NoiseSchedule
@@ -293,53 +292,6 @@ def save_preview(path: str, sd: StableDiffusion, denoiser: Denoiser, data: Frame
     from PIL import Image
     with atomic_write(path) as tmp:
         Image.fromarray(np.concatenate([normals, data.crops[frame], image], axis=1)).save(tmp)
-
-
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(legacy=False), "torch": torch.get_rng_state()}
-    state["numpy"]["state"]["key"] = torch.from_numpy(state["numpy"]["state"]["key"].astype(np.int64))
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict):
-    random.setstate(state["python"])
-    numpy_state = state["numpy"]
-    numpy_state["state"]["key"] = numpy_state["state"]["key"].numpy().astype(np.uint32)
-    np.random.set_state(numpy_state)
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_checkpoint(path: str, checkpoint: dict):
-    """A failed write leaves the previous checkpoint intact."""
-    try:
-        with atomic_write(path) as tmp:
-            torch.save(checkpoint, tmp)
-    except OSError as e:
-        raise OSError(f"{path}: could not write the checkpoint ({e}); the previous one is unchanged") from e
-
-
-def load_checkpoint(path: str) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def append_log(path: str, record: dict):
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def truncate_log(path: str, step: int):
-    """Keep the records up to `step` (none for a fresh run): those a killed run wrote after its last
-    checkpoint are written again by the resumed run."""
-    kept = []
-    if step and os.path.exists(path):
-        with open(path) as f:
-            kept = [line for line in f if json.loads(line)["step"] <= step]
-    with atomic_write(path) as tmp, open(tmp, "w") as f:
-        f.writelines(kept)
 
 
 # ----------------------------------------------------------------------------- training

@@ -26,10 +26,8 @@ batch (DDP); rank 0 alone tracks, builds the caches and writes files.
 import argparse
 import fcntl
 import hashlib
-import json
 import logging
 import os
-import random
 import re
 import signal
 import time
@@ -40,13 +38,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 import svp
-from model.avatar import Denoiser, build_denoiser, fingerprint, run_relative, save_avatar
+from model.avatar import (Denoiser, build_denoiser, diffusion_loss, fingerprint, held_out_loss, run_relative,
+                          save_avatar)
 from model.config import config_to_dict
-from model.files import atomic_write, read_json, write_json
+from model.files import (append_log, atomic_write, load_checkpoint, read_json, rng_state, save_checkpoint,
+                         set_rng_state, truncate_log, write_json)
 from model.loading import DTYPES, StableDiffusion, write_tiny_base
 from model.pipeline import encode_prompts
 from model.sampling import NoiseSchedule
@@ -66,7 +65,6 @@ PRESETS = {  # defaults that --flags override
     "sd": dict(resolution=512, max_steps=3000, lr=1e-5, batch_size=4, val_every=250, preview_every=250,
                save_every=500, preview_steps=25),
 }
-VAL_TIMESTEP_FRACTIONS = (0.05, 0.2, 0.35, 0.5, 0.65, 0.8, 0.95)  # of num_train_timesteps
 TOKEN_WORD = r"\bsks\b"  # the identity token of the default caption, as a whole word ("tasks" stays)
 # What a run is: --resume and a rerun into the same --out must agree on all of these.
 IDENTITY_FIELDS = ("preset", "video", "controlnet", "train", "prompt", "resolution", "lr", "batch_size", "grad_accum", "seed",
@@ -269,41 +267,6 @@ def step_generator(*keys: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(np.random.SeedSequence(list(keys)).generate_state(1)[0]))
 
 
-# ----------------------------------------------------------------------------- model and loss
-
-def diffusion_loss(model, schedule: NoiseSchedule, x0, hint, context, generator, dropout: float = 0.0):
-    """The mean squared error to the checkpoint's training target at uniformly drawn timesteps."""
-    t = torch.randint(0, schedule.num_train_timesteps, (len(x0),), generator=generator).to(x0.device)
-    noise = torch.randn(x0.shape, generator=generator).to(x0.device)
-    keep = (torch.rand(len(x0), generator=generator) >= dropout).to(hint)
-    out = model(schedule.add_noise(x0, noise, t), t, context, hint * keep[:, None, None, None])
-    return F.mse_loss(out.float(), schedule.training_target(x0, noise, t))
-
-
-@torch.no_grad()
-def held_out_loss(denoiser: Denoiser, schedule: NoiseSchedule, data: FrameData, context, seed: int,
-                  batch_size: int, autocast=nullcontext, zero_hint: bool = False) -> float:
-    """The diffusion loss on the held-out frames at fixed timesteps and fixed noise."""
-    device = context.device
-    frames = data.split.held_out
-    timesteps = [int(f * schedule.num_train_timesteps) for f in VAL_TIMESTEP_FRACTIONS]
-    pairs = [(i, t) for i in frames for t in timesteps]
-    noise = torch.randn((len(pairs),) + tuple(data.latents.shape[1:]), generator=torch.Generator().manual_seed(seed))
-    was_training = denoiser.training
-    denoiser.eval()
-    total = 0.0
-    for start in range(0, len(pairs), batch_size):
-        idx, t = zip(*pairs[start:start + batch_size])
-        x0, eps = data.latents[list(idx)].to(device), noise[start:start + len(idx)].to(device)
-        t = torch.tensor(t, device=device)
-        hint = data.hint_batch(list(idx), device) * (0.0 if zero_hint else 1.0)
-        with autocast():
-            out = denoiser(schedule.add_noise(x0, eps, t), t, context, hint)
-        total += F.mse_loss(out.float(), schedule.training_target(x0, eps, t), reduction="sum").item()
-    denoiser.train(was_training)
-    return total / (len(pairs) * data.latents[0].numel())
-
-
 # ----------------------------------------------------------------------------- outputs
 
 def avatar_meta(cfg: argparse.Namespace, sd: StableDiffusion, identity: dict, base: str, data: FrameData, step: int) -> dict:
@@ -329,53 +292,6 @@ def save_preview(path: str, sd: StableDiffusion, denoiser: Denoiser, data: Frame
     from PIL import Image
     with atomic_write(path) as tmp:
         Image.fromarray(np.concatenate([normals, data.crops[frame], image], axis=1)).save(tmp)
-
-
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(legacy=False), "torch": torch.get_rng_state()}
-    state["numpy"]["state"]["key"] = torch.from_numpy(state["numpy"]["state"]["key"].astype(np.int64))
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict):
-    random.setstate(state["python"])
-    numpy_state = state["numpy"]
-    numpy_state["state"]["key"] = numpy_state["state"]["key"].numpy().astype(np.uint32)
-    np.random.set_state(numpy_state)
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_checkpoint(path: str, checkpoint: dict):
-    """A failed write leaves the previous checkpoint intact."""
-    try:
-        with atomic_write(path) as tmp:
-            torch.save(checkpoint, tmp)
-    except OSError as e:
-        raise OSError(f"{path}: could not write the checkpoint ({e}); the previous one is unchanged") from e
-
-
-def load_checkpoint(path: str) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def append_log(path: str, record: dict):
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def truncate_log(path: str, step: int):
-    """Keep the records up to `step` (none for a fresh run): those a killed run wrote after its last
-    checkpoint are written again by the resumed run."""
-    kept = []
-    if step and os.path.exists(path):
-        with open(path) as f:
-            kept = [line for line in f if json.loads(line)["step"] <= step]
-    with atomic_write(path) as tmp, open(tmp, "w") as f:
-        f.writelines(kept)
 
 
 # ----------------------------------------------------------------------------- training

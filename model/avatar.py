@@ -1,7 +1,8 @@
 """An avatar: the trained weights that turn a base Stable Diffusion into one person, and their file.
 
 `Denoiser` is the UNet driven by the ControlNet, the one model that training, previews and sampling
-call; `build_denoiser` makes a fresh one for training (train.py's --train modes).
+call; `build_denoiser` makes a fresh one for training (train.py's --train modes), `diffusion_loss` and
+`held_out_loss` are what training minimises and what it reports on the held-out frames.
 
 `avatar.safetensors` holds only what training changed: the ControlNet under `control_model.*` and the
 UNet tensors that were trained under `model.diffusion_model.*` (the single-file names), plus a JSON
@@ -13,14 +14,17 @@ absolute otherwise, so a run folder works from any working directory and can be 
 import hashlib
 import json
 import os
+from contextlib import nullcontext
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from model.controlnet import CONTROLNET_PREFIX, ControlNet, init_hint_encoder, load_controlnet
 from model.files import atomic_write
 from model.loading import UNET_PREFIX, CheckpointError, StableDiffusion, open_safetensors, weights_file
+from model.sampling import NoiseSchedule
 
 FINGERPRINT_BYTES = 1 << 20
 
@@ -115,6 +119,47 @@ def build_denoiser(sd: StableDiffusion, mode: str, hint_channels: int, checkpoin
                                                           ("attn1" in name or "attn2" in name)))
     sd.unet.gradient_checkpointing = controlnet.gradient_checkpointing = checkpointing
     return Denoiser(sd.unet, controlnet).train()
+
+
+VAL_TIMESTEP_FRACTIONS = (0.05, 0.2, 0.35, 0.5, 0.65, 0.8, 0.95)  # of num_train_timesteps
+
+
+def diffusion_loss(model, schedule: NoiseSchedule, x0, hint, context, generator, dropout: float = 0.0):
+    """The mean squared error to the checkpoint's training target at uniformly drawn timesteps.
+
+    `model` is the Denoiser or its DistributedDataParallel wrapper: the loss must call the wrapper, whose
+    forward is what synchronises the gradients across ranks, so this is a function and not a method.
+    """
+    t = torch.randint(0, schedule.num_train_timesteps, (len(x0),), generator=generator).to(x0.device)
+    noise = torch.randn(x0.shape, generator=generator).to(x0.device)
+    keep = (torch.rand(len(x0), generator=generator) >= dropout).to(hint)
+    out = model(schedule.add_noise(x0, noise, t), t, context, hint * keep[:, None, None, None])
+    return F.mse_loss(out.float(), schedule.training_target(x0, noise, t))
+
+
+@torch.no_grad()
+def held_out_loss(denoiser: Denoiser, schedule: NoiseSchedule, data, context, seed: int,
+                  batch_size: int, autocast=nullcontext, zero_hint: bool = False) -> float:
+    """The diffusion loss on the held-out frames at fixed timesteps and fixed noise. `data` is train.py's
+    FrameData: the latents, the hints (`hint_batch`) and the split."""
+    device = context.device
+    frames = data.split.held_out
+    timesteps = [int(f * schedule.num_train_timesteps) for f in VAL_TIMESTEP_FRACTIONS]
+    pairs = [(i, t) for i in frames for t in timesteps]
+    noise = torch.randn((len(pairs),) + tuple(data.latents.shape[1:]), generator=torch.Generator().manual_seed(seed))
+    was_training = denoiser.training
+    denoiser.eval()
+    total = 0.0
+    for start in range(0, len(pairs), batch_size):
+        idx, t = zip(*pairs[start:start + batch_size])
+        x0, eps = data.latents[list(idx)].to(device), noise[start:start + len(idx)].to(device)
+        t = torch.tensor(t, device=device)
+        hint = data.hint_batch(list(idx), device) * (0.0 if zero_hint else 1.0)
+        with autocast():
+            out = denoiser(schedule.add_noise(x0, eps, t), t, context, hint)
+        total += F.mse_loss(out.float(), schedule.training_target(x0, eps, t), reduction="sum").item()
+    denoiser.train(was_training)
+    return total / (len(pairs) * data.latents[0].numel())
 
 
 def save_avatar(path: str, denoiser: Denoiser, meta: dict):

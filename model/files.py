@@ -2,11 +2,17 @@
 folder, then rename it over the target (a rename within a folder is atomic on POSIX and Windows).
 
 Every file svp writes (checkpoints, avatars, caches, seq.npz, videos, images, JSON) goes through
-`atomic_write`, so a reader either finds the previous complete file or the new complete file.
+`atomic_write`, so a reader either finds the previous complete file or the new complete file. Here too:
+JSON, the JSON-lines training log, and training checkpoints (torch.save, with the global RNG states in a
+form that torch.load(weights_only=True) reads back).
 """
 import json
 import os
+import random
 from contextlib import contextmanager
+
+import numpy as np
+import torch
 
 
 @contextmanager
@@ -49,3 +55,50 @@ def read_json(path: str):
 def write_json(path: str, obj):
     with atomic_write(path) as tmp, open(tmp, "w") as f:
         json.dump(obj, f, indent=1)
+
+
+def append_log(path: str, record: dict):
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def truncate_log(path: str, step: int):
+    """Keep the records up to `step` (none for a fresh run): those a killed run wrote after its last
+    checkpoint are written again by the resumed run."""
+    kept = []
+    if step and os.path.exists(path):
+        with open(path) as f:
+            kept = [line for line in f if json.loads(line)["step"] <= step]
+    with atomic_write(path) as tmp, open(tmp, "w") as f:
+        f.writelines(kept)
+
+
+def save_checkpoint(path: str, checkpoint: dict):
+    """A failed write leaves the previous checkpoint intact."""
+    try:
+        with atomic_write(path) as tmp:
+            torch.save(checkpoint, tmp)
+    except OSError as e:
+        raise OSError(f"{path}: could not write the checkpoint ({e}); the previous one is unchanged") from e
+
+
+def load_checkpoint(path: str) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(legacy=False), "torch": torch.get_rng_state()}
+    state["numpy"]["state"]["key"] = torch.from_numpy(state["numpy"]["state"]["key"].astype(np.int64))
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict):
+    random.setstate(state["python"])
+    numpy_state = state["numpy"]
+    numpy_state["state"]["key"] = numpy_state["state"]["key"].numpy().astype(np.uint32)
+    np.random.set_state(numpy_state)
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -22,8 +22,9 @@ from safetensors.torch import load_file
 
 import svp
 import train
-from model.avatar import build_denoiser, load_avatar_weights
+from model.avatar import build_denoiser, held_out_loss, load_avatar_weights
 from model.controlnet import CONTROLNET_PREFIX
+from model.files import load_checkpoint, save_checkpoint
 from model.loading import UNET_PREFIX, CheckpointError, load_stable_diffusion, write_tiny_base
 from model.pipeline import encode_prompts
 from model.sampling import NoiseSchedule
@@ -177,8 +178,8 @@ def test_it_learns_to_use_the_conditioning(demo_run, tmp_path):
     assert data.split.held_out == (20, 21, 22, 23)
     context = encode_prompts(sd, ["a photo of sks person"])
     schedule = NoiseSchedule.from_config(sd.config)
-    with_hint = train.held_out_loss(denoiser, schedule, data, context, seed=1, batch_size=8)
-    zeroed = train.held_out_loss(denoiser, schedule, data, context, seed=1, batch_size=8, zero_hint=True)
+    with_hint = held_out_loss(denoiser, schedule, data, context, seed=1, batch_size=8)
+    zeroed = held_out_loss(denoiser, schedule, data, context, seed=1, batch_size=8, zero_hint=True)
     print(f"held-out loss {with_hint:.4f} with the conditioning, {zeroed:.4f} with it zeroed")
     assert zeroed >= 1.03 * with_hint
 
@@ -193,7 +194,7 @@ def test_rerun_resumes_exactly_after_a_kill(demo_run, tmp_path):
     killed = subprocess.run([sys.executable, "train.py", "--video", "demo", "--out", str(out), *TINY_ARGS, *args,
                              "--stop-after", "5"], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert killed.returncode == -9, killed.stderr[-2000:]
-    assert train.load_checkpoint(str(out / "checkpoint.pt"))["step"] == 4
+    assert load_checkpoint(str(out / "checkpoint.pt"))["step"] == 4
     assert not os.path.exists(out / "avatar.safetensors")
     assert read_log(out)[-1]["step"] == 5
 
@@ -231,17 +232,17 @@ def test_ctrl_c_ends_in_one_line_naming_the_step(demo_run, tmp_path):
 
 def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
     path = str(tmp_path / "checkpoint.pt")
-    train.save_checkpoint(path, {"step": 4, "weights": torch.ones(3)})
+    save_checkpoint(path, {"step": 4, "weights": torch.ones(3)})
 
     def disk_full(obj, f):
         with open(f, "wb") as handle:
             handle.write(b"half a checkpoint")
         raise OSError(28, "No space left on device")
-    monkeypatch.setattr(train.torch, "save", disk_full)
+    monkeypatch.setattr(torch, "save", disk_full)
     with pytest.raises(OSError, match="checkpoint.pt.*No space left.*previous one is unchanged"):
-        train.save_checkpoint(path, {"step": 8, "weights": torch.zeros(3)})
+        save_checkpoint(path, {"step": 8, "weights": torch.zeros(3)})
     assert os.listdir(tmp_path) == ["checkpoint.pt"]
-    checkpoint = train.load_checkpoint(path)
+    checkpoint = load_checkpoint(path)
     assert checkpoint["step"] == 4 and torch.equal(checkpoint["weights"], torch.ones(3))
 
 

@@ -3,6 +3,7 @@ by selenium through chromedriver): the image, the figures, the controls, who may
 
 The browser tests are skipped, saying why, only where Chromium is not installed (.ci/run installs it).
 """
+import contextlib
 import io
 import json
 import os
@@ -181,10 +182,9 @@ def test_close_ends_open_streams(page):
 
 # The page in Chromium.
 
-@pytest.fixture(scope="module")
-def browser():
-    if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
-        pytest.skip(f"Chromium is not installed ({CHROMIUM}, {CHROMEDRIVER}: Debian's chromium, chromium-driver)")
+@contextlib.contextmanager
+def headless_chromium():
+    """Debian's Chromium under selenium, headless, with a throwaway profile (bench/page.py uses it too)."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     with tempfile.TemporaryDirectory() as profile:
@@ -199,6 +199,14 @@ def browser():
             yield driver
         finally:
             driver.quit()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
+        pytest.skip(f"Chromium is not installed ({CHROMIUM}, {CHROMEDRIVER}: Debian's chromium, chromium-driver)")
+    with headless_chromium() as driver:
+        yield driver
 
 
 def open_page(browser, url: str, width=900, height=600):
@@ -249,6 +257,16 @@ def test_the_page_shows_the_newest_frame(browser, page):
     wait(lambda: shown_color(browser) == (4, 0, 0))
     page.publish(solid((30, 30, 200)))
     wait(lambda: shown_color(browser) == (0, 0, 4), seconds=5)
+
+
+def test_a_page_without_controls_shows_none(browser):
+    page = LivePage(0).start()
+    try:
+        open_page(browser, page.url)
+        assert browser.find_elements("css selector", "form, input") == []
+        assert browser.find_element("id", "fps").text == "–"  # the figures are there, still unknown
+    finally:
+        page.close()
 
 
 def test_the_numbers_move(browser, page):

@@ -157,10 +157,12 @@ def handler_for(page: LivePage):
         def do_POST(self):
             if self.path != "/controls":
                 return self.send_error(404)
-            if self.foreign() or not hmac.compare_digest(self.headers.get("X-Token", "").encode(), page.token.encode()):
+            token = self.headers.get("X-Token", "").encode()
+            if self.foreign() or not hmac.compare_digest(token, page.token.encode()):
                 return self.json(403, {"error": "refused: only the page this run served may steer it"})
             try:
-                changes = json.loads(self.rfile.read(min(int(self.headers.get("Content-Length") or 0), 1 << 16)))
+                length = min(max(int(self.headers.get("Content-Length") or 0), 0), 1 << 16)  # at most 64 KiB
+                changes = json.loads(self.rfile.read(length))
             except ValueError:
                 return self.json(400, {"error": "controls: the request is not JSON"})
             self.json(*page.steer(changes))

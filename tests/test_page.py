@@ -118,7 +118,8 @@ def test_a_change_with_the_token_is_applied(page):
     status, reply = post(page, {"morph": "Tom Cruise", "morph_weight": "0.3"}, {"X-Token": page.token})
     assert status == 200
     version, settings = page.controls.current()
-    assert version == 1 and settings == LiveSettings(prompt="a photo of sks person", morph="Tom Cruise", morph_weight=0.3)
+    assert version == 1
+    assert settings == LiveSettings(prompt="a photo of sks person", morph="Tom Cruise", morph_weight=0.3)
     assert reply["settings"]["morph"] == "Tom Cruise"
 
 
@@ -138,7 +139,8 @@ def test_a_bad_value_is_refused_in_one_line_and_changes_nothing(page):
     {"X-Token": "TOKEN", "Host": "evil.example:PORT"},            # DNS rebinding: evil.example -> 127.0.0.1
 ], ids=["no-token", "wrong-token", "foreign-origin", "null-origin", "rebound-host"])
 def test_a_control_request_from_elsewhere_is_refused(page, headers):
-    headers = {name: value.replace("TOKEN", page.token).replace("PORT", str(page.port)) for name, value in headers.items()}
+    headers = {name: value.replace("TOKEN", page.token).replace("PORT", str(page.port))
+               for name, value in headers.items()}
     status, reply = post(page, {"morph": "evil"}, headers)
     assert status == 403 and reply["error"].startswith("refused")
     assert page.controls.current() == (0, INITIAL)
@@ -328,9 +330,11 @@ def test_a_bad_value_shows_its_message_and_changes_nothing(browser, page):
     wait_for_text(browser, "control-message", "morph_weight: must be between 0 and 1, got '1.5'")
     assert page.controls.current() == (0, INITIAL)
     assert number.get_attribute("value") == "0.5"  # the page goes back to what the run uses
-    type_into(number, "0.25")  # and the next good value is taken
+    assert "refused" in number.get_attribute("class")  # and marks the field
+    type_into(number, "0.25")  # the next good value is taken
     wait(lambda: page.controls.current()[1].morph_weight == 0.25)
     wait_for_text(browser, "control-message", "")
+    assert "refused" not in number.get_attribute("class")
 
 
 def test_another_site_open_in_the_browser_cannot_steer(browser, page):

@@ -53,23 +53,31 @@ def post(page: LivePage, changes, headers: dict) -> tuple[int, dict]:
         return error.code, json.loads(error.read())
 
 
-def jpegs_from(url: str, count: int, timeout: float) -> list[Image.Image]:
-    """The first `count` JPEGs of the page's MJPEG stream (multipart/x-mixed-replace). A part has no length:
+def mjpeg_frames(url: str, timeout: float):
+    """The JPEGs of the page's MJPEG stream (multipart/x-mixed-replace) as they come. A part has no length:
     it ends where the next boundary begins, sent with the part (see LivePage.send_stream), so reading a
     frame never waits for the next one to be published."""
-    images = []
     with urllib.request.urlopen(url, timeout=timeout) as stream:
         assert stream.headers["Content-Type"].startswith("multipart/x-mixed-replace")
         assert stream.readline() == b"--frame\r\n"
-        while len(images) < count:
+        while True:
             headers = dict(line.decode().strip().split(": ", 1) for line in iter(stream.readline, b"\r\n"))
             assert headers["Content-Type"] == "image/jpeg"
             lines = []
             while not (len(lines) > 1 and lines[-1] == b"--frame\r\n" and lines[-2].endswith(b"\r\n")):
                 lines.append(stream.readline())
-            images.append(Image.open(io.BytesIO(b"".join(lines[:-1])[:-2])))
-            images[-1].load()
-    return images
+            image = Image.open(io.BytesIO(b"".join(lines[:-1])[:-2]))
+            image.load()
+            yield image
+
+
+def jpegs_from(url: str, count: int, timeout: float) -> list[Image.Image]:
+    """The first `count` JPEGs of the stream."""
+    frames = mjpeg_frames(url, timeout)
+    try:
+        return [next(frames) for _ in range(count)]
+    finally:
+        frames.close()
 
 
 def solid(color, height=64, width=128) -> np.ndarray:
@@ -90,18 +98,14 @@ def test_the_page_carries_a_token_of_its_own_and_the_settings(page):
 
 def test_the_stream_sends_each_newest_frame_without_waiting_for_the_next(page):
     page.publish(solid((200, 30, 30)))
-    first = []
-    reader = threading.Thread(target=lambda: first.extend(jpegs_from(page.url + "stream.mjpg", 1, timeout=10)))
-    reader.start()
-    reader.join(15)  # the only frame published is read whole: its part ends as it is sent
-    assert len(first) == 1 and np.abs(np.asarray(first[0], int) - (200, 30, 30)).max() <= 8
-
-    def publish_later():
-        time.sleep(0.5)
+    frames = mjpeg_frames(page.url + "stream.mjpg", timeout=10)
+    try:
+        first = next(frames)  # whole while it is the only frame published (else: a read timeout)
         page.publish(solid((30, 30, 200)))
-    threading.Thread(target=publish_later).start()
-    frames = jpegs_from(page.url + "stream.mjpg", 2, timeout=10)
-    assert [tuple(np.asarray(f)[32, 64] // 50) for f in frames] == [(4, 0, 0), (0, 0, 4)]
+        second = next(frames)
+    finally:
+        frames.close()
+    assert [tuple(np.asarray(f)[32, 64] // 50) for f in (first, second)] == [(4, 0, 0), (0, 0, 4)]
 
 
 def test_the_stats_are_served_as_published(page):

@@ -28,7 +28,7 @@ from model.files import atomic_write
 from tracking.cli import (ArgumentParser, available_device, existing_file, fraction, lora_file_and_scale,
                           multiple_of_8, non_negative_float, non_negative_int, nonempty_text, output_dir_problem,
                           output_file_problem, port, positive_int, run_command)
-from tracking.page import MjpegServer
+from live.page import LivePage
 from svp import VideoSampling  # its class attributes are the video defaults
 
 
@@ -67,7 +67,7 @@ def parse_args(argv=None):
     args.page = None
     if args.serve is not None:  # bound now, so that a port in use is refused before the avatar loads
         try:
-            args.page = MjpegServer(args.serve)
+            args.page = LivePage(args.serve)
         except OSError as error:
             p.error(f"argument --serve: cannot listen on 127.0.0.1:{args.serve} ({error.strerror})")
     return args

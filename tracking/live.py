@@ -4,7 +4,7 @@
       -> 68 landmarks (FaceTracker, the box from the previous frame's landmarks) -> square face crop
       -> FLAME fit of that one frame, warm-started from the previous one, the avatar's identity and camera
       -> its conditioning image -> Avatar.stream (one frame out per frame in, `steps` frames late)
-      -> the mp4, written as it goes, and the MJPEG page (driving crop | avatar, tracking/page.py)
+      -> the mp4, written as it goes, and the MJPEG page (driving crop | avatar, live/page.py)
 
 A seq.npz drives every frame in order (no clock, nothing dropped): the frames are `Avatar.render`'s.
 Ctrl-C stops taking frames; the frames in flight are finished and the mp4 is closed, playable.
@@ -22,7 +22,7 @@ import numpy as np
 
 from tracking.fit import fit_frame
 from tracking.landmarks import FaceTracker
-from tracking.page import MjpegServer
+from live.page import LivePage
 from tracking.pipeline import DEFAULT_MAX_GAP, TrackingError, to_crop_pixels
 from tracking.sequence import FlameSequence, load_seq
 from tracking.video import (VideoError, VideoNotFoundError, VideoWriter, crop_frames, iter_frames, smooth_crop_boxes,
@@ -225,7 +225,7 @@ class LiveRun:
     stopped: bool           # by Ctrl-C
 
 
-def drive(avatar, source: str, out: str, settings, server: MjpegServer | None = None, prompt: str | None = None,
+def drive(avatar, source: str, out: str, settings, server: LivePage | None = None, prompt: str | None = None,
           side_by_side: bool = False, on_frame=None) -> LiveRun:
     """Drive `avatar` (svp.Avatar) from `source` into the mp4 `out` (and onto the page `server`, closed when
     the run ends), see the module doc.

@@ -15,6 +15,12 @@ the neck prior decides the split, and evaluation should compare their compositio
 
 Landmarks are projected with the rasterizer's `project` after `opengl_to_opencv` (the sequence's
 camera space has OpenGL axes), so the fitted mesh renders where the landmarks were seen.
+
+Live tracking fits one frame at a time, the identity shape and focal fixed, warm-started from the
+previous frame: `FrameFit` (a millisecond or two: Levenberg-Marquardt on tables folded once per track).
+`fit_frame` states the same one-frame problem plainly, through `_Fit` and L-BFGS (70-180 ms a frame):
+it is FrameFit's reference, for tests and benchmarks, the way kernels/ keeps a plain reference beside
+each fast kernel.
 """
 import contextlib
 import math
@@ -207,8 +213,9 @@ def fit_sequence(flame, landmarks, image_size, fps=25.0, confidence=None, config
 
 
 def fit_frame(flame, landmarks, image_size, shape, focal, previous=None, iters=20, fps=25.0, config=None):
-    """Fit one frame (live tracking) -> a one-frame FlameSequence, with the identity `shape` and the
-    `focal` length fixed (the avatar's): head pose, translation, jaw, neck and expression.
+    """Fit one frame -> a one-frame FlameSequence, with the identity `shape` and the `focal` length fixed
+    (the avatar's): head pose, translation, jaw, neck and expression. The reference of FrameFit, which
+    live tracking uses: the same objective (`_Fit.loss` of one frame), minimised by L-BFGS through autograd.
 
     landmarks: (68, 2) pixels. previous: the previous frame's one-frame FlameSequence, the warm start
     (a frame moves little, so `iters` L-BFGS iterations from there suffice); None: the Procrustes pose,

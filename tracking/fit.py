@@ -256,7 +256,7 @@ class FrameFit:
     """The live fit: one frame's 68 landmarks -> its FLAME parameters (a one-frame FlameSequence), with the
     identity `shape` and the `focal` length fixed (the avatar's): head pose, translation, jaw, neck and
     expression. Built once per track (flame, shape, focal, image size, config); a call takes a millisecond
-    or two.
+    or two on one core (bench/tracking.py).
 
     It minimises `fit_frame`'s objective (the reference it is tested against): Charbonnier reprojection
     error with the contour weight on the jaw line, FitConfig's L2 priors on expression, jaw and neck, the
@@ -299,7 +299,7 @@ class FrameFit:
         dirs = np.zeros((N_JOINTS, 3, n_coeffs))
         dirs[..., :self.n_exp] = f64(flame.J_dirs[flame.n_shape:]).transpose(1, 2, 0)
         self.joints = np.concatenate([rest[..., None], dirs], 2)[[GLOBAL, NECK, JAW]]      # (level,3,1+C)
-        self.contour, self._row = None, None
+        self.contour, self._row, self._row_tables = None, None, None  # the tables of the last contour row used
         if flame.dynamic_contour:
             corners = affine(flame.contour_v_template, flame.contour_shape_dirs, flame.contour_frame_dirs)
             corners = corners.reshape(-1, 3, 1 + n_coeffs)[flame.contour_corners_local.numpy()]  # (row,17,corner,3,1+C)
@@ -357,7 +357,7 @@ class FrameFit:
                 trial_loss, trial_residual = self._loss(trial, trial_pose, target)
                 if trial_loss < loss:
                     break
-                damping *= 10
+                damping *= 10  # (eventually the step is short enough to stop)
             theta, pose, loss, residual = trial, trial_pose, trial_loss, trial_residual
             damping = max(damping / 10, 1e-7)
         return theta

@@ -195,26 +195,28 @@ def check_same_minimum(flame_model, live, fits, landmarks, shape, focal, image_s
 @pytest.mark.slow
 def test_frame_fit_follows_known_head_motion(flame_sized):
     """A generated clip (the head turning up to ~25 degrees, nodding, talking; 0.5 px landmark noise), fitted
-    frame by frame from nothing as LiveTracker does: FrameFit minimises fit_frame's objective at least as
-    well and lands where its L-BFGS lands run to convergence, within 1 degree of the offline fit_sequence,
-    no further from the truth than fit_frame as run live (20 iterations), and reprojects as well."""
-    truth, clean, noisy = _noisy_observation(flame_sized, 12, seed=5)
+    frame by frame from nothing as LiveTracker does: within 1 degree of the offline fit_sequence; and on its
+    first frames (fit_frame is slow) FrameFit minimises fit_frame's objective at least as well, lands where
+    fit_frame's L-BFGS lands run to convergence, no further from the truth than fit_frame as run live (20
+    iterations), and reprojects as well."""
+    truth, clean, noisy = _noisy_observation(flame_sized, 48, seed=5)  # (fit_sequence drifts on short clips)
     live = fit.FrameFit(flame_sized, truth.shape, FOCAL, IMAGE_SIZE)
     fits = track_live(live, noisy)
-    to_converged = check_same_minimum(flame_sized, live, fits, noisy, truth.shape, FOCAL, IMAGE_SIZE)
-    assert to_converged[1:].max() < 0.5, to_converged
     offline = fit.fit_sequence(flame_sized, noisy, IMAGE_SIZE, truth.fps, shape=truth.shape,
                                config=FitConfig(focal=FOCAL, fit_focal=False))
     to_offline = rotation_error_degrees(rotations(fits), head_rotation(offline.global_rot, offline.neck_rot))
     assert to_offline.max() < 1.0, to_offline
+    first, fits, noisy = slice(12), fits[:12], noisy[:12]
+    to_converged = check_same_minimum(flame_sized, live, fits, noisy, truth.shape, FOCAL, IMAGE_SIZE)
+    assert to_converged[1:].max() < 0.5, to_converged
     today = track_live(with_fit_frame(flame_sized, IMAGE_SIZE, truth.shape, FOCAL), noisy)
-    true_rotation = head_rotation(truth.global_rot, truth.neck_rot)
+    true_rotation = head_rotation(truth.global_rot[first], truth.neck_rot[first])
     to_truth = rotation_error_degrees(rotations(fits), true_rotation)
     assert to_truth.mean() <= rotation_error_degrees(rotations(today), true_rotation).mean(), to_truth
     error, today_error = reprojection(flame_sized, fits, noisy), reprojection(flame_sized, today, noisy)
     assert error.mean() <= today_error.mean() + 0.2, (error.mean(), today_error.mean())
     assert all(np.array_equal(f.shape, truth.shape) and f.focal == FOCAL and f.n_frames == 1 for f in fits)
-    print(f"\nrotation to converged fit_frame {to_converged.max():.2f}, to fit_sequence {to_offline.max():.2f}, "
+    print(f"\nrotation to fit_sequence {to_offline.max():.2f}, to converged fit_frame {to_converged.max():.2f}, "
           f"to today's fit_frame {rotation_error_degrees(rotations(fits), rotations(today)).max():.2f} degrees; "
           f"reprojection {error.mean():.3f} px, today's {today_error.mean():.3f}")
 

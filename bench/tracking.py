@@ -10,8 +10,8 @@ Fitting runs on synthetic sequences (`synthetic_sequence`, also the tests' groun
   the cheek with the head's yaw (0.5 mm per degree), like a silhouette table: the fit's cost grows
   with the vertices such a table spans.
 The live one-frame fit (`FrameFit`, what LiveTracker runs per frame) and its reference `fit_frame` are
-timed frame by frame on the same synthetic sequences (0.5 px landmark noise), interleaved, each warm-started
-from its own previous fit: median and p90 per frame on one thread; the first frame (no previous fit: the
+timed frame by frame on the same synthetic sequences (0.5 px landmark noise), one after the other, each
+warm-started from its own previous fit: median and p90 per frame on one thread; the first frame (no previous fit: the
 Procrustes start and a rigid stage) and the time to build FrameFit apart. `--skip-fit --skip-command
 --hd-frames` (nothing after it) times these rows alone.
 The first row is the toy head's first fit in the process (cold: library and allocator start-up),
@@ -215,9 +215,11 @@ def fit_rows(args, tmp):
 
 
 def measure_live_fit(flame, n_frames, seed=0):
-    """FrameFit and fit_frame frame by frame, as LiveTracker calls them, interleaved on one synthetic
-    sequence: ({name: (wall seconds, CPU seconds of this thread) per frame}, seconds to build FrameFit). On
-    a loaded machine the CPU time says more than the wall clock."""
+    """FrameFit and fit_frame frame by frame, as LiveTracker calls them, on one synthetic sequence, one fit
+    after the other: ({name: (wall seconds, CPU seconds of this thread) per frame}, seconds to build
+    FrameFit). Not interleaved: on a loaded machine a FrameFit call just after fit_frame's 100 ms of CPU
+    waits for the core (the scheduler serves the other processes first) and finds its caches cold; it
+    took 3-5x as long. On a loaded machine the CPU time says more than the wall clock."""
     truth = synthetic_sequence(flame, n_frames, seed=seed)
     observed = seq_landmarks_2d(flame, truth) + np.random.default_rng(seed).normal(scale=0.5, size=(n_frames, 68, 2))
     start = time.perf_counter()
@@ -225,11 +227,12 @@ def measure_live_fit(flame, n_frames, seed=0):
     build = time.perf_counter() - start
     fits = {"FrameFit": live, "fit_frame (20 L-BFGS iterations)": lambda points, previous: fit_frame(
         flame, points, truth.image_size, truth.shape, truth.focal, previous)}
-    previous, seconds = dict.fromkeys(fits), {name: [] for name in fits}
-    for points in observed:
-        for name, fit_one in fits.items():
+    seconds = {name: [] for name in fits}
+    for name, fit_one in fits.items():
+        previous = None
+        for points in observed:
             start, start_cpu = time.perf_counter(), time.thread_time()
-            previous[name] = fit_one(points, previous[name])
+            previous = fit_one(points, previous)
             seconds[name].append((time.perf_counter() - start, time.thread_time() - start_cpu))
     return seconds, build
 

@@ -246,8 +246,9 @@ def live_fit_rows(n_frames, tmp):
         for fit_name, times in seconds.items():
             ms, cpu_ms = np.array(times[1:]).T * 1e3
             rows.append(f"| one-frame fit (live), {fit_name}, {name} ({len(flame.v_template)} vertices) | {len(ms)} | 1 "
-                        f"| {ms.sum() / 1e3:.2f} | {1e3 / np.median(ms):.0f} | median {np.median(ms):.1f} ms, p90 "
-                        f"{np.percentile(ms, 90):.1f} ms (CPU {np.median(cpu_ms):.1f} ms); first frame {times[0][0] * 1e3:.0f} ms"
+                        f"| {ms.sum() / 1e3:.2f} | {1e3 / np.median(ms):.0f} | median {np.median(ms):.1f} ms, "
+                        f"p90 {np.percentile(ms, 90):.1f} ms (CPU {np.median(cpu_ms):.1f} ms); "
+                        f"first frame {times[0][0] * 1e3:.0f} ms"
                         + (f"; built in {build * 1e3:.0f} ms" if fit_name == "FrameFit" else "")
                         + f"; load average {load:.1f} |")
             print(rows[-1], flush=True)

@@ -18,7 +18,7 @@ camera space has OpenGL axes), so the fitted mesh renders where the landmarks we
 
 Live tracking fits one frame at a time, the identity shape and focal fixed, warm-started from the
 previous frame: `FrameFit` (a millisecond or two: Levenberg-Marquardt on tables folded once per track).
-`fit_frame` states the same one-frame problem plainly, through `_Fit` and L-BFGS (70-180 ms a frame):
+`fit_frame` states the same one-frame problem plainly, through `_Fit` and L-BFGS (about 100 ms a frame):
 it is FrameFit's reference, for tests and benchmarks, the way kernels/ keeps a plain reference beside
 each fast kernel.
 """
@@ -29,7 +29,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from .flame import (GLOBAL, JAW, LEFT_EYE, N_CONTOUR, N_JOINTS, N_LANDMARKS, NECK, RIGHT_EYE, matrix_to_axis_angle)
+from .flame import GLOBAL, JAW, LEFT_EYE, N_CONTOUR, N_JOINTS, N_LANDMARKS, NECK, RIGHT_EYE, matrix_to_axis_angle
 from .render import opengl_to_opencv, project
 from .sequence import FlameSequence
 
@@ -237,7 +237,6 @@ def fit_frame(flame, landmarks, image_size, shape, focal, previous=None, iters=2
             fit.optimise(_RIGID, config.rigid_iters)
         fit.optimise(_RIGID + ("jaw_rot", "expression", "neck_rot"), iters)
     return fit.result(fps)
-
 
 
 # --------------------------------------------------------------------------- the live fit

@@ -105,8 +105,9 @@ def _decode_camera(device: str, container):
 class LiveTracker:
     """One video frame -> (its face crop, its FLAME parameters as a one-frame FlameSequence).
 
-    The FLAME fit (tracking.fit.FrameFit, built once) keeps the avatar's identity shape and camera (`reference`: the seq.npz it was trained
-    on, whose crops were `size` pixels) and starts from the previous frame's parameters. A frame without a
+    The FLAME fit (tracking.fit.FrameFit, built once) keeps the avatar's identity shape and camera
+    (`reference`: the seq.npz it was trained on, whose crops were `size` pixels) and starts from the
+    previous frame's parameters. A frame without a
     face keeps the previous parameters (before the first face: it is skipped, None); more than `max_gap`
     frames in a row without one is an error.
     """

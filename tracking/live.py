@@ -20,7 +20,7 @@ from fractions import Fraction
 import av
 import numpy as np
 
-from tracking.fit import fit_frame
+from tracking.fit import FrameFit
 from tracking.landmarks import FaceTracker
 from live.page import LivePage
 from tracking.pipeline import DEFAULT_MAX_GAP, TrackingError, to_crop_pixels
@@ -105,16 +105,17 @@ def _decode_camera(device: str, container):
 class LiveTracker:
     """One video frame -> (its face crop, its FLAME parameters as a one-frame FlameSequence).
 
-    The FLAME fit keeps the avatar's identity shape and camera (`reference`: the seq.npz it was trained
-    on, whose crops were `size` pixels) and starts from the previous frame's parameters. A frame without a
+    The FLAME fit (tracking.fit.FrameFit, built once) keeps the avatar's identity shape and camera
+    (`reference`: the seq.npz it was trained on, whose crops were `size` pixels) and starts from the
+    previous frame's parameters. A frame without a
     face keeps the previous parameters (before the first face: it is skipped, None); more than `max_gap`
     frames in a row without one is an error.
     """
 
     def __init__(self, flame, reference: FlameSequence, shape: np.ndarray, size: int, source: str,
                  max_gap: int = DEFAULT_MAX_GAP):
-        self.flame, self.shape, self.size, self.source, self.max_gap = flame, shape, size, source, max_gap
-        self.focal = reference.focal * size / reference.image_size[1]
+        self.size, self.source, self.max_gap = size, source, max_gap
+        self.fit = FrameFit(flame, shape, reference.focal * size / reference.image_size[1], (size, size))
         self.faces = FaceTracker()
         self.state = None     # FaceTracker's TrackState of the previous frame while the track holds
         self.box = None       # the previous crop box (float, smoothed)
@@ -143,7 +144,7 @@ class LiveTracker:
         box = self.box.round().astype(np.int64)
         crop = crop_frames(frame[None], box[None], self.size)[0]
         points = to_crop_pixels(landmarks[None], box[None], self.size)[0]
-        self.params = fit_frame(self.flame, points, (self.size, self.size), self.shape, self.focal, self.params)
+        self.params = self.fit(points, self.params)
         return crop, self.params
 
 

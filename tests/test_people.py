@@ -99,3 +99,30 @@ def test_a_one_person_clip_tracks_exactly_as_without_the_person_filter(tmp_path,
     with open(tmp_path / "with" / "people.json") as f:
         record = json.load(f)
     assert record["left_out"] == [] and [s["verdict"] for s in record["shots"]] == ["main person"]
+
+
+@pytest.fixture(scope="module")
+def live_tracker_factory(flame):
+    from tracking.live import LiveTracker
+    from tracking.sequence import FlameSequence
+    zeros = lambda *shape: np.zeros(shape, np.float32)  # noqa: E731
+    reference = FlameSequence(zeros(flame.n_shape), zeros(1, flame.n_exp), zeros(1, 3), zeros(1, 3), zeros(1, 3),
+                              zeros(1, 6), np.array([[0, 0, -0.5]], np.float32), focal=1000.0,
+                              image_size=(512, 512), fps=24.0)
+    return lambda: LiveTracker(flame, reference, zeros(flame.n_shape), 64, "two.mp4")
+
+
+@pytest.mark.parametrize("cuts_seen", [True, False])
+def test_live_keeps_the_person_it_started_with(live_tracker_factory, cuts_seen, monkeypatch):
+    """Another face taking over is not followed: its frames hold the last fit, counted as faceless. Without
+    the cut test, the switch is still caught: the face stops looking like the previous frame's."""
+    from two_people import iter_two_person_frames
+    if not cuts_seen:
+        monkeypatch.setattr(people_module.ShotCuts, "__call__", lambda self, frame: False)
+    tracker = live_tracker_factory()
+    shots = (("A", 8), ("B", 6), ("A", 6))
+    outputs = [tracker(i, frame) for i, frame in enumerate(iter_two_person_frames(shots))]
+    last_a = outputs[7][1]
+    assert all(params is last_a for _, params in outputs[8:14])  # B: held, not fitted
+    assert all(params is not last_a for _, params in outputs[14:])  # A again: followed
+    assert tracker.faceless == []

@@ -7,8 +7,9 @@ frame to a PeopleLog:
     CUT_DIFFERENCE (mean absolute difference, grey levels 0-1) starts a shot, and the pipeline drops the running track
     there: the detector searches the new shot afresh, so no face is carried across a cut unchecked. A cut
     found where there is none costs one search and one descriptor, so the test may err that way.
-  * Runs: the stretches the tracker followed one face through. A run starts at a cut and wherever the
-    detector found a face (the track's start, or after the track was lost), and is described by dlib's
+  * Runs: the stretches the tracker followed one face through. A run starts at a cut, wherever the
+    detector found a face (the track's start, or after the track was lost) and where the followed face
+    stops looking like the previous frame's (maybe_someone_new), and is described by dlib's
     face recognition network (tracking/identity.py) on up to SAMPLES_PER_RUN of its frames, SAMPLE_SPACING
     apart; the run's descriptor is their mean.
 After pass 1, `identify` groups the runs into people (a run joins the first group, largest first, whose
@@ -37,6 +38,32 @@ THUMB_SIDE = 48         # the cut test's thumbnails: about this many pixels on t
 SAMPLES_PER_RUN = 3     # descriptors per run ...
 SAMPLE_SPACING = 10     # ... this many frames apart (its first frame, then every SAMPLE_SPACING)
 REPORT_THUMB = 72       # height of a shot's picture in report.png
+RECHECK_EVERY = 30      # live: frames a followed face goes without its descriptor being checked
+
+
+class ShotCuts:
+    """The cut test: call it on every frame in order; True where a frame starts a new shot (not the first)."""
+
+    def __init__(self):
+        self.thumb = None  # the previous frame's thumbnail
+
+    def __call__(self, frame) -> bool:
+        thumb = _thumbnail(np.asarray(frame))
+        cut = self.thumb is not None and thumb.shape == self.thumb.shape \
+            and float(np.abs(thumb - self.thumb).mean()) > CUT_DIFFERENCE
+        self.thumb = thumb
+        return cut
+
+
+class Describer:
+    """Face descriptors of (frame, 68 landmarks), the network loaded when first needed."""
+
+    def __init__(self):
+        self.net = None
+
+    def __call__(self, frame, landmarks) -> np.ndarray:
+        self.net = self.net or FaceNet.load()
+        return self.net(face_chip(frame, landmarks)[None]).numpy()[0]
 
 
 class PeopleLog:
@@ -45,33 +72,29 @@ class PeopleLog:
 
     def __init__(self):
         self.cuts, self.run_starts, self.sample_frames, self.descriptors = [], [], [], []
-        self.thumb, self.shot_pictures, self.frames = None, [], 0
-        self._net = None
+        self.shot_pictures, self.frames = [], 0
+        self.cut_test, self.describe = ShotCuts(), Describer()
 
     def is_cut(self, frame) -> bool:
         """Whether `frame` starts a new shot (the first frame does not); call it once per frame, in order."""
-        thumb = _thumbnail(np.asarray(frame))
-        cut = self.thumb is not None and thumb.shape == self.thumb.shape \
-            and float(np.abs(thumb - self.thumb).mean()) > CUT_DIFFERENCE
-        self.thumb = thumb
+        cut = self.cut_test(frame)
         if cut:
             self.cuts.append(self.frames)
         if cut or self.frames == 0:
             self.shot_pictures.append(_picture(frame))
         return cut
 
-    def add(self, frame, landmarks, found: bool):
-        """Record frame self.frames: its landmarks (None without a face), `found`: the detector found the
-        face there (a run starts)."""
+    def add(self, frame, landmarks, new: bool):
+        """Record frame self.frames: its landmarks (None without a face); new: the face may be someone new
+        (maybe_someone_new): a run starts."""
         t = self.frames
         if landmarks is not None:
-            if found or not self.run_starts:
+            if new or not self.run_starts:
                 self.run_starts.append(t)
             offset = t - self.run_starts[-1]
             if offset % SAMPLE_SPACING == 0 and offset // SAMPLE_SPACING < SAMPLES_PER_RUN:
-                self._net = self._net or FaceNet.load()
                 self.sample_frames.append(t)
-                self.descriptors.append(self._net(face_chip(frame, landmarks)[None]).numpy()[0])
+                self.descriptors.append(self.describe(frame, landmarks))
         self.frames += 1
 
     def state(self) -> dict:
@@ -79,7 +102,7 @@ class PeopleLog:
         return {"people_cuts": np.array(self.cuts, np.int64), "people_runs": np.array(self.run_starts, np.int64),
                 "people_samples": np.array(self.sample_frames, np.int64),
                 "people_descriptors": np.array(self.descriptors, np.float32).reshape(-1, 128),
-                "people_thumb": np.zeros((0, 0), np.float32) if self.thumb is None else self.thumb,
+                "people_thumb": np.zeros((0, 0), np.float32) if self.cut_test.thumb is None else self.cut_test.thumb,
                 "people_pictures": pictures, "people_frames": np.int64(self.frames)}
 
     @classmethod
@@ -87,9 +110,37 @@ class PeopleLog:
         log_ = cls()
         log_.cuts, log_.run_starts = saved["people_cuts"].tolist(), saved["people_runs"].tolist()
         log_.sample_frames, log_.descriptors = saved["people_samples"].tolist(), list(saved["people_descriptors"])
-        log_.thumb = saved["people_thumb"] if saved["people_thumb"].size else None
+        log_.cut_test.thumb = saved["people_thumb"] if saved["people_thumb"].size else None
         log_.shot_pictures, log_.frames = list(saved["people_pictures"]), int(saved["people_frames"])
         return log_
+
+
+def maybe_someone_new(previous, state, lost: bool, min_similarity: float) -> bool:
+    """Whether the face FaceTracker.step returned (its TrackState `state`) may be someone new: the detector
+    found it (no `previous` TrackState, or the track was `lost`), or it looks unlike the previous frame's
+    face (face_patch correlation below `min_similarity`: the tracker kept it only because a face was there,
+    which is also what another person taking the same place looks like)."""
+    return previous is None or lost or float(previous.patch @ state.patch) < min_similarity
+
+
+class PersonLock:
+    """The live tracker's person: the first face it describes. A face the detector finds (at the start, after
+    the track was lost, or in a new shot), and a followed face every RECHECK_EVERY frames, must lie within
+    SAME_PERSON of it to be followed; anyone else is not."""
+
+    def __init__(self):
+        self.descriptor, self.unchecked = None, 0
+        self.new_shot, self.describe = ShotCuts(), Describer()
+
+    def accepts(self, frame, landmarks, found: bool) -> bool:
+        """Whether the face with these landmarks is the locked person; found: the detector found it."""
+        if not found and self.unchecked < RECHECK_EVERY:
+            self.unchecked += 1
+            return True
+        descriptor, self.unchecked = self.describe(frame, landmarks), 0
+        if self.descriptor is None:
+            self.descriptor = descriptor
+        return bool(np.linalg.norm(descriptor - self.descriptor) < SAME_PERSON)
 
 
 def _thumbnail(frame):

@@ -257,14 +257,18 @@ class _Affine(nn.Module):
         return x * self.gamma + self.beta
 
 
-def _conv(details):
-    weight = torch.from_numpy(details["weight"])
-    conv = nn.Conv2d(weight.shape[1], weight.shape[0], weight.shape[2:], details["stride"], details["padding"],
-                     bias=details["bias"].size > 0)
-    conv.weight.data.copy_(weight)
-    if conv.bias is not None:
-        conv.bias.data.copy_(torch.from_numpy(details["bias"]))
-    return conv.requires_grad_(False)
+class _Conv(nn.Module):
+    """A convolution with dlib's weights (buffers: nn.Conv2d would first fill random ones, which costs more
+    than reading the file)."""
+
+    def __init__(self, details):
+        super().__init__()
+        self.register_buffer("weight", torch.from_numpy(details["weight"]))
+        self.register_buffer("bias", torch.from_numpy(details["bias"]) if details["bias"].size else None)
+        self.stride, self.padding = details["stride"], details["padding"]
+
+    def forward(self, x):
+        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding)
 
 
 class _Unit(nn.Module):
@@ -277,8 +281,8 @@ class _Unit(nn.Module):
         if kinds not in (["con", "affine", "relu", "con", "affine", "add_prev", "relu"],
                          ["con", "affine", "relu", "con", "affine", "avg_pool", "add_prev", "relu"]):
             raise FaceNetFormatError(f"unexpected residual unit {kinds}")
-        self.block = nn.Sequential(_conv(layers[0][1]), _Affine(**layers[1][1]), nn.ReLU(),
-                                   _conv(layers[3][1]), _Affine(**layers[4][1]))
+        self.block = nn.Sequential(_Conv(layers[0][1]), _Affine(**layers[1][1]), nn.ReLU(),
+                                   _Conv(layers[3][1]), _Affine(**layers[4][1]))
         self.pool = layers[5][1] if kinds[5] == "avg_pool" else None
 
     def forward(self, x):
@@ -301,7 +305,7 @@ class FaceNet(nn.Module):
                 or layers[-2][1]["size"] != 0:
             raise FaceNetFormatError(f"unexpected network: starts {kinds[:5]}, ends {kinds[-2:]}")
         self.register_buffer("mean", torch.from_numpy(layers[0][1]["mean"]).view(1, 3, 1, 1))
-        self.stem = nn.Sequential(_conv(layers[1][1]), _Affine(**layers[2][1]), nn.ReLU())
+        self.stem = nn.Sequential(_Conv(layers[1][1]), _Affine(**layers[2][1]), nn.ReLU())
         self.stem_pool = layers[4][1]
         units, start = [], 5
         for end in range(start, len(layers) - 2):

@@ -40,7 +40,7 @@ from tracking.demo import write_demo_video
 from tracking.fit import fit_sequence, intra_op_threads
 from tracking.flame import FLAME, load_flame_model, load_landmark_embedding
 from tracking.landmarks import FaceTracker, TrackState, stack_results
-from tracking.people import PeopleLog, identify, maybe_someone_new, write_people, write_report
+from tracking.people import PeopleLog, PersonError, identify, maybe_someone_new, write_people, write_report
 from tracking.render import draw_landmarks, overlay
 from tracking.sequence import FlameSequence, load_seq, save_seq
 from tracking.toyhead import write_toy_flame
@@ -212,7 +212,10 @@ def _track(video, out_dir, flame, size, bbox, max_frames, max_gap, preview, fps,
     path = lambda name: os.path.join(out_dir, name)  # noqa: E731
     result, frame_shape, people_log = _track_landmarks(video, max_frames, bbox, path("pass1.partial.npz"))
     check_gaps(result.valid, max_gap, video)
-    people = identify(people_log, result.valid, person)
+    try:
+        people = identify(people_log, result.valid, person)
+    except PersonError as error:
+        raise TrackingError(f"{video}: {error}") from None
     write_people(path("people.json"), people, result.valid)
     write_report(path("report.png"), people, result.valid, people_log.shot_pictures)
     # Another person's frames are faceless to the fit and the crop boxes (bridged), and left out of training.

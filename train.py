@@ -233,6 +233,21 @@ def split_of(cfg: argparse.Namespace, n: int) -> svp.Split:
     return split
 
 
+def training_frames(cfg: argparse.Namespace, split: svp.Split, say: bool = True) -> list[int]:
+    """The split's training frames less those of another person (the track's people.json); `say`: log how
+    many train and where the track's report is."""
+    track_dir = os.path.join(cfg.out, "tracking")
+    left_out = left_out_frames(track_dir)
+    frames = [f for f in split.train if f not in left_out]
+    if not frames:
+        raise ValueError(f"{cfg.video}: no frame of the main person is left to train on; see {track_dir}/report.png")
+    if say:
+        log.info("training on %d of %d tracked frames (%d held out, %d of another person left out); "
+                 "the track's report: %s", len(frames), split.n_frames, len(split.held_out),
+                 len(split.train) - len(frames), os.path.join(track_dir, "report.png"))
+    return frames
+
+
 def prepare_data(cfg: argparse.Namespace, sd: StableDiffusion, base: str, ranks: svp.Processes, flame) -> FrameData:
     """Track, cache and record the split (<out>/split.json) on rank 0; the other ranks wait, then read the
     same files."""
@@ -380,15 +395,7 @@ def train_locked(cfg: argparse.Namespace, ranks: svp.Processes) -> Denoiser:
         if ranks.main:
             append_log(paths["log.jsonl"], record)
 
-    track_dir = os.path.join(cfg.out, "tracking")
-    left_out = left_out_frames(track_dir)  # frames that show another person (tracking/people.py)
-    train_frames = [f for f in data.split.train if f not in left_out]
-    if not train_frames:
-        raise ValueError(f"{cfg.video}: no frame of the main person is left to train on; see {track_dir}/report.png")
-    if ranks.main:
-        log.info("training on %d of %d tracked frames (%d held out, %d of another person left out); "
-                 "the track's report: %s", len(train_frames), data.split.n_frames, len(data.split.held_out),
-                 len(left_out - set(data.split.held_out)), os.path.join(track_dir, "report.png"))
+    train_frames = training_frames(cfg, data.split, say=ranks.main)
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not ranks.main, desc="training")
     try:
         while step < cfg.max_steps:

@@ -126,3 +126,19 @@ def test_live_keeps_the_person_it_started_with(live_tracker_factory, cuts_seen, 
     assert all(params is last_a for _, params in outputs[8:14])  # B: held, not fitted
     assert all(params is not last_a for _, params in outputs[14:])  # A again: followed
     assert tracker.faceless == []
+
+
+def test_training_leaves_the_other_persons_frames_out(two_person_track, tmp_path, caplog):
+    import logging
+    import shutil
+
+    import svp
+    import train
+    truth, _, folder = two_person_track
+    shutil.copytree(folder, tmp_path / "run" / "tracking")
+    cfg = train.parse_args(["--video", str(folder.parent / "clip.mp4"), "--out", str(tmp_path / "run"), "--preset", "tiny"])
+    split = svp.last_frames_split(len(truth), cfg.val_fraction)
+    with caplog.at_level(logging.INFO, logger="train"):
+        frames = train.training_frames(cfg, split)
+    assert frames == [f for f in split.train if truth[f] == "A"] and len(frames) > len(truth) // 2
+    assert f"training on {len(frames)} of {len(truth)} tracked frames" in caplog.text and "report.png" in caplog.text

@@ -7,9 +7,8 @@ frame to a PeopleLog:
     CUT_DIFFERENCE (mean absolute difference, grey levels 0-1) starts a shot, and the pipeline drops the running track
     there: the detector searches the new shot afresh, so no face is carried across a cut unchecked. A cut
     found where there is none costs one search and one descriptor, so the test may err that way.
-  * Runs: the stretches the tracker followed one face through. A run starts at a cut, wherever the
-    detector found a face (the track's start, or after the track was lost) and where the followed face
-    stops looking like the previous frame's (maybe_someone_new), and is described by dlib's
+  * Runs: the stretches the tracker followed one face through. A run starts at a cut and wherever the
+    detector found a face (the track's start, or after the track was lost), and is described by dlib's
     face recognition network (tracking/identity.py) on up to SAMPLES_PER_RUN of its frames, SAMPLE_SPACING
     apart; the run's descriptor is their mean.
 After pass 1, `identify` groups the runs into people (a run joins the first group, largest first, whose
@@ -30,9 +29,9 @@ from tracking.identity import SAME_PERSON, FaceNet, face_chip
 
 log = logging.getLogger(__name__)
 
-# Mean |grey difference| (0-1) of consecutive thumbnails that marks a cut. On tests/data/two_people.py's clip
-# (the demo's head turning a full cycle in 12 frames: faster than footage moves) frames within a shot differ
-# by at most 0.08, its cuts by 0.19.
+# Mean |grey difference| (0-1) of consecutive thumbnails that marks a cut. With the demo's head turning a
+# full cycle in 12 frames (faster than footage moves) frames within a shot differed by at most 0.08, the cuts
+# between the astronaut and the Mona Lisa (tests/data/two_people.py) by 0.19.
 CUT_DIFFERENCE = 0.12
 THUMB_SIDE = 48         # the cut test's thumbnails: about this many pixels on the long side
 SAMPLES_PER_RUN = 3     # descriptors per run ...
@@ -84,12 +83,12 @@ class PeopleLog:
             self.shot_pictures.append(_picture(frame))
         return cut
 
-    def add(self, frame, landmarks, new: bool):
-        """Record frame self.frames: its landmarks (None without a face); new: the face may be someone new
-        (maybe_someone_new): a run starts."""
+    def add(self, frame, landmarks, found: bool):
+        """Record frame self.frames: its landmarks (None without a face); found: the detector found the face
+        there (after a cut, a loss, or at the start): a run starts."""
         t = self.frames
         if landmarks is not None:
-            if new or not self.run_starts:
+            if found or not self.run_starts:
                 self.run_starts.append(t)
             offset = t - self.run_starts[-1]
             if offset % SAMPLE_SPACING == 0 and offset // SAMPLE_SPACING < SAMPLES_PER_RUN:
@@ -119,7 +118,9 @@ def maybe_someone_new(previous, state, lost: bool, min_similarity: float) -> boo
     """Whether the face FaceTracker.step returned (its TrackState `state`) may be someone new: the detector
     found it (no `previous` TrackState, or the track was `lost`), or it looks unlike the previous frame's
     face (face_patch correlation below `min_similarity`: the tracker kept it only because a face was there,
-    which is also what another person taking the same place looks like)."""
+    which is also what another person taking the same place looks like). Live checks each such face; the
+    track command does not start runs at the look test: in fast motion it fires every few frames, and a
+    one-frame run judged by one descriptor of a poorly fitted face could drop frames of the main person."""
     return previous is None or lost or float(previous.patch @ state.patch) < min_similarity
 
 

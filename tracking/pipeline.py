@@ -40,7 +40,7 @@ from tracking.demo import write_demo_video
 from tracking.fit import fit_sequence, intra_op_threads
 from tracking.flame import FLAME, load_flame_model, load_landmark_embedding
 from tracking.landmarks import FaceTracker, TrackState, stack_results
-from tracking.people import PeopleLog, PersonError, identify, maybe_someone_new, write_people, write_report
+from tracking.people import PeopleLog, PersonError, identify, write_people, write_report
 from tracking.render import draw_landmarks, overlay
 from tracking.sequence import FlameSequence, load_seq, save_seq
 from tracking.toyhead import write_toy_flame
@@ -282,10 +282,9 @@ def _track_landmarks(video, max_frames, bbox, checkpoint):
             for t, frame in enumerate(iter_frames(video, max_frames, start=len(results)), len(results)):
                 if people_log.is_cut(frame):
                     state = None  # a new shot: the detector searches it afresh, no face is carried across
-                previous = state
-                result, was_lost, state = tracker.step(frame, previous, bbox if t == 0 else None)
-                new = result is not None and maybe_someone_new(previous, state, was_lost, tracker.min_similarity)
-                people_log.add(frame, None if result is None else result[0], new)  # a run per face that may be new
+                found = state is None  # the detector (or the user's box) finds the face: a new run
+                result, was_lost, state = tracker.step(frame, state, bbox if t == 0 else None)
+                people_log.add(frame, None if result is None else result[0], found or was_lost)
                 results.append(result)
                 if was_lost:
                     lost.append(t)

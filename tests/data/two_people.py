@@ -4,6 +4,7 @@ Person A is scikit-image's astronaut (tracking/demo.py), person B the Mona Lisa 
 source and licence: make_identity_reference.py), each moving smoothly within its shot as the demo's head
 does. `shots` lists (person, frames); the clip is written frame by frame.
 """
+import itertools
 import os
 
 import numpy as np
@@ -13,6 +14,7 @@ from tracking.video import write_video
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHOTS = (("A", 24), ("B", 24), ("A", 24))
+MOTION_PERIOD = 48  # frames of a full cycle of the head's motion (2 s at 24 fps)
 
 
 def mona_lisa_photo(side=512):
@@ -29,7 +31,11 @@ def iter_two_person_frames(shots=SHOTS, size=384):
     photos = {"A": None, "B": mona_lisa_photo()}
     centres = {"A": (-0.1, -0.35), "B": (0.0, 0.0)}
     for seed, (person, n_frames) in enumerate(shots):
-        yield from iter_demo_frames(n_frames, size, seed, photo=photos[person], centre=centres[person])
+        # Each shot is the start of a demo clip of at least MOTION_PERIOD frames: the demo's head turns a
+        # full cycle per clip, far faster than footage moves when the clip is a few frames long.
+        frames = iter_demo_frames(max(n_frames, MOTION_PERIOD), size, seed, photo=photos[person],
+                                  centre=centres[person])
+        yield from itertools.islice(frames, n_frames)
 
 
 def write_two_person_video(path, shots=SHOTS, size=384, fps=24.0):

@@ -136,7 +136,8 @@ def test_training_leaves_the_other_persons_frames_out(two_person_track, tmp_path
     import train
     truth, _, folder = two_person_track
     shutil.copytree(folder, tmp_path / "run" / "tracking")
-    cfg = train.parse_args(["--video", str(folder.parent / "clip.mp4"), "--out", str(tmp_path / "run"), "--preset", "tiny"])
+    cfg = train.parse_args(["--video", str(folder.parent / "clip.mp4"), "--out", str(tmp_path / "run"),
+                            "--preset", "tiny"])
     split = svp.last_frames_split(len(truth), cfg.val_fraction)
     with caplog.at_level(logging.INFO, logger="train"):
         frames = train.training_frames(cfg, split)

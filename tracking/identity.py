@@ -290,9 +290,12 @@ class _Unit(nn.Module):
         if self.pool is not None:
             x = F.avg_pool2d(x, self.pool["size"], self.pool["stride"], self.pool["padding"])
         # dlib's add_prev: the sum over the larger of the two shapes, the smaller one zero-padded.
-        shape = [max(a, b) for a, b in zip(y.shape[1:], x.shape[1:])]
-        pad = lambda t: F.pad(t, (0, shape[2] - t.shape[3], 0, shape[1] - t.shape[2], 0, shape[0] - t.shape[1]))  # noqa: E731
-        return F.relu(pad(y) + pad(x))
+        return F.relu(_padded_to(y, x.shape) + _padded_to(x, y.shape))
+
+
+def _padded_to(x, shape):
+    """x (N, C, H, W) zero-padded at the end of each of C, H, W to at least `shape`'s."""
+    return F.pad(x, [p for size, target in zip(x.shape[:0:-1], shape[:0:-1]) for p in (0, max(0, target - size))])
 
 
 class FaceNet(nn.Module):

@@ -4,9 +4,10 @@ Real footage cuts between shots and between people (an interview's two speakers,
 audience); the landmark tracker follows whatever face it finds. Pass 1 of the track command feeds every
 frame to a PeopleLog:
   * Shots: a frame whose tiny grey thumbnail (about 12 px) differs from the previous frame's by more than
-    CUT_DIFFERENCE (mean absolute difference, grey levels 0-1) starts a shot, and the pipeline drops the running track
-    there: the detector searches the new shot afresh, so no face is carried across a cut unchecked. A cut
-    found where there is none costs one search and one descriptor, so the test may err that way.
+    CUT_DIFFERENCE (mean absolute difference, grey levels 0-1) starts a shot, and the pipeline drops the
+    running track there: the detector searches the new shot afresh, so no face is carried across a cut
+    unchecked. A cut found where there is none costs one search and one descriptor, so the test may err
+    that way.
   * Runs: the stretches the tracker followed one face through. A run starts at a cut and wherever the
     detector found a face (the track's start, or after the track was lost), and is described by dlib's
     face recognition network (tracking/identity.py) on up to SAMPLES_PER_RUN of its frames, SAMPLE_SPACING
@@ -18,7 +19,6 @@ someone else: their frames count as faceless for the fit (bridged by its smoothn
 of training. people.json lists them, report.png shows every shot.
 """
 import json
-import logging
 import os
 from dataclasses import dataclass
 
@@ -26,8 +26,6 @@ import numpy as np
 
 from model.files import atomic_write
 from tracking.identity import SAME_PERSON, FaceNet, face_chip
-
-log = logging.getLogger(__name__)
 
 # Mean |grey difference| (0-1) of consecutive thumbnails that marks a cut. With the demo's head turning a
 # full cycle in 12 frames (faster than footage moves) frames within a shot differed by at most 0.08, the cuts
@@ -106,12 +104,13 @@ class PeopleLog:
 
     @classmethod
     def from_state(cls, saved) -> "PeopleLog":
-        log_ = cls()
-        log_.cuts, log_.run_starts = saved["people_cuts"].tolist(), saved["people_runs"].tolist()
-        log_.sample_frames, log_.descriptors = saved["people_samples"].tolist(), list(saved["people_descriptors"])
-        log_.cut_test.thumb = saved["people_thumb"] if saved["people_thumb"].size else None
-        log_.shot_pictures, log_.frames = list(saved["people_pictures"]), int(saved["people_frames"])
-        return log_
+        people_log = cls()
+        people_log.cuts, people_log.run_starts = saved["people_cuts"].tolist(), saved["people_runs"].tolist()
+        people_log.sample_frames = saved["people_samples"].tolist()
+        people_log.descriptors = list(saved["people_descriptors"])
+        people_log.cut_test.thumb = saved["people_thumb"] if saved["people_thumb"].size else None
+        people_log.shot_pictures, people_log.frames = list(saved["people_pictures"]), int(saved["people_frames"])
+        return people_log
 
 
 def maybe_someone_new(previous, state, lost: bool, min_similarity: float) -> bool:
@@ -182,13 +181,13 @@ class PersonError(ValueError):
     """--person names a frame on which no face was tracked."""
 
 
-def identify(log_: PeopleLog, valid: np.ndarray, person: int | None = None) -> People:
+def identify(people_log: PeopleLog, valid: np.ndarray, person: int | None = None) -> People:
     """Who each run shows (module doc). valid (T,): pass 1's frames with a face; person: a frame showing
     the main person (None: the person seen on the most frames)."""
-    starts = np.array(log_.run_starts, np.int64)
+    starts = np.array(people_log.run_starts, np.int64)
     ends = [_run_end(valid, s, stop) for s, stop in zip(starts, np.append(starts[1:], len(valid)))]
-    sample_run = np.searchsorted(starts, log_.sample_frames, side="right") - 1
-    descriptors = np.array(log_.descriptors, np.float64).reshape(-1, 128)
+    sample_run = np.searchsorted(starts, people_log.sample_frames, side="right") - 1
+    descriptors = np.array(people_log.descriptors, np.float64).reshape(-1, 128)
     run_descriptors = np.array([descriptors[sample_run == i].mean(0) for i in range(len(starts))]).reshape(-1, 128)
     lengths = np.array([e - s + 1 for s, e in zip(starts, ends)])
     groups = _group(run_descriptors, lengths)
@@ -208,7 +207,7 @@ def identify(log_: PeopleLog, valid: np.ndarray, person: int | None = None) -> P
     for run in runs:
         if not run.main:
             other[run.start:run.end + 1] = True
-    return People(runs, other, list(log_.cuts))
+    return People(runs, other, list(people_log.cuts))
 
 
 def _run_end(valid, start, stop):
@@ -287,7 +286,8 @@ def write_report(path, people: People, valid: np.ndarray, pictures):
     width, height = REPORT_THUMB * 2 + 560, REPORT_THUMB + 8
     sheet = Image.new("RGB", (width, height * len(rows)), "white")
     draw = ImageDraw.Draw(sheet)
-    colours = {"main person": (0, 120, 0), "another person": (190, 0, 0), "mixed": (200, 110, 0), "no face": (90, 90, 90)}
+    colours = {"main person": (0, 120, 0), "another person": (190, 0, 0), "mixed": (200, 110, 0),
+               "no face": (90, 90, 90)}
     for i, (row, line) in enumerate(zip(rows, summary_lines(rows))):
         top = i * height + 4
         sheet.paste(Image.fromarray(np.asarray(pictures[i])), (4, top))

@@ -316,6 +316,8 @@ def _load_pass1(path):
     if not os.path.exists(path):
         return [], [], None, None, False, PeopleLog()
     with np.load(path) as saved:
+        if "people_frames" not in saved.files:  # saved before pass 1 logged shots and people: start over
+            return [], [], None, None, False, PeopleLog()
         results = [None if np.isnan(roll) else (points, box, float(roll))
                    for points, box, roll in zip(saved["landmarks"], saved["boxes"], saved["rolls"])]
         state = None if np.isnan(saved["state_roll"]) else \

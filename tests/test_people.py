@@ -51,7 +51,7 @@ def test_the_cuts_are_found_and_each_shot_is_judged(two_person_track):
     assert os.path.getsize(folder / "report.png") > 0
 
 
-def test_the_command_ends_with_the_report_in_words(two_person_track, capsys):
+def test_the_command_ends_with_the_report_in_words(two_person_track):
     _, _, folder = two_person_track
     lines = people_module.report_lines(str(folder))
     assert lines[1].startswith("shot 2: frames 12-23: another person") and "12 left out" in lines[1]

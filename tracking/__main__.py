@@ -1,7 +1,8 @@
 """Track a video: python -m tracking VIDEO --out DIR [--flame generic_model.pkl]
 
 Writes DIR/seq.npz (FLAME parameters per frame, schema in tracking/sequence.py), DIR/crops.npy,
-DIR/landmarks.npy, DIR/preview.mp4 (the fitted mesh and landmarks over the face crops) and
+DIR/landmarks.npy, DIR/preview.mp4 (the fitted mesh and landmarks over the face crops),
+DIR/people.json and DIR/report.png (the shots, who each shows, the frames left out of training) and
 DIR/source.json (what they were made from). VIDEO may be `demo` for a short offline demo video
 (tracking/demo.py). Memory does not grow with the video's length; an interrupted track resumes when
 the same command is run again; a rerun with other inputs tracks again.
@@ -11,6 +12,7 @@ import logging
 import os
 
 from tracking.cli import ArgumentParser, add_tracking_args, output_dir_problem, positive_int, run_command
+from tracking.people import report_lines
 from tracking.pipeline import load_flame, track_video
 
 
@@ -33,8 +35,10 @@ def main(argv=None):
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     tracked = track_video(args.video, args.out, load_flame(args.flame), size=args.size, bbox=args.bbox,
-                          max_frames=args.max_frames, max_gap=args.max_gap, preview=not args.no_preview)
+                          max_frames=args.max_frames, max_gap=args.max_gap, preview=not args.no_preview,
+                          person=args.person)
     print(f"tracked {tracked.seq.n_frames} frames -> {os.path.join(args.out, 'seq.npz')}")
+    print("\n".join(report_lines(args.out)))
 
 
 if __name__ == "__main__":

@@ -192,3 +192,6 @@ def add_tracking_args(p: argparse.ArgumentParser):
     p.add_argument("--max-frames", type=positive_int, default=None, help="track only the first N frames")
     p.add_argument("--max-gap", type=non_negative_int, default=DEFAULT_MAX_GAP,
                    help="longest run of frames without a face that is bridged by interpolation")
+    p.add_argument("--person", type=non_negative_int, default=None, metavar="FRAME",
+                   help="a frame that shows the person to track (default: the person seen on the most frames); "
+                        "frames of anyone else are left out of training (see report.png beside seq.npz)")

@@ -23,6 +23,7 @@ import numpy as np
 from tracking.fit import FrameFit
 from tracking.landmarks import FaceTracker
 from live.page import LivePage
+from tracking.people import PersonLock, maybe_someone_new
 from tracking.pipeline import DEFAULT_MAX_GAP, TrackingError, to_crop_pixels
 from tracking.sequence import FlameSequence, load_seq
 from tracking.video import (VideoError, VideoNotFoundError, VideoWriter, crop_frames, iter_frames, smooth_crop_boxes,
@@ -107,9 +108,9 @@ class LiveTracker:
 
     The FLAME fit (tracking.fit.FrameFit, built once) keeps the avatar's identity shape and camera
     (`reference`: the seq.npz it was trained on, whose crops were `size` pixels) and starts from the
-    previous frame's parameters. A frame without a
-    face keeps the previous parameters (before the first face: it is skipped, None); more than `max_gap`
-    frames in a row without one is an error.
+    previous frame's parameters. A frame without a face, or with only someone else's (the tracker follows
+    the first person it sees), keeps the previous parameters (before the first face: it is skipped, None);
+    more than `max_gap` frames in a row without one is an error.
     """
 
     def __init__(self, flame, reference: FlameSequence, shape: np.ndarray, size: int, source: str,
@@ -121,11 +122,22 @@ class LiveTracker:
         self.box = None       # the previous crop box (float, smoothed)
         self.params = None    # the previous frame's fit
         self.faceless = []  # source indices of the frames without a face since the last face
+        self.person = PersonLock()  # whom the tracker follows: the first face it sees
 
     def landmarks(self, frame: np.ndarray):
-        """(68, 2) landmarks of the face in `frame`, followed from the previous frame, or None."""
-        result, _, self.state = self.faces.step(frame, self.state)
-        return None if result is None else result[0]
+        """(68, 2) landmarks of the face in `frame`, followed from the previous frame, or None (no face, or
+        not the person the tracker started with: tracking/people.py's PersonLock)."""
+        if self.person.new_shot(frame):
+            self.state = None  # a cut: the face is searched for afresh, and checked
+        previous = self.state
+        result, lost, self.state = self.faces.step(frame, previous)
+        if result is None:
+            return None
+        if not self.person.accepts(frame, result[0],
+                                   maybe_someone_new(previous, self.state, lost, self.faces.min_similarity)):
+            self.state = None  # someone else: not followed, searched for again on the next frame
+            return None
+        return result[0]
 
     def __call__(self, index: int, frame: np.ndarray) -> tuple[np.ndarray, FlameSequence] | None:
         landmarks = self.landmarks(frame)

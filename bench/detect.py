@@ -1,24 +1,34 @@
 """Face search speed on the CPU: what a frame costs where the track is lost (FaceTracker.step without a
 running track: the full-frame search, then the landmark fits of its candidates), one thread.
 
-    python bench/detect.py [--repeats 15]
+    python bench/detect.py [--repeats 15] [--command-frames 120]
 
 Frames (generated from scikit-image's photos): a faceless 640x360 frame and a faceless 1920x1080 frame
-(the coffee photo, resized), and 640x360 frames with the astronaut's face (about 120 px high) upright
-and rolled 25° (beyond the upright search: a turned view finds it). Each row is the median of --repeats
-runs in this process; a followed frame (FaceTracker.step with a running track) is the row to compare
-with. The machine's load average is printed with the figures.
+(the rocket photo, resized), and 640x360 frames with the astronaut's face (about 120 px high) upright
+and rolled 25° (beyond the upright search: a turned view finds it). A faceless frame is timed as the
+first frame of a stretch without a face (every search: upright and four turns) and as a later one
+(the upright search and one turn, see FaceTracker). Each row is the median of --repeats runs in this
+process; a followed frame (FaceTracker.step with a running track) is the row to compare with.
+--command-frames N also times the whole track command (`python -m tracking`, toy head, 256 px crops, one
+core) on an N-frame 640x360 demo clip (tracking/demo.py) whose frames are 10% without a face, in two
+stretches. The machine's load average is printed with the figures.
 """
 import argparse
 import os
+import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from tracking.demo import iter_demo_frames  # noqa: E402
 from tracking.landmarks import FaceTracker  # noqa: E402
+from tracking.video import write_video  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def resized(image, shape):
@@ -27,10 +37,10 @@ def resized(image, shape):
 
 
 def face_frame(roll_degrees=0.0, shape=(360, 640)):
-    """The astronaut's face (about 120 px) turned by roll_degrees, pasted on the coffee photo."""
+    """The astronaut's face (about 120 px) turned by roll_degrees, pasted on the rocket photo."""
     from skimage import data
     from skimage.transform import rotate
-    frame = resized(data.coffee(), shape)
+    frame = resized(data.rocket(), shape)
     face = data.astronaut()[20:240, 110:330]           # the head, 220 px
     face = rotate(face, -roll_degrees, preserve_range=True, mode="edge").astype(np.uint8)
     face = resized(face, (180, 180))
@@ -39,9 +49,33 @@ def face_frame(roll_degrees=0.0, shape=(360, 640)):
     return frame
 
 
-def median_ms(function, repeats):
+def clip_with_faceless_stretches(path, n_frames):
+    """The demo face drifting over a 640x360 frame, with two stretches of n_frames / 20 frames without it."""
+    from skimage import data
+    faceless = resized(data.rocket(), (360, 640))
+    stretch = max(1, n_frames // 20)
+    gaps = {t for start in (n_frames // 3, 2 * n_frames // 3) for t in range(start, start + stretch)}
+    frames = iter_demo_frames(n_frames, size=200, frame_size=(360, 640))
+    write_video(path, (faceless if t in gaps else frame for t, frame in enumerate(frames)), fps=24)
+    return len(gaps)
+
+
+def command_seconds(n_frames):
+    """Seconds of the whole track command on clip_with_faceless_stretches, on one core."""
+    with tempfile.TemporaryDirectory() as tmp:
+        video = os.path.join(tmp, "clip.mp4")
+        faceless = clip_with_faceless_stretches(video, n_frames)
+        command = ["taskset", "-c", str(min(os.sched_getaffinity(0))), sys.executable, "-m", "tracking", video,
+                   "--out", os.path.join(tmp, "out"), "--size", "256"]
+        start = time.perf_counter()
+        subprocess.run(command, cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return time.perf_counter() - start, faceless
+
+
+def median_ms(function, repeats, prepare=lambda k: None):
     times = []
-    for _ in range(repeats):
+    for k in range(repeats):
+        prepare(k)
         start = time.perf_counter()
         function()
         times.append(time.perf_counter() - start)
@@ -51,28 +85,43 @@ def median_ms(function, repeats):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--command-frames", type=int, default=0, help="frames of the whole-command clip (0: skip)")
     args = parser.parse_args()
     import torch
     torch.set_num_threads(1)
     from skimage import data
     tracker = FaceTracker()
-    frames = {
-        "faceless 640x360": resized(data.coffee(), (360, 640)),
-        "faceless 1920x1080": resized(data.coffee(), (1080, 1920)),
-        "face found, upright, 640x360": face_frame(0.0),
-        "face found, rolled 25°, 640x360": face_frame(25.0),
-    }
-    for name, frame in frames.items():
-        found = tracker.step(frame)[2] is not None
-        assert found == name.startswith("face found"), f"{name}: found={found}"
-    state = tracker.step(frames["face found, upright, 640x360"])[2]
-    rows = [(name, median_ms(lambda frame=frame: tracker.step(frame), args.repeats)) for name, frame in frames.items()]
-    followed = median_ms(lambda: tracker.step(frames["face found, upright, 640x360"], state), args.repeats)
+    faceless = {"640x360": resized(data.rocket(), (360, 640)), "1920x1080": resized(data.rocket(), (1080, 1920))}
+    faces = {"upright": face_frame(0.0), "rolled 25°": face_frame(25.0)}
+    for frame in faceless.values():
+        assert tracker.step(frame)[2] is None
+    for frame in faces.values():
+        tracker.misses = 0
+        assert tracker.step(frame)[2] is not None
+    first = lambda k: setattr(tracker, "misses", 0)  # noqa: E731  the first frame of a stretch: every search
+    later = lambda k: setattr(tracker, "misses", 1 + k)  # noqa: E731  a later one: upright + one turn, in turn
+    rows = []
+    for size, frame in faceless.items():
+        rows.append((f"no face, {size}, first frame without one (every search)",
+                     median_ms(lambda: tracker.step(frame), args.repeats, first)))
+        rows.append((f"no face, {size}, a later frame without one (upright + one turn)",
+                     median_ms(lambda: tracker.step(frame), args.repeats, later)))
+    for name, frame in faces.items():
+        rows.append((f"face {name} found, 640x360, first frame searched",
+                     median_ms(lambda: tracker.step(frame), args.repeats, first)))
+    state = tracker.step(faces["upright"])[2]
+    rows.append(("followed face (for comparison), 640x360",
+                 median_ms(lambda: tracker.step(faces["upright"], state), args.repeats)))
     load = os.getloadavg()[0]
-    print(f"| frame (lost track: full-frame search) | ms, median of {args.repeats} | load |")
+    print(f"| frame where the track is lost (FaceTracker.step) | ms, median of {args.repeats} | load |")
     print("|---|---|---|")
-    for name, ms in rows + [("followed face (for comparison), 640x360", followed)]:
+    for name, ms in rows:
         print(f"| {name} | {ms:.1f} | {load:.1f} |")
+    if args.command_frames:
+        load = os.getloadavg()[0]
+        seconds, faceless = command_seconds(args.command_frames)
+        print(f"| whole track command, {args.command_frames}-frame 640x360 clip, {faceless} frames without a face "
+              f"(two stretches), 1 core | {1000 * seconds:.0f} | {load:.1f} |")
 
 
 if __name__ == "__main__":

@@ -111,7 +111,8 @@ def test_upright_view_turns_about_the_centre():
     returned mapping takes the view's point back to the original one."""
     image = np.zeros((21, 31), np.uint8)
     image[5, 20] = 255
-    view, to_image = detect._upright_view(image, np.pi / 2, (15.0, 10.0), (31, 21))
+    view, inside, to_image = detect._upright_view(image, np.pi / 2, (15.0, 10.0), (31, 21))
     found = np.argwhere(view == view.max())[0][::-1]                # (x, y) in the view
     np.testing.assert_allclose(to_image(found[None].astype(float))[0], [20, 5], atol=1e-6)
     assert view.max() == 255 and (view > 0).sum() == 1
+    assert inside.all()  # a half turn of a 31x21 image about its centre: 21x31, all of it

@@ -67,14 +67,16 @@ class LbpCascade:
             _frontal_face = cls(data.lbp_frontal_face_cascade_filename())
         return _frontal_face
 
-    def detect(self, gray, min_side, max_side, scale_factor=1.2, step_ratio=1.0, coarse=2, min_neighbours=4):
+    def detect(self, gray, min_side, max_side, scale_factor=1.2, step_ratio=1.0, coarse=2, min_neighbours=4,
+               inside=None):
         """Faces in a grayscale image (H,W) as (K,4) boxes (x0, y0, x1, y1), K >= 0.
 
         The windows of scikit-image's `Cascade.detect_multi_scale` with the same arguments (sides from
         min_side to max_side, scale_factor apart; step_ratio times the scale between positions), and its
         grouping of overlapping hits (a face needs `min_neighbours` of them). coarse=1 evaluates every
         window, as scikit-image does; coarse=k first classifies every k-th position in each direction, then
-        the positions within k-1 steps of those that passed.
+        the positions within k-1 steps of those that passed. inside: optional (H,W) bool, the pixels that
+        show the scene (a turned view's canvas is filled around it): only windows centred there are classified.
         """
         gray = np.asarray(gray)
         exact = gray.dtype == np.uint8 and gray.size * 255 < 2 ** 31  # int32 sums are exact (and fast)
@@ -87,18 +89,23 @@ class LbpCascade:
             max_row, max_col = gray.shape[0] - height, gray.shape[1] - width
             if max_row <= 0 or max_col <= 0:
                 continue
-            rows, cols = self._scan(integral, scale, np.arange(0, max_row, step), np.arange(0, max_col, step), coarse)
+            centred = None if inside is None else inside[height // 2:, width // 2:]  # at a window's top-left
+            rows, cols = self._scan(integral, scale, np.arange(0, max_row, step), np.arange(0, max_col, step), coarse,
+                                    centred)
             hits += [(r, c, width, height) for r, c in zip(rows.tolist(), cols.tolist())]
         groups = _group_detections(hits, min_neighbours)
         return np.array([[c, r, c + w, r + h] for r, c, w, h in groups], np.float64).reshape(-1, 4)
 
-    def _scan(self, integral, scale, rows, cols, coarse):
-        """(rows, cols) of the windows at these positions (a grid) that pass the cascade, row-major."""
+    def _scan(self, integral, scale, rows, cols, coarse, centred=None):
+        """(rows, cols) of the windows at these positions (a grid) that pass the cascade, row-major.
+        centred: None, or whether a window at each top-left position is centred on the scene."""
         stride, flat = integral.shape[1], integral.ravel()
         rects = (np.float32(self.features) * np.float32(scale)).astype(np.int64)  # truncated, as scikit-image
         offsets = _corner_offsets(rects, stride)
         rows_coarse, cols_coarse = rows[::coarse], cols[::coarse]
         alive = self._stages_on_grid(integral, rects, rows_coarse, cols_coarse)
+        if centred is not None:
+            alive &= centred[rows_coarse[:, None], cols_coarse[None, :]]
         starts = (rows_coarse[:, None] * stride + cols_coarse[None, :])[alive]
         depth = self._depth(flat, starts, offsets, first_stage=_DENSE_STAGES)
         if coarse > 1:
@@ -109,7 +116,10 @@ class LbpCascade:
             c = np.searchsorted(cols, close % stride)[:, None] + near
             r, c = np.broadcast_arrays(r[:, :, None], c[:, None, :])
             inside = (r >= 0) & (r < len(rows)) & (c >= 0) & (c < len(cols))
-            starts = np.unique(rows[r[inside]] * stride + cols[c[inside]])
+            r, c = rows[r[inside]], cols[c[inside]]
+            if centred is not None:
+                r, c = r[centred[r, c]], c[centred[r, c]]
+            starts = np.unique(r * stride + c)
             depth = self._depth(flat, starts, offsets)
         passed = starts[depth == len(self.stages)]
         return passed // stride, passed % stride
@@ -271,8 +281,8 @@ def _turned_detections(gray, roll, min_side):
     height, width = gray.shape
     cos, sin = abs(np.cos(roll)), abs(np.sin(roll))
     shape = (int(np.ceil(width * sin + height * cos)), int(np.ceil(width * cos + height * sin)))
-    view, to_gray_points = _upright_view(gray, roll, ((width - 1) / 2, (height - 1) / 2), shape)
-    boxes = cascade.detect(view, min_side, max(shape), coarse=_COARSE)
+    view, inside, to_gray_points = _upright_view(gray, roll, ((width - 1) / 2, (height - 1) / 2), shape)
+    boxes = cascade.detect(view, min_side, max(shape), coarse=_COARSE, inside=inside)
     centres, halves = to_gray_points((boxes[:, :2] + boxes[:, 2:]) / 2), (boxes[:, 2:] - boxes[:, :2]) / 2
     return list(np.concatenate([centres - halves, centres + halves], axis=1))
 
@@ -281,7 +291,8 @@ def _upright_view(gray, roll, centre, shape):
     """uint8 `gray` turned so that a face rolled by `roll` stands upright in it (bilinear, 0 outside).
 
     The view has `shape` (H,W) and shows gray's point `centre` (x, y) in its middle. Returns the
-    view and the function mapping view points (K,2) back to gray's coordinates.
+    view, where it shows gray ((H,W) bool), and the function mapping view points (K,2) back to gray's
+    coordinates.
     """
     turn = np.array([[np.cos(roll), -np.sin(roll)], [np.sin(roll), np.cos(roll)]])
     middle = (np.array(shape[::-1], np.float64) - 1) / 2
@@ -299,7 +310,8 @@ def _upright_view(gray, roll, centre, shape):
     at = (y0 + 1) * stride + (x0 + 1)
     top = flat[at] + fx * (flat[at + 1] - flat[at])
     bottom = flat[at + stride] + fx * (flat[at + stride + 1] - flat[at + stride])
-    return (top + fy * (bottom - top) + 0.5).astype(np.uint8), to_gray_points
+    inside = (x > -0.5) & (x < gray.shape[1] - 0.5) & (y > -0.5) & (y < gray.shape[0] - 0.5)  # on a pixel
+    return (top + fy * (bottom - top) + 0.5).astype(np.uint8), inside, to_gray_points
 
 
 def _block_mean(image, factor):
@@ -337,7 +349,7 @@ def face_near(image, box, roll=0.0):
     box = (np.asarray(box, np.float64) - [x0, y0, x0, y0]) * scale
     if roll:  # turned about the box's centre, which keeps the upright box where it is
         centre = (box[:2] + box[2:]) / 2
-        small, _ = _upright_view(small, roll, centre, small.shape)
+        small, _, _ = _upright_view(small, roll, centre, small.shape)
         box = box - np.tile(centre - (np.array(small.shape[::-1]) - 1) / 2, 2)
     # At this scale the face is about _CHECK_FACE_SIZE pixels: search 0.5x to 2x that, every position.
     found = LbpCascade.load().detect(small, max(_MIN_FACE_PIXELS, _CHECK_FACE_SIZE // 2), 2 * _CHECK_FACE_SIZE,

@@ -47,6 +47,23 @@ def test_every_window_scan_matches_scikit_image(cascade, name):
     assert ours == skimage_boxes(image, 24, max(image.shape))
 
 
+@pytest.mark.parametrize("rows, cols", [(range(0, 200, 4), range(0, 220, 4)), ([10], range(0, 220, 6)),
+                                        (range(3, 200, 6), [7])])
+def test_the_grid_evaluation_equals_the_window_by_window_one(cascade, rows, cols):
+    """The first stages run on a whole grid of windows at once (strided views) decide as the per-window
+    evaluation (gathers) does, for grids of one row or one column too."""
+    image = IMAGES["astronaut, halved"]()
+    integral = detect._integral_image(image)
+    rects = (np.float32(cascade.features) * np.float32(1.5)).astype(np.int64)
+    rows, cols = np.array(rows), np.array(cols)
+    grid = cascade._stages_on_grid(integral, rects, rows, cols)
+    starts = (rows[:, None] * integral.shape[1] + cols[None, :]).ravel()
+    dense = detect._DENSE_STAGES
+    each = cascade._depth(integral.ravel(), starts, detect._corner_offsets(rects, integral.shape[1]))
+    np.testing.assert_array_equal(grid.ravel(), each >= dense)
+    assert 0 < grid.sum() < grid.size  # some windows pass the first stages, some do not
+
+
 def iou(a, b):
     return detect._box_iou(a, b)
 

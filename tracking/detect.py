@@ -11,14 +11,15 @@ scikit-image runs the same cascade one window at a time over every pixel positio
 640x360 frame searched upright and turned four ways). Here every window of a scale goes through a stage
 together (one gather of all their corners, then array arithmetic), and the scan is coarse to fine: a grid
 `coarse` times sparser than scikit-image's is classified first, and the full grid is evaluated only around
-the windows that passed; a face passes the cascade over a patch of neighbouring positions, so some of
-them lie on the coarse grid. On a frame without a face nearly every window is rejected within the first
-stages, so the search costs a few stage evaluations per coarse window.
+the windows that came close (passed _REFINE_DEPTH of the 20 stages); a face passes the cascade over a
+patch of neighbouring positions and nearly passes around it, so some of them lie on the coarse grid. On a
+frame without a face nearly every window is rejected within the first stages (the first two, run on the
+whole grid at once, pass about one window in seven), so the search costs a few weak classifiers per
+coarse window.
 
-`detect_faces` searches a frame upright, then turned by ±15° and ±30° (faces rolled up to about 40°);
-`FaceSearch` spreads that search over frames when a frame's time is limited (live).
+`detect_faces` searches a frame upright, then turned by ±15° and ±30° (faces rolled up to about 40°), or
+only the searches asked for: FaceTracker spreads them over the frames of a stretch without a face.
 """
-import time
 import xml.etree.ElementTree as ET
 
 import numpy as np
@@ -41,8 +42,8 @@ class LbpCascade:
         root = ET.parse(path).getroot()
         self.window = int(root.find(".//height").text), int(root.find(".//width").text)
         # A feature: the top-left cell's (x, y) in the 24x24 window and the cells' width and height.
-        self.features = np.array([[int(v) for v in rect.find("rect").text.split()] for rect in root.find(".//features")],
-                                 np.int64)
+        self.features = np.array([[int(v) for v in feature.find("rect").text.split()]
+                                  for feature in root.find(".//features")], np.int64)
         self.stages = []  # per stage: (feature ids (S,), score tables (S, 256) float32, threshold float32)
         codes = np.arange(256)
         for stage in root.find(".//stages"):
@@ -79,9 +80,7 @@ class LbpCascade:
         show the scene (a turned view's canvas is filled around it): only windows centred there are classified.
         """
         gray = np.asarray(gray)
-        exact = gray.dtype == np.uint8 and gray.size * 255 < 2 ** 31  # int32 sums are exact (and fast)
-        integral = np.zeros((gray.shape[0] + 1, gray.shape[1] + 1), np.int32 if exact else np.float64)
-        np.cumsum(np.cumsum(gray, 0), 1, out=integral[1:, 1:])  # padded: integral[r, c] = gray[:r, :c].sum()
+        integral = _integral_image(gray)
         hits = []
         for scale in _scales(self.window[0], min_side, max_side, scale_factor):
             height, width = (int(np.float32(side) * scale) for side in self.window)
@@ -129,7 +128,7 @@ class LbpCascade:
 
         Most windows of a frame fail within these, so they are evaluated for every window at once: a
         cell's sum for all windows is a difference of strided views of the integral image (no gather)."""
-        step = rows[1] - rows[0] if len(rows) > 1 else 1
+        row_step, col_step = (int(v[1] - v[0]) if len(v) > 1 else 1 for v in (rows, cols))
         alive = np.ones((len(rows), len(cols)), bool)
         bits = np.empty((len(rows), len(cols), 8), bool)
         for ids, tables, threshold in self.stages[:_DENSE_STAGES]:
@@ -138,8 +137,8 @@ class LbpCascade:
             for feature, table in zip(ids, tables):
                 x, y, w, h = rects[feature]
                 # corner[a][b]: integral image at the feature's corner (a, b) of every window
-                corner = [[integral[rows[0] + y + a * h::step][:len(rows), cols[0] + x + b * w::step][:, :len(cols)]
-                           for b in range(4)] for a in range(4)]
+                corner = [[integral[rows[0] + y + a * h::row_step][:len(rows)]
+                           [:, cols[0] + x + b * w::col_step][:, :len(cols)] for b in range(4)] for a in range(4)]
                 across = [[row[b + 1] - row[b] for b in range(3)] for row in corner]
                 cells = [across[a + 1][b] - across[a][b] for a in range(3) for b in range(3)]
                 for bit, cell in enumerate(_NEIGHBOURS):
@@ -166,6 +165,14 @@ class LbpCascade:
             alive = alive[total >= threshold - _STAGE_EPS]
             depth[alive] += 1
         return depth
+
+
+def _integral_image(gray):
+    """(H+1, W+1) sums: integral[r, c] = gray[:r, :c].sum(); int32 where that is exact (and fast)."""
+    exact = gray.dtype == np.uint8 and gray.size * 255 < 2 ** 31
+    integral = np.zeros((gray.shape[0] + 1, gray.shape[1] + 1), np.int32 if exact else np.float64)
+    np.cumsum(np.cumsum(gray, 0), 1, out=integral[1:, 1:])
+    return integral
 
 
 def _corner_offsets(rects, stride):

@@ -76,52 +76,68 @@ class LbpCascade:
         min_side to max_side, scale_factor apart; step_ratio times the scale between positions), and its
         grouping of overlapping hits (a face needs `min_neighbours` of them). coarse=1 evaluates every
         window, as scikit-image does; coarse=k first classifies every k-th position in each direction, then
-        the positions within k-1 steps of those that passed. inside: optional (H,W) bool, the pixels that
-        show the scene (a turned view's canvas is filled around it): only windows centred there are classified.
+        the positions within k-1 steps of those that came close, and scans every other scale only around the
+        windows that came close on its neighbours. inside: optional (H,W) bool, the pixels that show the scene
+        (a turned view's canvas is filled around it): only windows centred there are classified.
         """
         gray = np.asarray(gray)
         integral = _integral_image(gray)
-        hits = []
-        for scale in _scales(self.window[0], min_side, max_side, scale_factor):
-            height, width = (int(np.float32(side) * scale) for side in self.window)
-            step = max(1, int(np.float32(scale) * np.float32(step_ratio) + np.float32(0.5)))  # C's rounding
+        scales = _scales(self.window[0], min_side, max_side, scale_factor)
+        hits, close = {}, {}  # per scale: its hits (r, c, width, height); centres and sides of windows that came close
+        # Coarse to fine in scale too: every other scale is scanned whole, the ones between only around the
+        # windows that came close on a neighbouring scale (a face comes close on neighbouring scales).
+        for k in [*range(0, len(scales), 2), *range(1, len(scales), 2)] if coarse > 1 else range(len(scales)):
+            height, width = (int(np.float32(side) * scales[k]) for side in self.window)
+            step = max(1, int(np.float32(scales[k]) * np.float32(step_ratio) + np.float32(0.5)))  # C's rounding
             max_row, max_col = gray.shape[0] - height, gray.shape[1] - width
             if max_row <= 0 or max_col <= 0:
                 continue
-            centred = None if inside is None else inside[height // 2:, width // 2:]  # at a window's top-left
-            rows, cols = self._scan(integral, scale, np.arange(0, max_row, step), np.arange(0, max_col, step), coarse,
-                                    centred)
-            hits += [(r, c, width, height) for r, c in zip(rows.tolist(), cols.tolist())]
-        groups = _group_detections(hits, min_neighbours)
+            candidates = None if inside is None else inside[height // 2:, width // 2:].copy()  # by top-left corner
+            if k % 2 and coarse > 1:
+                candidates = _around([close[j] for j in (k - 1, k + 1) if j in close], (height, width), gray.shape,
+                                     candidates)
+            passed, came_close = self._scan(integral, scales[k], np.arange(0, max_row, step),
+                                            np.arange(0, max_col, step), coarse, candidates)
+            hits[k] = [(r, c, width, height) for r, c in passed.tolist()]
+            close[k] = np.column_stack([came_close[:, ::-1] + [width / 2, height / 2], np.full(len(came_close), width)])
+        groups = _group_detections([hit for k in sorted(hits) for hit in hits[k]], min_neighbours)
         return np.array([[c, r, c + w, r + h] for r, c, w, h in groups], np.float64).reshape(-1, 4)
 
-    def _scan(self, integral, scale, rows, cols, coarse, centred=None):
-        """(rows, cols) of the windows at these positions (a grid) that pass the cascade, row-major.
-        centred: None, or whether a window at each top-left position is centred on the scene."""
+    def _scan(self, integral, scale, rows, cols, coarse, candidates=None):
+        """((K,2) rows and columns of the windows at these positions (a grid) that pass the cascade,
+        row-major; (J,2) those of the coarse grid's windows that came close).
+
+        candidates: None, or whether the window at each top-left position may be classified (the others
+        are not): where few may, they are classified one by one from the first stage."""
         stride, flat = integral.shape[1], integral.ravel()
         rects = (np.float32(self.features) * np.float32(scale)).astype(np.int64)  # truncated, as scikit-image
         offsets = _corner_offsets(rects, stride)
         rows_coarse, cols_coarse = rows[::coarse], cols[::coarse]
-        alive = self._stages_on_grid(integral, rects, rows_coarse, cols_coarse)
-        if centred is not None:
-            alive &= centred[rows_coarse[:, None], cols_coarse[None, :]]
-        starts = (rows_coarse[:, None] * stride + cols_coarse[None, :])[alive]
-        depth = self._depth(flat, starts, offsets, first_stage=_DENSE_STAGES)
+        grid = rows_coarse[:, None] * stride + cols_coarse[None, :]
+        allowed = None if candidates is None else candidates[rows_coarse[:, None], cols_coarse[None, :]]
+        if allowed is not None and allowed.mean() < 0.25:
+            starts = grid[allowed]
+            depth = self._depth(flat, starts, offsets)
+        else:
+            alive = self._stages_on_grid(integral, rects, rows_coarse, cols_coarse)
+            starts = grid[alive if allowed is None else alive & allowed]
+            depth = self._depth(flat, starts, offsets, first_stage=_DENSE_STAGES)
+        came_close = starts[depth >= _REFINE_DEPTH]
         if coarse > 1:
             # Every fine position within coarse-1 steps of a coarse window that came close.
             near = np.arange(-(coarse - 1), coarse)
-            close = starts[depth >= _REFINE_DEPTH]
-            r = np.searchsorted(rows, close // stride)[:, None] + near
-            c = np.searchsorted(cols, close % stride)[:, None] + near
+            r = np.searchsorted(rows, came_close // stride)[:, None] + near
+            c = np.searchsorted(cols, came_close % stride)[:, None] + near
             r, c = np.broadcast_arrays(r[:, :, None], c[:, None, :])
-            inside = (r >= 0) & (r < len(rows)) & (c >= 0) & (c < len(cols))
-            r, c = rows[r[inside]], cols[c[inside]]
-            if centred is not None:
-                r, c = r[centred[r, c]], c[centred[r, c]]
+            on_grid = (r >= 0) & (r < len(rows)) & (c >= 0) & (c < len(cols))
+            r, c = rows[r[on_grid]], cols[c[on_grid]]
+            if candidates is not None:
+                r, c = r[candidates[r, c]], c[candidates[r, c]]
             starts = np.unique(r * stride + c)
             depth = self._depth(flat, starts, offsets)
         passed = starts[depth == len(self.stages)]
-        return passed // stride, passed % stride
+        return (np.column_stack([passed // stride, passed % stride]),
+                np.column_stack([came_close // stride, came_close % stride]))
 
     def _stages_on_grid(self, integral, rects, rows, cols):
         """Whether each window of a grid (rows x cols, evenly spaced) passes the first _DENSE_STAGES stages.
@@ -165,6 +181,16 @@ class LbpCascade:
             alive = alive[total >= threshold - _STAGE_EPS]
             depth[alive] += 1
         return depth
+
+
+def _around(close, window, shape, candidates):
+    """Top-left positions (a bool image) of the windows of size `window` (H,W) centred within half a side of
+    a window that came close (`close`: arrays of rows (x, y, side)), and among `candidates` if given."""
+    near = np.zeros((shape[0] - window[0], shape[1] - window[1]), bool)
+    for x, y, side in (np.concatenate(close) if close else np.zeros((0, 3))).tolist():
+        row, col, reach = int(y - window[0] / 2), int(x - window[1] / 2), int(side / 2)
+        near[max(0, row - reach):max(0, row + reach + 1), max(0, col - reach):max(0, col + reach + 1)] = True
+    return near if candidates is None else near & candidates[:near.shape[0], :near.shape[1]]
 
 
 def _integral_image(gray):

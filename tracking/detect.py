@@ -20,6 +20,7 @@ coarse window.
 `detect_faces` searches a frame upright, then turned by ±15° and ±30° (faces rolled up to about 40°), or
 only the searches asked for: FaceTracker spreads them over the frames of a stretch without a face.
 """
+import functools
 import xml.etree.ElementTree as ET
 
 import numpy as np
@@ -330,21 +331,28 @@ def _upright_view(gray, roll, centre, shape):
     turn = np.array([[np.cos(roll), -np.sin(roll)], [np.sin(roll), np.cos(roll)]])
     middle = (np.array(shape[::-1], np.float64) - 1) / 2
     to_gray_points = lambda points: (np.asarray(points) - middle) @ turn.T + centre  # noqa: E731
-    # View point v shows gray's point centre + R(roll) (v - middle).
-    ys, xs = np.indices(shape, dtype=np.float32)
-    xs, ys = xs - np.float32(middle[0]), ys - np.float32(middle[1])
-    x = np.float32(centre[0]) + np.float32(turn[0, 0]) * xs + np.float32(turn[0, 1]) * ys
-    y = np.float32(centre[1]) + np.float32(turn[1, 0]) * xs + np.float32(turn[1, 1]) * ys
-    padded = np.pad(gray.astype(np.float32), 1)  # a zero border: points outside read 0, as skimage's warp
-    x0 = np.clip(np.floor(x), -1, gray.shape[1] - 1).astype(np.int32)
-    y0 = np.clip(np.floor(y), -1, gray.shape[0] - 1).astype(np.int32)
-    fx, fy = np.clip(x - x0, 0, 1), np.clip(y - y0, 0, 1)
-    flat, stride = padded.ravel(), padded.shape[1]
-    at = (y0 + 1) * stride + (x0 + 1)
+    at, fx, fy, inside = _turn_sampling(gray.shape, float(roll), (float(centre[0]), float(centre[1])), tuple(shape))
+    flat, stride = np.pad(gray.astype(np.float32), 1).ravel(), gray.shape[1] + 2  # 0 outside, as skimage's warp
     top = flat[at] + fx * (flat[at + 1] - flat[at])
     bottom = flat[at + stride] + fx * (flat[at + stride + 1] - flat[at + stride])
-    inside = (x > -0.5) & (x < gray.shape[1] - 0.5) & (y > -0.5) & (y < gray.shape[0] - 0.5)  # on a pixel
     return (top + fy * (bottom - top) + 0.5).astype(np.uint8), inside, to_gray_points
+
+
+@functools.lru_cache(maxsize=8)
+def _turn_sampling(gray_shape, roll, centre, shape):
+    """Where each pixel of _upright_view's view reads gray, padded by one zero pixel: the flat index of the
+    top-left of its four neighbours, the bilinear weights across and down, and whether it lies on gray.
+    Every frame of a video turns alike, so this is computed once per size and turn."""
+    cos, sin = np.float32(np.cos(roll)), np.float32(np.sin(roll))
+    ys, xs = np.indices(shape, dtype=np.float32)
+    xs, ys = xs - np.float32((shape[1] - 1) / 2), ys - np.float32((shape[0] - 1) / 2)
+    # View point v shows gray's point centre + R(roll) (v - middle).
+    x = np.float32(centre[0]) + cos * xs - sin * ys
+    y = np.float32(centre[1]) + sin * xs + cos * ys
+    x0 = np.clip(np.floor(x), -1, gray_shape[1] - 1).astype(np.int32)
+    y0 = np.clip(np.floor(y), -1, gray_shape[0] - 1).astype(np.int32)
+    inside = (x > -0.5) & (x < gray_shape[1] - 0.5) & (y > -0.5) & (y < gray_shape[0] - 0.5)  # on a pixel
+    return (y0 + 1) * (gray_shape[1] + 2) + (x0 + 1), np.clip(x - x0, 0, 1), np.clip(y - y0, 0, 1), inside
 
 
 def _block_mean(image, factor):

@@ -253,7 +253,10 @@ def _overlap(a, b):
 # --------------------------------------------------------------------------------------------
 
 _MIN_FACE_FRACTION = 0.1  # smallest face searched, as a fraction of the shorter image side
-_MIN_FACE_PIXELS = 24     # ... which the searched copy shrinks to no less than (the cascade's window)
+_MIN_FACE_PIXELS = 24     # the cascade's window: no smaller face is found
+# The searched copy keeps the smallest face at least this size: 1.5 windows, where the positions tried
+# are 2 px apart (scikit-image's step: the scale, rounded); smaller, they would be 1 px apart, 4x as many.
+_SEARCH_FACE_PIXELS = 36
 _CHECK_FACE_SIZE = 64     # a tracked face is re-checked at about this size in pixels
 # The frontal detector finds faces rolled up to about ±10°. When it finds none upright, the frame
 # is searched turned each way by these rolls (nearest first): faces rolled up to about ±40°.
@@ -294,8 +297,8 @@ def detect_faces(image, turns=None):
     """
     image = np.asarray(image)
     # Searched on a copy shrunk by a whole factor (block averages: exact, cheap) while the smallest face
-    # stays at least the cascade's window: the number of windows depends only on that ratio.
-    factor = max(1, int(_MIN_FACE_FRACTION * min(image.shape[:2]) / _MIN_FACE_PIXELS))
+    # stays _SEARCH_FACE_PIXELS or more: the number of windows then depends only on their ratio.
+    factor = max(1, int(_MIN_FACE_FRACTION * min(image.shape[:2]) / _SEARCH_FACE_PIXELS))
     gray = to_gray(_block_mean(image, factor) if factor > 1 else image)
     min_side = max(_MIN_FACE_PIXELS, int(_MIN_FACE_FRACTION * min(gray.shape)))
     for turn in search_turns() if turns is None else turns:

@@ -34,7 +34,7 @@ from typing import NamedTuple
 import numpy as np
 
 from model.files import atomic_write
-from tracking.detect import _area, _box_iou, detect_faces, face_near, search_turns, to_gray  # noqa: F401
+from tracking.detect import _area, _box_iou, detect_faces, face_near, search_turns, to_gray
 
 log = logging.getLogger(__name__)
 

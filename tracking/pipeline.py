@@ -23,6 +23,7 @@ import glob
 import hashlib
 import logging
 import os
+import shutil
 import signal
 from dataclasses import dataclass
 
@@ -39,7 +40,7 @@ from tracking.flame import FLAME, load_flame_model, load_landmark_embedding
 from tracking.landmarks import FaceTracker, TrackState, stack_results
 from tracking.render import draw_landmarks, overlay
 from tracking.sequence import FlameSequence, load_seq, save_seq
-from tracking.toyhead import write_toy_flame
+from tracking import toyhead
 from tracking.video import VideoWriter, crop_frames, frame_count, iter_frames, smooth_crop_boxes, video_fps
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,7 @@ class TrackingError(ValueError):
 def load_flame(flame_path: str | None = None, n_shape: int = 100, n_exp: int = 50) -> FLAME:
     """FLAME from `generic_model.pkl` (its landmark embedding beside it), or the toy head when None."""
     if flame_path is None:
-        flame_path = write_toy_flame(TOY_FLAME_DIR)["generic_model.pkl"]
+        flame_path = toy_flame_path()
     folder = os.path.dirname(os.path.abspath(flame_path))
     embeddings = [os.path.join(folder, n) for n in EMBEDDING_NAMES if os.path.exists(os.path.join(folder, n))]
     if not embeddings:
@@ -76,6 +77,22 @@ def load_flame(flame_path: str | None = None, n_shape: int = 100, n_exp: int = 5
     # The jaw-line landmarks slide with head yaw where the embedding says how (DECA's contour table).
     return FLAME(model, embedding, n_shape=n_shape, n_exp=n_exp,
                  dynamic_contour=embedding.contour_faces_idx is not None)
+
+
+def toy_flame_path() -> str:
+    """The toy head's generic_model.pkl, built once per version of tracking/toyhead.py (it takes about a
+    second, every command used to pay it) into a folder of TOY_FLAME_DIR named by that version."""
+    with open(toyhead.__file__, "rb") as f:
+        version = hashlib.sha256(f.read()).hexdigest()[:16]
+    folder = os.path.join(TOY_FLAME_DIR, version)
+    if not os.path.isdir(folder):  # written whole under a temp name, then renamed: never seen half-written
+        temp = f"{folder}.tmp{os.getpid()}"
+        toyhead.write_toy_flame(temp)
+        try:
+            os.rename(temp, folder)
+        except OSError:  # another process renamed its copy first
+            shutil.rmtree(temp)
+    return os.path.join(folder, "generic_model.pkl")
 
 
 def check_gaps(valid: np.ndarray, max_gap: int, video: str):

@@ -1,7 +1,7 @@
 """Tracking speed on the CPU: frames/s of FLAME fitting alone, and of the whole track command.
 
     python bench/tracking.py [--frames 300] [--threads 2] [--video-frames 48] [--skip-command]
-                             [--hd-frames 600 3000] [--skip-fit]
+                             [--hd-frames 600 3000] [--skip-fit] [--stages 150]
 
 Fitting runs on synthetic sequences (`synthetic_sequence`, also the tests' ground truth) of two models:
 - the toy head (1973 vertices; its contour table repeats one row);
@@ -17,6 +17,11 @@ subprocess limited to --threads cores (taskset), with the toy head: on the offli
 generated 1080p clips (the demo face drifting over a 1920x1080 frame, `--hd-frames`, by default 600
 and 3,000 frames), whose rows also give the command's peak resident memory (ru_maxrss): it must not
 grow with the video's length. The machine's load average is printed with each row.
+The live tracking side per frame (`--stages N`, first): a generated 1080p clip through `LiveTracker` on one
+thread, its stages timed apart (median, p90, CPU time of this thread; the first 10 frames left out):
+the 68 landmarks followed from the previous frame (`FaceTracker.step`), the 512 px crop
+(`LiveTracker.crop`), the one-frame fit (the rest of the `LiveTracker` call), and the hint that
+`Avatar.hints` renders from it (`render_conditioning` with a fixed identity).
 """
 import argparse
 import os
@@ -35,10 +40,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from tracking.demo import write_demo_video  # noqa: E402
 from tracking.fit import FitConfig, fit_sequence  # noqa: E402
 from tracking.flame import CONTOUR_LUT_ROWS, N_CONTOUR  # noqa: E402
+from tracking.conditioning import render_conditioning  # noqa: E402
+from tracking.live import LiveTracker  # noqa: E402
 from tracking.pipeline import load_flame  # noqa: E402
 from tracking.render import opengl_to_opencv, project  # noqa: E402
 from tracking.sequence import FlameSequence  # noqa: E402
 from tracking.toyhead import build_toy_flame  # noqa: E402
+from tracking.video import iter_frames  # noqa: E402
 
 FLAME_VERTICES, FLAME_FACES = 5023, 9976
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -158,6 +166,46 @@ def whole_command_rows(frame_counts, size, threads, tmp):
     return rows
 
 
+def _timed(times, name, fn):
+    """fn wrapped to add its CPU time (this thread's) to times[name]."""
+    def timed(*args):
+        start = time.thread_time()
+        result = fn(*args)
+        times.setdefault(name, []).append(time.thread_time() - start)
+        return result
+    return timed
+
+
+def stage_rows(n_frames, size, tmp, skip=10):
+    """Per-frame stages of the live tracking side on a generated 1080p clip, one thread (module doc)."""
+    video = write_demo_video(os.path.join(tmp, "stages.mp4"), n_frames=n_frames, size=720, fps=30,
+                             frame_size=(1080, 1920))
+    flame = load_flame()
+    reference = synthetic_sequence(flame, 1)
+    tracker = LiveTracker(flame, reference, reference.shape, size, video)
+    times = {}
+    tracker.landmarks = _timed(times, "landmarks", tracker.landmarks)
+    tracker.crop = _timed(times, "crop", tracker.crop)
+    track, hint = _timed(times, "call", tracker), _timed(times, "hint", render_conditioning)
+    for index, frame in enumerate(iter_frames(video)):
+        if (tracked := track(index, frame)) is not None:
+            hint(flame, tracked[1], size, slice(None), reference.shape)
+    if len(times["call"]) != n_frames:
+        raise RuntimeError(f"the face was lost on {n_frames - len(times['call'])} frames of the clip")
+    calls, parts = np.array(times.pop("call")), np.array(times["landmarks"]) + np.array(times["crop"])
+    times["fit (the rest of the LiveTracker call)"] = calls - parts
+    times["sum: landmarks + crop + fit + hint"] = calls + np.array(times["hint"])
+    load = os.getloadavg()[0]
+    rows = []
+    for name, seconds in times.items():
+        ms = 1000 * np.asarray(seconds[skip:])
+        rows.append(f"| {name} | {np.median(ms):.1f} | {np.percentile(ms, 90):.1f} | load average {load:.1f} |")
+        print(rows[-1], flush=True)
+    os.remove(video)
+    return ["| live tracking stage, 1080p source, 512 px hint, 1 thread | median ms | p90 ms | notes |",
+            "|---|---|---|---|", *rows]
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--frames", type=int, default=300, help="frames of the synthetic fitting benchmark")
@@ -169,10 +217,14 @@ def main():
     p.add_argument("--hd-frames", type=int, nargs="*", default=[600, 3000],
                    help="frames of the generated 1080p clips of the whole-command and memory rows (none: skip)")
     p.add_argument("--skip-fit", action="store_true", help="time the whole command only")
+    p.add_argument("--stages", type=int, default=150, help="frames of the live stage rows (0: skip)")
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
+        if args.stages:
+            torch.set_num_threads(1)
+            stage_table = stage_rows(args.stages, args.size, tmp)
+        torch.set_num_threads(args.threads)
         if not args.skip_fit:
             rows += fit_rows(args, tmp)
         if not args.skip_command:
@@ -185,6 +237,8 @@ def main():
             print(rows[-1], flush=True)
         rows += whole_command_rows(args.hd_frames, args.size, args.threads, tmp)
     print(f"load average {os.getloadavg()[0]:.2f}")
+    if args.stages:
+        print("\n".join(stage_table))
     print("| what | frames | threads | seconds | frames/s | notes |\n|---|---|---|---|---|---|")
     print("\n".join(rows))
 

@@ -50,9 +50,9 @@ def render_conditioning(flame, seq, size: int, frames=slice(None), shape=None, b
     looking into the open neck), and skipping them makes the rasterizer about 1.5x faster."""
     verts = posed_vertices(flame, seq, frames, shape)
     focal = seq.focal * size / seq.image_size[1]
-    return torch.cat([conditioning_image(verts[i:i + batch], flame.render_faces, focal, size, flame.face_regions,
-                                         depth_span=DEPTH_SPAN, cull_back_faces=True)
-                      for i in range(0, len(verts), batch)])
+    images = [conditioning_image(verts[i:i + batch], flame.render_faces, focal, size, flame.face_regions,
+                                 depth_span=DEPTH_SPAN, cull_back_faces=True) for i in range(0, len(verts), batch)]
+    return images[0] if len(images) == 1 else torch.cat(images)  # one batch (a live frame): no copy
 
 
 def conditioning_image(verts, faces, focal, image_size=512, face_labels=None, principal=None, depth_span=None,

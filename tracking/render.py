@@ -469,10 +469,10 @@ def draw_landmarks(frame, points, radius=2.0, color=(0, 255, 0)):
     height, width = frame.shape[:2]
     reach = int(np.ceil(radius))
     offsets = np.arange(-reach - 1, reach + 2)
-    for x, y in np.asarray(points, dtype=np.float64).reshape(-1, 2):
-        cols, rows = np.floor(x) + offsets, np.floor(y) + offsets
-        cols, rows = cols[(cols >= 0) & (cols < width)], rows[(rows >= 0) & (rows < height)]
-        near = (cols[None, :] + 0.5 - x) ** 2 + (rows[:, None] + 0.5 - y) ** 2 <= radius**2
-        r, c = near.nonzero()
-        out[rows[r].astype(int), cols[c].astype(int)] = color
+    x, y = np.asarray(points, dtype=np.float64).reshape(-1, 2).T[..., None]  # (N, 1) each
+    cols, rows = np.floor(x) + offsets, np.floor(y) + offsets                 # (N, K): the pixels around each point
+    near = (cols[:, None, :] + 0.5 - x[..., None]) ** 2 + (rows[:, :, None] + 0.5 - y[..., None]) ** 2 <= radius**2
+    near &= ((cols >= 0) & (cols < width))[:, None, :] & ((rows >= 0) & (rows < height))[:, :, None]
+    n, r, c = near.nonzero()
+    out[rows[n, r].astype(int), cols[n, c].astype(int)] = color
     return out

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from kernels.dispatch import cache_dir
 from model.files import atomic_write, read_json, write_json
 from tracking.conditioning import posed_vertices
 from tracking.demo import write_demo_video
@@ -47,7 +48,6 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_GAP = 10  # frames: longer stretches without a face are an error, shorter ones are interpolated
 DEMO_FRAMES = 48      # length of the demo video when max_frames does not say
 EMBEDDING_NAMES = ("landmark_embedding.npy", "flame_static_embedding.pkl")
-TOY_FLAME_DIR = os.path.join(os.path.expanduser("~"), ".cache", "svp", "toyhead")
 CHECKPOINT_EVERY = 100  # frames between the progress saves of an interruptible track
 PREVIEW_SIZE = 256      # the preview is drawn at most this large: it is a preview
 PREVIEW_BATCH = 8       # preview frames rasterized together
@@ -64,7 +64,7 @@ class TrackingError(ValueError):
 def load_flame(flame_path: str | None = None, n_shape: int = 100, n_exp: int = 50) -> FLAME:
     """FLAME from `generic_model.pkl` (its landmark embedding beside it), or the toy head when None."""
     if flame_path is None:
-        flame_path = write_toy_flame(TOY_FLAME_DIR)["generic_model.pkl"]
+        flame_path = write_toy_flame(str(cache_dir() / "toyhead"))["generic_model.pkl"]
     folder = os.path.dirname(os.path.abspath(flame_path))
     embeddings = [os.path.join(folder, n) for n in EMBEDDING_NAMES if os.path.exists(os.path.join(folder, n))]
     if not embeddings:

@@ -150,9 +150,13 @@ class CudaGraphCapture:
             try:
                 # thread_local: another thread's CUDA work (a viewer, a tracker) does not abort this capture
                 with torch.cuda.graph(graph, pool=self.pool, stream=stream, capture_error_mode="thread_local"):
-                    outputs = run()
+                    try:
+                        outputs = run()
+                    except Exception as error:
+                        problem = describe(error)  # the call's own error, not that of the capture's end it fails
+                        raise
             except Exception as error:
-                problem = describe(error)
+                problem = problem or describe(error)
             finally:
                 torch.cuda.set_stream(caller)  # torch.cuda.graph's exit does not when the capture's end fails
             if problem is not None:  # out of the handler: the error's traceback, holding the capture's tensors, is gone

@@ -6,6 +6,7 @@ and keeps the outputs; its replay runs the call again on the static inputs and w
 those same output tensors, as a CUDA graph replays its kernels into fixed addresses. A GraphedCall that
 did not copy new inputs into the static buffers would replay the old ones, and the tests below see it.
 """
+import contextlib
 import re
 import types
 
@@ -166,6 +167,35 @@ def test_each_capture_owner_gets_a_stream_no_live_owner_holds_and_gives_it_back(
     assert [s.cuda_stream for s in (first, second, third, fourth)] == [0, 1, 2, 3]
     with pytest.raises(RuntimeError, match="lent out"):
         lender.lend(gpu)
+
+
+def test_a_failed_cuda_capture_puts_the_caller_back_on_its_stream_and_frees_its_memory(monkeypatch):
+    """CudaGraphCapture with torch.cuda faked: the call fails inside the capture, and the capture's end then
+    fails too without leaving the capture stream (as torch.cuda.graph's exit does when capture_end raises)."""
+    current, emptied = ["the caller's stream"], []
+
+    class FailingGraph:
+        def __init__(self, graph, pool, stream, capture_error_mode):
+            self.stream = stream
+
+        def __enter__(self):
+            current[0] = self.stream
+
+        def __exit__(self, *error):
+            raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
+
+    def run():
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing\nmore")
+    for name, fake in (("graph", FailingGraph), ("device", lambda device: contextlib.nullcontext()),
+                       ("current_stream", lambda device=None: current[0]),
+                       ("set_stream", lambda stream: current.__setitem__(0, stream)), ("CUDAGraph", object),
+                       ("graph_pool_handle", lambda: "pool"), ("empty_cache", lambda: emptied.append(True)),
+                       ("Stream", FakeStream)):
+        monkeypatch.setattr(torch.cuda, name, fake)
+    monkeypatch.setattr(model.graphs, "SIDE_STREAMS", model.graphs.SideStreams())
+    with pytest.raises(model.graphs.GraphCaptureError, match=r"^RuntimeError: CUDA error: operation not permitted"):
+        model.graphs.CudaGraphCapture()(run, torch.device("cuda", 0))
+    assert current == ["the caller's stream"] and emptied == [True]
 
 
 def test_a_capture_owner_stays_on_its_device(monkeypatch):

@@ -19,7 +19,6 @@ import dataclasses
 import os
 
 import numpy as np
-import torch
 from PIL import Image
 
 import svp
@@ -57,6 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"argument --lpips: LPIPS weights {args.lpips} not found")
     if args.max_frames is not None and args.video is None:
         p.error("--max-frames counts frames of --video; there is none")
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        p.error("evaluate.py runs as one process; under torchrun every process would evaluate it all")
     args.out = args.out or os.path.join(args.avatar, "eval.json")
     problem = output_file_problem(args.out, "evaluation", (".json",)) or \
         output_file_problem(strip_path(args.out), "strip", (".png",))
@@ -168,7 +169,7 @@ def strip_rows(real: np.ndarray, fake: np.ndarray, count: int = STRIP_FRAMES) ->
 
 def main(argv=None):
     args = parse_args(argv)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = str(svp.init_processes(args.device).device)  # as train.py and sample.py: cuda is cuda:N, made current
     dtype = args.dtype or ("fp16" if device.startswith("cuda") else "fp32")
     split = svp.load_split(args.avatar)  # a run without one fails before anything loads
     lpips = load_lpips(args.lpips, device, DTYPES[dtype]) if args.lpips else None

@@ -6,6 +6,7 @@ expression and pose come from the sequence, the identity shape from the avatar):
     python sample.py --params runs/me/tracking/seq.npz --prompt "..."     # the avatar of the run that tracked it
     python sample.py --avatar runs/me --params seq.npz --morph "Tom Cruise" --morph-weight 0.5 --out morph.mp4
     torchrun --nproc_per_node 4 sample.py --avatar runs/me --params seq.npz --out out.mp4   # frames split over GPUs
+    (each process on its own GPU, cuda:LOCAL_RANK, as train.py; text to image and --drive run in one process)
 
 Live: drive the avatar from a video (played at its own speed), a camera or a seq.npz, tracked frame by frame;
 the mp4 is written as it goes (Ctrl-C stops it, playable), --serve shows it at http://127.0.0.1:PORT/:
@@ -93,7 +94,7 @@ def add_sampler_args(p: argparse.ArgumentParser):
     p.add_argument("--dtype", default=None, choices=("fp32", "fp16", "bf16"),
                    help="weights and activations (default: fp16 on CUDA, fp32 on CPU)")
     p.add_argument("--device", type=available_device, default=None,
-                   help="cuda, cuda:1, cpu (default: cuda when available)")
+                   help="cuda, cuda:1, cpu (default: cuda when available; under torchrun: cuda:LOCAL_RANK)")
     p.add_argument("--tokenizer", default=None, help="CLIP vocabulary: a tokenizer/ folder, tokenizer.json, "
                    "vocab.json or bpe_simple_vocab_16e6.txt.gz (default: beside the checkpoint, or $SVP_TOKENIZER)")
     video = p.add_argument_group("avatar video")
@@ -129,6 +130,9 @@ def input_problems(args) -> list[str]:
         problems += [f"{flag} drives an avatar; it does nothing with --ckpt" for flag, value in
                      (("--params", args.params), ("--morph", args.morph), ("--png-dir", args.png_dir),
                       ("--decoder", args.decoder)) if value]
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and (args.ckpt or args.drive):
+        problems.append("under torchrun only --params' frames are split over processes; run text to image and "
+                        "--drive as one process")
     if args.serve is not None and not args.drive:
         problems.append("--serve shows a live run: it needs --drive SOURCE")
     if args.drive and (args.params or args.frames):
@@ -158,8 +162,12 @@ def save_image(image: np.ndarray, path: str):
         Image.fromarray(image).save(tmp)
 
 
-def text_to_image_main(args, device, dtype):
-    sd = svp.load_stable_diffusion(args.ckpt, dtype=dtype, prediction_type=args.prediction_type,
+def default_dtype(args, device: torch.device) -> str:
+    return args.dtype or ("fp16" if device.type == "cuda" else "fp32")
+
+
+def text_to_image_main(args, device):
+    sd = svp.load_stable_diffusion(args.ckpt, dtype=default_dtype(args, device), prediction_type=args.prediction_type,
                                tokenizer=args.tokenizer).to(device)
     svp.fuse_loras(sd, args.lora)
     images = svp.text_to_image(sd, args.prompt, args.negative_prompt, steps=args.steps or 30,
@@ -185,13 +193,7 @@ def run_of(params: str | None) -> str:
     raise ValueError(f"which avatar? pass --avatar RUN, the run folder of train.py{where}; or --ckpt for text to image")
 
 
-def split_frames(frames: range, rank: int, world: int) -> range:
-    """This process's contiguous share of the frames (torchrun); each share is exact on its own."""
-    bounds = [frames.start + len(frames) * r // world for r in range(world + 1)]
-    return range(bounds[rank], bounds[rank + 1])
-
-
-def avatar_main(args, device, dtype):
+def avatar_main(args):
     from tracking.video import write_video
     if not args.params:
         raise ValueError("--params seq.npz is required with --avatar")
@@ -199,26 +201,21 @@ def avatar_main(args, device, dtype):
     frames = args.frames or range(seq.n_frames)
     if frames.stop > seq.n_frames:
         raise ValueError(f"--frames {frames.start}:{frames.stop}: {args.params} has {seq.n_frames} frames")
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if len(frames) < world:
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if len(frames) < world:  # before the processes meet: each would wait for the others
         raise ValueError(f"{len(frames)} frames cannot be split over {world} processes; use fewer processes")
-    if world > 1:
-        import torch.distributed as dist
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    avatar = svp.load_avatar(args.avatar, base=args.base, flame=args.flame, device=device, dtype=dtype,
-                             tokenizer=args.tokenizer, loras=args.lora, decoder=args.decoder)
+    ranks = svp.init_processes(args.device)
+    avatar = svp.load_avatar(args.avatar, base=args.base, flame=args.flame, device=ranks.device,
+                             dtype=default_dtype(args, ranks.device), tokenizer=args.tokenizer, loras=args.lora,
+                             decoder=args.decoder)
     images, hints = avatar.render(seq, args.prompt, args.morph, args.morph_weight, args.negative_prompt,
-                                 split_frames(frames, rank, world), video_settings(args), progress=rank == 0)
+                                 ranks.share(frames), video_settings(args), progress=ranks.main)
     if args.side_by_side:
         normals = (hints[:, :3].permute(0, 2, 3, 1).numpy() * 255).round().astype("uint8")
         images = np.concatenate([normals, images], axis=2)
-    if world > 1:
-        import torch.distributed as dist
-        shares = [None] * world
-        dist.gather_object(images, shares if rank == 0 else None, dst=0)
-        if rank != 0:
-            return
-        images = np.concatenate(shares)
+    images = ranks.gather(images)
+    if not ranks.main:
+        return
     out = args.out
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     write_video(out, images, seq.fps)
@@ -238,13 +235,14 @@ def video_settings(args) -> VideoSampling:
                          cuda_graphs=args.cuda_graphs)
 
 
-def live_main(args, device, dtype):
+def live_main(args, device):
     """--drive: the avatar driven frame by frame (tracking/live.py), written to --out as it goes."""
     from tracking.live import drive
     if args.page is not None:
         print(f"serving {args.page.start().url}", flush=True)
-    avatar = svp.load_avatar(args.avatar, base=args.base, flame=args.flame, device=device, dtype=dtype,
-                             tokenizer=args.tokenizer, loras=args.lora, decoder=args.decoder)
+    avatar = svp.load_avatar(args.avatar, base=args.base, flame=args.flame, device=device,
+                             dtype=default_dtype(args, device), tokenizer=args.tokenizer, loras=args.lora,
+                             decoder=args.decoder)
     out = args.out
 
     def progress(frame, seconds):
@@ -258,18 +256,17 @@ def live_main(args, device, dtype):
 
 def main(argv=None):
     args = parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and "LOCAL_RANK" in os.environ:
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-    dtype = args.dtype or ("fp16" if device.type == "cuda" else "fp32")
-    if args.ckpt:
-        text_to_image_main(args, device, dtype)
-    elif args.drive:
-        args.avatar = args.avatar or run_of(args.drive if args.drive.endswith(".npz") else None)
-        live_main(args, device, dtype)
-    else:
-        args.avatar = args.avatar or run_of(args.params)
-        avatar_main(args, device, dtype)
+    try:
+        if args.ckpt:
+            text_to_image_main(args, svp.init_processes(args.device).device)
+        elif args.drive:
+            args.avatar = args.avatar or run_of(args.drive if args.drive.endswith(".npz") else None)
+            live_main(args, svp.init_processes(args.device).device)
+        else:
+            args.avatar = args.avatar or run_of(args.params)
+            avatar_main(args)
+    finally:
+        svp.end_processes()
 
 
 if __name__ == "__main__":

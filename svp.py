@@ -40,7 +40,7 @@ from tracking.pipeline import TrackedVideo, load_flame, track_video
 from tracking.sequence import FlameSequence, load_seq
 
 __all__ = ["load_stable_diffusion", "fuse_loras", "text_to_image", "SAMPLER_NAMES", "track", "load_avatar", "Avatar",
-           "VideoSampling", "load_seq", "temporal_flicker", "init_processes", "Processes", "Split",
+           "VideoSampling", "load_seq", "temporal_flicker", "init_processes", "end_processes", "Processes", "Split",
            "last_frames_split", "save_split", "load_split"]
 
 
@@ -275,19 +275,44 @@ class Processes:
         if self.world > 1:
             dist.barrier()
 
+    def share(self, frames: range) -> range:
+        """This process's contiguous share of `frames`; each share is exact on its own (the sampler's
+        warm-up frames, model/temporal.py), so the shares put together are the whole."""
+        bounds = [frames.start + len(frames) * r // self.world for r in range(self.world + 1)]
+        return range(bounds[self.rank], bounds[self.rank + 1])
+
+    def gather(self, images: np.ndarray) -> np.ndarray | None:
+        """Every process's `images` (its `share`), concatenated in rank order on the main process; None on
+        the others."""
+        if self.world == 1:
+            return images
+        shares = [None] * self.world if self.main else None
+        dist.gather_object(images, shares, dst=0)  # on NCCL, through this rank's current GPU
+        return np.concatenate(shares) if self.main else None
+
 
 def init_processes(device: str | None) -> Processes:
-    """One process, or one of torchrun's (RANK/WORLD_SIZE set): nccl on CUDA, gloo on the CPU.
+    """One process, or one of torchrun's (RANK/WORLD_SIZE set): nccl on CUDA, gloo on the CPU. What
+    train.py, sample.py and evaluate.py start with.
 
-    device: cuda, cuda:1, cpu (None: cuda when available; under torchrun cuda:LOCAL_RANK)."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        if device == "cuda" and world > 1:
-            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-    device = torch.device(device)
+    device: cuda, cuda:1, cpu (None: cuda when available). Under torchrun `cuda` is cuda:LOCAL_RANK, and
+    it is made this process's current GPU: NCCL's collectives and Triton's launches go to the current
+    GPU, and every rank left on GPU 0 would put all their work there ("Duplicate GPU detected")."""
+    world, local_rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
+        if device.index is None:
+            device = torch.device("cuda", local_rank if world > 1 else torch.cuda.current_device())
+        elif world > 1:
+            raise ValueError(f"--device {device} under torchrun would put every process on one GPU; pass --device cuda "
+                             "or none (each process takes cuda:LOCAL_RANK)")
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return Processes(int(os.environ.get("RANK", 0)), world, device)
+
+
+def end_processes():
+    """Leave torchrun's process group, if this process joined one (init_processes)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -458,8 +458,7 @@ def main(argv=None) -> Denoiser:
     try:
         return train(cfg)
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        svp.end_processes()
 
 
 if __name__ == "__main__":

@@ -11,9 +11,11 @@
 #     pip download --no-deps --only-binary=:all: --python-version 3.12 -d wheels diffusers importlib_metadata
 #     (on the GPU machine) pip install --no-index --no-deps --target /tmp/site wheels/*.whl
 #     PYTHONPATH=/tmp/site bash bench/gpu.sh
-# Steps run most important first (that the graphs replay the eager results; the issue-18 goals: UNet,
-# live stream, video sampling, training; then the kernels alone and the compiled kernel tests); each has
-# its own time limit, cut to what is left of the budget, and a step with under 15 s left is skipped.
+# Steps run most important first (bench/gpu_checks.py: what only a GPU shows about kernel timing, graph
+# streams and memory, failed captures and torchrun; that the graphs replay the eager results; the
+# issue-18 goals: UNet, live stream, video sampling, training; then the kernels alone and the compiled
+# kernel tests); each has its own time limit, cut to what is left of the budget, and a step with under
+# 15 s left is skipped.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -78,6 +80,8 @@ save_file({'decoder.' + k: v.contiguous() for k, v in TinyDecoder().state_dict()
         fi
     }
 
+    step 150 "" "GPU checks: kernel timing, graph streams and memory, failed capture, torchrun (bench/gpu_checks.py)" \
+        "$PY" bench/gpu_checks.py
     step 45 "pytest" "CUDA graphs replay the eager results (tests/test_graphs.py, GPU tests)" \
         "$PY" -m pytest -q -p no:cacheprovider tests/test_graphs.py -k "real_graph or on_the_gpu"
     step 150 "" "UNet: ours per kernel mode and diffusers, eager / graphed / compiled (bench/unet.py)" \

@@ -10,16 +10,19 @@ CPU tensors always take PyTorch's op (the reference).
 Where the measurements come from, first found wins:
 1. The repo's table for the GPU's architecture, kernels/sm<major><minor>.json (sm90.json: an H200),
    written by `python bench/kernels.py --write-table`.
-2. This machine's cache, ~/.cache/svp/kernels-<gpu>.json (`SVP_KERNEL_CACHE` overrides the path), valid
-   for one GPU name and one torch and triton version; a corrupt or stale cache is rebuilt.
-3. One timing of both at the first call of a new shape class, added to that cache. Never while a CUDA
-   graph is being captured (timing would break the capture): then PyTorch's op runs, undecided.
+2. This machine's cache, kernels-<gpu>.json in svp's cache folder (`cache_dir`), valid for one GPU name
+   and one torch and triton version; a corrupt or stale cache is rebuilt.
+3. One timing of both at the first call of a new shape class, added to that cache. The timing runs on
+   the tensors' GPU, made current, between events on its stream (a timing on another GPU would time an
+   idle one). Never while a CUDA graph is being captured (timing would break the capture): then
+   PyTorch's op runs, undecided.
 Table entries hold the eager times of both (forward, or forward+backward for training) and, forward,
 their times replayed from a CUDA graph: ours must win both. A decision is then one dict lookup per call.
 Shapes are bucketed (`size_class`) so one measurement covers a class of shapes, and a call that trains
 (autograd on) is decided by forward+backward time.
 """
 import contextlib
+import json
 import os
 import statistics
 import warnings
@@ -64,18 +67,23 @@ def entry_key(op: str, bucket: tuple) -> str:
     return "|".join((op, *map(str, bucket)))
 
 
-def cuda_time_ms(fn: Callable[[], object], warmup: int = 3, repeats: int = 10) -> float:
-    """Median GPU time of fn() in ms. The warm-up compiles (and autotunes) Triton kernels first."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
+def cuda_time_ms(fn: Callable[[], object], device: torch.device, warmup: int = 3, repeats: int = 10) -> float:
+    """Median GPU time of fn() on `device` in ms. The warm-up compiles (and autotunes) Triton kernels first.
+
+    `device` is made current while timing: fn's launches (PyTorch's and Triton's) then go to its current
+    stream, where the events are recorded, whichever GPU the caller had current."""
+    with torch.cuda.device(device):
+        stream = torch.cuda.current_stream(device)
+        for _ in range(warmup):
+            fn()
+        times = []
+        for _ in range(repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record(stream)
+            fn()
+            end.record(stream)
+            end.synchronize()
+            times.append(start.elapsed_time(end))
     return statistics.median(times)
 
 
@@ -86,19 +94,25 @@ def gpu_identity(device: torch.device) -> dict:
                 torch=torch.__version__, triton=triton.__version__)
 
 
+def cache_dir() -> Path:
+    """svp's cache folder, for every cache of svp (kernel timings, the parsed landmark model, the toy
+    head): $SVP_CACHE, else $XDG_CACHE_HOME/svp, else ~/.cache/svp. Everything in it is rebuilt when
+    missing. Defined here because kernels/ imports nothing else of svp; tracking/ reads it from here."""
+    if os.environ.get("SVP_CACHE"):
+        return Path(os.environ["SVP_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "svp"
+
+
 def default_cache_path(gpu: str) -> Path:
-    if os.environ.get("SVP_KERNEL_CACHE"):
-        return Path(os.environ["SVP_KERNEL_CACHE"])
     slug = "".join(c if c.isalnum() else "-" for c in gpu).strip("-").lower()
-    return Path.home() / ".cache" / "svp" / f"kernels-{slug}.json"
+    return cache_dir() / f"kernels-{slug}.json"
 
 
 def read_entries(path: Path) -> dict | None:
     """A table or cache file's {key: {"ours_ms", "torch_ms"}} with its header, or None if unreadable."""
-    from model.files import JSONFileError, read_json
     try:
-        data = read_json(str(path))
-    except (OSError, JSONFileError):
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
     entries = data.get("entries") if isinstance(data, dict) else None
     if not isinstance(entries, dict) or not all(
@@ -140,6 +154,7 @@ class KernelPolicy:
 
     def __init__(self, timer=cuda_time_ms, identify=gpu_identity, table_dir: Path = TABLE_DIR,
                  cache_path: Callable[[str], Path] = default_cache_path):
+        # timer(fn, device) -> ms of fn() on device, which it makes current (cuda_time_ms)
         self.timer, self.identify, self.table_dir, self.cache_path = timer, identify, table_dir, cache_path
         self.decisions: dict[tuple, bool] = {}  # (device index, op, bucket) -> ours?
         self.devices: dict[int, "DeviceMeasurements"] = {}
@@ -170,15 +185,16 @@ class KernelPolicy:
         if entry is None:
             if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
                 return False  # undecided: PyTorch's op, and measure at the next eager call
-            entry = self._time_both(op, args, training=key[2])
+            entry = self._time_both(op, args, device, training=key[2])
             measurements.remember(name, entry)
         self.decisions[key] = ours_faster(entry)
         return self.decisions[key]
 
-    def _time_both(self, op: Op, args, training: bool) -> dict:
+    def _time_both(self, op: Op, args, device: torch.device, training: bool) -> dict:
+        """Both implementations timed on `device`, the tensors' GPU (the one this entry is for)."""
         def timed(fn):
             try:
-                return self.timer(_runner(fn, args, training))
+                return self.timer(_runner(fn, args, training), device)
             except Exception as error:  # a kernel that cannot run here (e.g. out of resources) never wins
                 if fn is op.theirs:
                     raise
@@ -233,13 +249,17 @@ class DeviceMeasurements:
         return self.table.get(name) or self.cache.get(name)
 
     def remember(self, name: str, entry: dict):
-        from model.files import write_json
         self.cache[name] = entry
+        # whole or not at all: a temporary file beside it (named per process: torchrun ranks share the cache)
+        tmp = self.path.with_name(f"{self.path.name}.tmp{os.getpid()}")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            write_json(str(self.path), dict(version=CACHE_VERSION, **self.identity, entries=self.cache))
+            tmp.write_text(json.dumps(dict(version=CACHE_VERSION, **self.identity, entries=self.cache), indent=1))
+            os.replace(tmp, self.path)
         except OSError as error:  # the decision still holds for this process
             warnings.warn(f"{self.path}: cannot write the kernel timing cache ({error})")
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 POLICY = KernelPolicy()

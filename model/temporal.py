@@ -198,7 +198,9 @@ def _stream_tick(model_fn, batch: list[_InFlight], sampler: Sampler, shared_nois
     """One wavefront tick: one model call on every frame in flight (each at its own step), then each
     frame's sampler step with that step's coefficients (the same `temporal_step` as `denoise`)."""
     x = torch.cat([f.x * sampler.input_scale(f.step) for f in batch])
-    t = torch.tensor([sampler.timesteps[f.step] for f in batch], device=x.device)
+    t = torch.tensor([sampler.timesteps[f.step] for f in batch])  # each frame's own step
+    if x.is_cuda:  # copied from page-locked memory, asynchronously: the host goes on queueing the tick's work
+        t = t.pin_memory().to(x.device, non_blocking=True)
     cond_out, uncond_out = model_fn(x, t, [f.condition for f in batch])
     updates = []
     for row, f in enumerate(batch):

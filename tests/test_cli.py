@@ -277,3 +277,120 @@ def test_a_prompt_over_77_tokens_is_reported_once(caplog):
         tokenizer(["a" * 80])
     assert len(caplog.records) == 1
     assert "its last 5 tokens were dropped" in caplog.records[0].getMessage()
+
+
+# ----------------------------------------------------------------------------- processes (torchrun)
+
+class FakeGPUs:
+    """torch.cuda and torch.distributed as init_processes sees them on a machine with GPUs: which GPU each
+    call made current, which backend the process group got."""
+
+    def __init__(self, monkeypatch, current=0):
+        import torch.distributed as dist
+        self.current, self.set, self.backends = current, [], []
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: self.current)
+        monkeypatch.setattr(torch.cuda, "set_device", self.set_device)
+        monkeypatch.setattr(dist, "is_initialized", lambda: bool(self.backends))
+        monkeypatch.setattr(dist, "init_process_group", self.backends.append)
+
+    def set_device(self, device):
+        self.current = torch.device(device).index
+        self.set.append(torch.device(device))
+
+
+def torchrun_env(monkeypatch, rank, world):
+    for name, value in (("RANK", rank), ("LOCAL_RANK", rank), ("WORLD_SIZE", world)):
+        monkeypatch.setenv(name, str(value))
+
+
+@pytest.mark.parametrize("flag", [None, "cuda"])
+def test_each_torchrun_process_makes_its_own_gpu_current(monkeypatch, flag):
+    """Rank 1 of 2 takes cuda:1 and makes it current before NCCL starts: its collectives (sample.py's
+    gather, train.py's all-reduce) and kernel timings then run on GPU 1, not all on GPU 0."""
+    import svp
+    gpus = FakeGPUs(monkeypatch)
+    torchrun_env(monkeypatch, 1, 2)
+    ranks = svp.init_processes(flag)
+    assert (ranks.rank, ranks.world, ranks.device) == (1, 2, torch.device("cuda", 1))
+    assert gpus.set == [torch.device("cuda", 1)] and gpus.backends == ["nccl"]
+
+
+def test_one_process_on_a_gpu_takes_the_current_one_or_the_one_named(monkeypatch):
+    import svp
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    gpus = FakeGPUs(monkeypatch, current=0)
+    assert svp.init_processes(None).device == torch.device("cuda", 0)  # "cuda": an index set_device accepts
+    assert svp.init_processes("cuda:1").device == torch.device("cuda", 1)
+    assert gpus.set == [torch.device("cuda", 0), torch.device("cuda", 1)] and gpus.backends == []
+    assert svp.init_processes("cpu").device == torch.device("cpu") and len(gpus.set) == 2
+
+
+def test_one_gpu_named_for_every_torchrun_process_is_refused(monkeypatch):
+    import svp
+    gpus = FakeGPUs(monkeypatch)
+    torchrun_env(monkeypatch, 0, 2)
+    with pytest.raises(ValueError, match="--device cuda:1 under torchrun would put every process on one GPU"):
+        svp.init_processes("cuda:1")
+    assert gpus.set == [] and gpus.backends == []
+
+
+class Started(Exception):
+    pass
+
+
+def test_sample_and_evaluate_start_through_init_processes(monkeypatch, tmp_path):
+    """The one function that train.py starts with sets the device of sample.py (every mode) and evaluate.py."""
+    import evaluate
+    import svp
+    asked = []
+
+    def init_processes(device):
+        asked.append(device)
+        raise Started
+    monkeypatch.setattr(svp, "init_processes", init_processes)
+    with pytest.raises(Started):
+        sample.main(["--ckpt", "sd.safetensors", "--prompt", "a cat", "--device", "cpu",
+                     "--out", str(tmp_path / "cat.png")])
+    (tmp_path / "avatar.safetensors").write_bytes(b"")
+    (tmp_path / "split.json").write_text('{"n_frames": 4, "held_out": [3], "rule": "the last"}')
+    with pytest.raises(Started):
+        evaluate.main(["--avatar", str(tmp_path), "--device", "cpu"])
+    assert asked == ["cpu", "cpu"]
+
+
+def test_under_torchrun_only_sampling_frames_is_split(monkeypatch, capsys, tmp_path):
+    import evaluate
+    torchrun_env(monkeypatch, 0, 2)
+    assert "run text to image and --drive as one process" in refused(
+        sample.parse_args, ["--ckpt", "sd.safetensors", "--prompt", "a cat"], capsys)
+    (tmp_path / "avatar.safetensors").write_bytes(b"")
+    assert "evaluate.py runs as one process" in refused(evaluate.parse_args, ["--avatar", str(tmp_path)], capsys)
+
+
+def share_and_gather(rank, world, port, out):
+    """One torchrun-like process of two (gloo): its share of frames 2..8, gathered on rank 0."""
+    import svp
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    ranks = svp.init_processes("cpu")
+    try:
+        share = ranks.share(range(2, 9))
+        gathered = ranks.gather(np.arange(share.start, share.stop)[:, None].repeat(2, 1))
+        np.save(os.path.join(out, f"rank{rank}.npy"), np.array([share.start, share.stop]))
+        if ranks.main:
+            np.save(os.path.join(out, "gathered.npy"), gathered)
+        else:
+            assert gathered is None
+    finally:
+        svp.end_processes()
+
+
+def test_two_processes_share_the_frames_and_gather_them_in_order(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(share_and_gather, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    shares = [range(*np.load(tmp_path / f"rank{r}.npy")) for r in range(2)]
+    assert shares == [range(2, 5), range(5, 9)]
+    np.testing.assert_array_equal(np.load(tmp_path / "gathered.npy"), np.arange(2, 9)[:, None].repeat(2, 1))

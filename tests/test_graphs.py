@@ -6,6 +6,10 @@ and keeps the outputs; its replay runs the call again on the static inputs and w
 those same output tensors, as a CUDA graph replays its kernels into fixed addresses. A GraphedCall that
 did not copy new inputs into the static buffers would replay the old ones, and the tests below see it.
 """
+import contextlib
+import re
+import types
+
 import numpy as np
 import pytest
 import torch
@@ -89,14 +93,124 @@ def test_outputs_are_copies_unless_the_call_site_uses_them_before_the_next_call(
     assert_same(first, affine(*inputs(2), 1.0))
 
 
-def test_a_failed_capture_says_how_to_run_without_graphs(stand_in):
-    class Failing(ReplayingCapture):
-        def __call__(self, run, device):
-            raise RuntimeError("operation not permitted when stream is capturing\nmore detail")
-    call = GraphedCall(affine, capture=Failing())
-    call(*inputs(0), 1.0)
-    with pytest.raises(model.graphs.GraphCaptureError, match=r"affine .*not permitted.*; --no-cuda-graphs"):
-        call(*inputs(1), 1.0)
+class CompilationError(Exception):
+    """Like Triton's errors: not a RuntimeError."""
+
+
+class FailingCapture(ReplayingCapture):
+    def __call__(self, run, device):
+        self.log.append("capture failed")
+        raise CompilationError("at 12:4: operation not permitted when stream is capturing\nmore detail")
+
+
+@pytest.fixture
+def fresh_warnings(monkeypatch):
+    monkeypatch.setattr(model.graphs, "_WARNED", set())
+
+
+def test_a_failed_capture_runs_that_signature_eagerly_from_then_on_with_one_warning_line(stand_in, caplog,
+                                                                                          fresh_warnings):
+    call = GraphedCall(affine, capture=FailingCapture())
+    with caplog.at_level("WARNING", "model.graphs"):
+        for seed in range(4):
+            assert_same(call(*inputs(seed), 1.0), affine(*inputs(seed), 1.0))
+        assert_same(call(*inputs(0, rows=3), 1.0), affine(*inputs(0, rows=3), 1.0))  # another signature
+        assert_same(call(*inputs(1, rows=3), 1.0), affine(*inputs(1, rows=3), 1.0))
+    # one capture tried per signature, never again; the other calls run the function itself
+    assert stand_in == ["warm_up", "capture failed", "warm_up", "capture failed"] and not call.graphs
+    assert len(caplog.records) == 1 and "\n" not in caplog.text.strip()
+    assert re.search(r"affine .*CompilationError.*not permitted.*--no-cuda-graphs", caplog.records[0].getMessage())
+    GraphedCall(affine, capture=FailingCapture())(*inputs(0), 1.0)
+    assert len(caplog.records) == 1  # once per process and callable: the next render's GraphedCall says nothing
+
+
+def test_a_warm_up_counts_only_once_it_returned(stand_in):
+    class RunsOutOfMemoryOnce(ReplayingCapture):
+        failed = False
+
+        def warm_up(self, run, device):
+            if not self.failed:
+                self.failed = True
+                raise torch.OutOfMemoryError("CUDA out of memory")
+            return super().warm_up(run, device)
+    call = GraphedCall(affine, capture=RunsOutOfMemoryOnce())
+    with pytest.raises(torch.OutOfMemoryError):
+        call(*inputs(0), 1.0)
+    assert not call.warm
+    # the retry warms up again (lazy initialisation and autotuning outside a capture), then captures
+    for seed in range(3):
+        assert_same(call(*inputs(seed), 1.0), affine(*inputs(seed), 1.0))
+    assert stand_in == ["warm_up", "capture", "replay", "replay"]
+
+
+class FakeStream:
+    """A pooled CUDA stream: PyTorch's pool hands out `POOL` distinct ones, round robin."""
+    POOL = 4
+    drawn = 0
+
+    def __init__(self, device):
+        self.device, self.cuda_stream = device, FakeStream.drawn % self.POOL
+        FakeStream.drawn += 1
+
+
+def test_each_capture_owner_gets_a_stream_no_live_owner_holds_and_gives_it_back(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "Stream", FakeStream)
+    FakeStream.drawn = 0
+    lender, gpu = model.graphs.SideStreams(), torch.device("cuda", 0)
+    first, second = lender.lend(gpu), lender.lend(gpu)
+    assert first.cuda_stream != second.cuda_stream
+    lender.give_back(gpu, first)
+    assert lender.lend(gpu) is first  # reused: the number of streams (and their workspaces) stays flat
+    third = lender.lend(gpu)
+    FakeStream.drawn = 0  # the pool comes round again to streams that live owners hold: skipped
+    fourth = lender.lend(gpu)
+    assert [s.cuda_stream for s in (first, second, third, fourth)] == [0, 1, 2, 3]
+    with pytest.raises(RuntimeError, match="lent out"):
+        lender.lend(gpu)
+
+
+def test_a_failed_cuda_capture_puts_the_caller_back_on_its_stream_and_frees_its_memory(monkeypatch):
+    """CudaGraphCapture with torch.cuda faked: the call fails inside the capture, and the capture's end then
+    fails too without leaving the capture stream (as torch.cuda.graph's exit does when capture_end raises)."""
+    current, emptied = ["the caller's stream"], []
+
+    class FailingGraph:
+        def __init__(self, graph, pool, stream, capture_error_mode):
+            self.stream = stream
+
+        def __enter__(self):
+            current[0] = self.stream
+
+        def __exit__(self, *error):
+            raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
+
+    def run():
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing\nmore")
+    for name, fake in (("graph", FailingGraph), ("device", lambda device: contextlib.nullcontext()),
+                       ("current_stream", lambda device=None: current[0]),
+                       ("set_stream", lambda stream: current.__setitem__(0, stream)), ("CUDAGraph", object),
+                       ("graph_pool_handle", lambda: "pool"), ("empty_cache", lambda: emptied.append(True)),
+                       ("Stream", FakeStream)):
+        monkeypatch.setattr(torch.cuda, name, fake)
+    monkeypatch.setattr(model.graphs, "SIDE_STREAMS", model.graphs.SideStreams())
+    with pytest.raises(model.graphs.GraphCaptureError, match=r"^RuntimeError: CUDA error: operation not permitted"):
+        model.graphs.CudaGraphCapture()(run, torch.device("cuda", 0))
+    assert current == ["the caller's stream"] and emptied == [True]
+
+
+def test_a_capture_owner_stays_on_its_device(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "Stream", FakeStream)
+    monkeypatch.setattr(model.graphs, "SIDE_STREAMS", model.graphs.SideStreams())
+    capture = model.graphs.CudaGraphCapture()
+    on = [types.SimpleNamespace(is_cuda=True, device=torch.device("cuda", i)) for i in range(2)]
+    with torch.no_grad():
+        assert capture.accepts([on[0]]) and capture.accepts([on[1]])
+        stream = capture._side_stream(on[1].device)
+        assert capture._side_stream(on[1].device) is stream  # made once
+        assert capture.accepts([on[1]]) and not capture.accepts([on[0]])  # another GPU: eager
+    lent = set(model.graphs.SIDE_STREAMS.lent)
+    del capture
+    assert lent and not model.graphs.SIDE_STREAMS.lent  # given back with the owner
 
 
 def test_cpu_tensors_and_disabled_graphs_run_the_call_itself():

@@ -15,6 +15,7 @@ Tolerances are relative, ||out - ref|| / ||ref||, against the reference evaluate
 (already rounded) inputs: 1e-5 for fp32, 2e-3 for fp16, 1e-2 for bf16. bf16 is only tested compiled:
 the interpreter's bf16 tl.dot is broken (rel. error ~1e9), which says nothing about the real kernel.
 """
+import contextlib
 import importlib
 import importlib.util
 import itertools
@@ -377,8 +378,8 @@ def test_group_norm_plan_is_worked_out_once_per_shape(kernel_module):
 # Dispatch: SVP_KERNELS, the measured table, the per-GPU cache, first-use timing
 
 
-def fake_cuda_tensor(requires_grad=False):
-    return types.SimpleNamespace(is_cuda=True, device=torch.device("cuda", 0), requires_grad=requires_grad)
+def fake_cuda_tensor(requires_grad=False, index=0):
+    return types.SimpleNamespace(is_cuda=True, device=torch.device("cuda", index), requires_grad=requires_grad)
 
 
 class FakeGPU:
@@ -388,7 +389,7 @@ class FakeGPU:
 
     def __init__(self, tmp_path, ours_ms=1.0, torch_ms=2.0):
         from kernels import dispatch
-        self.ran, self.timed = [], []
+        self.ran, self.timed, self.timed_on = [], [], []
         self.ms = {"ours": ours_ms, "torch": torch_ms}
         self.op = dispatch.Op("fake", ours=lambda n: self.ran.append("ours"),
                               theirs=lambda n: self.ran.append("torch"), bucket=lambda n: (dispatch.size_class(n),))
@@ -406,14 +407,15 @@ class FakeGPU:
         self.identified += 1
         return self.identity
 
-    def timer(self, run):
+    def timer(self, run, device):
         self.ran.clear()
         run()
         self.timed.append(self.ran[-1])
+        self.timed_on.append(device)
         return self.ms[self.ran[-1]]
 
-    def prefers_ours(self, n, requires_grad=False):
-        return self.policy.prefers_ours(self.op, [fake_cuda_tensor(requires_grad)], (n,))
+    def prefers_ours(self, n, requires_grad=False, index=0):
+        return self.policy.prefers_ours(self.op, [fake_cuda_tensor(requires_grad, index)], (n,))
 
     def write_table(self, entries):
         (self.table_dir / "sm00.json").write_text(json.dumps(dict(gpu="Fake GPU", arch="sm00", entries=entries)))
@@ -468,7 +470,7 @@ def test_training_calls_are_timed_forward_and_backward(tmp_path):
 
     op = dispatch.Op("square", ours=square, theirs=square, bucket=lambda x: (x.numel(),))
     times = itertools.cycle([2.0, 1.0])  # torch, then ours
-    policy = dispatch.KernelPolicy(timer=lambda run: (run(), next(times))[1], identify=lambda device: gpu.identity,
+    policy = dispatch.KernelPolicy(timer=lambda run, device: (run(), next(times))[1], identify=lambda device: gpu.identity,
                                    table_dir=tmp_path, cache_path=lambda name: gpu.cache)
     assert policy.prefers_ours(op, [x], (x,))
     assert runs == [True, True] and x.grad is None  # with autograd on, on a detached copy
@@ -504,7 +506,7 @@ def test_no_timing_during_cuda_graph_capture(monkeypatch, tmp_path):
 def test_a_kernel_that_fails_its_timing_never_wins(tmp_path):
     gpu = FakeGPU(tmp_path)
 
-    def timer(run):
+    def timer(run, device):
         gpu.ran.clear()
         run()
         if gpu.ran[-1] == "ours":
@@ -515,6 +517,72 @@ def test_a_kernel_that_fails_its_timing_never_wins(tmp_path):
     policy = gpu.new_policy()
     with pytest.warns(UserWarning, match="failed its timing"):
         assert not policy.prefers_ours(gpu.op, [fake_cuda_tensor()], (128,))
+
+
+def test_a_first_use_is_timed_on_the_tensors_gpu(tmp_path):
+    """A call on cuda:1 is timed on cuda:1 whichever GPU is current (torchrun's rank 1, --device cuda:1)."""
+    gpu = FakeGPU(tmp_path)
+    assert gpu.prefers_ours(128, index=1)
+    assert gpu.timed_on == [torch.device("cuda", 1)] * 2
+
+
+class FakeCuda:
+    """torch.cuda's device, stream and event calls, on the CPU: which device is current, and where each
+    event was recorded and each timed call ran."""
+
+    def __init__(self, monkeypatch):
+        self.current, self.log = 0, []
+        monkeypatch.setattr(torch.cuda, "device", self.device)
+        monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: f"stream of cuda:{self.index(device)}")
+        monkeypatch.setattr(torch.cuda, "Event", self.event)
+
+    def index(self, device):
+        return self.current if device is None else torch.device(device).index
+
+    @contextlib.contextmanager
+    def device(self, device):
+        before, self.current = self.current, torch.device(device).index
+        try:
+            yield
+        finally:
+            self.current = before
+
+    def event(self, enable_timing):
+        cuda = self
+
+        class Event:
+            def record(self, stream=None):
+                cuda.log.append(("record", stream or torch.cuda.current_stream()))
+
+            def synchronize(self):
+                pass
+
+            def elapsed_time(self, end):
+                return 1.0
+        return Event()
+
+
+def test_cuda_time_ms_records_on_the_timed_gpus_stream_with_that_gpu_current(monkeypatch):
+    from kernels.dispatch import cuda_time_ms
+    cuda = FakeCuda(monkeypatch)
+    assert cuda_time_ms(lambda: cuda.log.append(("run on", cuda.current)), torch.device("cuda", 1), warmup=1,
+                        repeats=2) == 1.0
+    assert cuda.log == [("run on", 1)] + [("record", "stream of cuda:1"), ("run on", 1),
+                                          ("record", "stream of cuda:1")] * 2
+    assert cuda.current == 0  # the caller's device is current again
+
+
+def test_the_cache_folder_follows_svp_cache_then_xdg_then_home(monkeypatch, tmp_path):
+    from kernels.dispatch import cache_dir, default_cache_path
+    monkeypatch.delenv("SVP_CACHE", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert cache_dir() == tmp_path / "home" / ".cache" / "svp"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir() == tmp_path / "xdg" / "svp"
+    monkeypatch.setenv("SVP_CACHE", str(tmp_path / "mine"))
+    assert cache_dir() == tmp_path / "mine"
+    assert default_cache_path("NVIDIA H100 80GB HBM3") == tmp_path / "mine" / "kernels-nvidia-h100-80gb-hbm3.json"
 
 
 def test_repo_tables_are_valid():

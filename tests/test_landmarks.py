@@ -253,8 +253,8 @@ def test_detects_the_astronauts_face_and_boxes_it_like_dlib(predictor, reference
 
 
 def test_the_parsed_model_is_cached(predictor, tmp_path, monkeypatch):
-    """The .dat is parsed once, then read from an .npz keyed by its size and mtime."""
-    monkeypatch.setattr(lm, "CACHE_DIR", str(tmp_path))
+    """The .dat is parsed once, then read from an .npz in svp's cache folder ($SVP_CACHE)."""
+    monkeypatch.setenv("SVP_CACHE", str(tmp_path))
     path = lm.default_model_path()
     first = lm.LandmarkPredictor.load(path)
     assert len(os.listdir(tmp_path)) == 1
@@ -263,6 +263,52 @@ def test_the_parsed_model_is_cached(predictor, tmp_path, monkeypatch):
     for name in ("initial_shape", "split_pixels", "split_thresholds", "leaf_values", "anchor_idx", "deltas"):
         assert np.array_equal(getattr(cached, name), getattr(predictor, name)), name
         assert np.array_equal(getattr(first, name), getattr(predictor, name)), name
+
+
+def test_the_cache_key_is_what_the_file_is(tmp_path):
+    """Same bytes elsewhere, at another mtime: the same key (a new venv reuses the entry). A byte changed in
+    a block the key reads (its start, middle, end: a retrained model changes every block), a byte more, or
+    another file: another key."""
+    model = tmp_path / "model.dat"
+    data = np.random.default_rng(0).integers(0, 256, 3 * lm.SAMPLES * lm.SAMPLE_BYTES // 2, np.uint8).tobytes()
+    model.write_bytes(data)
+    copy = tmp_path / "venv2" / "model.dat"
+    copy.parent.mkdir()
+    copy.write_bytes(data)
+    os.utime(copy, ns=(1, 1))
+    assert lm.model_key(copy) == lm.model_key(model)
+    middle_block = lm.SAMPLES // 2 * (len(data) - lm.SAMPLE_BYTES) // (lm.SAMPLES - 1)
+    for offset in (0, middle_block + 100, len(data) - 1):
+        changed = bytearray(data)
+        changed[offset] ^= 1
+        copy.write_bytes(changed)
+        assert lm.model_key(copy) != lm.model_key(model), offset
+    copy.write_bytes(data + b"\0")
+    assert lm.model_key(copy) != lm.model_key(model)
+    small = tmp_path / "small.dat"
+    small.write_bytes(data[:1000])
+    assert lm.model_key(small) != lm.model_key(model)
+
+
+def test_a_new_version_of_a_model_replaces_its_cache_entry(tmp_path, monkeypatch):
+    """One cache file per model: writing the entry of another version of the same model name removes the
+    old one (and an older svp's size-and-mtime entry); other models' entries and temporary files stay."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("SVP_CACHE", str(cache))
+    monkeypatch.setattr(lm, "read_shape_predictor", lambda path: {"bytes": np.frombuffer(open(path, "rb").read(),
+                                                                                           np.uint8)})
+    cache.mkdir()
+    kept = ["other_model.dat.1-abc.npz", "model.dat.tmp999.npz"]
+    for name in kept + ["model.dat.4096.1796649795452868349.npz"]:  # the last: an older svp's key
+        (cache / name).write_bytes(b"")
+    model = tmp_path / "model.dat"
+    model.write_bytes(b"version 1")
+    assert bytes(lm._cached_shape_predictor(str(model))["bytes"]) == b"version 1"
+    first = f"model.dat.{lm.model_key(model)}.npz"
+    assert sorted(os.listdir(cache)) == sorted(kept + [first])
+    model.write_bytes(b"version 2")
+    assert bytes(lm._cached_shape_predictor(str(model))["bytes"]) == b"version 2"
+    assert sorted(os.listdir(cache)) == sorted(kept + [f"model.dat.{lm.model_key(model)}.npz"])
 
 
 def shifted_frames(count, step=(3, 2)):

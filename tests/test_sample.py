@@ -11,6 +11,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import svp
@@ -131,6 +132,19 @@ def test_sample_py_writes_the_same_frames_however_they_are_split(run, tmp_path):
     reference = read_pngs(tmp_path / "whole")
     for name in ("chunked", "split"):
         assert np.abs(read_pngs(tmp_path / name) - reference).max() <= 1, name  # up to rounding of batched convs
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_torchrun_on_two_gpus_gives_the_frames_of_one(untrained_avatar_run, tmp_path):
+    """`torchrun --nproc_per_node 2 sample.py`: each process on its own GPU (cuda:LOCAL_RANK, made current,
+    so NCCL's gather runs on both), and the frames of one process on one GPU."""
+    run = untrained_avatar_run
+    one = sample(run, tmp_path / "one", "--dtype", "fp32")
+    assert one.returncode == 0, one.stderr[-2000:]
+    torchrun = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()))
+    two = sample(run, tmp_path / "two", "--dtype", "fp32", launcher=torchrun)
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert np.abs(read_pngs(tmp_path / "two") - read_pngs(tmp_path / "one")).max() <= 1
 
 
 def test_side_by_side_and_the_default_avatar(run, tmp_path):

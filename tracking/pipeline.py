@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm import tqdm
 
+from kernels.dispatch import cache_dir
 from model.files import atomic_write, read_json, write_json
 from tracking.conditioning import posed_vertices
 from tracking.demo import write_demo_video
@@ -52,7 +53,6 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_GAP = 10  # frames: longer stretches without a face are an error, shorter ones are interpolated
 DEMO_FRAMES = 48      # length of the demo video when max_frames does not say
 EMBEDDING_NAMES = ("landmark_embedding.npy", "flame_static_embedding.pkl")
-TOY_FLAME_DIR = os.path.join(os.path.expanduser("~"), ".cache", "svp", "toyhead")
 CHECKPOINT_EVERY = 100  # frames between the progress saves of an interruptible track
 PREVIEW_SIZE = 256      # the preview is drawn at most this large: it is a preview
 PREVIEW_BATCH = 8       # preview frames rasterized together
@@ -85,10 +85,10 @@ def load_flame(flame_path: str | None = None, n_shape: int = 100, n_exp: int = 5
 
 def toy_flame_path() -> str:
     """The toy head's generic_model.pkl, built once per version of tracking/toyhead.py (it takes about a
-    second, every command used to pay it) into a folder of TOY_FLAME_DIR named by that version."""
+    second, every command used to pay it) into a folder of svp's cache named by that version."""
     with open(toyhead.__file__, "rb") as f:
         version = hashlib.sha256(f.read()).hexdigest()[:16]
-    folder = os.path.join(TOY_FLAME_DIR, version)
+    folder = str(cache_dir() / "toyhead" / version)
     if not os.path.isdir(folder):  # written whole under a temp name, then renamed: never seen half-written
         temp = f"{folder}.tmp{os.getpid()}"
         toyhead.write_toy_flame(temp)

@@ -1,6 +1,7 @@
 """The live page: http://127.0.0.1:PORT/ shows the newest published image as an MJPEG stream (/stream.mjpg).
 
-Standard-library HTTP only. The socket is bound when the server is made (sample.py does it while checking
+A stand-in until the steerable page (live controls, figures) lands: it keeps the stats it is given
+(`publish_stats`, the live loop's figures) and shows only the images. Standard-library HTTP only. The socket is bound when the server is made (sample.py does it while checking
 its flags, so a port in use is refused before the avatar loads); `start` then serves it on a thread.
 """
 import threading
@@ -14,12 +15,13 @@ PAGE = b"""<!doctype html><title>svp live</title><body style="background:#111;co
 <p>driving | avatar</p><img src="/stream.mjpg" style="image-rendering:pixelated;height:80vh"></body>"""
 
 
-class MjpegServer:
+class LivePage:
     """The page on 127.0.0.1:`port` (0: a free port the system picks; `url` tells which). Binding raises
-    OSError (port in use, a privileged port)."""
+    OSError (port in use, a privileged port). controls: what the page may change (live/controls.py)."""
 
-    def __init__(self, port: int):
+    def __init__(self, port: int, controls=None):
         self.jpeg, self.closed, self.changed = None, False, threading.Condition()
+        self.controls, self.stats = controls, None
         self.thread = None
         server = self
 
@@ -47,7 +49,7 @@ class MjpegServer:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.httpd.server_address[1]}/"
 
-    def start(self) -> "MjpegServer":
+    def start(self) -> "LivePage":
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
         self.thread.start()
         return self
@@ -75,6 +77,9 @@ class MjpegServer:
         with self.changed:
             self.jpeg = buffer.getvalue()
             self.changed.notify_all()
+
+    def publish_stats(self, stats: dict):
+        self.stats = stats
 
     def close(self):
         with self.changed:

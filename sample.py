@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 
 import svp
+from live.loop import drive, live_controls
 from live.page import LivePage
 from live.take import take_path
 from model.files import atomic_write
@@ -66,10 +67,12 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     for problem in input_problems(args):
         p.error(problem)
+    # what a live run's page may change while it plays, starting from the flags
+    args.controls = live_controls(video_settings(args), args.prompt, args.morph, args.morph_weight)
     args.page = None
     if args.serve is not None:  # bound now, so that a port in use is refused before the avatar loads
         try:
-            args.page = LivePage(args.serve)
+            args.page = LivePage(args.serve, args.controls)
         except OSError as error:
             p.error(f"argument --serve: cannot listen on 127.0.0.1:{args.serve} ({error.strerror})")
     return args
@@ -243,21 +246,17 @@ def video_settings(args) -> VideoSampling:
 
 def live_main(args, device, dtype):
     """--drive: the avatar driven frame by frame (live/loop.py), written to --out as it goes, with its take."""
-    from live.loop import drive, live_controls
     avatar = svp.load_avatar(args.avatar, base=args.base, flame=args.flame, device=device, dtype=dtype,
                              tokenizer=args.tokenizer, loras=args.lora, decoder=args.decoder)
-    settings = video_settings(args)
-    controls = live_controls(settings, args.prompt, args.morph, args.morph_weight)
     if args.page is not None:
-        args.page.controls = controls
         print(f"serving {args.page.start().url}", flush=True)
 
     def progress(frame, stats):
         if stats["frames"] % 10 == 1:
             print(f"frame {stats['frames']}: {stats['fps']:.1f} frames/s, latency {stats['latency_ms']['median']:.0f} ms, "
                   f"{stats['dropped']} dropped", flush=True)
-    run = drive(avatar, args.drive, args.out, settings, controls, args.page, args.side_by_side, args.negative_prompt,
-                on_frame=progress)
+    run = drive(avatar, args.drive, args.out, video_settings(args), args.controls, args.page, args.side_by_side,
+                args.negative_prompt, on_frame=progress)
     how = "stopped by Ctrl-C; " if run.stopped else ""
     stages = ", ".join(f"{name} {ms:.0f}" for name, ms in run.stats["stages_ms"].items())
     print(f"wrote {args.out} and {run.take} ({how}{run.frames} frames in {run.seconds:.1f} s, "

@@ -34,7 +34,8 @@ strength, the conditioning scale; live/'s page controls). A frame takes the sett
 ENTERS the stream and keeps them until it leaves: its own pull toward its predecessor uses its own
 strength, and the frames already in flight are not re-weighted. While frames of old and new settings share
 a tick, each row of the model batch gets its own text embedding and scale (an eager call); once they agree
-again the steady tick replays its graph. With fixed settings every frame shares one FrameSettings and the
+again the steady tick replays its graph (a new text embedding is an input of the same graph; a new
+conditioning scale is a value baked into one, so each scale used gets its own capture). With fixed settings every frame shares one FrameSettings and the
 arithmetic is the offline sampler's.
 
 On CUDA the calls whose shapes repeat replay CUDA graphs (model/graphs.py; VideoSampling.cuda_graphs):
@@ -45,8 +46,7 @@ stays one eager kernel launch per step: its coefficients are the step's, passed 
 a graph would bake in (one capture of the whole network per step).
 """
 from collections import deque
-from collections.abc import Iterable, Iterator
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 
 import numpy as np

@@ -212,8 +212,9 @@ def run(feed: Source, stages: list, out: str | None, page, side_by_side: bool, s
     except (ValueError, OSError):
         raise
     except Exception as error:  # noqa: BLE001  (a bug or the device: one line, the frames made are kept)
+        first_line = (str(error).splitlines() or [""])[0]
         raise LiveError(f"the live run failed after {len(pipeline.shown_at)} frames "
-                        f"({type(error).__name__}: {error})") from error
+                        f"({type(error).__name__}: {first_line})") from error
     finally:
         ctrl_c.restore()
         feed.close()
@@ -222,4 +223,4 @@ def run(feed: Source, stages: list, out: str | None, page, side_by_side: bool, s
     if frames == 0:
         raise VideoError(out or feed.name, f"no frames: {feed.name} gave none")
     return LiveRun(frames, feed.dropped, time.monotonic() - start, ctrl_c.requested,
-                   pipeline.stats(feed.dropped, read_seconds, everything=True), take and take.path)
+                   pipeline.stats(feed.dropped, read_seconds, everything=True), take.path if take else None)

@@ -105,7 +105,7 @@ def main():
             decoder = load_tiny_decoder(args.decoder, device, dtype)
         context = torch.randn(1, 77, config.unet.context_dim, generator=torch.Generator().manual_seed(1)).to(device, dtype)
         avatar = RandomAvatar(denoiser, decoder, context, avatar_size)
-    where = torch.cuda.get_device_name(device) if cuda else "CPU, 1 torch thread per stage"
+    where = torch.cuda.get_device_name(device) if cuda else f"{os.cpu_count()}-core CPU, 1 torch thread per stage"
     load = os.getloadavg()[0]
     today = datetime.date.today().isoformat()
     print(f"{where}, {today}, load {load:.1f} at the start; avatar: {config.name} shapes {avatar_size} px, "

@@ -423,3 +423,35 @@ def test_a_live_take_renders_offline_with_sample_params(untrained_avatar_run, de
                              *FEW_STEPS, "--out", str(out)], cwd=REPO, env=ENV, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     assert mp4_frames(out).shape == (seq.n_frames, 64, 64, 3)
+
+
+def test_steering_keeps_the_embedding_it_has_until_the_new_one_is_ready_and_reports_a_failed_one():
+    """live/steering.py with a stand-in text encoder: a change of text is embedded off the caller's thread;
+    the frames entering meanwhile keep the old embedding; one that fails leaves a message and the old one."""
+    import threading
+    from live.controls import Controls
+    from live.steering import Steering
+    release = threading.Event()
+
+    class Encoder:
+        def text_context(self, prompt, morph=None, morph_weight=0.0):
+            if prompt == "slow":
+                release.wait(10)
+            if prompt == "broken":
+                raise ValueError("the tokenizer cannot read this")
+            return torch.full((1, 77, 4), float(len(prompt or "")))
+    controls = Controls()
+    steering = Steering(Encoder(), controls)
+    first = steering()
+    controls.update({"prompt": "slow", "conditioning_scale": 2.0})
+    during = steering()  # the scale applies now; the text is still being embedded
+    assert during.context is first.context and during.conditioning_scale == 2.0
+    release.set()
+    steering.pending[1].result()
+    assert steering().context[0, 0, 0] == 4.0
+    controls.update({"prompt": "broken"})
+    assert steering().context[0, 0, 0] == 4.0  # the change is seen as a frame enters; its embedding is asked
+    steering.pending[1].exception()
+    after = steering()
+    assert after.context[0, 0, 0] == 4.0 and "tokenizer cannot read" in steering.message
+    steering.close()

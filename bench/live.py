@@ -16,12 +16,20 @@ seconds), and the figures are the steady state's, in the source's time: frames/s
 second of the source between the first and the last frame shown (not the wavefront's drain after the
 source ended); dropped = the source frames between those two that were not shown. "ceiling" = 1 / the slowest stage's median (the
 rate a perfect pipeline reaches); "of ceiling" = frames/s over it (goal >= 0.9 pipelined).
+
+--contention: threads or processes? The tracking stage's ms alone, beside the sampler's ticks in a second
+thread, and beside them in a second process (the avatar's shapes, as above): if a thread slows the tracking
+more than a process does, the GIL binds and the stages want processes.
 """
 import argparse
 import datetime
+import multiprocessing
 import os
+import statistics
 import sys
 import tempfile
+import threading
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -79,6 +87,65 @@ def live_run(video: str, flame, size: int, avatar: RandomAvatar | None, settings
             "dropped_share": 1 - len(shown) / span, "ceiling": 1000 / slowest}
 
 
+def tick_until(stop, avatar: RandomAvatar, ticks: list):
+    """The sampler's steady work without a source: full wavefront ticks (4 frames) and one decode each."""
+    torch.set_num_threads(1)
+    param = next(avatar.denoiser.parameters())
+    latent, size = avatar.resolution // avatar.decoder.downscale, avatar.resolution
+    x = torch.randn(4, avatar.denoiser.unet.config.in_channels, latent, latent).to(param)
+    t, hint = torch.tensor([999, 700, 400, 100], device=param.device), torch.rand(4, HINT_CHANNELS, size, size).to(param)
+    with torch.no_grad():
+        while not stop.is_set():
+            began = time.perf_counter()
+            avatar.denoiser.guided(x, t, avatar.context, None, hint)
+            avatar.decoder.decode_latents(x[:1])
+            ticks.append(time.perf_counter() - began)
+
+
+def _ticks_in_process(stop, avatar, result):
+    ticks = []
+    tick_until(stop, avatar, ticks)
+    result.put(statistics.median(ticks))
+
+
+def contention_rows(video: str, flame, size: int, avatar: RandomAvatar, frames: int = 8):
+    """Tracking ms per frame alone, beside a sampler thread, beside a sampler process (interleaved, twice)."""
+    shape = np.zeros(flame.n_shape, np.float32)
+    images = list(iter_frames(video, frames + 1))
+    tracker = LiveTracker(flame, camera(default_focal((size, size)), size), shape, size, video)
+    tracker(0, images[0])
+
+    def track() -> float:
+        seconds = []
+        for k, image in enumerate(images[1:], 1):
+            began = time.perf_counter()
+            render_conditioning(flame, tracker(k, image)[1], size, shape=shape)
+            seconds.append(time.perf_counter() - began)
+        return 1000 * statistics.median(seconds)
+    fork = multiprocessing.get_context("fork")
+    print("| date | machine | tracking ms alone | beside a sampler thread (its tick ms) "
+          "| beside a sampler process (its tick ms) | load |")
+    print("|---|---|---|---|---|---|")
+    for _ in range(2):
+        alone = track()
+        stop, ticks = threading.Event(), []
+        thread = threading.Thread(target=tick_until, args=(stop, avatar, ticks))
+        thread.start()
+        beside_thread = track()
+        stop.set()
+        thread.join()
+        stop, result = fork.Event(), fork.Queue()
+        process = fork.Process(target=_ticks_in_process, args=(stop, avatar, result))
+        process.start()
+        beside_process = track()
+        stop.set()
+        process_tick = result.get()
+        process.join()
+        print(f"| {datetime.date.today()} | {os.cpu_count()}-core CPU | {alone:.0f} | {beside_thread:.0f} "
+              f"({1000 * statistics.median(ticks):.0f}) | {beside_process:.0f} ({1000 * process_tick:.0f}) "
+              f"| {os.getloadavg()[0]:.1f} |", flush=True)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu")
@@ -87,6 +154,7 @@ def main():
     p.add_argument("--sources", default="1080,720", help="clip heights: 1080 and/or 720")
     p.add_argument("--modes", default="tracking,avatar", help="tracking (tracking only) and/or avatar")
     p.add_argument("--size", type=int, default=512, help="crop and conditioning size of the tracking-only rows")
+    p.add_argument("--contention", action="store_true", help="only the threads-or-processes rows (module doc)")
     args = p.parse_args()
     torch.set_num_threads(1)  # the live loop's stages share the cores; one torch thread each (the issue's setting)
     device = torch.device(args.device)
@@ -98,7 +166,7 @@ def main():
     flame = load_flame(None)
     settings = VideoSampling(sampler="lcm", steps=4, guidance=1.0, batch_frames=4)
     avatar = None
-    if "avatar" in args.modes:
+    if "avatar" in args.modes or args.contention:
         denoiser, decoder = build(config, device, dtype)
         if args.decoder:
             from model.taesd import load_tiny_decoder
@@ -111,6 +179,11 @@ def main():
     print(f"{where}, {today}, load {load:.1f} at the start; avatar: {config.name} shapes {avatar_size} px, "
           f"{str(dtype).removeprefix('torch.')}, lcm 4 steps; torch {torch.__version__}")
     print()
+    if args.contention:
+        with tempfile.TemporaryDirectory() as tmp:
+            video = write_demo_video(os.path.join(tmp, "720p.mp4"), n_frames=10, size=480, fps=30, frame_size=(720, 1280))
+            contention_rows(video, flame, args.size, avatar)
+        return
     print("| date | machine | source | mode | loop | frames/s | ceiling | of ceiling | dropped | latency median / p90 ms "
           "| stage ms (median) | load |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")

@@ -12,7 +12,9 @@ latency is the sum of the stages' times plus at most one period of the slowest s
 next is taken: the loop before pipelining, kept for bench/live.py's comparison).
 
 Threads, not processes: the stages spend their time in torch, numpy, PyAV's codecs and PIL's JPEG
-encoder, which release the GIL (bench/live.py measures the pipelined rate against 1 / slowest stage).
+encoder, which release the GIL; measured (bench/live.py --contention, BENCHMARKS.md), the tracking beside
+the sampler in another process slows as much as beside it in another thread, so a process per stage would
+only add the copies of every frame between processes.
 
 Stopping: `stop()` (the first Ctrl-C, see StopOnCtrlC) ends the source; every stage finishes what it holds
 and the outputs close. An exception in a stage ends that stage's output as if its input had ended, so the

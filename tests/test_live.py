@@ -13,7 +13,6 @@ import subprocess
 import sys
 import time
 import urllib.request
-from io import BytesIO
 
 from fractions import Fraction
 
@@ -21,8 +20,9 @@ import av
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import save_file
+
+from test_page import jpegs_from  # the page's MJPEG stream, read as its own test reads it
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # one intra-op thread: on a shared 2-core machine a second one makes every small op wait for a busy core
@@ -47,21 +47,6 @@ def free_port() -> int:
 def mp4_frames(path) -> np.ndarray:
     with av.open(str(path)) as container:
         return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
-
-
-def jpegs_from(url: str, count: int, timeout: float) -> list[Image.Image]:
-    """The first `count` JPEGs of an MJPEG (multipart/x-mixed-replace) stream."""
-    images = []
-    with urllib.request.urlopen(url, timeout=timeout) as stream:
-        assert stream.headers["Content-Type"].startswith("multipart/x-mixed-replace")
-        while len(images) < count:
-            assert stream.readline().strip() == b"--frame"
-            headers = dict(line.decode().strip().split(": ", 1) for line in iter(stream.readline, b"\r\n"))
-            assert headers["Content-Type"] == "image/jpeg"
-            images.append(Image.open(BytesIO(stream.read(int(headers["Content-Length"])))))
-            images[-1].load()
-            stream.readline()
-    return images
 
 
 def wait_for_page(url: str, process, seconds: float) -> bytes:

@@ -54,6 +54,7 @@ from tracking.cli import (ArgumentParser, add_tracking_args, available_device, f
                           non_negative_int, nonempty_text, output_dir_problem, positive_float, positive_int,
                           run_command)
 from tracking.conditioning import CONDITIONING_CHANNELS, render_conditioning
+from tracking.people import left_out_frames
 from tracking.pipeline import load_flame
 
 log = logging.getLogger("train")
@@ -193,7 +194,7 @@ class FrameData:
 def track(cfg: argparse.Namespace) -> svp.TrackedVideo:
     """<out>/tracking at --resolution (a cache made with other inputs is tracked again: tracking/pipeline.py)."""
     return svp.track(cfg.video, os.path.join(cfg.out, "tracking"), cfg.flame, size=cfg.resolution,
-                     max_frames=cfg.max_frames, bbox=cfg.bbox, max_gap=cfg.max_gap)
+                     max_frames=cfg.max_frames, bbox=cfg.bbox, max_gap=cfg.max_gap, person=cfg.person)
 
 
 def build_caches(cfg: argparse.Namespace, sd: StableDiffusion, flame, tracked, base: str, device):
@@ -230,6 +231,21 @@ def split_of(cfg: argparse.Namespace, n: int) -> svp.Split:
     if not split.train:
         raise ValueError(f"{cfg.video}: {n} tracked frames leave none for training after holding out {n}")
     return split
+
+
+def training_frames(cfg: argparse.Namespace, split: svp.Split, say: bool = True) -> list[int]:
+    """The split's training frames less those of another person (the track's people.json); `say`: log how
+    many train and where the track's report is."""
+    track_dir = os.path.join(cfg.out, "tracking")
+    left_out = left_out_frames(track_dir)
+    frames = [f for f in split.train if f not in left_out]
+    if not frames:
+        raise ValueError(f"{cfg.video}: no frame of the main person is left to train on; see {track_dir}/report.png")
+    if say:
+        log.info("training on %d of %d tracked frames (%d held out, %d of another person left out); "
+                 "the track's report: %s", len(frames), split.n_frames, len(split.held_out),
+                 len(split.train) - len(frames), os.path.join(track_dir, "report.png"))
+    return frames
 
 
 def prepare_data(cfg: argparse.Namespace, sd: StableDiffusion, base: str, ranks: svp.Processes, flame) -> FrameData:
@@ -379,7 +395,7 @@ def train_locked(cfg: argparse.Namespace, ranks: svp.Processes) -> Denoiser:
         if ranks.main:
             append_log(paths["log.jsonl"], record)
 
-    train_frames = data.split.train
+    train_frames = training_frames(cfg, data.split, say=ranks.main)
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not ranks.main, desc="training")
     try:
         while step < cfg.max_steps:

@@ -1,7 +1,7 @@
 """Tracking speed on the CPU: frames/s of FLAME fitting alone, and of the whole track command.
 
     python bench/tracking.py [--frames 300] [--threads 2] [--video-frames 48] [--skip-command]
-                             [--hd-frames 600 3000] [--skip-fit]
+                             [--hd-frames 600 3000] [--skip-fit] [--live-fit-frames 100]
 
 Fitting runs on synthetic sequences (`synthetic_sequence`, also the tests' ground truth) of two models:
 - the toy head (1973 vertices; its contour table repeats one row);
@@ -9,6 +9,11 @@ Fitting runs on synthetic sequences (`synthetic_sequence`, also the tests' groun
   300 + 100 components) with a dynamic contour table whose rows move the jaw-line points across
   the cheek with the head's yaw (0.5 mm per degree), like a silhouette table: the fit's cost grows
   with the vertices such a table spans.
+The live one-frame fit (`FrameFit`, what LiveTracker runs per frame) and its reference `fit_frame` are
+timed frame by frame on the same synthetic sequences (0.5 px landmark noise), one after the other, each
+warm-started from its own previous fit: median and p90 per frame on one thread; the first frame (no previous fit: the
+Procrustes start and a rigid stage) and the time to build FrameFit apart. `--skip-fit --skip-command
+--hd-frames` (nothing after it) times these rows alone.
 The first row is the toy head's first fit in the process (cold: library and allocator start-up),
 what a single track command pays; the rows after it are warm. The fit pins its own thread count
 (FitConfig.threads, 1 by default); --fit-threads overrides it.
@@ -33,7 +38,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tracking.demo import write_demo_video  # noqa: E402
-from tracking.fit import FitConfig, fit_sequence  # noqa: E402
+from tracking.fit import FitConfig, FrameFit, fit_frame, fit_sequence  # noqa: E402
 from tracking.flame import CONTOUR_LUT_ROWS, N_CONTOUR  # noqa: E402
 from tracking.pipeline import load_flame  # noqa: E402
 from tracking.render import opengl_to_opencv, project  # noqa: E402
@@ -168,13 +173,16 @@ def main():
     p.add_argument("--skip-command", action="store_true", help="time the fit only")
     p.add_argument("--hd-frames", type=int, nargs="*", default=[600, 3000],
                    help="frames of the generated 1080p clips of the whole-command and memory rows (none: skip)")
-    p.add_argument("--skip-fit", action="store_true", help="time the whole command only")
+    p.add_argument("--skip-fit", action="store_true", help="skip the (offline) fit rows")
+    p.add_argument("--live-fit-frames", type=int, default=100, help="frames of the one-frame fit rows (0: skip)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         if not args.skip_fit:
             rows += fit_rows(args, tmp)
+        if args.live_fit_frames:
+            rows += live_fit_rows(args.live_fit_frames, tmp)
         if not args.skip_command:
             video = write_demo_video(os.path.join(tmp, "demo.mp4"), n_frames=args.video_frames)
             load = os.getloadavg()[0]
@@ -203,6 +211,47 @@ def fit_rows(args, tmp):
         rows.append(f"| FLAME fit, {name} ({len(flame.v_template)} vertices, {contour} contour-table vertices) "
                     f"| {fit['frames']} | {args.fit_threads} | {fit['seconds']:.1f} | {fit['fps']:.1f} "
                     f"| {fit['cpu_seconds']:.1f} CPU seconds |")
+    return rows
+
+
+def measure_live_fit(flame, n_frames, seed=0):
+    """FrameFit and fit_frame frame by frame, as LiveTracker calls them, on one synthetic sequence, one fit
+    after the other: ({name: (wall seconds, CPU seconds of this thread) per frame}, seconds to build
+    FrameFit). Not interleaved: on a loaded machine a FrameFit call just after fit_frame's 100 ms of CPU
+    waits for the core (the scheduler serves the other processes first) and finds its caches cold; it
+    took 3-5x as long. On a loaded machine the CPU time says more than the wall clock."""
+    truth = synthetic_sequence(flame, n_frames, seed=seed)
+    observed = seq_landmarks_2d(flame, truth) + np.random.default_rng(seed).normal(scale=0.5, size=(n_frames, 68, 2))
+    start = time.perf_counter()
+    live = FrameFit(flame, truth.shape, truth.focal, truth.image_size)
+    build = time.perf_counter() - start
+    fits = {"FrameFit": live, "fit_frame (20 L-BFGS iterations)": lambda points, previous: fit_frame(
+        flame, points, truth.image_size, truth.shape, truth.focal, previous)}
+    seconds = {name: [] for name in fits}
+    for name, fit_one in fits.items():
+        previous = None
+        for points in observed:
+            start, start_cpu = time.perf_counter(), time.thread_time()
+            previous = fit_one(points, previous)
+            seconds[name].append((time.perf_counter() - start, time.thread_time() - start_cpu))
+    return seconds, build
+
+
+def live_fit_rows(n_frames, tmp):
+    """The one-frame fit rows: FrameFit and fit_frame on the toy head and the FLAME-sized model."""
+    rows = []
+    for name, flame in (("toy head", load_flame()), ("FLAME-sized", load_flame(write_flame_sized_model(tmp)))):
+        seconds, build = measure_live_fit(flame, n_frames)
+        load = os.getloadavg()[0]
+        for fit_name, times in seconds.items():
+            ms, cpu_ms = np.array(times[1:]).T * 1e3
+            rows.append(f"| one-frame fit (live), {fit_name}, {name} ({len(flame.v_template)} vertices) | {len(ms)} | 1 "
+                        f"| {ms.sum() / 1e3:.2f} | {1e3 / np.median(ms):.0f} | median {np.median(ms):.1f} ms, "
+                        f"p90 {np.percentile(ms, 90):.1f} ms (CPU {np.median(cpu_ms):.1f} ms); "
+                        f"first frame {times[0][0] * 1e3:.0f} ms"
+                        + (f"; built in {build * 1e3:.0f} ms" if fit_name == "FrameFit" else "")
+                        + f"; load average {load:.1f} |")
+            print(rows[-1], flush=True)
     return rows
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import skimage.data
 
-from tracking import landmarks as lm
+from tracking import detect, landmarks as lm
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 sys.path.insert(0, DATA)
@@ -400,3 +400,43 @@ def test_a_rolled_face_is_found_again_after_a_loss(predictor, astronaut_face):
     np.testing.assert_array_equal(result.valid, [1, 0, 1])
     assert lost == [1]
     assert abs(roll_degrees(result.landmarks[2], upright) + 25) < 2.0
+
+
+# ---- a stretch without a face ------------------------------------------------------------------
+
+def record_searches(monkeypatch):
+    """The turns of every detect_faces call FaceTracker makes, as whole degrees, in a list."""
+    searched, detect_faces = [], lm.detect_faces
+    monkeypatch.setattr(lm, "detect_faces", lambda image, turns=None: (
+        searched.append([round(math.degrees(turn)) for turn in turns]), detect_faces(image, turns))[1])
+    return searched
+
+
+def test_a_stretch_without_a_face_is_searched_upright_and_one_turn_per_frame(predictor, monkeypatch):
+    """The first frame without a face runs every search; each later one the upright search and one turned
+    one, the turns in rotation; a face found starts the count again. With full_searches=0 (live) even the
+    first frame runs only the upright search and one turn."""
+    searched = record_searches(monkeypatch)
+    blank = np.random.default_rng(0).integers(0, 256, (240, 240, 3), dtype=np.uint8)
+    face = shifted_frames(1)[0]
+    lm.FaceTracker(predictor).track([blank] * 4 + [face, blank, blank])
+    assert searched == [[0, 15, 30], [0, 15], [0, 30], [0, 15], [0, 30],  # frame 4: found upright
+                        [0, 15, 30], [0, 15]]
+    searched.clear()
+    lm.FaceTracker(predictor, full_searches=0).track([face, blank, blank, blank])
+    assert searched == [[0, 15], [0, 15], [0, 30], [0, 15]]
+
+
+def test_a_face_that_comes_back_after_a_stretch_without_one_is_found(predictor, astronaut_face):
+    """Four frames of noise, then the face: upright, it is found on the frame it comes back; rolled 25°
+    (beyond the upright search), within len(_SEARCH_ROLLS) frames, and followed from there."""
+    image, upright = astronaut_face
+    noise = list(np.random.default_rng(0).integers(0, 256, (4, 240, 240, 3), dtype=np.uint8))
+    within = len(detect._SEARCH_ROLLS)
+    for roll, found_by in ((0, 5), (-25, 5 + within - 1), (25, 5 + within - 1)):
+        frames, _ = rolled_clip(image, upright.mean(0), [0] + [roll] * 4, seed=2)
+        result, lost = lm.FaceTracker(predictor).track(frames[:1] + noise + frames[1:])
+        assert lost == [1] and not result.valid[1:5].any()
+        assert result.valid[found_by:].all(), roll
+        recovered = [roll_degrees(points, upright) for points in result.landmarks[found_by:]]
+        np.testing.assert_allclose(recovered, roll, atol=2.0)

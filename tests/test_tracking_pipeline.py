@@ -34,7 +34,8 @@ def demo_video(tmp_path_factory):
 def test_demo_video_tracks_end_to_end(demo_video, flame, tmp_path):
     out = str(tmp_path / "track")
     tracked = track_video(demo_video, out, flame, size=96)
-    assert sorted(os.listdir(out)) == ["crops.npy", "landmarks.npy", "preview.mp4", "seq.npz", "source.json"]
+    assert sorted(os.listdir(out)) == ["crops.npy", "landmarks.npy", "people.json", "preview.mp4", "report.png",
+                                       "seq.npz", "source.json"]
     seq = load_seq(os.path.join(out, "seq.npz"))
     assert seq.n_frames == 8 and seq.crop_boxes.shape == (8, 4) and tracked.crops.shape == (8, 96, 96, 3)
     # The fitted model's landmarks land on the tracked ones (the toy head is not the astronaut, so a few px).

@@ -2,7 +2,8 @@
 Track live:    python -m tracking live SOURCE [--serve PORT] [--out FILE.mp4] [--flame generic_model.pkl]
 
 Writes DIR/seq.npz (FLAME parameters per frame, schema in tracking/sequence.py), DIR/crops.npy,
-DIR/landmarks.npy, DIR/preview.mp4 (the fitted mesh and landmarks over the face crops) and
+DIR/landmarks.npy, DIR/preview.mp4 (the fitted mesh and landmarks over the face crops),
+DIR/people.json and DIR/report.png (the shots, who each shows, the frames left out of training) and
 DIR/source.json (what they were made from). VIDEO may be `demo` for a short offline demo video
 (tracking/demo.py). Memory does not grow with the video's length; an interrupted track resumes when
 the same command is run again; a rerun with other inputs tracks again.
@@ -22,6 +23,7 @@ import sys
 
 from tracking.cli import (ArgumentParser, add_tracking_args, output_dir_problem, output_file_problem, port,
                           positive_int, run_command)
+from tracking.people import report_lines
 from tracking.pipeline import load_flame, track_video
 
 
@@ -51,7 +53,7 @@ def parse_live_args(argv):
     p.add_argument("--size", type=positive_int, default=512, help="side of the face crop and the conditioning image")
     p.add_argument("--serial", action="store_true", help="one frame through every stage before the next is "
                    "read (the loop without pipelining; to compare)")
-    add_tracking_args(p, bbox=False)
+    add_tracking_args(p, offline=False)
     args = p.parse_args(argv)
     from live.take import take_path
     for path, what, ending in ((args.out, "video", ".mp4"), (args.out and take_path(args.out), "take", ".npz")):
@@ -94,8 +96,10 @@ def main(argv=None):
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     tracked = track_video(args.video, args.out, load_flame(args.flame), size=args.size, bbox=args.bbox,
-                          max_frames=args.max_frames, max_gap=args.max_gap, preview=not args.no_preview)
+                          max_frames=args.max_frames, max_gap=args.max_gap, preview=not args.no_preview,
+                          person=args.person)
     print(f"tracked {tracked.seq.n_frames} frames -> {os.path.join(args.out, 'seq.npz')}")
+    print("\n".join(report_lines(args.out)))
 
 
 if __name__ == "__main__":

@@ -16,15 +16,19 @@ from tracking.video import write_video
 DRIFT_PERIOD = 480  # frames
 
 
-def iter_demo_frames(n_frames: int = 48, size: int = 384, seed: int = 0, frame_size=None):
+def iter_demo_frames(n_frames: int = 48, size: int = 384, seed: int = 0, frame_size=None, photo=None,
+                     centre=(-0.1, -0.35)):
     """The demo's frames one at a time, (size, size, 3) uint8: the astronaut's head moving smoothly.
+
+    photo: another (H, W, 3) uint8 photo to move instead, turned and zoomed about `centre` (in [-1, 1]
+    image coordinates: the astronaut's face is up and left of the middle).
 
     frame_size (H, W): each frame is instead placed in a larger (H, W, 3) frame on a plain gradient,
     drifting across it (a face in a phone video's wide frame; benchmarks use 1080p). Frames are made
     as they are asked for, so a long clip never sits in memory.
     """
     from skimage import data
-    image = torch.from_numpy(data.astronaut()).permute(2, 0, 1)[None].float()
+    image = torch.from_numpy(data.astronaut() if photo is None else photo).permute(2, 0, 1)[None].float()
     image = F.interpolate(image, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
     rng = np.random.default_rng(seed)
     phase = rng.uniform(0, 2 * math.pi, 4)
@@ -33,7 +37,7 @@ def iter_demo_frames(n_frames: int = 48, size: int = 384, seed: int = 0, frame_s
     zoom = 1 + 0.06 * np.sin(t + phase[1])
     shift = 0.05 * np.stack([np.sin(t + phase[2]), np.sin(2 * t + phase[3])], 1)
     # affine_grid maps output coords to input coords in [-1, 1]; rotate/zoom about the face (upper left)
-    centre = np.array([-0.1, -0.35])
+    centre = np.array(centre)
     cos, sin = np.cos(angle) / zoom, np.sin(angle) / zoom
     theta = np.zeros((n_frames, 2, 3))
     theta[:, 0, 0], theta[:, 0, 1], theta[:, 1, 0], theta[:, 1, 1] = cos, -sin, sin, cos

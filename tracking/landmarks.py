@@ -18,8 +18,7 @@ The algorithm, exactly as dlib's shape_predictor::operator() runs it:
 Faces are processed as a batch: all faces and all trees of a stage are walked at once with
 gathers, and the leaves are summed by one (faces x leaves) @ (leaves x 136) matrix product.
 
-Face boxes come from scikit-image's LBP frontal-face cascade, which ships inside its wheel; it
-finds faces rolled up to about 10°, so when it finds none upright it searches the frame turned
+Face boxes come from the LBP frontal-face cascade (tracking/detect.py), searched upright and turned
 by ±15° and ±30°. A box may be turned by a roll: the cascade then reads the face upright, as it
 was trained. `track_landmarks` follows a face through a video: each frame's box and roll come
 from the previous frame's landmarks, and the detector runs again when the track is lost.
@@ -35,6 +34,7 @@ from typing import NamedTuple
 import numpy as np
 
 from model.files import atomic_write
+from tracking.detect import _area, _box_iou, detect_faces, face_near, search_turns, to_gray
 
 log = logging.getLogger(__name__)
 
@@ -301,18 +301,6 @@ def _read_forests(reader, shape_size):
 # The regression-tree cascade
 # --------------------------------------------------------------------------------------------
 
-def to_gray(image):
-    """uint8 (H,W) or (H,W,3) -> (H,W) uint8 as dlib reads an rgb_pixel: (r + g + b) / 3, floored."""
-    image = np.asarray(image)
-    if image.dtype != np.uint8:
-        raise ValueError(f"images must be uint8, got {image.dtype}")
-    if image.ndim == 2:
-        return image
-    if image.ndim == 3 and image.shape[2] == 3:
-        return (image.astype(np.uint16).sum(axis=2) // 3).astype(np.uint8)
-    raise ValueError(f"an image must be (H,W) or (H,W,3), got shape {image.shape}")
-
-
 def _image_batch(images):
     """N uint8 images -> ((N,H,W,C) array, padded to the largest image, and (N,2) sizes (H,W)).
 
@@ -500,129 +488,9 @@ class LandmarkPredictor:
 # Face detection and tracking
 # --------------------------------------------------------------------------------------------
 
-_DETECT_MAX_SIDE = 480    # full-frame detection runs on a copy downscaled to this size
-_MIN_FACE_FRACTION = 0.1  # smallest face searched, as a fraction of the shorter image side
-_CHECK_FACE_SIZE = 64     # a tracked face is re-checked at about this size in pixels
 _PATCH_SIZE = 16          # side of the grayscale patch that compares a face with the previous frame's
-# The frontal detector finds faces rolled up to about ±10°. When it finds none upright, the frame
-# is searched turned each way by these rolls (nearest first): faces rolled up to about ±40°.
-_SEARCH_ROLLS = np.radians([15, 30])
-_CANDIDATES_PER_SEARCH = 3  # the detector's largest boxes tried per search (each costs a landmark fit)
 _SETTLED_ROLL = np.radians(1.0)  # see FaceTracker.settle
 _MAX_ROLL_OFF_SEARCH = np.radians(15.0)  # see FaceTracker.find
-_cascade = None
-
-
-def _lbp_cascade():
-    global _cascade
-    if _cascade is None:
-        from skimage import data
-        from skimage.feature import Cascade
-        _cascade = Cascade(data.lbp_frontal_face_cascade_filename())
-    return _cascade
-
-
-def _downscaled(gray, scale):
-    from skimage.transform import rescale
-    return rescale(gray, scale, anti_aliasing=scale < 1) if scale != 1 else gray
-
-
-def _block_mean(image, factor):
-    """A uint8 image (H,W[,3]) shrunk `factor` times by averaging factor x factor blocks (an exact area
-    filter: a large frame is searched without converting it whole)."""
-    height, width = (side // factor * factor for side in image.shape[:2])
-    blocks = image[:height, :width].reshape(height // factor, factor, width // factor, factor, *image.shape[2:])
-    return blocks.mean((1, 3)).round().astype(np.uint8)
-
-
-def _lbp_boxes(gray, min_side, max_side):
-    """LBP cascade detections on `gray` as (K,4) boxes."""
-    found = _lbp_cascade().detect_multi_scale(
-        img=gray, scale_factor=1.2, step_ratio=1, min_size=(min_side, min_side),
-        max_size=(max_side, max_side))
-    return np.array([[d["c"], d["r"], d["c"] + d["width"], d["r"] + d["height"]] for d in found],
-                    np.float64).reshape(-1, 4)
-
-
-def _upright_view(gray, roll, centre, shape):
-    """`gray` turned so that a face rolled by `roll` stands upright in it.
-
-    The view has `shape` (H,W) and shows gray's point `centre` (x, y) in its middle. Returns the
-    view and the transform mapping view points (K,2) back to gray's coordinates.
-    """
-    from skimage.transform import AffineTransform, warp
-    cos, sin = np.cos(roll), np.sin(roll)
-    middle = (np.array(shape[::-1], np.float64) - 1) / 2
-    # View point v shows gray's point centre + R(roll) (v - middle).
-    to_gray = AffineTransform(matrix=np.array([
-        [cos, -sin, centre[0] - cos * middle[0] + sin * middle[1]],
-        [sin, cos, centre[1] - sin * middle[0] - cos * middle[1]],
-        [0.0, 0.0, 1.0]]))
-    return warp(gray, to_gray, output_shape=shape, order=1, preserve_range=True), to_gray
-
-
-def detect_faces(image):
-    """Candidate faces, most likely first, as (box (x0, y0, x1, y1), roll): roll in radians as
-    `LandmarkPredictor.predict` takes it. A generator: each search runs when its candidates are
-    asked for.
-
-    The upright search runs first, then the frame turned each way by each of _SEARCH_ROLLS in
-    turn; each search (a turn both ways) yields its largest _CANDIDATES_PER_SEARCH detections,
-    largest first. The detector also fires on some non-faces, so a caller checks each candidate's
-    landmarks (FaceTracker.find) and asks for the next one. The box is the LBP cascade's window,
-    whose scale and offset differ from the boxes the landmark model was trained on;
-    `FaceTracker.fit` corrects it from the predicted landmarks.
-    """
-    image = np.asarray(image)
-    scale = min(1.0, _DETECT_MAX_SIDE / max(image.shape[:2]))
-    factor = int(1 / scale)  # whole factors by block averages first, the rest antialiased
-    small = _downscaled(to_gray(_block_mean(image, factor) if factor > 1 else image), scale * factor)
-    min_side = max(24, int(_MIN_FACE_FRACTION * scale * min(image.shape[:2])))
-    for turn in np.concatenate([[0.0], _SEARCH_ROLLS]):
-        found = [(box, float(roll)) for roll in ((turn, -turn) if turn else (0.0,))
-                 for box in _turned_detections(small, roll, min_side)]
-        found.sort(key=lambda box_roll: -_area(box_roll[0]))
-        for box, roll in found[:_CANDIDATES_PER_SEARCH]:
-            yield box / scale, roll
-
-
-def _turned_detections(gray, roll, min_side):
-    """Detections on `gray` turned so that faces rolled by `roll` stand upright (on a canvas that
-    holds the whole turned image), as upright boxes around their centres in gray's coordinates."""
-    if not roll:
-        return list(_lbp_boxes(gray, min_side, max(gray.shape)))
-    height, width = gray.shape
-    cos, sin = abs(np.cos(roll)), abs(np.sin(roll))
-    shape = (int(np.ceil(width * sin + height * cos)), int(np.ceil(width * cos + height * sin)))
-    view, to_gray = _upright_view(gray, roll, ((width - 1) / 2, (height - 1) / 2), shape)
-    boxes = _lbp_boxes(view, min_side, max(shape))
-    centres, halves = to_gray((boxes[:, :2] + boxes[:, 2:]) / 2), (boxes[:, 2:] - boxes[:, :2]) / 2
-    return list(np.concatenate([centres - halves, centres + halves], axis=1))
-
-
-def _area(box):
-    return (box[2] - box[0]) * (box[3] - box[1])
-
-
-def face_near(image, box, roll=0.0):
-    """Whether the detector finds a face overlapping `box`, turned by `roll` (searched in a crop
-    around it, turned upright)."""
-    size = max(box[2] - box[0], box[3] - box[1])
-    x0, y0 = (max(0, int(v - size)) for v in box[:2])
-    x1, y1 = int(box[2] + size) + 1, int(box[3] + size) + 1
-    crop = to_gray(np.asarray(image)[y0:y1, x0:x1])  # only the region searched: frames may be 4K
-    if min(crop.shape) < 8:
-        return False
-    scale = _CHECK_FACE_SIZE / size
-    small = _downscaled(crop, scale)
-    box = (np.asarray(box, np.float64) - [x0, y0, x0, y0]) * scale
-    if roll:  # turned about the box's centre, which keeps the upright box where it is
-        centre = (box[:2] + box[2:]) / 2
-        small, _ = _upright_view(small, roll, centre, small.shape)
-        box = box - np.tile(centre - (np.array(small.shape[::-1]) - 1) / 2, 2)
-    # At this scale the face is about _CHECK_FACE_SIZE pixels: search 0.5x to 2x that.
-    found = _lbp_boxes(small, max(24, _CHECK_FACE_SIZE // 2), 2 * _CHECK_FACE_SIZE)
-    return any(_box_iou(box, other) > 0.3 for other in found)
 
 
 def face_patch(image, box, roll=0.0):
@@ -643,14 +511,6 @@ def face_patch(image, box, roll=0.0):
     patch -= patch.mean()
     norm = np.linalg.norm(patch)
     return patch / norm if norm > 0 else patch
-
-
-def _box_iou(a, b):
-    width = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    height = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = width * height
-    union = _area(a) + _area(b) - inter
-    return inter / union if union > 0 else 0.0
 
 
 def _visible_fraction(box, image_shape):
@@ -681,13 +541,22 @@ class FaceTracker:
     outputs a face-like shape even on a background, hence the check; the frontal-face detector misses
     strongly turned faces, hence the similarity to the previous frame, which a turned face keeps and a
     cut to other content does not. A user's box for the first frame is trusted, never checked.
+
+    Without a track every frame is searched (`find`); while frames keep having no face, the search is
+    spread over them: the first `full_searches` frames of such a stretch run every search (upright, then
+    turned ±15° and ±30°), each later one the upright search and one turned search, the turns in rotation.
+    A stretch without a face then costs an upright and one turned search per frame, and a face that
+    comes back is found at once when upright, within len(_SEARCH_ROLLS) frames when rolled. The tracker
+    counts that stretch (`misses`), so one tracker follows one video.
     """
 
     def __init__(self, predictor=None, min_iou=0.5, min_size=24, refine_steps=6, verify=True,
-                 min_similarity=0.8):
+                 min_similarity=0.8, full_searches=1):
         self.predictor = predictor or LandmarkPredictor.load()
         self.min_iou, self.min_size = min_iou, min_size
         self.refine_steps, self.verify, self.min_similarity = refine_steps, verify, min_similarity
+        self.full_searches = full_searches
+        self.misses = 0  # frames searched in a row without finding a face
 
     def fit(self, image, box, roll=0.0):
         """(landmarks, box, roll) from a detector's or a user's box: predicted there, re-boxed in the
@@ -718,12 +587,18 @@ class FaceTracker:
 
         The roll test: on a face rolled far from the search's roll the detector fires on a part of
         the face (the lower half, say), and the fit from that window settles on a wrong, turned face;
-        the search turned nearer to the face's roll finds its proper window."""
-        for box, roll in detect_faces(image):
+        the search turned nearer to the face's roll finds its proper window. Which searches run: see
+        the class doc."""
+        turns = search_turns()
+        if self.misses >= self.full_searches:
+            turns = [0.0, turns[1 + (self.misses - self.full_searches) % (len(turns) - 1)]]
+        for box, roll in detect_faces(image, turns):
             result = self.fit(image, box, roll)
             if abs(result[2] - roll) <= _MAX_ROLL_OFF_SEARCH \
                     and not self.is_lost(image, result[1], result[2], result[0]):
+                self.misses = 0
                 return result
+        self.misses += 1
         return None
 
     def is_lost(self, image, box, roll, landmarks, previous_patch=None):
@@ -761,6 +636,7 @@ class FaceTracker:
             result = self.find(frame)
         if result is None:
             return None, lost, None
+        self.misses = 0
         box, roll = self.predictor.box_from_landmarks(result[0])
         return result, lost, TrackState(box, float(roll), face_patch(frame, box, roll))
 

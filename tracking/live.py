@@ -2,14 +2,15 @@
 
     68 landmarks (FaceTracker, the box from the previous frame's landmarks) -> square face crop (its box
     smoothed over frames) -> FLAME fit of that one frame, warm-started from the previous one, with a given
-    identity shape and camera
+    identity shape and camera (tracking.fit.FrameFit); only the first person seen is followed (tracking/people.py)
 
 The live loop around it (sources, stages, outputs, the take) is live/ (live/loop.py).
 """
 import numpy as np
 
-from tracking.fit import fit_frame
+from tracking.fit import FrameFit
 from tracking.landmarks import FaceTracker
+from tracking.people import PersonLock, maybe_someone_new
 from tracking.pipeline import DEFAULT_MAX_GAP, TrackingError, to_crop_pixels
 from tracking.sequence import FlameSequence
 from tracking.video import crop_frames, smooth_crop_boxes
@@ -20,26 +21,38 @@ CROP_SMOOTHING = 0.5  # weight of the new crop box against the previous one: les
 class LiveTracker:
     """One video frame -> (its face crop, its FLAME parameters as a one-frame FlameSequence).
 
-    The FLAME fit keeps the avatar's identity shape and camera (`reference`: the seq.npz it was trained
-    on, whose crops were `size` pixels) and starts from the previous frame's parameters. A frame without a
-    face keeps the previous parameters (before the first face: it is skipped, None); more than `max_gap`
-    frames in a row without one is an error.
+    The FLAME fit (tracking.fit.FrameFit, built once) keeps the avatar's identity shape and camera
+    (`reference`: the seq.npz it was trained on, whose crops were `size` pixels) and starts from the
+    previous frame's parameters. A frame without a face, or with only someone else's (the tracker follows
+    the first person it sees), keeps the previous parameters (before the first face: it is skipped, None);
+    more than `max_gap` frames in a row without one is an error.
     """
 
     def __init__(self, flame, reference: FlameSequence, shape: np.ndarray, size: int, source: str,
                  max_gap: int = DEFAULT_MAX_GAP):
-        self.flame, self.shape, self.size, self.source, self.max_gap = flame, shape, size, source, max_gap
-        self.focal = reference.focal * size / reference.image_size[1]
-        self.faces = FaceTracker()
+        self.size, self.source, self.max_gap = size, source, max_gap
+        self.fit = FrameFit(flame, shape, reference.focal * size / reference.image_size[1], (size, size))
+        self.faces = FaceTracker(full_searches=0)  # a lost face costs a frame an upright and one turned search
         self.state = None     # FaceTracker's TrackState of the previous frame while the track holds
         self.box = None       # the previous crop box (float, smoothed)
         self.params = None    # the previous frame's fit
         self.faceless = []  # source indices of the frames without a face since the last face
+        self.person = PersonLock()  # whom the tracker follows: the first face it sees
 
     def landmarks(self, frame: np.ndarray):
-        """(68, 2) landmarks of the face in `frame`, followed from the previous frame, or None."""
-        result, _, self.state = self.faces.step(frame, self.state)
-        return None if result is None else result[0]
+        """(68, 2) landmarks of the face in `frame`, followed from the previous frame, or None (no face, or
+        not the person the tracker started with: tracking/people.py's PersonLock)."""
+        if self.person.new_shot(frame):
+            self.state = None  # a cut: the face is searched for afresh, and checked
+        previous = self.state
+        result, lost, self.state = self.faces.step(frame, previous)
+        if result is None:
+            return None
+        if not self.person.accepts(frame, result[0],
+                                   maybe_someone_new(previous, self.state, lost, self.faces.min_similarity)):
+            self.state = None  # someone else: not followed, searched for again on the next frame
+            return None
+        return result[0]
 
     def __call__(self, index: int, frame: np.ndarray) -> tuple[np.ndarray, FlameSequence] | None:
         landmarks = self.landmarks(frame)
@@ -58,5 +71,5 @@ class LiveTracker:
         box = self.box.round().astype(np.int64)
         crop = crop_frames(frame[None], box[None], self.size)[0]
         points = to_crop_pixels(landmarks[None], box[None], self.size)[0]
-        self.params = fit_frame(self.flame, points, (self.size, self.size), self.shape, self.focal, self.params)
+        self.params = self.fit(points, self.params)
         return crop, self.params

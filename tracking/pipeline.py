@@ -1,14 +1,17 @@
 """From an mp4 of a face (or the offline demo video) to per-frame FLAME parameters and face crops,
 in memory that does not grow with the video's length.
 
-    pass 1: decode frame by frame -> 68 landmarks per frame (tracking/landmarks.py)
+    pass 1: decode frame by frame -> 68 landmarks per frame (tracking/landmarks.py), shot cuts and a face
+            descriptor per stretch of the track (tracking/people.py): frames of anyone but the main person
+            become faceless frames
     then:   short gaps interpolated -> smoothed square crop boxes (zero-phase: they need every frame's
             face box) -> FLAME fitted to the landmarks in crop pixels (tracking/fit.py)
     pass 2: decode again -> each frame cropped to `size` into crops.npy (a preallocated memmap) and,
             beside it, preview.mp4 (mesh + landmarks over the crops, at most PREVIEW_SIZE px)
 
 Everything a run writes goes into one folder: seq.npz, crops.npy (uint8 T x size x size x 3),
-landmarks.npy, preview.mp4 (and demo.mp4 for the demo), and source.json: what the track was made
+landmarks.npy, preview.mp4 (and demo.mp4 for the demo), people.json and report.png (the shots and who
+they show: tracking/people.py), and source.json: what the track was made
 from (the video's identity, the flags, the FLAME model's fingerprint). Each output is written under
 a temp name and renamed when complete, seq.npz last, so a rerun can trust what it finds: a complete
 track made from the same source is returned as it is, one made from another is rebuilt.
@@ -37,6 +40,7 @@ from tracking.demo import write_demo_video
 from tracking.fit import fit_sequence, intra_op_threads
 from tracking.flame import FLAME, load_flame_model, load_landmark_embedding
 from tracking.landmarks import FaceTracker, TrackState, stack_results
+from tracking.people import PeopleLog, PersonError, identify, write_people, write_report
 from tracking.render import draw_landmarks, overlay
 from tracking.sequence import FlameSequence, load_seq, save_seq
 from tracking.toyhead import write_toy_flame
@@ -51,7 +55,7 @@ TOY_FLAME_DIR = os.path.join(os.path.expanduser("~"), ".cache", "svp", "toyhead"
 CHECKPOINT_EVERY = 100  # frames between the progress saves of an interruptible track
 PREVIEW_SIZE = 256      # the preview is drawn at most this large: it is a preview
 PREVIEW_BATCH = 8       # preview frames rasterized together
-OUTPUTS = ("seq.npz", "crops.npy", "landmarks.npy", "preview.mp4")
+OUTPUTS = ("seq.npz", "crops.npy", "landmarks.npy", "preview.mp4", "people.json", "report.png")
 PARTIALS = ("pass1.partial.npz", "fit.partial.npz", "crops.partial.npy", "crops.progress.json")
 # Tests: "PASS:N" SIGKILLs the process after N frames of pass 1 or 2 (an interruption without clean-up).
 KILL_ENV = "SVP_TRACK_KILL_AFTER"
@@ -126,11 +130,14 @@ def flame_fingerprint(flame: FLAME) -> str:
     return digest.hexdigest()
 
 
-def track_source(video: str, flame: FLAME, size: int, bbox, max_frames, max_gap, shape=None) -> dict:
-    """What a track is made from, as source.json records it (`shape` only when fixed: older records lack it)."""
+def track_source(video: str, flame: FLAME, size: int, bbox, max_frames, max_gap, shape=None, person=None) -> dict:
+    """What a track is made from, as source.json records it (`shape` and `person` only when given: older
+    records lack them)."""
     source = {"video": file_identity(video), "size": size, "max_frames": max_frames,
               "bbox": None if bbox is None else [float(v) for v in bbox], "max_gap": max_gap,
               "flame": flame_fingerprint(flame)}
+    if person is not None:
+        source["person"] = person
     return source if shape is None else {**source, "shape": np.asarray(shape, np.float32).tolist()}
 
 
@@ -157,13 +164,17 @@ class TrackedVideo:
 
 
 def track_video(video: str, out_dir: str, flame: FLAME, size: int = 512, bbox=None, max_frames: int | None = None,
-                max_gap: int = DEFAULT_MAX_GAP, preview: bool = True, shape=None) -> TrackedVideo:
-    """Track `video` into `out_dir` (seq.npz, crops.npy, landmarks.npy, preview.mp4, source.json);
-    return the track found there when it was made from the same source, resume an interrupted one.
+                max_gap: int = DEFAULT_MAX_GAP, preview: bool = True, shape=None, person: int | None = None
+                ) -> TrackedVideo:
+    """Track `video` into `out_dir` (seq.npz, crops.npy, landmarks.npy, preview.mp4, people.json,
+    report.png, source.json); return the track found there when it was made from the same source, resume
+    an interrupted one.
 
     video "demo": the offline demo video (tracking/demo.py), written to out_dir/demo.mp4 with max_frames
     (default DEMO_FRAMES) frames unless it is there with at least that many already. shape: a fixed
-    identity shape (an avatar's: another video of its person), else fitted.
+    identity shape (an avatar's: another video of its person), else fitted. person: a frame that shows
+    the person to track (default: the one seen on the most frames); frames of anyone else are left out
+    (tracking/people.py).
     """
     os.makedirs(out_dir, exist_ok=True)
     path = lambda name: os.path.join(out_dir, name)  # noqa: E731
@@ -171,7 +182,7 @@ def track_video(video: str, out_dir: str, flame: FLAME, size: int = 512, bbox=No
         video = path("demo.mp4")
         if (frame_count(video) if os.path.exists(video) else 0) < (max_frames or DEMO_FRAMES):
             write_demo_video(video, n_frames=max_frames or DEMO_FRAMES)
-    source = track_source(video, flame, size, bbox, max_frames, max_gap, shape)
+    source = track_source(video, flame, size, bbox, max_frames, max_gap, shape, person)
     recorded = read_json(path("source.json")) if os.path.exists(path("source.json")) else None
     mismatch = source_mismatch(recorded, source)
     if mismatch is None and all(os.path.exists(path(n)) for n in OUTPUTS[:3]):
@@ -193,15 +204,22 @@ def track_video(video: str, out_dir: str, flame: FLAME, size: int = 512, bbox=No
     # One PyTorch thread: the decoder runs in a thread of its own, and on small tensors (one crop, a
     # batch of previews) a second intra-op thread mostly waits for a busy core (several times slower).
     with intra_op_threads(1):
-        return _track(video, out_dir, flame, size, bbox, max_frames, max_gap, preview, fps, shape)
+        return _track(video, out_dir, flame, size, bbox, max_frames, max_gap, preview, fps, shape, person)
 
 
-def _track(video, out_dir, flame, size, bbox, max_frames, max_gap, preview, fps, shape):
+def _track(video, out_dir, flame, size, bbox, max_frames, max_gap, preview, fps, shape, person):
     """track_video's work, on a folder that holds only its own source.json and partial progress."""
     path = lambda name: os.path.join(out_dir, name)  # noqa: E731
-    result, frame_shape = _track_landmarks(video, max_frames, bbox, path("pass1.partial.npz"))
+    result, frame_shape, people_log = _track_landmarks(video, max_frames, bbox, path("pass1.partial.npz"))
     check_gaps(result.valid, max_gap, video)
-    landmarks = result.landmarks  # NaN on frames without a face
+    try:
+        people = identify(people_log, result.valid, person)
+    except PersonError as error:
+        raise TrackingError(f"{video}: {error}") from None
+    write_people(path("people.json"), people, result.valid)
+    write_report(path("report.png"), people, result.valid, people_log.shot_pictures)
+    # Another person's frames are faceless to the fit and the crop boxes (bridged), and left out of training.
+    landmarks = np.where(people.other[:, None, None], np.nan, result.landmarks)  # NaN on frames without a face
     face_boxes = np.concatenate([landmarks.min(1), landmarks.max(1)], 1)
     boxes = smooth_crop_boxes(face_boxes, frame_shape)
     crop_landmarks = to_crop_pixels(landmarks, boxes, size)
@@ -210,7 +228,7 @@ def _track(video, out_dir, flame, size, bbox, max_frames, max_gap, preview, fps,
     else:
         log.info("fitting FLAME to the landmarks of %d frames", len(landmarks))
         seq = fit_sequence(flame, crop_landmarks, (size, size), fps=float(fps),
-                           confidence=result.valid.astype(np.float64), shape=shape)
+                           confidence=(result.valid & ~people.other).astype(np.float64), shape=shape)
         seq.crop_boxes = boxes.astype(np.float32)
         save_seq(path("fit.partial.npz"), seq)
         _return_free_memory()
@@ -257,49 +275,56 @@ def _kill_for_tests(pass_number: int, frames_done: int):
 def _track_landmarks(video, max_frames, bbox, checkpoint):
     """Pass 1: (TrackResult, frame (H, W)), resumed from `checkpoint` and saved to it as it goes."""
     tracker = FaceTracker()
-    results, lost, state, frame_shape, complete = _load_pass1(checkpoint)
+    results, lost, state, frame_shape, complete, people_log = _load_pass1(checkpoint)
     if not complete:
         total = min(filter(None, (frame_count(video), max_frames)), default=None)
         with tqdm(total=total, initial=len(results), desc="pass 1: landmarks", unit="frame") as bar:
             for t, frame in enumerate(iter_frames(video, max_frames, start=len(results)), len(results)):
+                if people_log.is_cut(frame):
+                    state = None  # a new shot: the detector searches it afresh, no face is carried across
+                found = state is None  # the detector (or the user's box) finds the face: a new run
                 result, was_lost, state = tracker.step(frame, state, bbox if t == 0 else None)
+                people_log.add(frame, None if result is None else result[0], found or was_lost)
                 results.append(result)
                 if was_lost:
                     lost.append(t)
                 frame_shape = frame.shape[:2]
                 if len(results) % CHECKPOINT_EVERY == 0:
-                    _save_pass1(checkpoint, results, lost, state, frame_shape, complete=False)
+                    _save_pass1(checkpoint, results, lost, state, frame_shape, people_log, complete=False)
                 bar.update()
                 _kill_for_tests(1, len(results))
-        _save_pass1(checkpoint, results, lost, state, frame_shape, complete=True)
+        _save_pass1(checkpoint, results, lost, state, frame_shape, people_log, complete=True)
     if all(r is None for r in results):
         raise TrackingError(f"{video}: no face found in any of the {len(results)} frames")
     if lost:
         log.info("landmark track lost on frames %s; the detector searched them again", lost)
-    return stack_results(results, tracker.predictor.num_parts), frame_shape
+    return stack_results(results, tracker.predictor.num_parts), frame_shape, people_log
 
 
-def _save_pass1(path, results, lost, state, frame_shape, complete):
+def _save_pass1(path, results, lost, state, frame_shape, people_log, complete):
     track = stack_results(results)
     patch = np.full(0, np.nan) if state is None else state.patch
     box = np.full(4, np.nan) if state is None else state.box
     with atomic_write(path) as tmp:
         np.savez(tmp, landmarks=track.landmarks, boxes=track.boxes, rolls=track.rolls, lost=np.array(lost, np.int64),
                  state_box=box, state_roll=np.nan if state is None else state.roll, state_patch=patch,
-                 frame_shape=np.array(frame_shape), complete=complete)
+                 frame_shape=np.array(frame_shape), complete=complete, **people_log.state())
 
 
 def _load_pass1(path):
-    """(results, lost, state, frame_shape, complete) from a pass-1 checkpoint, or a fresh start."""
+    """(results, lost, state, frame_shape, complete, people_log) from a pass-1 checkpoint, or a fresh start."""
     if not os.path.exists(path):
-        return [], [], None, None, False
+        return [], [], None, None, False, PeopleLog()
     with np.load(path) as saved:
+        if "people_frames" not in saved.files:  # saved before pass 1 logged shots and people: start over
+            return [], [], None, None, False, PeopleLog()
         results = [None if np.isnan(roll) else (points, box, float(roll))
                    for points, box, roll in zip(saved["landmarks"], saved["boxes"], saved["rolls"])]
         state = None if np.isnan(saved["state_roll"]) else \
             TrackState(saved["state_box"], float(saved["state_roll"]), saved["state_patch"])
         log.info("resuming the landmarks after frame %d", len(results))
-        return results, saved["lost"].tolist(), state, tuple(saved["frame_shape"]), bool(saved["complete"])
+        return (results, saved["lost"].tolist(), state, tuple(saved["frame_shape"]), bool(saved["complete"]),
+                PeopleLog.from_state(saved))
 
 
 def _write_crops(video, boxes, size, out_dir, draw):

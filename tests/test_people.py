@@ -1,0 +1,145 @@
+"""Shots and people in a track (tracking/people.py) on generated clips whose truth is known: shots of two
+real faces (tests/data/two_people.py) with hard cuts, and the one-person demo clip, whose track must not
+change."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from tracking import people as people_module
+from tracking import pipeline
+from tracking.demo import write_demo_video
+from tracking.identity import SAME_PERSON
+from tracking.people import PeopleLog, PersonError, identify
+from tracking.pipeline import load_flame, track_video
+from two_people import write_two_person_video
+
+SHOTS = (("A", 12), ("B", 12), ("A", 12))
+
+
+@pytest.fixture(scope="module")
+def flame():
+    return load_flame()
+
+
+@pytest.fixture(scope="module")
+def two_person_track(tmp_path_factory, flame):
+    folder = tmp_path_factory.mktemp("two")
+    truth = write_two_person_video(str(folder / "clip.mp4"), SHOTS)
+    track_video(str(folder / "clip.mp4"), str(folder / "track"), flame, size=64, preview=False)
+    with open(folder / "track" / "people.json") as f:
+        return truth, json.load(f), folder / "track"
+
+
+def test_every_frame_of_the_other_person_is_left_out_and_every_frame_of_the_main_one_kept(two_person_track):
+    truth, record, _ = two_person_track
+    assert record["left_out"] == np.flatnonzero(truth == "B").tolist()
+    kept = sum(shot["kept"] for shot in record["shots"])
+    assert kept == (truth == "A").sum()
+
+
+def test_the_cuts_are_found_and_each_shot_is_judged(two_person_track):
+    truth, record, folder = two_person_track
+    cuts = np.flatnonzero(truth[1:] != truth[:-1]) + 1
+    assert [shot["frames"][0] for shot in record["shots"][1:]] == cuts.tolist()
+    assert [shot["verdict"] for shot in record["shots"]] == ["main person", "another person", "main person"]
+    distances = [shot["distance"] for shot in record["shots"]]
+    assert distances[0] < SAME_PERSON < distances[1] and distances[2] < SAME_PERSON
+    # No run of the track crosses a cut: each starts after a detection in its own shot.
+    assert all(truth[run["start"]] == truth[run["end"]] for run in record["runs"])
+    assert os.path.getsize(folder / "report.png") > 0
+
+
+def test_the_command_ends_with_the_report_in_words(two_person_track):
+    _, _, folder = two_person_track
+    lines = people_module.report_lines(str(folder))
+    assert lines[1].startswith("shot 2: frames 12-23: another person") and "12 left out" in lines[1]
+    assert lines[-1].endswith("report.png")
+
+
+def _log(runs, descriptors, n_frames):
+    """A PeopleLog of runs starting at `runs`, one descriptor each (at the run's start)."""
+    log = PeopleLog()
+    log.run_starts, log.sample_frames, log.descriptors = list(runs), list(runs), list(descriptors)
+    log.frames = n_frames
+    return log
+
+
+def test_the_main_person_is_the_most_seen_unless_a_frame_names_them():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=128), rng.normal(size=128)
+    a, b = a / np.linalg.norm(a), b / np.linalg.norm(b)  # ~1.4 apart: two people
+    valid = np.ones(30, bool)
+    log = _log([0, 10, 25], [a, b, a + 0.01], 30)  # A on 0-9 and 25-29 (15 frames), B on 10-24 (15)
+    # B's one run is the longest: groups form largest first, and the most frames decide (a tie: the first).
+    assert identify(log, valid).other.tolist() == identify(log, valid, person=12).other.tolist()
+    named_a = identify(log, valid, person=3)
+    assert np.flatnonzero(named_a.other).tolist() == list(range(10, 25))
+    named_b = identify(log, valid, person=12)
+    assert np.flatnonzero(named_b.other).tolist() == list(range(10)) + list(range(25, 30))
+    valid[5] = False
+    with pytest.raises(PersonError, match="--person 5: no face was tracked on frame 5"):
+        identify(log, valid, person=5)
+
+
+def test_a_one_person_clip_tracks_exactly_as_without_the_person_filter(tmp_path, flame, monkeypatch):
+    video = write_demo_video(str(tmp_path / "demo.mp4"), n_frames=12)
+    with_filter = track_video(video, str(tmp_path / "with"), flame, size=64, preview=False)
+    # The old path: no cuts, and nobody else on any frame.
+    monkeypatch.setattr(PeopleLog, "is_cut", lambda self, frame: False)
+    monkeypatch.setattr(pipeline, "identify", lambda log_, valid, person=None: people_module.People(
+        [], np.zeros(len(valid), bool), []))
+    monkeypatch.setattr(pipeline, "write_people", lambda *args: None)
+    monkeypatch.setattr(pipeline, "write_report", lambda *args: None)
+    without = track_video(video, str(tmp_path / "without"), flame, size=64, preview=False)
+    with open(tmp_path / "with" / "seq.npz", "rb") as a, open(tmp_path / "without" / "seq.npz", "rb") as b:
+        assert a.read() == b.read()
+    np.testing.assert_array_equal(with_filter.crops, without.crops)
+    with open(tmp_path / "with" / "people.json") as f:
+        record = json.load(f)
+    assert record["left_out"] == [] and [s["verdict"] for s in record["shots"]] == ["main person"]
+
+
+@pytest.fixture(scope="module")
+def live_tracker_factory(flame):
+    from tracking.live import LiveTracker
+    from tracking.sequence import FlameSequence
+    zeros = lambda *shape: np.zeros(shape, np.float32)  # noqa: E731
+    reference = FlameSequence(zeros(flame.n_shape), zeros(1, flame.n_exp), zeros(1, 3), zeros(1, 3), zeros(1, 3),
+                              zeros(1, 6), np.array([[0, 0, -0.5]], np.float32), focal=1000.0,
+                              image_size=(512, 512), fps=24.0)
+    return lambda: LiveTracker(flame, reference, zeros(flame.n_shape), 64, "two.mp4")
+
+
+@pytest.mark.parametrize("cuts_seen", [True, False])
+def test_live_keeps_the_person_it_started_with(live_tracker_factory, cuts_seen, monkeypatch):
+    """Another face taking over is not followed: its frames hold the last fit, counted as faceless. Without
+    the cut test, the switch is still caught: the face stops looking like the previous frame's."""
+    from two_people import iter_two_person_frames
+    if not cuts_seen:
+        monkeypatch.setattr(people_module.ShotCuts, "__call__", lambda self, frame: False)
+    tracker = live_tracker_factory()
+    shots = (("A", 8), ("B", 6), ("A", 6))
+    outputs = [tracker(i, frame) for i, frame in enumerate(iter_two_person_frames(shots))]
+    last_a = outputs[7][1]
+    assert all(params is last_a for _, params in outputs[8:14])  # B: held, not fitted
+    assert all(params is not last_a for _, params in outputs[14:])  # A again: followed
+    assert tracker.faceless == []
+
+
+def test_training_leaves_the_other_persons_frames_out(two_person_track, tmp_path, caplog):
+    import logging
+    import shutil
+
+    import svp
+    import train
+    truth, _, folder = two_person_track
+    shutil.copytree(folder, tmp_path / "run" / "tracking")
+    cfg = train.parse_args(["--video", str(folder.parent / "clip.mp4"), "--out", str(tmp_path / "run"),
+                            "--preset", "tiny"])
+    split = svp.last_frames_split(len(truth), cfg.val_fraction)
+    with caplog.at_level(logging.INFO, logger="train"):
+        frames = train.training_frames(cfg, split)
+    assert frames == [f for f in split.train if truth[f] == "A"] and len(frames) > len(truth) // 2
+    assert f"training on {len(frames)} of {len(truth)} tracked frames" in caplog.text and "report.png" in caplog.text

@@ -1,0 +1,401 @@
+"""Face detection in milliseconds: OpenCV's LBP frontal-face cascade, run in numpy on many windows at once.
+
+The cascade (Liao et al., "Learning Multi-scale Block Local Binary Patterns for Face Recognition", 2007;
+OpenCV's lbpcascade_frontalface.xml, shipped inside scikit-image's wheel) classifies a 24x24 window, or
+that window scaled, by 20 boosted stages. Each stage sums one score per weak classifier and rejects the
+window below its threshold. A weak classifier reads one multi-block LBP feature: a 3x3 grid of equal
+rectangles; the 8 outer ones compared with the centre one (sum >= centre sum) make an 8-bit code, and a
+256-entry table gives the code's score. Rectangle sums come from an integral image: 16 corners per feature.
+
+scikit-image runs the same cascade one window at a time over every pixel position (1.2-1.5 s for a
+640x360 frame searched upright and turned four ways). Here every window of a scale goes through a stage
+together (one gather of all their corners, then array arithmetic), and the scan is coarse to fine: a grid
+`coarse` times sparser than scikit-image's is classified first, and the full grid is evaluated only around
+the windows that came close (passed _REFINE_DEPTH of the 20 stages); a face passes the cascade over a
+patch of neighbouring positions and nearly passes around it, so some of them lie on the coarse grid. On a
+frame without a face nearly every window is rejected within the first stages (the first two, run on the
+whole grid at once, pass about one window in seven), so the search costs a few weak classifiers per
+coarse window.
+
+`detect_faces` searches a frame upright, then turned by ±15° and ±30° (faces rolled up to about 40°), or
+only the searches asked for: FaceTracker spreads them over the frames of a stretch without a face.
+"""
+import functools
+import xml.etree.ElementTree as ET
+
+import numpy as np
+
+# The 8 outer cells of the 3x3 grid (row-major indices) in the order of the code's bits, most significant
+# first: clockwise from the top-left, as OpenCV and scikit-image read them.
+_NEIGHBOURS = [0, 1, 2, 5, 8, 7, 6, 3]
+_STAGE_EPS = np.float32(1e-5)  # a stage passes at threshold - eps, as scikit-image's Cascade (eps=1e-5)
+_DENSE_STAGES = 2  # stages run on every window of a grid at once; the rest only on the windows left
+_REFINE_DEPTH = 10  # a coarse window that passes this many stages has the positions around it classified
+
+
+class LbpCascade:
+    """An LBP cascade in OpenCV's XML format, evaluated on arrays of windows (load with `LbpCascade.load`).
+
+    `stumps_evaluated` counts weak classifiers run on windows (the work of a search, for tests).
+    """
+
+    def __init__(self, path):
+        root = ET.parse(path).getroot()
+        self.window = int(root.find(".//height").text), int(root.find(".//width").text)
+        # A feature: the top-left cell's (x, y) in the 24x24 window and the cells' width and height.
+        self.features = np.array([[int(v) for v in feature.find("rect").text.split()]
+                                  for feature in root.find(".//features")], np.int64)
+        self.stages = []  # per stage: (feature ids (S,), score tables (S, 256) float32, threshold float32)
+        codes = np.arange(256)
+        for stage in root.find(".//stages"):
+            ids, tables = [], []
+            for stump in stage.find("weakClassifiers"):
+                nodes = [int(v) for v in stump.find("internalNodes").text.split()]
+                left, right = (float(v) for v in stump.find("leafValues").text.split())
+                lut = np.array(nodes[3:11], np.int64) & 0xFFFFFFFF  # 256 bits, as 8 unsigned 32-bit words
+                bit = (lut[codes >> 5] >> (codes & 31)) & 1
+                ids.append(nodes[2])
+                tables.append(np.where(bit == 1, left, right))
+            self.stages.append((np.array(ids), np.array(tables, np.float32),
+                                np.float32(stage.find("stageThreshold").text)))
+        self.stumps_evaluated = 0
+
+    @classmethod
+    def load(cls):
+        """scikit-image's copy of OpenCV's frontal-face LBP cascade, parsed once per process."""
+        global _frontal_face
+        if _frontal_face is None:
+            from skimage import data
+            _frontal_face = cls(data.lbp_frontal_face_cascade_filename())
+        return _frontal_face
+
+    def detect(self, gray, min_side, max_side, scale_factor=1.2, step_ratio=1.0, coarse=2, min_neighbours=4,
+               inside=None):
+        """Faces in a grayscale image (H,W) as (K,4) boxes (x0, y0, x1, y1), K >= 0.
+
+        The windows of scikit-image's `Cascade.detect_multi_scale` with the same arguments (sides from
+        min_side to max_side, scale_factor apart; step_ratio times the scale between positions), and its
+        grouping of overlapping hits (a face needs `min_neighbours` of them). coarse=1 evaluates every
+        window, as scikit-image does; coarse=k first classifies every k-th position in each direction, then
+        the positions within k-1 steps of those that came close, and scans every other scale only around the
+        windows that came close on its neighbours. inside: optional (H,W) bool, the pixels that show the scene
+        (a turned view's canvas is filled around it): only windows centred there are classified.
+        """
+        gray = np.asarray(gray)
+        integral = _integral_image(gray)
+        scales = _scales(self.window[0], min_side, max_side, scale_factor)
+        hits, close = {}, {}  # per scale: its hits (r, c, width, height); centres and sides of windows that came close
+        # Coarse to fine in scale too: every other scale is scanned whole, the ones between only around the
+        # windows that came close on a neighbouring scale (a face comes close on neighbouring scales).
+        for k in [*range(0, len(scales), 2), *range(1, len(scales), 2)] if coarse > 1 else range(len(scales)):
+            height, width = (int(np.float32(side) * scales[k]) for side in self.window)
+            step = max(1, int(np.float32(scales[k]) * np.float32(step_ratio) + np.float32(0.5)))  # C's rounding
+            max_row, max_col = gray.shape[0] - height, gray.shape[1] - width
+            if max_row <= 0 or max_col <= 0:
+                continue
+            candidates = None if inside is None else inside[height // 2:, width // 2:].copy()  # by top-left corner
+            if k % 2 and coarse > 1:
+                candidates = _around([close[j] for j in (k - 1, k + 1) if j in close], (height, width), gray.shape,
+                                     candidates)
+            passed, came_close = self._scan(integral, scales[k], np.arange(0, max_row, step),
+                                            np.arange(0, max_col, step), coarse, candidates)
+            hits[k] = [(r, c, width, height) for r, c in passed.tolist()]
+            close[k] = np.column_stack([came_close[:, ::-1] + [width / 2, height / 2], np.full(len(came_close), width)])
+        groups = _group_detections([hit for k in sorted(hits) for hit in hits[k]], min_neighbours)
+        return np.array([[c, r, c + w, r + h] for r, c, w, h in groups], np.float64).reshape(-1, 4)
+
+    def _scan(self, integral, scale, rows, cols, coarse, candidates=None):
+        """((K,2) rows and columns of the windows at these positions (a grid) that pass the cascade,
+        row-major; (J,2) those of the coarse grid's windows that came close).
+
+        candidates: None, or whether the window at each top-left position may be classified (the others
+        are not): where few may, they are classified one by one from the first stage."""
+        stride, flat = integral.shape[1], integral.ravel()
+        rects = (np.float32(self.features) * np.float32(scale)).astype(np.int64)  # truncated, as scikit-image
+        offsets = _corner_offsets(rects, stride)
+        rows_coarse, cols_coarse = rows[::coarse], cols[::coarse]
+        grid = rows_coarse[:, None] * stride + cols_coarse[None, :]
+        allowed = None if candidates is None else candidates[rows_coarse[:, None], cols_coarse[None, :]]
+        if allowed is not None and allowed.mean() < 0.25:
+            starts = grid[allowed]
+            depth = self._depth(flat, starts, offsets)
+        else:
+            alive = self._stages_on_grid(integral, rects, rows_coarse, cols_coarse)
+            starts = grid[alive if allowed is None else alive & allowed]
+            depth = self._depth(flat, starts, offsets, first_stage=_DENSE_STAGES)
+        came_close = starts[depth >= _REFINE_DEPTH]
+        if coarse > 1:
+            # Every fine position within coarse-1 steps of a coarse window that came close.
+            near = np.arange(-(coarse - 1), coarse)
+            r = np.searchsorted(rows, came_close // stride)[:, None] + near
+            c = np.searchsorted(cols, came_close % stride)[:, None] + near
+            r, c = np.broadcast_arrays(r[:, :, None], c[:, None, :])
+            on_grid = (r >= 0) & (r < len(rows)) & (c >= 0) & (c < len(cols))
+            r, c = rows[r[on_grid]], cols[c[on_grid]]
+            if candidates is not None:
+                r, c = r[candidates[r, c]], c[candidates[r, c]]
+            starts = np.unique(r * stride + c)
+            depth = self._depth(flat, starts, offsets)
+        passed = starts[depth == len(self.stages)]
+        return (np.column_stack([passed // stride, passed % stride]),
+                np.column_stack([came_close // stride, came_close % stride]))
+
+    def _stages_on_grid(self, integral, rects, rows, cols):
+        """Whether each window of a grid (rows x cols, evenly spaced) passes the first _DENSE_STAGES stages.
+
+        Most windows of a frame fail within these, so they are evaluated for every window at once: a
+        cell's sum for all windows is a difference of strided views of the integral image (no gather)."""
+        row_step, col_step = (int(v[1] - v[0]) if len(v) > 1 else 1 for v in (rows, cols))
+        alive = np.ones((len(rows), len(cols)), bool)
+        bits = np.empty((len(rows), len(cols), 8), bool)
+        for ids, tables, threshold in self.stages[:_DENSE_STAGES]:
+            self.stumps_evaluated += alive.size * len(ids)
+            total = np.zeros(alive.shape, np.float32)
+            for feature, table in zip(ids, tables):
+                x, y, w, h = rects[feature]
+                # corner[a][b]: integral image at the feature's corner (a, b) of every window
+                corner = [[integral[rows[0] + y + a * h::row_step][:len(rows)]
+                           [:, cols[0] + x + b * w::col_step][:, :len(cols)] for b in range(4)] for a in range(4)]
+                across = [[row[b + 1] - row[b] for b in range(3)] for row in corner]
+                cells = [across[a + 1][b] - across[a][b] for a in range(3) for b in range(3)]
+                for bit, cell in enumerate(_NEIGHBOURS):
+                    np.greater_equal(cells[cell], cells[4], out=bits[..., bit])
+                total += table[np.packbits(bits, axis=-1)[..., 0]]
+            alive &= total >= threshold - _STAGE_EPS
+        return alive
+
+    def _depth(self, flat_integral, starts, offsets, first_stage=0):
+        """How many stages each window (its top-left corner's flat index) passes, from first_stage on
+        (first_stage when it fails that one, len(stages) when it passes all)."""
+        depth = np.full(len(starts), first_stage)
+        alive = np.arange(len(starts))
+        for ids, tables, threshold in self.stages[first_stage:]:
+            if not len(alive):
+                break
+            self.stumps_evaluated += len(alive) * len(ids)
+            corners = flat_integral[starts[alive, None] + offsets[ids].ravel()].reshape(len(alive), len(ids), 4, 4)
+            cells = np.diff(np.diff(corners, axis=3), axis=2).reshape(len(alive), len(ids), 9)
+            codes = np.packbits(cells[..., _NEIGHBOURS] >= cells[..., 4:5], axis=-1)[..., 0]
+            scores = tables[np.arange(len(ids)), codes]  # (N, S)
+            # Summed one stump after another in float32, as the C loop does (the order decides rare ties).
+            total = np.add.reduce(np.ascontiguousarray(scores.T), axis=0)
+            alive = alive[total >= threshold - _STAGE_EPS]
+            depth[alive] += 1
+        return depth
+
+
+def _around(close, window, shape, candidates):
+    """Top-left positions (a bool image) of the windows of size `window` (H,W) centred within half a side of
+    a window that came close (`close`: arrays of rows (x, y, side)), and among `candidates` if given."""
+    near = np.zeros((shape[0] - window[0], shape[1] - window[1]), bool)
+    for x, y, side in (np.concatenate(close) if close else np.zeros((0, 3))).tolist():
+        row, col, reach = int(y - window[0] / 2), int(x - window[1] / 2), int(side / 2)
+        near[max(0, row - reach):max(0, row + reach + 1), max(0, col - reach):max(0, col + reach + 1)] = True
+    return near if candidates is None else near & candidates[:near.shape[0], :near.shape[1]]
+
+
+def _integral_image(gray):
+    """(H+1, W+1) sums: integral[r, c] = gray[:r, :c].sum(); int32 where that is exact (and fast)."""
+    exact = gray.dtype == np.uint8 and gray.size * 255 < 2 ** 31
+    integral = np.zeros((gray.shape[0] + 1, gray.shape[1] + 1), np.int32 if exact else np.float64)
+    np.cumsum(np.cumsum(gray, 0), 1, out=integral[1:, 1:])
+    return integral
+
+
+def _corner_offsets(rects, stride):
+    """(features, 16) offsets in the flattened integral image of each feature's 4x4 cell corners (rects:
+    (features, 4) as (x, y, width, height) in pixels) from a window's top-left corner."""
+    x, y, w, h = rects.T
+    steps = np.arange(4)
+    corner_rows = y[:, None, None] + steps[None, :, None] * h[:, None, None]
+    corner_cols = x[:, None, None] + steps[None, None, :] * w[:, None, None]
+    return (corner_rows * stride + corner_cols).reshape(len(x), 16)
+
+
+_frontal_face = None
+
+
+def _scales(window, min_side, max_side, scale_factor):
+    """Window scales from min_side to max_side, scale_factor apart (scikit-image's valid scale factors)."""
+    low = max(np.log(min_side / window) / np.log(scale_factor), 0)
+    high = np.log(max_side / window) / np.log(scale_factor)
+    return np.power(scale_factor, np.arange(low, high), dtype=np.float32)
+
+
+def _group_detections(hits, min_neighbours, min_overlap=0.5):
+    """scikit-image's grouping of hits (r, c, width, height), in their order: each joins the cluster whose
+    mean window it overlaps most (intersection over the smaller area above min_overlap) or starts its own;
+    the means of clusters with at least min_neighbours hits are the detections."""
+    clusters = []  # [r, c, width, height sums, count]
+    for hit in hits:
+        best, best_score = None, min_overlap
+        for cluster in clusters:
+            mean = [total // cluster[4] for total in cluster[:4]]
+            score = _overlap(hit, mean)
+            if score > best_score:
+                best, best_score = cluster, score
+        if best is None:
+            clusters.append([*hit, 1])
+        else:
+            best[:] = [total + value for total, value in zip(best, (*hit, 1))]
+    return [[total // cluster[4] for total in cluster[:4]] for cluster in clusters if cluster[4] >= min_neighbours]
+
+
+def _overlap(a, b):
+    """Intersection of two (r, c, width, height) windows over the smaller one's area (float32, as in C)."""
+    width = max(0, min(a[1] + a[2], b[1] + b[2]) - max(a[1], b[1]))
+    height = max(0, min(a[0] + a[3], b[0] + b[3]) - max(a[0], b[0]))
+    return np.float32(width * height) / np.float32(min(a[2] * a[3], b[2] * b[3]))
+
+
+# --------------------------------------------------------------------------------------------
+# The full-frame search, and the check of a tracked face
+# --------------------------------------------------------------------------------------------
+
+_MIN_FACE_FRACTION = 0.1  # smallest face searched, as a fraction of the shorter image side
+_MIN_FACE_PIXELS = 24     # the cascade's window: no smaller face is found
+# The searched copy keeps the smallest face at least this size: 1.5 windows, where the positions tried
+# are 2 px apart (scikit-image's step: the scale, rounded); smaller, they would be 1 px apart, 4x as many.
+_SEARCH_FACE_PIXELS = 36
+_CHECK_FACE_SIZE = 64     # a tracked face is re-checked at about this size in pixels
+# The frontal detector finds faces rolled up to about ±10°. When it finds none upright, the frame
+# is searched turned each way by these rolls (nearest first): faces rolled up to about ±40°.
+_SEARCH_ROLLS = np.radians([15, 30])
+_CANDIDATES_PER_SEARCH = 3  # the detector's largest boxes tried per search (each costs a landmark fit)
+_COARSE = 2  # the full-frame scan classifies every other window position first (LbpCascade.detect)
+
+
+def to_gray(image):
+    """uint8 (H,W) or (H,W,3) -> (H,W) uint8 as dlib reads an rgb_pixel: (r + g + b) / 3, floored."""
+    image = np.asarray(image)
+    if image.dtype != np.uint8:
+        raise ValueError(f"images must be uint8, got {image.dtype}")
+    if image.ndim == 2:
+        return image
+    if image.ndim == 3 and image.shape[2] == 3:
+        return (image.astype(np.uint16).sum(axis=2) // 3).astype(np.uint8)
+    raise ValueError(f"an image must be (H,W) or (H,W,3), got shape {image.shape}")
+
+
+def search_turns():
+    """The searches of a full-frame search in order, as rolls in radians: upright (0), then each of
+    _SEARCH_ROLLS (a search turns the frame both ways)."""
+    return [0.0, *_SEARCH_ROLLS.tolist()]
+
+
+def detect_faces(image, turns=None):
+    """Candidate faces, most likely first, as (box (x0, y0, x1, y1), roll): roll in radians as
+    `LandmarkPredictor.predict` takes it. A generator: each search runs when its candidates are
+    asked for.
+
+    turns: the searches to run (default search_turns(): upright, then the frame turned each way by each
+    of _SEARCH_ROLLS in turn); each yields its largest _CANDIDATES_PER_SEARCH detections, largest first.
+    The detector also fires on some non-faces, so a caller checks each candidate's landmarks
+    (FaceTracker.find) and asks for the next one. The box is the LBP cascade's window, whose scale and
+    offset differ from the boxes the landmark model was trained on; `FaceTracker.fit` corrects it from the
+    predicted landmarks.
+    """
+    image = np.asarray(image)
+    # Searched on a copy shrunk by a whole factor (block averages: exact, cheap) while the smallest face
+    # stays _SEARCH_FACE_PIXELS or more: the number of windows then depends only on their ratio.
+    factor = max(1, int(_MIN_FACE_FRACTION * min(image.shape[:2]) / _SEARCH_FACE_PIXELS))
+    gray = to_gray(_block_mean(image, factor) if factor > 1 else image)
+    min_side = max(_MIN_FACE_PIXELS, int(_MIN_FACE_FRACTION * min(gray.shape)))
+    for turn in search_turns() if turns is None else turns:
+        found = [(box, float(roll)) for roll in ((turn, -turn) if turn else (0.0,))
+                 for box in _turned_detections(gray, roll, min_side)]
+        found.sort(key=lambda box_roll: -_area(box_roll[0]))
+        for box, roll in found[:_CANDIDATES_PER_SEARCH]:
+            yield box * factor, roll
+
+
+def _turned_detections(gray, roll, min_side):
+    """Detections on `gray` turned so that faces rolled by `roll` stand upright (on a canvas that
+    holds the whole turned image), as upright boxes around their centres in gray's coordinates."""
+    cascade = LbpCascade.load()
+    if not roll:
+        return list(cascade.detect(gray, min_side, max(gray.shape), coarse=_COARSE))
+    height, width = gray.shape
+    cos, sin = abs(np.cos(roll)), abs(np.sin(roll))
+    shape = (int(np.ceil(width * sin + height * cos)), int(np.ceil(width * cos + height * sin)))
+    view, inside, to_gray_points = _upright_view(gray, roll, ((width - 1) / 2, (height - 1) / 2), shape)
+    boxes = cascade.detect(view, min_side, max(shape), coarse=_COARSE, inside=inside)
+    centres, halves = to_gray_points((boxes[:, :2] + boxes[:, 2:]) / 2), (boxes[:, 2:] - boxes[:, :2]) / 2
+    return list(np.concatenate([centres - halves, centres + halves], axis=1))
+
+
+def _upright_view(gray, roll, centre, shape):
+    """uint8 `gray` turned so that a face rolled by `roll` stands upright in it (bilinear, 0 outside).
+
+    The view has `shape` (H,W) and shows gray's point `centre` (x, y) in its middle. Returns the
+    view, where it shows gray ((H,W) bool), and the function mapping view points (K,2) back to gray's
+    coordinates.
+    """
+    turn = np.array([[np.cos(roll), -np.sin(roll)], [np.sin(roll), np.cos(roll)]])
+    middle = (np.array(shape[::-1], np.float64) - 1) / 2
+    to_gray_points = lambda points: (np.asarray(points) - middle) @ turn.T + centre  # noqa: E731
+    at, fx, fy, inside = _turn_sampling(gray.shape, float(roll), (float(centre[0]), float(centre[1])), tuple(shape))
+    flat, stride = np.pad(gray.astype(np.float32), 1).ravel(), gray.shape[1] + 2  # 0 outside, as skimage's warp
+    top = flat[at] + fx * (flat[at + 1] - flat[at])
+    bottom = flat[at + stride] + fx * (flat[at + stride + 1] - flat[at + stride])
+    return (top + fy * (bottom - top) + 0.5).astype(np.uint8), inside, to_gray_points
+
+
+@functools.lru_cache(maxsize=8)
+def _turn_sampling(gray_shape, roll, centre, shape):
+    """Where each pixel of _upright_view's view reads gray, padded by one zero pixel: the flat index of the
+    top-left of its four neighbours, the bilinear weights across and down, and whether it lies on gray.
+    Every frame of a video turns alike, so this is computed once per size and turn."""
+    cos, sin = np.float32(np.cos(roll)), np.float32(np.sin(roll))
+    ys, xs = np.indices(shape, dtype=np.float32)
+    xs, ys = xs - np.float32((shape[1] - 1) / 2), ys - np.float32((shape[0] - 1) / 2)
+    # View point v shows gray's point centre + R(roll) (v - middle).
+    x = np.float32(centre[0]) + cos * xs - sin * ys
+    y = np.float32(centre[1]) + sin * xs + cos * ys
+    x0 = np.clip(np.floor(x), -1, gray_shape[1] - 1).astype(np.int32)
+    y0 = np.clip(np.floor(y), -1, gray_shape[0] - 1).astype(np.int32)
+    inside = (x > -0.5) & (x < gray_shape[1] - 0.5) & (y > -0.5) & (y < gray_shape[0] - 0.5)  # on a pixel
+    return (y0 + 1) * (gray_shape[1] + 2) + (x0 + 1), np.clip(x - x0, 0, 1), np.clip(y - y0, 0, 1), inside
+
+
+def _block_mean(image, factor):
+    """A uint8 image (H,W[,3]) shrunk `factor` times by averaging factor x factor blocks (an exact area
+    filter: a large frame is searched without converting it whole)."""
+    height, width = (side // factor * factor for side in image.shape[:2])
+    blocks = image[:height, :width].reshape(height // factor, factor, width // factor, factor, *image.shape[2:])
+    return blocks.mean((1, 3)).round().astype(np.uint8)
+
+
+def _area(box):
+    return (box[2] - box[0]) * (box[3] - box[1])
+
+
+def _box_iou(a, b):
+    width = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    height = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = width * height
+    union = _area(a) + _area(b) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def face_near(image, box, roll=0.0):
+    """Whether the detector finds a face overlapping `box`, turned by `roll` (searched in a crop
+    around it, turned upright)."""
+    size = max(box[2] - box[0], box[3] - box[1])
+    x0, y0 = (max(0, int(v - size)) for v in box[:2])
+    x1, y1 = int(box[2] + size) + 1, int(box[3] + size) + 1
+    crop = to_gray(np.asarray(image)[y0:y1, x0:x1])  # only the region searched: frames may be 4K
+    if min(crop.shape) < 8:
+        return False
+    from skimage.transform import rescale
+    scale = _CHECK_FACE_SIZE / size
+    small = (rescale(crop, scale, anti_aliasing=scale < 1) * 255 + 0.5).astype(np.uint8)
+    box = (np.asarray(box, np.float64) - [x0, y0, x0, y0]) * scale
+    if roll:  # turned about the box's centre, which keeps the upright box where it is
+        centre = (box[:2] + box[2:]) / 2
+        small, _, _ = _upright_view(small, roll, centre, small.shape)
+        box = box - np.tile(centre - (np.array(small.shape[::-1]) - 1) / 2, 2)
+    # At this scale the face is about _CHECK_FACE_SIZE pixels: search 0.5x to 2x that, every position.
+    found = LbpCascade.load().detect(small, max(_MIN_FACE_PIXELS, _CHECK_FACE_SIZE // 2), 2 * _CHECK_FACE_SIZE,
+                                     coarse=1)
+    return any(_box_iou(box, other) > 0.3 for other in found)

@@ -1,7 +1,7 @@
 """Tracking speed on the CPU: frames/s of FLAME fitting alone, and of the whole track command.
 
     python bench/tracking.py [--frames 300] [--threads 2] [--video-frames 48] [--skip-command]
-                             [--hd-frames 600 3000] [--skip-fit] [--live-fit-frames 100]
+                             [--hd-frames 600 3000] [--skip-fit] [--live-fit-frames 100] [--stages 150]
 
 Fitting runs on synthetic sequences (`synthetic_sequence`, also the tests' ground truth) of two models:
 - the toy head (1973 vertices; its contour table repeats one row);
@@ -22,6 +22,11 @@ subprocess limited to --threads cores (taskset), with the toy head: on the offli
 generated 1080p clips (the demo face drifting over a 1920x1080 frame, `--hd-frames`, by default 600
 and 3,000 frames), whose rows also give the command's peak resident memory (ru_maxrss): it must not
 grow with the video's length. The machine's load average is printed with each row.
+The live tracking side per frame (`--stages N`, first): a generated 1080p clip through `LiveTracker` on one
+thread, its stages timed apart (median, p90, CPU time of this thread; the first 10 frames left out):
+the 68 landmarks followed from the previous frame (`FaceTracker.step`), the 512 px crop
+(`LiveTracker.crop`), the one-frame fit (the rest of the `LiveTracker` call), and the hint that
+`Avatar.hints` renders from it (`render_conditioning` with a fixed identity).
 """
 import argparse
 import os
@@ -40,10 +45,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from tracking.demo import write_demo_video  # noqa: E402
 from tracking.fit import FitConfig, FrameFit, fit_frame, fit_sequence  # noqa: E402
 from tracking.flame import CONTOUR_LUT_ROWS, N_CONTOUR  # noqa: E402
+from tracking.conditioning import render_conditioning  # noqa: E402
+from tracking.live import LiveTracker  # noqa: E402
 from tracking.pipeline import load_flame  # noqa: E402
 from tracking.render import opengl_to_opencv, project  # noqa: E402
 from tracking.sequence import FlameSequence  # noqa: E402
 from tracking.toyhead import build_toy_flame  # noqa: E402
+from tracking.video import iter_frames  # noqa: E402
 
 FLAME_VERTICES, FLAME_FACES = 5023, 9976
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -134,7 +142,8 @@ def write_flame_sized_model(directory):
 
 def run_command(video, out, size, threads):
     """`python -m tracking VIDEO --out OUT --size SIZE` in a subprocess with `threads` cores (its
-    affinity): (seconds, peak RSS in MiB, its ru_maxrss)."""
+    affinity): (seconds, peak RSS in MiB (its ru_maxrss), CPU seconds (user + system): on a shared machine
+    the work done, where the wall clock also counts the waits for a core)."""
     cores = sorted(os.sched_getaffinity(0))[:threads]
     command = ["taskset", "-c", ",".join(map(str, cores))] if threads < os.cpu_count() else []
     command += [sys.executable, "-m", "tracking", video, "--out", out, "--size", str(size)]
@@ -145,7 +154,7 @@ def run_command(video, out, size, threads):
     process.returncode = os.waitstatus_to_exitcode(status)
     if process.returncode:
         raise RuntimeError(f"the track command failed:\n{stderr[-2000:]}")
-    return time.perf_counter() - start, usage.ru_maxrss / 1024
+    return time.perf_counter() - start, usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime
 
 
 def whole_command_rows(frame_counts, size, threads, tmp):
@@ -155,12 +164,53 @@ def whole_command_rows(frame_counts, size, threads, tmp):
     for n in frame_counts:
         video = write_demo_video(os.path.join(tmp, f"hd{n}.mp4"), n_frames=n, size=720, fps=30, frame_size=(1080, 1920))
         load = os.getloadavg()[0]
-        seconds, rss = run_command(video, os.path.join(tmp, f"hd{n}"), size, threads)
+        seconds, rss, cpu = run_command(video, os.path.join(tmp, f"hd{n}"), size, threads)
         rows.append(f"| whole track command (1080p clip, {size} px crops, with preview) | {n} | {threads} "
-                    f"| {seconds:.1f} | {n / seconds:.1f} | peak RSS {rss:.0f} MiB, load average {load:.1f} |")
+                    f"| {seconds:.1f} | {n / seconds:.1f} | peak RSS {rss:.0f} MiB, {cpu:.1f} CPU seconds, "
+                    f"load average {load:.1f} |")
         os.remove(video)
         print(rows[-1], flush=True)
     return rows
+
+
+def _timed(times, name, fn):
+    """fn wrapped to add its CPU time (this thread's) to times[name]."""
+    def timed(*args):
+        start = time.thread_time()
+        result = fn(*args)
+        times.setdefault(name, []).append(time.thread_time() - start)
+        return result
+    return timed
+
+
+def stage_rows(n_frames, size, tmp, skip=10):
+    """Per-frame stages of the live tracking side on a generated 1080p clip, one thread (module doc)."""
+    video = write_demo_video(os.path.join(tmp, "stages.mp4"), n_frames=n_frames, size=720, fps=30,
+                             frame_size=(1080, 1920))
+    flame = load_flame()
+    reference = synthetic_sequence(flame, 1)
+    tracker = LiveTracker(flame, reference, reference.shape, size, video)
+    times = {}
+    tracker.landmarks = _timed(times, "landmarks", tracker.landmarks)
+    tracker.crop = _timed(times, "crop", tracker.crop)
+    track, hint = _timed(times, "call", tracker), _timed(times, "hint", render_conditioning)
+    for index, frame in enumerate(iter_frames(video)):
+        if (tracked := track(index, frame)) is not None:
+            hint(flame, tracked[1], size, slice(None), reference.shape)
+    if len(times["call"]) != n_frames:
+        raise RuntimeError(f"the face was lost on {n_frames - len(times['call'])} frames of the clip")
+    calls, parts = np.array(times.pop("call")), np.array(times["landmarks"]) + np.array(times["crop"])
+    times["fit (the rest of the LiveTracker call)"] = calls - parts
+    times["sum: landmarks + crop + fit + hint"] = calls + np.array(times["hint"])
+    load = os.getloadavg()[0]
+    rows = []
+    for name, seconds in times.items():
+        ms = 1000 * np.asarray(seconds[skip:])
+        rows.append(f"| {name} | {np.median(ms):.1f} | {np.percentile(ms, 90):.1f} | load average {load:.1f} |")
+        print(rows[-1], flush=True)
+    os.remove(video)
+    return ["| live tracking stage, 1080p source, 512 px hint, 1 thread | median ms | p90 ms | notes |",
+            "|---|---|---|---|", *rows]
 
 
 def main():
@@ -175,10 +225,14 @@ def main():
                    help="frames of the generated 1080p clips of the whole-command and memory rows (none: skip)")
     p.add_argument("--skip-fit", action="store_true", help="skip the (offline) fit rows")
     p.add_argument("--live-fit-frames", type=int, default=100, help="frames of the one-frame fit rows (0: skip)")
+    p.add_argument("--stages", type=int, default=150, help="frames of the live stage rows (0: skip)")
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
+        if args.stages:
+            torch.set_num_threads(1)
+            stage_table = stage_rows(args.stages, args.size, tmp)
+        torch.set_num_threads(args.threads)
         if not args.skip_fit:
             rows += fit_rows(args, tmp)
         if args.live_fit_frames:
@@ -186,13 +240,15 @@ def main():
         if not args.skip_command:
             video = write_demo_video(os.path.join(tmp, "demo.mp4"), n_frames=args.video_frames)
             load = os.getloadavg()[0]
-            seconds, rss = run_command(video, os.path.join(tmp, "out"), args.size, args.threads)
+            seconds, rss, cpu = run_command(video, os.path.join(tmp, "out"), args.size, args.threads)
             rows.append(f"| whole track command (demo video, 384 px, {args.size} px crops, with preview) "
                         f"| {args.video_frames} | {args.threads} | {seconds:.1f} | {args.video_frames / seconds:.1f} "
-                        f"| peak RSS {rss:.0f} MiB, load average {load:.1f} |")
+                        f"| peak RSS {rss:.0f} MiB, {cpu:.1f} CPU seconds, load average {load:.1f} |")
             print(rows[-1], flush=True)
         rows += whole_command_rows(args.hd_frames, args.size, args.threads, tmp)
     print(f"load average {os.getloadavg()[0]:.2f}")
+    if args.stages:
+        print("\n".join(stage_table))
     print("| what | frames | threads | seconds | frames/s | notes |\n|---|---|---|---|---|---|")
     print("\n".join(rows))
 

@@ -212,3 +212,15 @@ def test_overlay_and_landmarks_draw_on_uint8_frames():
     assert dots.dtype == np.uint8 and (frame == 10).all()  # input untouched
     assert tuple(dots[6, 5]) == (0, 255, 0) and tuple(dots[20, 30]) == (0, 255, 0) and tuple(dots[0, 0]) == (10, 10, 10)
     assert ((dots != 10).any(-1)).sum() < 2 * math.pi * 1.5**2 + 4
+
+
+def test_landmark_dots_are_exactly_the_pixel_centres_within_the_radius():
+    # Reference: every pixel of the frame tested against every point.
+    rng = np.random.default_rng(0)
+    frame = rng.integers(0, 200, (30, 41, 3), np.uint8)
+    points = np.concatenate([rng.uniform(-4, 45, (40, 2)), [[0.5, 0.5], [40.9, 29.9], [-2.6, 10.0]]])
+    for radius in (0.5, 1.5, 2.0, 3.2):
+        dots = draw_landmarks(frame, points, radius=radius, color=(255, 0, 255))
+        rows, cols = np.mgrid[:30, :41] + 0.5
+        near = ((cols[..., None] - points[:, 0]) ** 2 + (rows[..., None] - points[:, 1]) ** 2 <= radius**2).any(-1)
+        assert near.any() and (dots[near] == (255, 0, 255)).all() and np.array_equal(dots[~near], frame[~near])

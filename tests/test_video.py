@@ -5,6 +5,8 @@ from fractions import Fraction
 import av
 import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
 
 from tracking.video import (
     VideoError,
@@ -203,6 +205,22 @@ def test_crop_boxes_are_square_smooth_and_inside():
     np.testing.assert_array_equal(huge, [[40, 0, 160, 120]])
     with pytest.raises(ValueError, match="no frame has a face"):
         smooth_crop_boxes(np.full((3, 4), np.nan), (120, 160))
+
+
+@pytest.mark.parametrize("side, size", [(249, 512), (720, 512), (333, 96), (512, 512 + 1)])
+def test_crops_match_the_filter_on_floats_within_one_level(side, size):
+    """The uint8 fixed-point resize against the same antialiased filter computed on floats and rounded
+    once (the reference, and what the crops were before): never more than one level apart."""
+    rng = np.random.default_rng(side)
+    frame = rng.integers(0, 256, (side + 40, side + 60, 3), np.uint8)
+    frame[:, : side // 2] = moving_pattern(1, side + 40, side // 2)[0]  # smooth and noisy halves
+    box = np.array([30, 20, 30 + side, 20 + side])
+    crop = crop_frames(frame[None], box[None], size)[0]
+    planar = torch.from_numpy(frame[20:20 + side, 30:30 + side].copy()).permute(2, 0, 1)[None].float()
+    reference = F.interpolate(planar, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    reference = reference[0].round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+    difference = np.abs(crop.astype(int) - reference)
+    assert crop.shape == (size, size, 3) and difference.max() <= 1 and difference.mean() < 0.3
 
 
 def test_crop_and_paste_back_round_trip():

@@ -50,9 +50,9 @@ def render_conditioning(flame, seq, size: int, frames=slice(None), shape=None, b
     looking into the open neck), and skipping them makes the rasterizer about 1.5x faster."""
     verts = posed_vertices(flame, seq, frames, shape)
     focal = seq.focal * size / seq.image_size[1]
-    return torch.cat([conditioning_image(verts[i:i + batch], flame.render_faces, focal, size, flame.face_regions,
-                                         depth_span=DEPTH_SPAN, cull_back_faces=True)
-                      for i in range(0, len(verts), batch)])
+    images = [conditioning_image(verts[i:i + batch], flame.render_faces, focal, size, flame.face_regions,
+                                 depth_span=DEPTH_SPAN, cull_back_faces=True) for i in range(0, len(verts), batch)]
+    return images[0] if len(images) == 1 else torch.cat(images)  # one batch (a live frame): no copy
 
 
 def conditioning_image(verts, faces, focal, image_size=512, face_labels=None, principal=None, depth_span=None,
@@ -71,13 +71,14 @@ def conditioning_image(verts, faces, focal, image_size=512, face_labels=None, pr
     mask = raster.mask
     batch, height, width = mask.shape
     image = torch.empty(batch, len(CONDITIONING_CHANNELS), height, width)
-    for k, normal in enumerate(normal_maps(raster)):
-        torch.where(mask, normal.add_(1).mul_(0.5), torch.tensor(0.5), out=image[:, k])
-    image[:, 3] = _depth_map(raster, depth_span)
-    # region label of every pixel, -1 on the background (index 0 of the table)
-    labels = torch.full((len(faces) + 1,), -1, dtype=torch.int64)
+    for k, normal in enumerate(normal_maps(raster)):  # 0 on the background: 0.5 there
+        torch.add(normal, 1, out=image[:, k]).mul_(0.5)
+    _depth_map(raster, depth_span, out=image[:, 3])
+    # region label of every pixel, -1 on the background (index 0 of the table; int8: a quarter of the
+    # memory traffic of int64)
+    labels = torch.full((len(faces) + 1,), -1, dtype=torch.int8)
     if face_labels is not None:
-        labels[1:] = torch.as_tensor(face_labels, dtype=torch.int64)
+        labels[1:] = torch.as_tensor(face_labels)
     label = labels.index_select(0, (raster.face + 1).view(-1)).view(mask.shape)
     for k, region in enumerate((REGION_LEFT_EYE, REGION_RIGHT_EYE, REGION_MOUTH), 4):
         torch.eq(label, region, out=image[:, k])
@@ -85,14 +86,14 @@ def conditioning_image(verts, faces, focal, image_size=512, face_labels=None, pr
     return image
 
 
-def _depth_map(raster, depth_span):
-    """Depth channel (B, H, W): 1 at the nearest visible point of each frame, decreasing linearly
-    to 0 at the farthest one (depth_span None) or depth_span camera units behind the nearest;
-    0 on the background."""
+def _depth_map(raster, depth_span, out):
+    """Depth channel (B, H, W), written into `out`: 1 at the nearest visible point of each frame,
+    decreasing linearly to 0 at the farthest one (depth_span None) or depth_span camera units behind
+    the nearest; 0 on the background."""
     mask, depth = raster.mask, raster.depth
     near = torch.where(mask, depth, torch.inf).amin((1, 2), keepdim=True)
     if depth_span is None:
         span = (depth.amax((1, 2), keepdim=True) - near).clamp(min=torch.finfo(torch.float32).tiny)
     else:
         span = torch.as_tensor(depth_span, dtype=torch.float32)
-    return (near - depth).div_(span).add_(1).clamp_(0, 1).mul_(mask)
+    return torch.sub(near, depth, out=out).div_(span).add_(1).clamp_(0, 1).mul_(mask)

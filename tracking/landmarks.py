@@ -325,13 +325,18 @@ def _image_batch(images):
     return batch, sizes
 
 
-def _similarity_parts(from_shape, to_shapes):
-    """(p, q) of the least-squares similarity from_shape (P,2) -> each of to_shapes (...,P,2).
+def _centred(shape):
+    """A shape (P,2) minus its centroid, in float64 (the from-shape of `_similarity_parts`)."""
+    return shape.astype(np.float64) - shape.mean(axis=0, dtype=np.float64)
+
+
+def _similarity_parts(a, to_shapes):
+    """(p, q) of the least-squares similarity from the shape whose `_centred` is `a` (P,2) -> each of
+    to_shapes (...,P,2).
 
     dlib's find_tform_between_shapes (Umeyama's method); in 2D its optimum is the matrix
     [[p, -q], [q, p]]: scale hypot(p, q), rotation atan2(q, p). Computed in float64 like dlib.
     """
-    a = from_shape.astype(np.float64) - from_shape.mean(axis=0, dtype=np.float64)
     b = np.asarray(to_shapes, np.float64)
     b = b - b.mean(axis=-2, keepdims=True)
     norm = (a ** 2).sum()
@@ -340,9 +345,10 @@ def _similarity_parts(from_shape, to_shapes):
     return p, q
 
 
-def _similarity_matrices(from_shape, to_shapes):
-    """2x2 rotation-scale part of the similarity from_shape -> each of to_shapes, float32 as dlib uses it."""
-    p, q = _similarity_parts(from_shape, to_shapes)
+def _similarity_matrices(a, to_shapes):
+    """2x2 rotation-scale part of the similarity from the shape whose `_centred` is `a` -> each of
+    to_shapes, float32 as dlib uses it."""
+    p, q = _similarity_parts(a, to_shapes)
     return np.stack([np.stack([p, -q], -1), np.stack([q, p], -1)], -2).astype(np.float32)
 
 
@@ -350,13 +356,23 @@ def _box_to_image(boxes, rolls, x, y):
     """Box-normalised points (x, y) (N,K) -> image coordinates (float64, as dlib's
     point_transform_affine). Without rolls exactly dlib's rectangle mapping; with them the box is
     turned about its centre by rolls (N,) radians, clockwise on screen (image y points down)."""
+    return _box_mapping(boxes, rolls)(x, y)
+
+
+def _box_mapping(boxes, rolls):
+    """`_box_to_image` for these boxes and rolls as a function of (x, y), its per-box terms computed
+    once (the cascade maps points through the same boxes at every stage)."""
     x0, y0, x1, y1 = (boxes[:, i, None] for i in range(4))
-    px, py = x0 + x * (x1 - x0), y0 + y * (y1 - y0)
+    width, height = x1 - x0, y1 - y0
     if rolls is None:
-        return px, py
+        return lambda x, y: (x0 + x * width, y0 + y * height)
     cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
     cos, sin = np.cos(rolls)[:, None], np.sin(rolls)[:, None]
-    return cx + cos * (px - cx) - sin * (py - cy), cy + sin * (px - cx) + cos * (py - cy)
+
+    def to_image(x, y):
+        dx, dy = x0 + x * width - cx, y0 + y * height - cy
+        return cx + cos * dx - sin * dy, cy + sin * dx + cos * dy
+    return to_image
 
 
 _FACES_PER_PASS = 128  # larger batches gain nothing and leave the cache (leaf gathers grow with N)
@@ -374,6 +390,16 @@ class LandmarkPredictor:
         self.anchor_idx = anchor_idx              # (stages, features) landmark of each pixel
         self.deltas = deltas                      # (stages, features, 2) offset from it
         self.depth = int(math.log2(leaf_values.shape[2]))
+        # What every prediction reuses, laid out once: the mean shape centred, and per stage the split
+        # tests' feature pixels and thresholds over all trees, and the leaves as rows.
+        self.centred_mean = _centred(initial_shape)
+        n_stages, n_trees, n_splits = split_thresholds.shape
+        self.stage_splits = [(pixels[..., 0].ravel(), pixels[..., 1].ravel(), thresholds.ravel())
+                             for pixels, thresholds in zip(split_pixels, split_thresholds)]
+        self.stage_leaves = leaf_values.reshape(n_stages, n_trees * (n_splits + 1), -1)
+        self.tree_start = np.arange(n_trees) * n_splits  # first split of each tree in a stage's splits
+        # a tree's last node index minus this: its leaf's row in the stage's leaves
+        self.leaf_offset = np.arange(n_trees) * (n_splits + 1) - n_splits
 
     @classmethod
     def load(cls, path=None):
@@ -411,15 +437,17 @@ class LandmarkPredictor:
                              None if rolls is None else rolls[i:i + _FACES_PER_PASS])
                 for i in range(0, len(boxes), _FACES_PER_PASS)])
         pixels, sizes = _image_batch(images)
+        to_image = _box_mapping(boxes, rolls)
         shapes = np.repeat(self.initial_shape[None], len(boxes), axis=0)
         for stage in range(len(self.leaf_values)):
-            features = self._feature_pixels(pixels, sizes, boxes, rolls, shapes, stage)
+            features = self._feature_pixels(pixels, sizes, to_image, shapes, stage)
             shapes = self._apply_trees(shapes, features, stage)
-        return np.stack(_box_to_image(boxes, rolls, shapes[..., 0], shapes[..., 1]), axis=-1)
+        return np.stack(to_image(shapes[..., 0], shapes[..., 1]), axis=-1)
 
-    def _feature_pixels(self, pixels, sizes, boxes, rolls, shapes, stage):
-        """(N, features) intensities at this stage's feature points placed on the current shapes."""
-        tform = _similarity_matrices(self.initial_shape, shapes)             # (N,2,2) float32
+    def _feature_pixels(self, pixels, sizes, to_image, shapes, stage):
+        """(N, features) intensities at this stage's feature points placed on the current shapes;
+        to_image: `_box_mapping` of the faces' boxes."""
+        tform = _similarity_matrices(self.centred_mean, shapes)              # (N,2,2) float32
         d = self.deltas[stage]                                               # (F,2)
         anchors = shapes[:, self.anchor_idx[stage]]                          # (N,F,2)
         # Same float32 operation order as dlib: tform * delta + anchor location.
@@ -427,7 +455,7 @@ class LandmarkPredictor:
         y = tform[:, None, 1, 0] * d[:, 0] + tform[:, None, 1, 1] * d[:, 1] + anchors[..., 1]
         # Box-normalised -> image, then the nearest pixel, rounding halves up like dlib's
         # conversion to an integer point.
-        x, y = _box_to_image(boxes, rolls, x, y)
+        x, y = to_image(x, y)
         col = np.floor(x + 0.5).astype(np.int64)
         row = np.floor(y + 0.5).astype(np.int64)
         inside = (col >= 0) & (row >= 0) & (col < sizes[:, 1, None]) & (row < sizes[:, 0, None])
@@ -439,25 +467,25 @@ class LandmarkPredictor:
 
     def _apply_trees(self, shapes, features, stage):
         """(N,P,2) shapes plus the leaves reached in every tree of this stage."""
-        n_trees, n_splits = self.split_thresholds.shape[1:]
-        pixel_a, pixel_b = self.split_pixels[stage].reshape(-1, 2).T       # (trees*splits,)
-        thresholds = self.split_thresholds[stage].ravel()
-        tree_start = np.arange(n_trees) * n_splits
+        pixel_a, pixel_b, thresholds = self.stage_splits[stage]             # (trees*splits,)
         # Row offsets turn per-face feature indices into indices of the flattened (N*F) array.
         feature_rows = (np.arange(len(features)) * features.shape[1])[:, None]
         flat_features = features.ravel()
-        node = np.zeros((len(features), n_trees), np.int64)                 # (N,trees)
-        for _ in range(self.depth):
-            split = tree_start + node
+        node = np.zeros((len(features), len(self.tree_start)), np.int64)    # (N,trees)
+        for _ in range(self.depth):  # left child 2 * node + 1 where the pixel difference passes, else right
+            split = self.tree_start + node
             diff = (flat_features[feature_rows + pixel_a[split]]
                     - flat_features[feature_rows + pixel_b[split]])
-            node = 2 * node + np.where(diff > thresholds[split], 1, 2)
-        leaf = node - n_splits + np.arange(n_trees) * (n_splits + 1)      # index into trees*leaves
-        leaves = self.leaf_values[stage].reshape(-1, self.leaf_values.shape[-1])
+            node *= 2
+            node += 2
+            node -= diff > thresholds[split]
         # dlib adds the trees' leaves to the shape one after another in float32. Reducing over
         # the middle axis does exactly that (numpy only sums pairwise along the contiguous
         # axis), so the rounding, and with it every later pixel choice, matches dlib bit for bit.
-        terms = np.concatenate([shapes.reshape(len(shapes), 1, -1), leaves[leaf]], axis=1)
+        terms = np.empty((len(shapes), node.shape[1] + 1, shapes[0].size), np.float32)
+        terms[:, 0] = shapes.reshape(len(shapes), -1)
+        # the reached leaves gathered straight into place (mode="clip": take copies no buffer first)
+        np.take(self.stage_leaves[stage], node + self.leaf_offset, axis=0, out=terms[:, 1:], mode="clip")
         return np.add.reduce(terms, axis=1).reshape(shapes.shape)
 
     def box_from_landmarks(self, landmarks):
@@ -472,7 +500,7 @@ class LandmarkPredictor:
         """
         landmarks = np.asarray(landmarks, np.float64)
         mean = self.initial_shape.astype(np.float64)
-        p, q = _similarity_parts(mean, landmarks)
+        p, q = _similarity_parts(self.centred_mean, landmarks)
         roll = np.arctan2(q, p)
         spread_mean = np.sqrt(((mean - mean.mean(0)) ** 2).sum(-1).mean())
         centred = landmarks - landmarks.mean(-2, keepdims=True)
@@ -601,10 +629,14 @@ class FaceTracker:
         self.misses += 1
         return None
 
-    def is_lost(self, image, box, roll, landmarks, previous_patch=None):
+    def is_lost(self, image, box, roll, landmarks, previous_patch=None, refit=None):
         """Whether the track is lost (class doc). `box`, `roll`: what the landmarks were predicted in.
-        previous_patch: for a running track, the face_patch of the face on the previous frame."""
-        refit, refit_roll = self.predictor.box_from_landmarks(landmarks)
+        previous_patch: for a running track, the face_patch of the face on the previous frame.
+        refit: the landmarks' TrackState when the caller has made it (its box, roll and patch are
+        what this test computes)."""
+        refit_patch = None if refit is None else refit.patch
+        refit, refit_roll = (self.predictor.box_from_landmarks(landmarks) if refit is None
+                             else (refit.box, refit.roll))
         if (_visible_fraction(refit, image.shape) < 0.5
                 or min(refit[2] - refit[0], refit[3] - refit[1]) < self.min_size
                 or _box_iou(box, refit) < self.min_iou):
@@ -613,8 +645,9 @@ class FaceTracker:
             return False
         # The cheap test first: a face that looks like the previous frame's keeps its track. The
         # detector (tens of ms) runs only when it does not, and on a track's first frame.
-        if previous_patch is not None \
-                and face_patch(image, refit, refit_roll) @ previous_patch >= self.min_similarity:
+        if refit_patch is None and previous_patch is not None:
+            refit_patch = face_patch(image, refit, refit_roll)
+        if previous_patch is not None and refit_patch @ previous_patch >= self.min_similarity:
             return False
         return not face_near(image, refit, refit_roll)
 
@@ -628,8 +661,10 @@ class FaceTracker:
         result, lost = None, False
         if state is not None:
             result = self.settle(frame, state.box, state.roll)
-            if self.is_lost(frame, result[1], result[2], result[0], state.patch):
-                result, lost = None, True
+            following = self.next_state(frame, result[0])  # what is_lost tests, and the next frame's state
+            if not self.is_lost(frame, result[1], result[2], result[0], state.patch, following):
+                return result, lost, following
+            result, lost = None, True
         elif bbox is not None:
             result = self.fit(frame, bbox)  # the user's box is trusted
         if result is None:
@@ -637,8 +672,12 @@ class FaceTracker:
         if result is None:
             return None, lost, None
         self.misses = 0
-        box, roll = self.predictor.box_from_landmarks(result[0])
-        return result, lost, TrackState(box, float(roll), face_patch(frame, box, roll))
+        return result, lost, self.next_state(frame, result[0])
+
+    def next_state(self, frame, landmarks):
+        """The TrackState a frame's landmarks hand to the next frame."""
+        box, roll = self.predictor.box_from_landmarks(landmarks)
+        return TrackState(box, float(roll), face_patch(frame, box, roll))
 
     def track(self, frames, bbox=None):
         """-> (TrackResult, frames where a running track was lost); see track_landmarks."""

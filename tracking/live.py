@@ -54,6 +54,15 @@ class LiveTracker:
             return None
         return result[0]
 
+    def crop(self, frame: np.ndarray, landmarks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(the face crop (size, size, 3), the landmarks in its pixels): the crop box around the landmarks,
+        smoothed with the previous frames' boxes."""
+        face_box = np.concatenate([landmarks.min(0), landmarks.max(0)])[None]
+        box = smooth_crop_boxes(face_box, frame.shape[:2], sigma=0)[0].astype(np.float64)
+        self.box = box if self.box is None else CROP_SMOOTHING * box + (1 - CROP_SMOOTHING) * self.box
+        box = self.box.round().astype(np.int64)
+        return crop_frames(frame[None], box[None], self.size)[0], to_crop_pixels(landmarks[None], box[None], self.size)[0]
+
     def __call__(self, index: int, frame: np.ndarray) -> tuple[np.ndarray, FlameSequence] | None:
         landmarks = self.landmarks(frame)
         if landmarks is None:
@@ -65,11 +74,6 @@ class LiveTracker:
                 return None
             return crop_frames(frame[None], self.box.round().astype(np.int64)[None], self.size)[0], self.params
         self.faceless = []
-        face_box = np.concatenate([landmarks.min(0), landmarks.max(0)])[None]
-        box = smooth_crop_boxes(face_box, frame.shape[:2], sigma=0)[0].astype(np.float64)
-        self.box = box if self.box is None else CROP_SMOOTHING * box + (1 - CROP_SMOOTHING) * self.box
-        box = self.box.round().astype(np.int64)
-        crop = crop_frames(frame[None], box[None], self.size)[0]
-        points = to_crop_pixels(landmarks[None], box[None], self.size)[0]
+        crop, points = self.crop(frame, landmarks)
         self.params = self.fit(points, self.params)
         return crop, self.params

@@ -5,9 +5,10 @@ in memory that does not grow with the video's length.
             descriptor per stretch of the track (tracking/people.py): frames of anyone but the main person
             become faceless frames
     then:   short gaps interpolated -> smoothed square crop boxes (zero-phase: they need every frame's
-            face box) -> FLAME fitted to the landmarks in crop pixels (tracking/fit.py)
-    pass 2: decode again -> each frame cropped to `size` into crops.npy (a preallocated memmap) and,
-            beside it, preview.mp4 (mesh + landmarks over the crops, at most PREVIEW_SIZE px)
+            face box)
+    pass 2: decode again -> each frame cropped to `size` into crops.npy (a preallocated memmap), while
+            a thread fits FLAME to the landmarks in crop pixels (tracking/fit.py) on the other core
+    then:   preview.mp4 from crops.npy (mesh + landmarks over the crops, at most PREVIEW_SIZE px)
 
 Everything a run writes goes into one folder: seq.npz, crops.npy (uint8 T x size x size x 3),
 landmarks.npy, preview.mp4 (and demo.mp4 for the demo), people.json and report.png (the shots and who
@@ -26,12 +27,12 @@ import glob
 import hashlib
 import logging
 import os
+import shutil
 import signal
+import threading
 from dataclasses import dataclass
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from model.files import atomic_write, read_json, write_json
@@ -43,7 +44,7 @@ from tracking.landmarks import FaceTracker, TrackState, stack_results
 from tracking.people import PeopleLog, PersonError, identify, write_people, write_report
 from tracking.render import draw_landmarks, overlay
 from tracking.sequence import FlameSequence, load_seq, save_seq
-from tracking.toyhead import write_toy_flame
+from tracking import toyhead
 from tracking.video import VideoWriter, crop_frames, frame_count, iter_frames, smooth_crop_boxes, video_fps
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,7 @@ class TrackingError(ValueError):
 def load_flame(flame_path: str | None = None, n_shape: int = 100, n_exp: int = 50) -> FLAME:
     """FLAME from `generic_model.pkl` (its landmark embedding beside it), or the toy head when None."""
     if flame_path is None:
-        flame_path = write_toy_flame(TOY_FLAME_DIR)["generic_model.pkl"]
+        flame_path = toy_flame_path()
     folder = os.path.dirname(os.path.abspath(flame_path))
     embeddings = [os.path.join(folder, n) for n in EMBEDDING_NAMES if os.path.exists(os.path.join(folder, n))]
     if not embeddings:
@@ -80,6 +81,22 @@ def load_flame(flame_path: str | None = None, n_shape: int = 100, n_exp: int = 5
     # The jaw-line landmarks slide with head yaw where the embedding says how (DECA's contour table).
     return FLAME(model, embedding, n_shape=n_shape, n_exp=n_exp,
                  dynamic_contour=embedding.contour_faces_idx is not None)
+
+
+def toy_flame_path() -> str:
+    """The toy head's generic_model.pkl, built once per version of tracking/toyhead.py (it takes about a
+    second, every command used to pay it) into a folder of TOY_FLAME_DIR named by that version."""
+    with open(toyhead.__file__, "rb") as f:
+        version = hashlib.sha256(f.read()).hexdigest()[:16]
+    folder = os.path.join(TOY_FLAME_DIR, version)
+    if not os.path.isdir(folder):  # written whole under a temp name, then renamed: never seen half-written
+        temp = f"{folder}.tmp{os.getpid()}"
+        toyhead.write_toy_flame(temp)
+        try:
+            os.rename(temp, folder)
+        except OSError:  # another process renamed its copy first
+            shutil.rmtree(temp)
+    return os.path.join(folder, "generic_model.pkl")
 
 
 def check_gaps(valid: np.ndarray, max_gap: int, video: str):
@@ -223,24 +240,56 @@ def _track(video, out_dir, flame, size, bbox, max_frames, max_gap, preview, fps,
     face_boxes = np.concatenate([landmarks.min(1), landmarks.max(1)], 1)
     boxes = smooth_crop_boxes(face_boxes, frame_shape)
     crop_landmarks = to_crop_pixels(landmarks, boxes, size)
-    if os.path.exists(path("fit.partial.npz")):
-        seq = load_seq(path("fit.partial.npz"))
-    else:
-        log.info("fitting FLAME to the landmarks of %d frames", len(landmarks))
-        seq = fit_sequence(flame, crop_landmarks, (size, size), fps=float(fps),
-                           confidence=(result.valid & ~people.other).astype(np.float64), shape=shape)
-        seq.crop_boxes = boxes.astype(np.float32)
-        save_seq(path("fit.partial.npz"), seq)
-        _return_free_memory()
     with atomic_write(path("landmarks.npy")) as tmp:
         np.save(tmp, crop_landmarks.astype(np.float32))
-    draw = _PreviewDrawer(flame, seq, crop_landmarks, path("preview.mp4"), fps) if preview else None
-    _write_crops(video, boxes, size, out_dir, draw)
+    # The fit needs only the landmarks and pass 2 only the boxes: the fit runs in a thread beside pass 2
+    # (decoding, resizing and writing release the GIL: each keeps a core busy), the preview after both.
+    fit = _Background(lambda: _fit(flame, crop_landmarks, size, fps, result.valid & ~people.other, shape, boxes,
+                                   path("fit.partial.npz")))
+    _write_crops(video, boxes, size, out_dir)
+    seq = fit.result()
+    if preview:
+        _write_preview(flame, seq, crop_landmarks, out_dir, fps)
     save_seq(path("seq.npz"), seq)  # last: its presence marks a complete track
     for name in PARTIALS:
         if os.path.exists(path(name)):
             os.remove(path(name))
     return _load_tracked(out_dir)
+
+
+def _fit(flame, crop_landmarks, size, fps, valid, shape, boxes, partial):
+    """The FLAME sequence fitted to the landmarks (in crop pixels), resumed from / saved to `partial`."""
+    if os.path.exists(partial):
+        return load_seq(partial)
+    log.info("fitting FLAME to the landmarks of %d frames", len(crop_landmarks))
+    seq = fit_sequence(flame, crop_landmarks, (size, size), fps=float(fps), confidence=valid.astype(np.float64),
+                       shape=shape)
+    seq.crop_boxes = boxes.astype(np.float32)
+    save_seq(partial, seq)
+    _return_free_memory()
+    return seq
+
+
+class _Background:
+    """fn() in a daemon thread (a Ctrl-C of the main thread does not wait for it); result() waits for its
+    value or raises its exception."""
+
+    def __init__(self, fn):
+        self.value, self.error = None, None
+        self.thread = threading.Thread(target=self._run, args=(fn,), daemon=True)
+        self.thread.start()
+
+    def _run(self, fn):
+        try:
+            self.value = fn()
+        except BaseException as error:  # noqa: BLE001 -- raised in the waiting thread
+            self.error = error
+
+    def result(self):
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.value
 
 
 def _return_free_memory():
@@ -327,9 +376,9 @@ def _load_pass1(path):
                 PeopleLog.from_state(saved))
 
 
-def _write_crops(video, boxes, size, out_dir, draw):
+def _write_crops(video, boxes, size, out_dir):
     """Pass 2: every frame's crop into crops.npy (through crops.partial.npy, resumed after the frames
-    crops.progress.json counts) and, with `draw`, the preview of each.
+    crops.progress.json counts).
 
     The .npy is preallocated by open_memmap (header and size), then written frame by frame with
     pwrite rather than through the map: written pages of a map stay in the process's resident set
@@ -346,30 +395,38 @@ def _write_crops(video, boxes, size, out_dir, draw):
     del layout
     if done:
         log.info("resuming the crops after frame %d", done)
-    desc = "pass 2: crops" + " + preview" * bool(draw)
-    with open(partial, "r+b") as file, tqdm(total=len(boxes), initial=done, desc=desc, unit="frame") as bar:
-        fd, at = file.fileno(), lambda t: offset + t * frame_bytes  # noqa: E731
-        try:
-            for t in range(done if draw else 0):  # the preview of the frames cropped before an interruption
-                draw(np.frombuffer(os.pread(fd, frame_bytes, at(t)), np.uint8).reshape(shape[1:]))
-            for t, frame in enumerate(iter_frames(video, len(boxes), start=done), done):
-                crop = crop_frames(frame[None], boxes[t:t + 1], size)[0]
-                os.pwrite(fd, crop.tobytes(), at(t))
-                if draw:
-                    draw(crop)
-                if (t + 1) % CHECKPOINT_EVERY == 0:
-                    os.fsync(fd)  # the crops on disk before the count that says they are there
-                    write_json(progress, {"frames": t + 1})
-                bar.update()
-                _kill_for_tests(2, t + 1)
-            if draw:
-                draw.close()
-        except BaseException:
-            if draw:
-                draw.writer.abort()
-            raise
+    with open(partial, "r+b") as file, tqdm(total=len(boxes), initial=done, desc="pass 2: crops", unit="frame") as bar:
+        fd = file.fileno()
+        for t, frame in enumerate(iter_frames(video, len(boxes), start=done), done):
+            crop = crop_frames(frame[None], boxes[t:t + 1], size)[0]
+            os.pwrite(fd, crop.tobytes(), offset + t * frame_bytes)
+            if (t + 1) % CHECKPOINT_EVERY == 0:
+                os.fsync(fd)  # the crops on disk before the count that says they are there
+                write_json(progress, {"frames": t + 1})
+            bar.update()
+            _kill_for_tests(2, t + 1)
         os.fsync(fd)
     os.replace(partial, os.path.join(out_dir, "crops.npy"))
+
+
+def _write_preview(flame, seq, landmarks, out_dir, fps):
+    """preview.mp4 from the crops in crops.npy, read a frame at a time with pread (pages read through a
+    memory map would stay in the process's resident set: its memory would grow with the video)."""
+    crops = np.load(os.path.join(out_dir, "crops.npy"), mmap_mode="r")
+    shape, offset, frame_bytes = crops.shape, crops.offset, crops[0].nbytes
+    del crops
+    draw = _PreviewDrawer(flame, seq, landmarks, os.path.join(out_dir, "preview.mp4"), fps)
+    with open(os.path.join(out_dir, "crops.npy"), "rb") as file, \
+            tqdm(total=shape[0], desc="preview", unit="frame") as bar:
+        try:
+            for t in range(shape[0]):
+                draw(np.frombuffer(os.pread(file.fileno(), frame_bytes, offset + t * frame_bytes), np.uint8)
+                     .reshape(shape[1:]))
+                bar.update()
+            draw.close()
+        except BaseException:
+            draw.writer.abort()
+            raise
 
 
 class _PreviewDrawer:
@@ -392,10 +449,8 @@ class _PreviewDrawer:
         start, crops = self.writer.count, np.stack(self.pending)
         self.pending = []
         side = min(crops.shape[1], PREVIEW_SIZE)
-        if side != crops.shape[1]:
-            x = torch.from_numpy(crops).permute(0, 3, 1, 2).float()
-            x = F.interpolate(x, size=(side, side), mode="bilinear", antialias=True, align_corners=False)
-            crops = x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        if side != crops.shape[1]:  # the whole crop, resized
+            crops = crop_frames(crops, np.tile([0, 0, crops.shape[2], crops.shape[1]], (len(crops), 1)), side)
         frames = slice(start, start + len(crops))
         verts = posed_vertices(self.flame, self.seq, frames)
         focal = self.seq.focal * side / self.seq.image_size[1]

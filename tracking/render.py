@@ -311,12 +311,10 @@ def rasterize(
     tri = _setup_triangles(verts, faces, focal, height, width, principal, near, cull_back_faces)
     zbuffer = torch.full((batch, height, width), _BACKGROUND_KEY, dtype=torch.int64)
     _depth_test(tri, zbuffer.view(-1), height, width, max_pixels)
-    hit = zbuffer != _BACKGROUND_KEY
-    return Raster(
-        face=torch.where(hit, zbuffer & 0xFFFFFFFF, -1),
-        depth=torch.where(hit, (zbuffer >> 32).to(torch.int32).view(torch.float32), 0.0),
-        camera=(verts, faces, focal, principal, near),
-    )
+    # The key's low 32 bits, sign-extended, are the face index: the background key's are all ones, -1.
+    face = (zbuffer << 32).bitwise_right_shift_(32)
+    depth = (zbuffer >> 32).to(torch.int32).view(torch.float32).masked_fill_(face < 0, 0.0)
+    return Raster(face=face, depth=depth, camera=(verts, faces, focal, principal, near))
 
 
 def _corner_rows(faces, frame, face, num_verts):
@@ -391,8 +389,9 @@ def _attribute_planes(verts, faces, attributes, focal):
     With e_i(p) the edge function opposite corner i (an affine function of the pixel p), the
     interpolated attribute is sum_i e_i(p) a_i / z_i divided by sum_i e_i(p) / z_i. The numerator
     is affine in p too: A p_x + B p_y + C per channel, p relative to the principal point. Returns
-    (A, B, C), each (C, B * F) float32 (rows frame * F + face), signed so that the (dropped)
-    denominator is positive: enough for directions, which are normalised afterwards anyway.
+    (A, B, C), each (C, 1 + B * F) float32 (column 0 all zeros, for the background, then frame * F + face
+    + 1), signed so that the (dropped) denominator is positive: enough for directions, which are
+    normalised afterwards anyway.
     """
     v = verts.detach().to(torch.float64)
     inv_z = 1.0 / v[..., 2]
@@ -408,22 +407,26 @@ def _attribute_planes(verts, faces, attributes, focal):
 
     def plane(coefficients):
         total = sum(c[..., None] * w for c, w in zip(coefficients, weights))  # (B, F, C)
-        return total.flatten(0, 1).T.to(torch.float32).contiguous()
+        return F.pad(total.flatten(0, 1).T.to(torch.float32), (1, 0))
 
     return plane(steps_x), plane(steps_y), plane(at_origin)
 
 
 def normal_maps(raster):
-    """Unit camera-space normals (3 maps (B, H, W)) of the surface `raster` sees, smooth shading; any
-    value on the background. (In-place arithmetic on the image-sized maps: on the CPU, writing
-    into fresh large tensors costs more than the arithmetic, a page fault per 4 KiB.)"""
+    """Unit camera-space normals (3 maps (B, H, W)) of the surface `raster` sees, smooth shading; 0 on
+    the background (its pixels read the planes' zero column, and 0 stays 0 through the normalisation),
+    so a caller needs no mask. (In-place arithmetic on the image-sized maps: on the CPU, writing into
+    fresh large tensors costs more than the arithmetic, a page fault per 4 KiB.)"""
     verts, faces, focal, principal, _ = raster.camera
     batch, height, width = raster.face.shape
     planes = _attribute_planes(verts, faces, vertex_normals(verts.detach().float(), faces), focal)
     centre = _per_frame((width / 2, height / 2) if principal is None else principal, batch, torch.float32, 2)
     px = (torch.arange(width) + 0.5) - centre[:, :1, None]  # (B, 1, W) pixel centres from the principal point
     py = (torch.arange(height)[:, None] + 0.5) - centre[:, 1:, None]  # (B, H, 1)
-    rows = raster.face.clamp(min=0).add_(torch.arange(batch)[:, None, None] * len(faces)).view(-1)
+    rows = raster.face + 1  # the planes' column of each pixel: 0 on the background
+    if batch > 1:
+        rows.add_((raster.face >= 0) * torch.arange(batch)[:, None, None] * len(faces))
+    rows = rows.view(-1)
 
     def at_pixels(column):
         return column.index_select(0, rows).view(batch, height, width)
@@ -466,10 +469,10 @@ def draw_landmarks(frame, points, radius=2.0, color=(0, 255, 0)):
     height, width = frame.shape[:2]
     reach = int(np.ceil(radius))
     offsets = np.arange(-reach - 1, reach + 2)
-    for x, y in np.asarray(points, dtype=np.float64).reshape(-1, 2):
-        cols, rows = np.floor(x) + offsets, np.floor(y) + offsets
-        cols, rows = cols[(cols >= 0) & (cols < width)], rows[(rows >= 0) & (rows < height)]
-        near = (cols[None, :] + 0.5 - x) ** 2 + (rows[:, None] + 0.5 - y) ** 2 <= radius**2
-        r, c = near.nonzero()
-        out[rows[r].astype(int), cols[c].astype(int)] = color
+    x, y = np.asarray(points, dtype=np.float64).reshape(-1, 2).T[..., None]  # (N, 1) each
+    cols, rows = np.floor(x) + offsets, np.floor(y) + offsets                 # (N, K): the pixels around each point
+    near = (cols[:, None, :] + 0.5 - x[..., None]) ** 2 + (rows[:, :, None] + 0.5 - y[..., None]) ** 2 <= radius**2
+    near &= ((cols >= 0) & (cols < width))[:, None, :] & ((rows >= 0) & (rows < height))[:, :, None]
+    n, r, c = near.nonzero()
+    out[rows[n, r].astype(int), cols[n, c].astype(int)] = color
     return out

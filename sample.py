@@ -9,7 +9,8 @@ expression and pose come from the sequence, the identity shape from the avatar):
     (each process on its own GPU, cuda:LOCAL_RANK, as train.py; text to image and --drive run in one process)
 
 Live: drive the avatar from a video (played at its own speed), a camera or a seq.npz, tracked frame by frame;
-the mp4 is written as it goes (Ctrl-C stops it, playable), --serve shows it at http://127.0.0.1:PORT/:
+the mp4 is written as it goes (Ctrl-C stops it, playable), with the tracked FLAME sequence beside it
+(live.mp4 -> live.seq.npz, for --params), --serve shows it at http://127.0.0.1:PORT/:
     python sample.py --avatar runs/me --drive talk.mp4 --sampler lcm --steps 4 --guidance 1 \
         --lora lcm-lora-sdv1-5.safetensors --out live.mp4 --serve 8000
     python sample.py --avatar runs/me --drive /dev/video0 --serve 8000
@@ -25,11 +26,13 @@ import torch
 from PIL import Image
 
 import svp
+from live.loop import drive, live_controls
+from live.page import LivePage
+from live.take import take_path
 from model.files import atomic_write
 from tracking.cli import (ArgumentParser, available_device, existing_file, fraction, lora_file_and_scale,
                           multiple_of_8, non_negative_float, non_negative_int, nonempty_text, output_dir_problem,
                           output_file_problem, port, positive_int, run_command)
-from live.page import LivePage
 from svp import VideoSampling  # its class attributes are the video defaults
 
 
@@ -65,10 +68,12 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     for problem in input_problems(args):
         p.error(problem)
+    # what a live run's page may change while it plays, starting from the flags
+    args.controls = live_controls(video_settings(args), args.prompt, args.morph, args.morph_weight)
     args.page = None
     if args.serve is not None:  # bound now, so that a port in use is refused before the avatar loads
         try:
-            args.page = LivePage(args.serve)
+            args.page = LivePage(args.serve, args.controls)
         except OSError as error:
             p.error(f"argument --serve: cannot listen on 127.0.0.1:{args.serve} ({error.strerror})")
     return args
@@ -143,6 +148,7 @@ def input_problems(args) -> list[str]:
     args.out = args.out or ("sample.png" if args.ckpt else "out.mp4")
     what, extensions = ("image", IMAGE_EXTENSIONS) if args.ckpt else ("video", (".mp4",))
     outputs = (("--out", output_file_problem(args.out, what, extensions)),
+               ("--out", args.drive and output_file_problem(take_path(args.out), "take", (".npz",))),
                ("--png-dir", args.png_dir and output_dir_problem(args.png_dir)))
     return problems + [f"argument {flag}: {problem}" for flag, problem in outputs if problem]
 
@@ -236,22 +242,25 @@ def video_settings(args) -> VideoSampling:
 
 
 def live_main(args, device):
-    """--drive: the avatar driven frame by frame (tracking/live.py), written to --out as it goes."""
-    from tracking.live import drive
-    if args.page is not None:
-        print(f"serving {args.page.start().url}", flush=True)
+    """--drive: the avatar driven frame by frame (live/loop.py), written to --out as it goes, with its take."""
     avatar = svp.load_avatar(args.avatar, base=args.base, flame=args.flame, device=device,
                              dtype=default_dtype(args, device), tokenizer=args.tokenizer, loras=args.lora,
                              decoder=args.decoder)
-    out = args.out
+    if args.page is not None:
+        print(f"serving {args.page.start().url}", flush=True)
 
-    def progress(frame, seconds):
-        if frame % 10 == 0:
-            print(f"frame {frame}: {(frame + 1) / seconds:.1f} frames/s", flush=True)
-    run = drive(avatar, args.drive, out, video_settings(args), args.page, args.prompt, args.side_by_side, progress)
+    def progress(frame, stats):
+        if stats["frames"] % 10 == 1:
+            print(f"frame {stats['frames']}: {stats['fps']:.1f} frames/s, latency {stats['latency_ms']['median']:.0f} ms, "
+                  f"{stats['dropped']} dropped", flush=True)
+    run = drive(avatar, args.drive, args.out, video_settings(args), args.controls, args.page, args.side_by_side,
+                args.negative_prompt, on_frame=progress)
     how = "stopped by Ctrl-C; " if run.stopped else ""
-    print(f"wrote {out} ({how}{run.frames} frames in {run.seconds:.1f} s, {run.frames / run.seconds:.1f} frames/s; "
-          f"{run.dropped} source frames dropped)")
+    stages = ", ".join(f"{name} {ms:.0f}" for name, ms in run.stats["stages_ms"].items())
+    print(f"wrote {args.out} and {run.take} ({how}{run.frames} frames in {run.seconds:.1f} s, "
+          f"{run.frames / run.seconds:.1f} frames/s; {run.dropped} source frames dropped; latency median "
+          f"{run.stats['latency_ms']['median']:.0f} ms, p90 {run.stats['latency_ms']['p90']:.0f} ms; "
+          f"stage ms: {stages})")
 
 
 def main(argv=None):

@@ -17,7 +17,7 @@ Example (runs offline in a few minutes on a CPU):
     images = svp.text_to_image(sd, "a photo of an astronaut", steps=25)   # uint8 (1, 512, 512, 3)
 """
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,7 +33,7 @@ from model.metrics import temporal_flicker
 from model.pipeline import encode_prompts, text_to_image
 from model.sampling import SAMPLER_NAMES, NoiseSchedule
 from model.taesd import TinyDecoder, load_tiny_decoder
-from model.temporal import VideoSampling, sample_video, stream_video, warm_up_start
+from model.temporal import FrameSettings, VideoSampling, sample_video, stream_video, warm_up_start
 from model.vae import AutoencoderKL
 from tracking.conditioning import render_conditioning
 from tracking.pipeline import TrackedVideo, load_flame, track_video
@@ -182,20 +182,25 @@ class Avatar:
 
     @torch.no_grad()
     def stream(self, inputs: Iterable, settings: VideoSampling | None = None, prompt: str | None = None,
-               morph: str | None = None, morph_weight: float = 0.0, negative_prompt: str = "") -> Iterator[np.ndarray]:
+               morph: str | None = None, morph_weight: float = 0.0, negative_prompt: str = "",
+               frame_settings: Callable[[], FrameSettings] | None = None) -> Iterator[np.ndarray]:
         """Frames (H, W, 3) uint8 of a sequence that arrives piece by piece, as soon as each is done.
 
         inputs: FlameSequences (any number of frames each: live tracking yields one per video frame) or
         hint images (C, H, W). Frame f leaves `settings.steps` ticks after it arrives (one tick per
         arrival, model/temporal.stream_latents): the frames are `render`'s for the whole sequence (up to
         rounding: each frame is decoded alone).
+        frame_settings: asked as each frame arrives, its text embedding (`text_context`), temporal strength
+        and conditioning scale (a live run's page controls; model/temporal.FrameSettings); None: the prompt's
+        and `settings`' for every frame.
         """
         settings = settings or VideoSampling()
-        context = self.text_context(prompt, morph, morph_weight)
+        context = self.text_context(prompt, morph, morph_weight) if frame_settings is None else None
         uncond_context = encode_prompts(self.sd, [negative_prompt]) if settings.guidance != 1.0 else None
         latent = self.resolution // self.decoder.downscale
         yield from stream_video(self.denoiser, self.decoder, NoiseSchedule.from_config(self.sd.config),
-                                self._hint_frames(inputs), (latent, latent), context, uncond_context, settings)
+                                self._hint_frames(inputs), (latent, latent), context, uncond_context, settings,
+                                frame_settings)
 
     def _hint_frames(self, inputs: Iterable) -> Iterator[torch.Tensor]:
         """One hint image per frame of `inputs` (see `stream`), rendered as each piece arrives."""

@@ -92,6 +92,8 @@ save_file({'decoder.' + k: v.contiguous() for k, v in TinyDecoder().state_dict()
         "$PY" bench/sample.py --device cuda --dtype fp16 --repeats 2
     step 60 "diffusers" "Training step vs diffusers, bf16 autocast, eager (bench/train.py)" \
         "$PY" bench/train.py --device cuda --channels 320 --size 64 --batch 4
+    step 90 "" "Live loop: tracking in front of the stream, serial and pipelined (bench/live.py)" \
+        "$PY" bench/live.py --device cuda --seconds 10 --sources 1080 "${decoder[@]}"
     # fp16 only: the autotuner's first run compiles every attention candidate (bf16 would double it).
     # With $OUT, the measured table comes back as kernels-table.json, to commit as kernels/sm<arch>.json.
     step 150 "" "Kernels vs PyTorch (bench/kernels.py)" "$PY" bench/kernels.py --dtypes float16 "${table[@]}"

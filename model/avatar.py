@@ -67,10 +67,11 @@ class Denoiser(nn.Module):
         residuals = self.controlnet(x, t, context, hint, scale) if self.controlnet is not None else ()
         return self.unet(x, t, context, *residuals)
 
-    def guided(self, x, t, context, uncond_context=None, hint=None, scale: float = 1.0):
+    def guided(self, x, t, context, uncond_context=None, hint=None, scale: float | torch.Tensor = 1.0):
         """(cond_out, uncond_out) for classifier-free guidance (uncond_out None without `uncond_context`).
 
         Both branches run in one batch of 2B, like the reference pipelines; kernels/temporal.py combines them.
+        context: (1 or B, 77, D); scale: a number, or (B, 1, 1, 1) per frame (a live stream's settings change).
         """
         if uncond_context is None:
             return self(x, t, context, hint, scale), None
@@ -78,6 +79,7 @@ class Denoiser(nn.Module):
             return None if v is None else torch.cat([v, v])
         contexts = torch.cat([uncond_context.expand(len(x), -1, -1), context.expand(len(x), -1, -1)])
         t = twice(t) if torch.is_tensor(t) and t.numel() > 1 else t  # per-frame timesteps (streaming)
+        scale = twice(scale) if torch.is_tensor(scale) else scale
         uncond_out, cond_out = self(twice(x), t, contexts, twice(hint), scale).chunk(2)
         return cond_out, uncond_out
 

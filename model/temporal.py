@@ -29,6 +29,15 @@ newest frame at step 0 beside its predecessor at step 1, ...). Frame f at step i
 estimate of step i-1, which the wavefront computed two ticks before, so the streamed frames equal the
 chunked ones, and after `steps` ticks one finished frame leaves per tick (latency: `steps` ticks).
 
+A live stream may change its settings between frames (`FrameSettings`: the text embedding, the temporal
+strength, the conditioning scale; live/'s page controls). A frame takes the settings current when it
+ENTERS the stream and keeps them until it leaves: its own pull toward its predecessor uses its own
+strength, and the frames already in flight are not re-weighted. While frames of old and new settings share
+a tick, each row of the model batch gets its own text embedding and scale (an eager call); once they agree
+again the steady tick replays its graph (a new text embedding is an input of the same graph; a new
+conditioning scale is a value baked into one, so each scale used gets its own capture). With fixed settings every frame shares one FrameSettings and the
+arithmetic is the offline sampler's.
+
 On CUDA the calls whose shapes repeat replay CUDA graphs (model/graphs.py; VideoSampling.cuda_graphs):
 the model call of every step of a chunk (UNet + ControlNet, both guidance branches in one batch), the
 stream's steady-state ticks (`steps` frames in flight; the wavefront's fill and drain ticks run eagerly,
@@ -37,8 +46,8 @@ stays one eager kernel launch per step: its coefficients are the step's, passed 
 a graph would bake in (one capture of the whole network per step).
 """
 from collections import deque
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -185,6 +194,7 @@ class _InFlight:
     condition: object
     x: torch.Tensor
     generator: torch.Generator
+    weights: list[float]               # the pull's weight at every step (this frame's temporal strength)
     before: "_InFlight | None" = None  # the frame whose estimates pull this one (frame 0: itself)
     estimates: list = field(default_factory=list)
 
@@ -193,8 +203,7 @@ class _InFlight:
         return len(self.estimates)
 
 
-def _stream_tick(model_fn, batch: list[_InFlight], sampler: Sampler, shared_noise: torch.Tensor,
-                 weights: list[float], guidance: float):
+def _stream_tick(model_fn, batch: list[_InFlight], sampler: Sampler, shared_noise: torch.Tensor, guidance: float):
     """One wavefront tick: one model call on every frame in flight (each at its own step), then each
     frame's sampler step with that step's coefficients (the same `temporal_step` as `denoise`)."""
     x = torch.cat([f.x * sampler.input_scale(f.step) for f in batch])
@@ -206,7 +215,7 @@ def _stream_tick(model_fn, batch: list[_InFlight], sampler: Sampler, shared_nois
     for row, f in enumerate(batch):
         i = f.step
         p, c = sampler.x0_coefficients(i), sampler.coefficients(i)
-        w = weights[i] if i > 0 else 0.0
+        w = f.weights[i] if i > 0 else 0.0
         pull_from = f.before.estimates[i - 1] if w > 0 else None  # computed two ticks ago
         noise = None
         if c.c_n != 0:
@@ -227,17 +236,21 @@ _END = object()  # `conditions` is exhausted
 
 @torch.no_grad()
 def stream_latents(model_fn, conditions: Iterable, sampler: Sampler, shared_noise: torch.Tensor,
-                   weights: list[float], guidance: float = 1.0, seed: int = 0) -> Iterator[torch.Tensor]:
+                   weights: list[float] | Callable[[object], list[float]], guidance: float = 1.0,
+                   seed: int = 0) -> Iterator[torch.Tensor]:
     """Clean latents (1, C, H, W) of frames 0, 1, 2, ... of a video whose conditioning arrives frame by
     frame (`conditions`, pulled one per tick), in order, the same as `denoise_video` gives (module doc).
 
     model_fn(x, t, conditions) -> (cond_out, uncond_out or None) for a batch x of frames at the timesteps
     t (a (B,) tensor: each frame at its own step) with those frames' conditioning items.
+    weights: the pull's weight at every step, for every frame; or a function of a frame's conditioning item
+    giving that frame's (per-frame settings, see the module doc).
     One tick per frame that arrives, then ticks until the last one is done.
 
     The step itself runs per frame (its coefficients are its step's); a GPU path would hand
     `temporal_step` per-row coefficient vectors and run the tick as one kernel.
     """
+    weights_of = weights if callable(weights) else lambda condition: weights
     in_flight: deque[_InFlight] = deque()
     conditions = iter(conditions)
     frame, arriving, last = 0, True, None
@@ -246,13 +259,13 @@ def stream_latents(model_fn, conditions: Iterable, sampler: Sampler, shared_nois
         arriving = condition is not _END
         if arriving:
             f = _InFlight(frame, condition, shared_noise[None] * sampler.init_noise_sigma,
-                          step_noise_generator(seed, frame, shared_noise.device))
+                          step_noise_generator(seed, frame, shared_noise.device), weights_of(condition))
             f.before, last = last or f, f
             in_flight.append(f)
             frame += 1
         if not in_flight:
             break
-        _stream_tick(model_fn, list(in_flight), sampler, shared_noise, weights, guidance)
+        _stream_tick(model_fn, list(in_flight), sampler, shared_noise, guidance)
         if in_flight[0].step == len(sampler):
             done = in_flight.popleft()
             done.before = None  # its successor still reads its estimates; nothing reads further back
@@ -304,26 +317,49 @@ def _video_latents(denoiser, schedule: NoiseSchedule, hints: torch.Tensor, frame
                          settings.batch_frames, settings.seed, progress)
 
 
+@dataclass(frozen=True)
+class FrameSettings:
+    """What a streamed frame is sampled with, fixed as it enters the stream (see the module doc)."""
+    context: torch.Tensor        # (1, 77, D) text embedding of the prompt (blended toward a morph)
+    temporal_strength: float
+    conditioning_scale: float
+
+
 @torch.no_grad()
 def stream_video(denoiser, decoder, schedule: NoiseSchedule, hints: Iterable[torch.Tensor],
                  latent_size: tuple[int, int], context: torch.Tensor, uncond_context: torch.Tensor | None = None,
-                 settings: VideoSampling | None = None) -> Iterator[np.ndarray]:
+                 settings: VideoSampling | None = None,
+                 frame_settings: Callable[[], FrameSettings] | None = None) -> Iterator[np.ndarray]:
     """Frames uint8 (H, W, 3) of a video whose hint images (C, H, W) arrive one at a time (live driving), each
     as soon as it is done: `stream_latents` on `denoiser`, every frame decoded as it leaves by `decoder`
-    (its `decode_latents`: the VAE, or a smaller decoder). Arguments as for `sample_video`.
+    (its `decode_latents`: the VAE, or a smaller decoder). Arguments as for `sample_video`; frame_settings()
+    is asked as each hint arrives (a live run's current text embedding, temporal strength and conditioning
+    scale); None: `context` and `settings`' for every frame.
     """
     settings = settings or VideoSampling()
+    fixed = FrameSettings(context, settings.temporal_strength, settings.conditioning_scale)
+    frame_settings = frame_settings or (lambda: fixed)
     param = next(denoiser.parameters())
     noise = video_noise(denoiser.unet.config.in_channels, latent_size, settings.seed, param.device, param.dtype)
     # a tick reads the model's outputs before the next tick, to_uint8 copies the decoded frame: no copies needed
     steady = GraphedCall(denoiser.guided, settings.cuda_graphs, clone_outputs=False)
     decode = GraphedCall(decoder.decode_latents, settings.cuda_graphs, clone_outputs=False)
 
-    def model_fn(x, t, frame_hints):
-        hint = torch.stack(frame_hints).to(param.device, param.dtype)
-        call = steady if len(frame_hints) == settings.steps else denoiser.guided  # fill and drain: eager
-        return call(x, t, context, uncond_context, hint, settings.conditioning_scale)
+    def model_fn(x, t, frames: list[tuple[torch.Tensor, FrameSettings]]):
+        hint = torch.stack([h for h, _ in frames]).to(param.device, param.dtype)
+        first = frames[0][1]
+        if all(s is first for _, s in frames):
+            call = steady if len(frames) == settings.steps else denoiser.guided  # fill and drain: eager
+            return call(x, t, first.context, uncond_context, hint, first.conditioning_scale)
+        # frames of different settings in one tick (just after a live change): each row its own, eagerly
+        context = torch.cat([s.context for _, s in frames])
+        scale = torch.tensor([s.conditioning_scale for _, s in frames], device=x.device, dtype=x.dtype)
+        return denoiser.guided(x, t, context, uncond_context, hint, scale.view(-1, 1, 1, 1))
+
+    def weights(frame: tuple[torch.Tensor, FrameSettings]) -> list[float]:
+        return replace(settings, temporal_strength=frame[1].temporal_strength).weights
 
     sampler = make_sampler(schedule, settings.sampler, settings.steps, settings.eta)
-    for latents in stream_latents(model_fn, hints, sampler, noise, settings.weights, settings.guidance, settings.seed):
+    arriving = ((hint, frame_settings()) for hint in hints)  # settings taken as the frame enters
+    for latents in stream_latents(model_fn, arriving, sampler, noise, weights, settings.guidance, settings.seed):
         yield to_uint8(decode(latents))[0].numpy()

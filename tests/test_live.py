@@ -1,7 +1,10 @@
-"""Live driving (sample.py --drive, tracking/live.py) and sample.py's --lora, on an untrained tiny avatar.
+"""The live loop (live/: the pipeline, its sources, outputs and take, the page's settings into the sampler),
+live driving (sample.py --drive), the tracking-only mode (python -m tracking live) and sample.py's --lora.
 
 The avatar (tests/conftest.py) is random, so these check the plumbing, not the looks: frames come out as
-the source plays, the page serves them as JPEGs, the mp4 is playable after Ctrl-C, bad sources fail cleanly.
+the source plays and in order, slow stages drop the oldest frames, the page serves them as JPEGs, the mp4
+and the take are kept after Ctrl-C or an error, the take renders offline, a control change reaches the
+sampler on the next frame, bad sources fail cleanly.
 """
 import os
 import signal
@@ -10,6 +13,8 @@ import subprocess
 import sys
 import time
 import urllib.request
+
+from fractions import Fraction
 
 import av
 import numpy as np
@@ -26,6 +31,11 @@ FEW_STEPS = ("--sampler", "lcm", "--steps", "4", "--guidance", "1")
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def load_seq(path):
+    from tracking.sequence import load_seq
+    return load_seq(path)
 
 
 def free_port() -> int:
@@ -80,9 +90,11 @@ def test_live_from_the_demo_video_with_the_page(untrained_avatar_run, demo_video
     finally:
         process.kill()
     assert process.returncode == 0, stderr[-2000:]
-    assert "stopped by Ctrl-C" in stdout and "dropped" in stdout, stdout
+    assert "stopped by Ctrl-C" in stdout and "dropped" in stdout and "latency median" in stdout, stdout
     frames = mp4_frames(out)
     assert len(frames) >= 3 and frames.shape[1:] == (64, 64, 3)
+    take = load_seq(str(tmp_path / "live.seq.npz"))  # the take: one row per frame written, the source's fps
+    assert take.n_frames == len(frames) and take.fps == 8 and take.crop_boxes.shape == (len(frames), 4)
     assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]
 
 
@@ -94,6 +106,9 @@ def test_drive_from_a_sequence_file_drives_every_frame(untrained_avatar_run, tmp
     assert result.returncode == 0, result.stderr[-2000:]
     assert "0 source frames dropped" in result.stdout
     assert mp4_frames(out).shape == (12, 64, 128, 3)  # every frame of the sequence, hint normals | avatar
+    seq, take = (load_seq(str(path)) for path in (untrained_avatar_run / "tracking" / "seq.npz", tmp_path / "seq.seq.npz"))
+    for name in ("expression", "global_rot", "jaw_rot", "translation", "shape"):
+        assert np.array_equal(getattr(take, name), getattr(seq, name)), name
 
 
 def assert_one_line_failure(result, out, *words):
@@ -179,28 +194,6 @@ def head(seq, f) -> np.ndarray:
     return rotation(seq.global_rot) @ rotation(seq.neck_rot)
 
 
-def test_a_source_that_fails_midway_keeps_the_frames_made(untrained_avatar_run, tmp_path, monkeypatch):
-    """The error surfaces (one line at the command) and the mp4 holds the frames made before it, playable."""
-    import svp
-    from tracking import live
-    from tracking.pipeline import TrackingError
-    avatar = svp.load_avatar(str(untrained_avatar_run))
-    seq = svp.load_seq(str(untrained_avatar_run / "tracking" / "seq.npz"))
-
-    def failing(source, avatar):
-        def frames():
-            for f in range(6):
-                hint = avatar.hints(seq, range(f, f + 1))[0]
-                yield live.normals_image(hint), hint
-            raise TrackingError(f"{source}: no face on frames 6-16 (more than 10 frames in a row)")
-        return live.Feed(frames(), 24)
-    monkeypatch.setattr(live, "open_feed", failing)
-    out = tmp_path / "partial.mp4"
-    with pytest.raises(TrackingError, match="no face"):
-        live.drive(avatar, "talk.mp4", str(out), svp.VideoSampling(sampler="lcm", steps=4, guidance=1.0))
-    assert mp4_frames(out).shape == (3, 64, 64, 3)  # frames 0-2 had left the 4-step wavefront; 3-5 were in it
-
-
 def test_the_tracker_holds_the_last_fit_through_a_short_gap_and_fails_on_a_long_one(untrained_avatar_run):
     import svp
     from tracking.demo import demo_frames
@@ -219,3 +212,231 @@ def test_the_tracker_holds_the_last_fit_through_a_short_gap_and_fails_on_a_long_
         tracker(index, blank)
     with pytest.raises(TrackingError, match="talk.mp4: no face on frames 5-8"):
         tracker(8, blank)
+
+
+# ----------------------------------------------------------------------------- the pipeline (live/pipeline.py, live/loop.py)
+
+def numbered_frames(n: int, size: int = 32):
+    """n frames whose content says their index k: red = 8 k (mod 256, so that it survives video coding)."""
+    for k in range(n):
+        frame = np.full((size, size, 3), 40, np.uint8)
+        frame[..., 0] = 8 * k % 256
+        yield frame
+
+
+def test_stages_in_threads_give_every_frame_in_order_like_the_serial_loop():
+    """Stages of uneven, jittering speed, joined by bounded queues: every frame of a source that does not drop
+    comes out once, in order, with the same content as the serial chain of the same stages."""
+    from live.pipeline import Pipeline
+    from live.sources import Frame
+    rng = np.random.default_rng(0)
+
+    def source(stopped):
+        for k, image in enumerate(numbered_frames(40)):
+            yield Frame(k, time.monotonic(), image)
+
+    def stage(name, scale):
+        def work(frames):
+            held = []  # holds two frames back, as the sampler's wavefront does, and flushes them at the end
+            for frame in frames:
+                time.sleep(scale * rng.random())
+                frame.picture = (frame.picture if frame.picture is not None else frame.image) + 1
+                held.append(frame)
+                if len(held) > 2:
+                    yield held.pop(0)
+            yield from held
+        return name, work
+    results = {}
+    for serial in (False, True):
+        pipeline = Pipeline(source, [stage("a", 0.004), stage("b", 0.002), stage("c", 0.003)], serial)
+        shown = []
+        assert pipeline.run(shown.append) == 40
+        results[serial] = [(f.index, int(f.picture[0, 0, 0])) for f in shown]
+        stats = pipeline.stats(dropped=0, read_seconds=[])
+        assert set(stats["stages_ms"]) == {"a", "b", "c"} and stats["latency_ms"]["p90"] >= stats["latency_ms"]["median"] > 0
+    assert results[False] == results[True] == [(k, (8 * k % 256 + 3) % 256) for k in range(40)]
+
+
+def test_a_slow_stage_drops_the_oldest_frames_at_the_source_and_counts_them():
+    from live.pipeline import Pipeline
+    from live.sources import NewestFrame, Source
+    newest = NewestFrame(numbered_frames(60), frame_rate=200)
+    feed = Source("fast.mp4", Fraction(200), newest)
+
+    def slow(frames):
+        for frame in frames:
+            time.sleep(0.02)  # 50 frames/s against a 200 frames/s source
+            yield frame
+    shown = []
+    Pipeline(feed.frames, [("slow", slow)]).run(shown.append)
+    indices = [f.index for f in shown]
+    assert indices == sorted(indices) and indices[-1] == 59  # in order; the newest is never the one dropped
+    assert feed.dropped > 20 and len(shown) + feed.dropped == newest.read == 60
+    assert [int(f.image[0, 0, 0]) for f in shown] == [8 * k % 256 for k in indices]
+
+
+def synthetic_take_source(n: int, frame_rate: float | None):
+    """A Source of numbered frames and a stage that 'tracks' frame k as frame k % 12 of the tiny avatar's
+    kind of sequence (known parameters)."""
+    from live.sources import NewestFrame, Source, frame_of
+    from tracking.sequence import FlameSequence
+    turn = np.linspace(0, 1, 12, dtype=np.float32)[:, None] * np.float32([[0, 0.3, 0]])
+    zeros = lambda width: np.zeros((12, width), np.float32)  # noqa: E731
+    seq = FlameSequence(shape=np.zeros(5, np.float32), expression=zeros(4), global_rot=turn, neck_rot=zeros(3),
+                        jaw_rot=zeros(3), eye_rots=zeros(6), translation=np.tile(np.float32([0, 0, -0.5]), (12, 1)),
+                        focal=76.8, image_size=(64, 64), fps=25.0)
+
+    def track(frames):
+        for frame in frames:
+            frame.crop = frame.picture = frame.image
+            frame.params, frame.box = frame_of(seq, frame.index % 12), np.float32([0, 0, 32, 32])
+            yield frame
+    return Source("synthetic", Fraction(25), NewestFrame(numbered_frames(n), frame_rate)), ("track", track), seq
+
+
+def test_an_error_in_a_stage_stops_the_run_in_one_line_and_keeps_the_frames_made(tmp_path):
+    from live.loop import LiveError, run
+    feed, track, seq = synthetic_take_source(30, frame_rate=200)
+
+    def breaks(frames):
+        for frame in frames:
+            if frame.index >= 8:
+                raise RuntimeError("CUDA out of memory\n(a long report)")
+            yield frame
+    out = tmp_path / "broken.mp4"
+    with pytest.raises(LiveError) as error:
+        run(feed, [track, ("sample", breaks)], str(out), None, False, serial=False, on_frame=None)
+    assert "RuntimeError: CUDA out of memory)" in str(error.value) and "\n" not in str(error.value)
+    frames, take = mp4_frames(out), load_seq(str(tmp_path / "broken.seq.npz"))
+    assert 1 <= len(frames) <= 8 and take.n_frames == len(frames) and take.fps == 25
+    shown = np.round(frames[:, 16, 16, 0] / 8).astype(int)  # the frames' indices, in order, each once
+    assert list(shown) == sorted(set(shown)) and shown.max() < 8
+    assert np.allclose(take.global_rot, seq.global_rot[shown % 12])
+
+
+def test_ctrl_c_closes_the_mp4_and_writes_the_take(tmp_path):
+    """SIGINT to this process during a run (the StopOnCtrlC path): the source stops, the frames taken are
+    finished, the mp4 is closed playable and the take written; the handler is restored afterwards."""
+    from live.loop import run
+    feed, track, _ = synthetic_take_source(10_000, frame_rate=100)
+
+    def interrupt_at_frame_5(frames):
+        for frame in frames:
+            if frame.index == 5:
+                os.kill(os.getpid(), signal.SIGINT)
+            yield frame
+    before = signal.getsignal(signal.SIGINT)
+    result = run(feed, [track, ("stage", interrupt_at_frame_5)], str(tmp_path / "take.mp4"), None, False,
+                 serial=False, on_frame=None)
+    assert result.stopped and signal.getsignal(signal.SIGINT) is before
+    assert feed.newest.read < 10_000 and len(mp4_frames(tmp_path / "take.mp4")) == result.frames >= 5
+    assert load_seq(result.take).n_frames == result.frames
+
+
+def test_a_control_change_reaches_the_sampler_on_the_next_frame(untrained_avatar_run, monkeypatch):
+    """Changes made while frame 3 arrives: its scale (and the temporal strength) are the new ones, the frames
+    before keep theirs; the new prompt's embedding, computed by the steering's worker, reaches the model with
+    the first frame that enters after it is ready (frame 4 here, which waits for it). Frames 0-2 equal an
+    unchanged run's; the rest differ."""
+    import svp
+    from live.loop import live_controls
+    from live.steering import Steering
+    from model.avatar import Denoiser
+    avatar = svp.load_avatar(str(untrained_avatar_run))
+    settings = svp.VideoSampling(sampler="lcm", steps=4, guidance=1.0)
+    seq = svp.load_seq(str(untrained_avatar_run / "tracking" / "seq.npz"))
+    hints = avatar.hints(seq, range(8))
+    calls, guided = [], Denoiser.guided
+
+    def spy(self, x, t, context, uncond_context=None, hint=None, scale=1.0):
+        calls.append((context, scale))
+        return guided(self, x, t, context, uncond_context, hint, scale)
+    monkeypatch.setattr(Denoiser, "guided", spy)
+
+    def run(change: bool):
+        controls = live_controls(settings)
+        steering = Steering(avatar, controls)
+
+        def arriving():
+            for f, hint in enumerate(hints):
+                if change and f == 3:
+                    controls.update({"conditioning_scale": 0.5, "temporal_strength": 0.2, "prompt": "a red cube"})
+                if change and f == 4:
+                    steering.pending[1].result()  # the embedding is ready before frame 4 enters
+                yield hint
+        frames = np.stack(list(avatar.stream(arriving(), settings, frame_settings=steering)))
+        steering.close()
+        return frames, steering
+    plain, _ = run(False)
+    calls.clear()
+    changed, steering = run(True)
+    new_context = avatar.text_context("a red cube")
+    # tick k holds frames max(0, k - 3)..k: tick 3 is the first with frame 3 (last row), tick 4 with frame 4
+    context, scale = calls[3]
+    assert torch.is_tensor(scale) and scale.flatten().tolist() == [1.0, 1.0, 1.0, 0.5]
+    context, scale = calls[4]
+    assert scale.flatten().tolist() == [1.0, 1.0, 0.5, 0.5]
+    assert torch.equal(context[-1], new_context[0]) and not torch.equal(context[-2], new_context[0])
+    assert all(s == 1.0 for _, s in calls[:3])
+    assert np.array_equal(changed[:3], plain[:3]) and not np.array_equal(changed[3:], plain[3:])
+    assert steering.now.temporal_strength == 0.2 and steering.message is None
+
+
+def test_tracking_only_live_mode_on_the_demo_video(demo_video, tmp_path):
+    """python -m tracking live: driving | the conditioning's normals over the face, into the mp4, and the take.
+    (6 s of video: the first frame's face search takes seconds on the loaded test machine, the frames read
+    meanwhile are dropped.)"""
+    out = tmp_path / "track.mp4"
+    result = subprocess.run([sys.executable, "-m", "tracking", "live", demo_video, "--size", "128", "--out", str(out),
+                             "--max-frames", "48"], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "frames/s" in result.stdout and "track" in result.stdout, result.stdout
+    frames, take = mp4_frames(out), load_seq(str(tmp_path / "track.seq.npz"))
+    assert frames.shape[1:] == (128, 256, 3) and take.n_frames == len(frames) >= 2 and take.fps == 8
+    assert np.abs(frames[:, :, :128].astype(int) - frames[:, :, 128:]).mean() > 5  # the overlay shows
+    assert take.image_size == (128, 128) and not take.shape.any()  # the mean shape: no avatar
+
+
+def test_a_live_take_renders_offline_with_sample_params(untrained_avatar_run, demo_video, tmp_path):
+    """A take recorded while tracking the demo video drives the avatar offline (sample.py --params)."""
+    take = tmp_path / "track.seq.npz"
+    subprocess.run([sys.executable, "-m", "tracking", "live", demo_video, "--size", "64", "--out",
+                    str(tmp_path / "track.mp4"), "--max-frames", "10"], cwd=REPO, env=ENV, check=True, capture_output=True)
+    seq = load_seq(str(take))
+    out = tmp_path / "offline.mp4"
+    result = subprocess.run([sys.executable, "sample.py", "--avatar", str(untrained_avatar_run), "--params", str(take),
+                             *FEW_STEPS, "--out", str(out)], cwd=REPO, env=ENV, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert mp4_frames(out).shape == (seq.n_frames, 64, 64, 3)
+
+
+def test_steering_keeps_the_embedding_it_has_until_the_new_one_is_ready_and_reports_a_failed_one():
+    """live/steering.py with a stand-in text encoder: a change of text is embedded off the caller's thread;
+    the frames entering meanwhile keep the old embedding; one that fails leaves a message and the old one."""
+    import threading
+    from live.controls import Controls
+    from live.steering import Steering
+    release = threading.Event()
+
+    class Encoder:
+        def text_context(self, prompt, morph=None, morph_weight=0.0):
+            if prompt == "slow":
+                release.wait(10)
+            if prompt == "broken":
+                raise ValueError("the tokenizer cannot read this")
+            return torch.full((1, 77, 4), float(len(prompt or "")))
+    controls = Controls()
+    steering = Steering(Encoder(), controls)
+    first = steering()
+    controls.update({"prompt": "slow", "conditioning_scale": 2.0})
+    during = steering()  # the scale applies now; the text is still being embedded
+    assert during.context is first.context and during.conditioning_scale == 2.0
+    release.set()
+    steering.pending[1].result()
+    assert steering().context[0, 0, 0] == 4.0
+    controls.update({"prompt": "broken"})
+    assert steering().context[0, 0, 0] == 4.0  # the change is seen as a frame enters; its embedding is asked
+    steering.pending[1].exception()
+    after = steering()
+    assert after.context[0, 0, 0] == 4.0 and "tokenizer cannot read" in steering.message
+    steering.close()

@@ -184,14 +184,18 @@ def parse_bbox(text: str):
     return (x0, y0, x1, y1)
 
 
-def add_tracking_args(p: argparse.ArgumentParser):
+def add_tracking_args(p: argparse.ArgumentParser, offline: bool = True):
+    """The tracking flags (offline: --bbox and --person too; live tracking finds the face itself and follows
+    the first person it sees)."""
     p.add_argument("--flame", type=existing_file("FLAME file"), default=None,
                    help="FLAME generic_model.pkl (its landmark embedding beside it); default: the built-in toy head")
-    p.add_argument("--bbox", type=parse_bbox, default=None, help="x0,y0,x1,y1 face box in the first frame "
-                   "(default: detected)")
+    if offline:
+        p.add_argument("--bbox", type=parse_bbox, default=None, help="x0,y0,x1,y1 face box in the first frame "
+                       "(default: detected)")
     p.add_argument("--max-frames", type=positive_int, default=None, help="track only the first N frames")
     p.add_argument("--max-gap", type=non_negative_int, default=DEFAULT_MAX_GAP,
                    help="longest run of frames without a face that is bridged by interpolation")
-    p.add_argument("--person", type=non_negative_int, default=None, metavar="FRAME",
-                   help="a frame that shows the person to track (default: the person seen on the most frames); "
-                        "frames of anyone else are left out of training (see report.png beside seq.npz)")
+    if offline:
+        p.add_argument("--person", type=non_negative_int, default=None, metavar="FRAME",
+                       help="a frame that shows the person to track (default: the person seen on the most frames); "
+                            "frames of anyone else are left out of training (see report.png beside seq.npz)")

@@ -112,7 +112,7 @@ def output_stage(out: str | None, source: Source, take: Take | None, page, side_
             for frame in frames:
                 both = np.concatenate([frame.crop, frame.picture], 1)
                 if out is not None:
-                    writer = writer or VideoWriter(out, source.fps)
+                    writer = writer or VideoWriter(out, source.fps, live=True)
                     writer.write(both if side_by_side else frame.picture)
                     take.add(frame.params, frame.box)
                 if page is not None:

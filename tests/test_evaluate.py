@@ -57,9 +57,10 @@ def test_evaluate_py_scores_the_held_out_frames_and_another_video(evaluable_avat
     assert "held-out" in result.stdout and "take2.mp4" in result.stdout and "FID" in result.stdout
 
     report = json.loads((run / "eval.json").read_text())
-    assert report["settings"]["steps"] == 2 and report["settings"]["prompt"] == "a photo of sks person"
+    [row] = report["rows"]
+    assert row["settings"]["steps"] == 2 and row["settings"]["prompt"] == "a photo of sks person"
     assert report["weights"]["inception"].endswith("pt_inception-2015-12-05-6726825d.pth")
-    held_out, other = report["sources"]
+    held_out, other = row["sources"]
     assert held_out["frames"] == [6, 7, 8, 9, 10, 11] and other["frames"] == list(range(8))
     assert held_out["split"] == "the last 6 of 12 frames (train.py --val-fraction 0.5)"
     for source in (held_out, other):
@@ -69,10 +70,11 @@ def test_evaluate_py_scores_the_held_out_frames_and_another_video(evaluable_avat
         assert len(metrics["psnr"]["per_frame"]) == len(source["frames"]) == metrics["frames"]
         assert all(math.isfinite(x) for x in numbers(metrics)), metrics
 
-    # The video was tracked with the avatar's identity shape, at the avatar's resolution.
+    # The video was tracked through the avatar's camera (its identity shape and focal), at its resolution.
     tracked = svp.load_seq(str(run / "eval" / "take2" / "seq.npz"))
     avatar = svp.load_avatar(str(run))
     assert np.array_equal(tracked.shape, avatar.shape) and tracked.image_size == (64, 64)
+    assert tracked.focal == pytest.approx(76.8, rel=1e-6)   # the run's tracking: 76.8 px at 64 px
 
     strip = np.asarray(Image.open(run / "eval.png")).astype(np.int16)
     assert strip.shape == (2 * 4 * 64, 3 * 64, 3)  # 4 frames of each source
@@ -90,7 +92,7 @@ def test_evaluate_py_scores_the_held_out_frames_and_another_video(evaluable_avat
 def test_without_weights_lpips_fid_and_kid_are_missing_naming_their_files(evaluable_avatar_run, tmp_path, capsys):
     out = tmp_path / "scores" / "e.json"
     evaluate.main(["--avatar", str(evaluable_avatar_run), "--out", str(out), *STEPS])
-    metrics = json.loads(out.read_text())["sources"][0]["metrics"]
+    metrics = json.loads(out.read_text())["rows"][0]["sources"][0]["metrics"]
     gaps = missing(metrics)
     assert gaps.keys() == {"lpips", "fid", "kid"}
     assert "alexnet-owt-7be5be79.pth" in gaps["lpips"] and "alex.pth" in gaps["lpips"]
@@ -106,7 +108,7 @@ def test_too_few_held_out_frames_for_fid_kid_and_flicker_are_said(evaluable_avat
     svp.save_split(str(run), svp.last_frames_split(12, 0.01))  # one frame
     evaluate.main(["--avatar", str(run), "--lpips", str(metric_weights), "--inception",
                    str(metric_weights / "pt_inception-2015-12-05-6726825d.pth"), *STEPS])
-    metrics = json.loads((run / "eval.json").read_text())["sources"][0]["metrics"]
+    metrics = json.loads((run / "eval.json").read_text())["rows"][0]["sources"][0]["metrics"]
     gaps = missing(metrics)
     assert gaps.keys() == {"fid", "kid", "flicker"} and "got 1" in gaps["fid"] and "got 1" in gaps["flicker"]
     assert math.isfinite(metrics["lpips"]["mean"])
@@ -145,7 +147,11 @@ def test_wrong_or_corrupt_weight_files_are_named(evaluable_avatar_run, metric_we
     (["--lpips", "nowhere/"], "--lpips: LPIPS weights nowhere/ not found"),
     (["--inception", "nowhere.pth"], "--inception: Inception weights nowhere.pth not found"),
     (["--video", "nowhere.mp4"], "--video: video nowhere.mp4 not found"),
-    (["--max-frames", "4"], "--max-frames counts frames of --video; there is none"),
+    (["--vary", "strength=0,1"], "--vary: strength=0,1: 'strength' is not a sampler flag (one of: base, batch-frames"),
+    (["--vary", "temporal-strength=0,2"], "--vary: temporal-strength=2: must be in [0, 1], got 2"),
+    (["--vary", "sampler=ddim,nope"], "--vary: sampler=nope: not one of ddim,"),
+    (["--vary", "steps=2", "--vary", "steps=3"], "--vary: steps=3: wants steps=V1,V2,... once"),
+    (["--vary", "decoder=nowhere.pth"], "--vary: decoder=nowhere.pth: tiny decoder nowhere.pth not found"),
     (["--out", "scores.txt"], "--out: scores.txt: the evaluation file's name must end in .json"),
 ])
 def test_bad_flags_are_refused_before_any_work(evaluable_avatar_run, capsys, flags, message):

@@ -34,7 +34,7 @@ from tqdm import tqdm
 from model.files import atomic_write, read_json, write_json
 from tracking.conditioning import posed_vertices
 from tracking.demo import write_demo_video
-from tracking.fit import fit_sequence, intra_op_threads
+from tracking.fit import FitConfig, fit_sequence, intra_op_threads
 from tracking.flame import FLAME, load_flame_model, load_landmark_embedding
 from tracking.landmarks import FaceTracker, TrackState, stack_results
 from tracking.render import draw_landmarks, overlay
@@ -126,12 +126,14 @@ def flame_fingerprint(flame: FLAME) -> str:
     return digest.hexdigest()
 
 
-def track_source(video: str, flame: FLAME, size: int, bbox, max_frames, max_gap, shape=None) -> dict:
-    """What a track is made from, as source.json records it (`shape` only when fixed: older records lack it)."""
+def track_source(video: str, flame: FLAME, size: int, bbox, max_frames, max_gap, shape=None, focal=None) -> dict:
+    """What a track is made from, as source.json records it (`shape`, `focal` only when fixed: older records
+    lack them)."""
     source = {"video": file_identity(video), "size": size, "max_frames": max_frames,
               "bbox": None if bbox is None else [float(v) for v in bbox], "max_gap": max_gap,
               "flame": flame_fingerprint(flame)}
-    return source if shape is None else {**source, "shape": np.asarray(shape, np.float32).tolist()}
+    source = source if shape is None else {**source, "shape": np.asarray(shape, np.float32).tolist()}
+    return source if focal is None else {**source, "focal": float(focal)}
 
 
 def source_mismatch(recorded: dict | None, source: dict) -> str | None:
@@ -157,13 +159,14 @@ class TrackedVideo:
 
 
 def track_video(video: str, out_dir: str, flame: FLAME, size: int = 512, bbox=None, max_frames: int | None = None,
-                max_gap: int = DEFAULT_MAX_GAP, preview: bool = True, shape=None) -> TrackedVideo:
+                max_gap: int = DEFAULT_MAX_GAP, preview: bool = True, shape=None, focal=None) -> TrackedVideo:
     """Track `video` into `out_dir` (seq.npz, crops.npy, landmarks.npy, preview.mp4, source.json);
     return the track found there when it was made from the same source, resume an interrupted one.
 
     video "demo": the offline demo video (tracking/demo.py), written to out_dir/demo.mp4 with max_frames
     (default DEMO_FRAMES) frames unless it is there with at least that many already. shape: a fixed
-    identity shape (an avatar's: another video of its person), else fitted.
+    identity shape (an avatar's: another video of its person), else fitted; focal: a fixed focal length in
+    pixels of the `size` crops (the avatar's camera), else fitted.
     """
     os.makedirs(out_dir, exist_ok=True)
     path = lambda name: os.path.join(out_dir, name)  # noqa: E731
@@ -171,7 +174,7 @@ def track_video(video: str, out_dir: str, flame: FLAME, size: int = 512, bbox=No
         video = path("demo.mp4")
         if (frame_count(video) if os.path.exists(video) else 0) < (max_frames or DEMO_FRAMES):
             write_demo_video(video, n_frames=max_frames or DEMO_FRAMES)
-    source = track_source(video, flame, size, bbox, max_frames, max_gap, shape)
+    source = track_source(video, flame, size, bbox, max_frames, max_gap, shape, focal)
     recorded = read_json(path("source.json")) if os.path.exists(path("source.json")) else None
     mismatch = source_mismatch(recorded, source)
     if mismatch is None and all(os.path.exists(path(n)) for n in OUTPUTS[:3]):
@@ -193,10 +196,10 @@ def track_video(video: str, out_dir: str, flame: FLAME, size: int = 512, bbox=No
     # One PyTorch thread: the decoder runs in a thread of its own, and on small tensors (one crop, a
     # batch of previews) a second intra-op thread mostly waits for a busy core (several times slower).
     with intra_op_threads(1):
-        return _track(video, out_dir, flame, size, bbox, max_frames, max_gap, preview, fps, shape)
+        return _track(video, out_dir, flame, size, bbox, max_frames, max_gap, preview, fps, shape, focal)
 
 
-def _track(video, out_dir, flame, size, bbox, max_frames, max_gap, preview, fps, shape):
+def _track(video, out_dir, flame, size, bbox, max_frames, max_gap, preview, fps, shape, focal):
     """track_video's work, on a folder that holds only its own source.json and partial progress."""
     path = lambda name: os.path.join(out_dir, name)  # noqa: E731
     result, frame_shape = _track_landmarks(video, max_frames, bbox, path("pass1.partial.npz"))
@@ -210,7 +213,8 @@ def _track(video, out_dir, flame, size, bbox, max_frames, max_gap, preview, fps,
     else:
         log.info("fitting FLAME to the landmarks of %d frames", len(landmarks))
         seq = fit_sequence(flame, crop_landmarks, (size, size), fps=float(fps),
-                           confidence=result.valid.astype(np.float64), shape=shape)
+                           confidence=result.valid.astype(np.float64), shape=shape,
+                           config=None if focal is None else FitConfig(focal=float(focal), fit_focal=False))
         seq.crop_boxes = boxes.astype(np.float32)
         save_seq(path("fit.partial.npz"), seq)
         _return_free_memory()

@@ -180,20 +180,22 @@ def settings_record(args, avatar: svp.Avatar, device: str, dtype: str) -> dict:
             "decoder": args.decoder, "dtype": dtype, "device": device}
 
 
-def render_identity(run: str, avatar: svp.Avatar, settings: dict) -> dict:
-    """What a render depends on besides its source (the render cache's key): the weights and the settings."""
+def render_identity(weights: str, avatar: svp.Avatar, settings: dict) -> dict:
+    """What a render depends on besides its source (the render cache's key): the weights (`weights`: the hash
+    of avatar.safetensors) and the settings."""
     record = {k: v for k, v in settings.items() if k != "cuda_graphs"}   # graphs replay the same arithmetic
-    return {"avatar": file_hash(os.path.join(run, "avatar.safetensors")), "base": avatar.meta["base_fingerprint"],
+    return {"avatar": weights, "base": avatar.meta["base_fingerprint"],
             "loras": [[fingerprint(path), scale] for path, scale in settings["lora"]],
             "decoder": settings["decoder"] and fingerprint(settings["decoder"]),
             **record, "device": torch.device(settings["device"]).type}
 
 
-def score_row(run: str, avatar: svp.Avatar, sources: list[Source], args, varied: dict, nets, device, dtype) -> dict:
-    """Every source rendered with one setting and scored: a row of eval.json (its picked frames aside)."""
+def score_row(run: str, avatar: svp.Avatar, sources: list[Source], args, varied: dict, nets, device, dtype,
+              weights: str) -> tuple[dict, dict]:
+    """Every source rendered with one setting and scored: a row of eval.json, and its strip frames per source."""
     label = " ".join([run] * (len(args.avatar) > 1) + [f"{k}={v}" for k, v in varied.items()])
     settings = settings_record(args, avatar, device, dtype)
-    identity = render_identity(run, avatar, settings)
+    identity = render_identity(weights, avatar, settings)
     row = {"label": label or "default", "avatar": os.path.abspath(run), "step": avatar.meta["step"],
            "varied": varied, "settings": settings, "sources": []}
     picked = {}
@@ -220,10 +222,12 @@ def main(argv=None):
             load_inception(args.inception, device) if args.inception else None)
     scored, real = {}, {}   # (avatar, setting) index -> (row, its strip frames); source name -> real strip frames
     for a, run in enumerate(args.avatar):
+        weights = file_hash(os.path.join(run, "avatar.safetensors"))
         for group in loading_groups(args.settings):
             flags = group[0][2]
-            dtype = flags.dtype or ("fp16" if device.startswith("cuda") else "fp32")
-            avatar = svp.load_avatar(run, base=flags.base, flame=flags.flame, device=flags.device or device,
+            row_device = flags.device or device
+            dtype = flags.dtype or ("fp16" if row_device.startswith("cuda") else "fp32")
+            avatar = svp.load_avatar(run, base=flags.base, flame=flags.flame, device=row_device,
                                      dtype=dtype, tokenizer=flags.tokenizer, loras=flags.lora, decoder=flags.decoder)
             sources = [held_out_source(avatar, split, args.max_frames)]
             if args.video:
@@ -232,7 +236,8 @@ def main(argv=None):
                 source.check_size(avatar.resolution)
                 real.setdefault(source.name, source.real([source.frames[p] for p in strip_picks(len(source.frames))]))
             for i, varied, setting in group:
-                scored[a, i] = score_row(run, avatar, sources, setting, varied, nets, device, dtype)
+                scored[a, i] = score_row(run, avatar, sources, setting, varied, nets, row_device, dtype, weights)
+            del avatar   # before the next group's loads
     rows, renders = zip(*(scored[key] for key in sorted(scored)))
     write_report(args, list(rows), list(renders), real)
 
@@ -246,6 +251,7 @@ def loading_groups(settings: list[tuple[dict, argparse.Namespace]]) -> list[list
 
 
 def write_report(args, rows: list[dict], renders: list[dict], real: dict):
+    """The table printed; eval.json, eval.md, the strip and the plot written."""
     print(text_table(rows))
     (_, out, _), (_, md, _), (_, png, _), (_, plot_png, _) = outputs(args.out)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

@@ -7,8 +7,10 @@ does not depend on training). For each clip (generated 1080p clips: tracking/dem
 CLIP --steps 1 --guidance 1` three times: the first tracks the clip (into <run>/eval/, then reused) and
 scores; the second scores only (its renders dropped first, so they are made again); with --before DIR, a
 third runs DIR's evaluate.py (an older checkout) on the same tracking. Prints the peak RSS of each.
+--repeat K: also takes of K times the first clip, its track repeated K times (tracking a long 1080p clip
+takes long on a shared CPU, and scoring never reads the video), scored only.
 
-    python bench/eval_memory.py --seconds 60 300 --resolution 64 512 --before /tmp/svp-before
+    python bench/eval_memory.py --seconds 60 --repeat 2 5 --resolution 64 --before /tmp/svp-before
 
 Without LPIPS / Inception weights (their features, 2 x 8 KB a frame, are what stays per frame; the CPU
 time of the Inception on 2 x 9,000 frames is beyond this machine's share).
@@ -69,6 +71,34 @@ def clip(work: str, seconds: int) -> str:
     return path
 
 
+def repeated_take(run: str, video: str, times: int) -> str:
+    """A take of `times` x `video`'s frames for `run`: its cached track repeated, under the name of a copy of the
+    video (source.json says what evaluate.py would track it from, so the track is used as it is)."""
+    import dataclasses
+
+    import svp
+    from model.files import write_json
+    from tracking.pipeline import DEFAULT_MAX_GAP, track_source
+    from tracking.sequence import save_seq
+    stem = os.path.splitext(os.path.basename(video))[0]
+    copy = os.path.join(os.path.dirname(video), f"{stem}x{times}.mp4")
+    shutil.copy(video, copy)
+    src, dst = os.path.join(run, "eval", stem), os.path.join(run, "eval", f"{stem}x{times}")
+    os.makedirs(dst, exist_ok=True)
+    seq = svp.load_seq(os.path.join(src, "seq.npz"))
+    tiled = {f.name: np.concatenate([getattr(seq, f.name)] * times) for f in dataclasses.fields(seq)
+             if f.name != "shape" and isinstance(getattr(seq, f.name), np.ndarray)}
+    save_seq(os.path.join(dst, "seq.npz"), dataclasses.replace(seq, **tiled))
+    for name in ("crops.npy", "landmarks.npy"):
+        np.save(os.path.join(dst, name), np.concatenate([np.load(os.path.join(src, name))] * times))
+    avatar = svp.load_avatar(run)
+    own = svp.load_seq(avatar.run_file("seq"))
+    write_json(os.path.join(dst, "source.json"), track_source(
+        copy, avatar.flame, avatar.resolution, None, None, DEFAULT_MAX_GAP, avatar.shape,
+        own.focal * avatar.resolution / own.image_size[1]))
+    return copy
+
+
 def peak_rss_mb(checkout: str, run: str, video: str, extra: list[str]) -> tuple[float, float]:
     """(peak RSS MB, wall s) of one evaluate.py command, one torch thread."""
     command = ["/usr/bin/time", "-v", sys.executable, "evaluate.py", "--avatar", run, "--video", video, "--steps", "1",
@@ -85,8 +115,10 @@ def peak_rss_mb(checkout: str, run: str, video: str, extra: list[str]) -> tuple[
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seconds", type=int, nargs="+", default=[60, 300], help="clip lengths (30 fps)")
-    p.add_argument("--resolution", type=int, nargs="+", default=[64, 512])
+    p.add_argument("--seconds", type=int, nargs="+", default=[60], help="clip lengths (30 fps), tracked for real")
+    p.add_argument("--resolution", type=int, nargs="+", default=[64])
+    p.add_argument("--repeat", type=int, nargs="*", default=[], help="takes of K x the first clip (its track "
+                   "repeated), scored only")
     p.add_argument("--work", default="/tmp/svp-eval-memory", help="clips and runs (kept between invocations)")
     p.add_argument("--before", default=None, help="an older checkout whose evaluate.py to measure too")
     args = p.parse_args()
@@ -94,18 +126,23 @@ def main():
     print("| avatar px | clip | command | peak RSS MB | wall s |\n|---|---|---|---|---|")
     for resolution in args.resolution:
         run = make_run(os.path.join(args.work, f"run{resolution}"), resolution)
-        for seconds in args.seconds:
-            video = clip(args.work, seconds)
-            name = f"{seconds} s, {30 * seconds} frames"
-            rows = [("track + score", REPO, [])]
-            rows.append(("score (tracking cached)", REPO, []))
-            if args.before:
-                rows.append(("before: score (tracking cached)", args.before, []))
-            for what, checkout, extra in rows:
-                shutil.rmtree(os.path.join(run, "eval", "renders"), ignore_errors=True)
-                rss, wall = peak_rss_mb(checkout, run, video, extra)
-                print(f"| {resolution} | {name} | {what} | {rss:.0f} | {wall:.0f} |", flush=True)
+        takes = [(f"{seconds} s, {30 * seconds} frames", clip(args.work, seconds), True) for seconds in args.seconds]
+        for what, video, tracked in takes:
+            measure(args, run, resolution, what, video, tracked)
+        for times in args.repeat:
+            video = repeated_take(run, takes[0][1], times)
+            measure(args, run, resolution, f"{times} x {takes[0][0]} (its track repeated)", video, False)
 
+
+def measure(args, run: str, resolution: int, name: str, video: str, tracked: bool):
+    rows = [("track + score", REPO, [])] if tracked else []
+    rows.append(("score (tracking cached)", REPO, []))
+    if args.before:
+        rows.append(("before: score (tracking cached)", args.before, []))
+    for what, checkout, extra in rows:
+        shutil.rmtree(os.path.join(run, "eval", "renders"), ignore_errors=True)
+        rss, wall = peak_rss_mb(checkout, run, video, extra)
+        print(f"| {resolution} | {name} | {what} | {rss:.0f} | {wall:.0f} |", flush=True)
 
 if __name__ == "__main__":
     main()

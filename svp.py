@@ -33,7 +33,7 @@ from model.metrics import temporal_flicker
 from model.pipeline import encode_prompts, text_to_image
 from model.sampling import SAMPLER_NAMES, NoiseSchedule
 from model.taesd import TinyDecoder, load_tiny_decoder
-from model.temporal import FrameSettings, VideoSampling, sample_video, stream_video, warm_up_start
+from model.temporal import FrameSettings, VideoSampling, iter_sample_video, sample_video, stream_video, warm_up_start
 from model.vae import AutoencoderKL
 from tracking.conditioning import render_conditioning
 from tracking.pipeline import TrackedVideo, load_flame, track_video
@@ -49,7 +49,7 @@ def track(video: str, out_dir: str, flame: str | None = None, size: int = 512, m
     """Track `video` (a path, or "demo" for the offline demo video of `max_frames` or 48 frames) into `out_dir`.
 
     flame: path of FLAME's generic_model.pkl (None: the built-in toy head); options: bbox, max_gap,
-    preview, shape (a fixed identity shape; see tracking.pipeline.track_video). Returns the FLAME
+    preview, shape and focal (a fixed identity shape and camera; see tracking.pipeline.track_video). Returns the FLAME
     sequence and the face crops.
     """
     return track_video(video, out_dir, load_flame(flame), size=size, max_frames=max_frames, **options)
@@ -168,17 +168,38 @@ class Avatar:
                morph_weight: float = 0.0, negative_prompt: str = "", frames: range | None = None,
                settings: VideoSampling | None = None, progress: bool = True) -> tuple[np.ndarray, torch.Tensor]:
         """Frames (T, H, W, 3) uint8 for `frames` of `seq`, and their hint images (T, C, H, W)."""
+        settings, frames, first = self._video_range(seq, frames, settings)
+        hints = self.hints(seq, range(first, frames.stop))
+        images = sample_video(self.denoiser, self.decoder, NoiseSchedule.from_config(self.sd.config), hints, frames,
+                              *self._contexts(prompt, morph, morph_weight, negative_prompt, settings), settings,
+                              progress)
+        return images, hints[frames.start - first:]
+
+    @torch.no_grad()
+    def render_chunks(self, seq: FlameSequence, prompt: str | None = None, morph: str | None = None,
+                      morph_weight: float = 0.0, negative_prompt: str = "", frames: range | None = None,
+                      settings: VideoSampling | None = None, progress: bool = True) -> Iterator[np.ndarray]:
+        """`render`'s frames, `settings.batch_frames` at a time as they are done, each chunk's hint images
+        rendered when it is denoised: memory that does not grow with the frames (evaluate.py)."""
+        settings, frames, first = self._video_range(seq, frames, settings)
+        yield from iter_sample_video(self.denoiser, self.decoder, NoiseSchedule.from_config(self.sd.config),
+                                     lambda r: self.hints(seq, r), (self.resolution, self.resolution), first, frames,
+                                     *self._contexts(prompt, morph, morph_weight, negative_prompt, settings),
+                                     settings, progress)
+
+    @staticmethod
+    def _video_range(seq: FlameSequence, frames: range | None, settings: VideoSampling | None):
+        """The settings, the frames (default all) and the first warm-up frame of a render."""
         settings = settings or VideoSampling()
         frames = frames if frames is not None else range(seq.n_frames)
         if not (0 <= frames.start < frames.stop <= seq.n_frames):
             raise ValueError(f"frames {frames.start}:{frames.stop} are outside the sequence's 0:{seq.n_frames}")
-        first = warm_up_start(frames.start, settings.weights)  # warm-up frames before the range
-        hints = self.hints(seq, range(first, frames.stop))
-        context = self.text_context(prompt, morph, morph_weight)
+        return settings, frames, warm_up_start(frames.start, settings.weights)
+
+    def _contexts(self, prompt, morph, morph_weight, negative_prompt, settings: VideoSampling):
+        """The prompt's text embedding and, with guidance, the negative prompt's."""
         uncond_context = encode_prompts(self.sd, [negative_prompt]) if settings.guidance != 1.0 else None
-        images = sample_video(self.denoiser, self.decoder, NoiseSchedule.from_config(self.sd.config), hints, frames,
-                              context, uncond_context, settings, progress)
-        return images, hints[frames.start - first:]
+        return self.text_context(prompt, morph, morph_weight), uncond_context
 
     @torch.no_grad()
     def stream(self, inputs: Iterable, settings: VideoSampling | None = None, prompt: str | None = None,

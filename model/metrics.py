@@ -93,16 +93,7 @@ def temporal_flicker(frames: np.ndarray) -> float:
     between samplings of the same sequence: the motion of the sequence itself adds a floor."""
     if len(frames) < 3:
         raise ValueError(f"flicker needs at least 3 frames, got {len(frames)}")
-    video = torch.from_numpy(frames).float() / 255
-    return (video[2:] - 2 * video[1:-1] + video[:-2]).abs().mean().item() / 2
-
-
-def flicker(real: np.ndarray, fake: np.ndarray) -> dict:
-    """`temporal_flicker` of the render and of the real frames, and the render's excess over the real one
-    (the real video's own motion is the floor a render cannot go below; about 0 is as steady as the video)."""
-    _check_pair(real, fake)
-    render, truth = temporal_flicker(fake), temporal_flicker(real)
-    return {"render": render, "real": truth, "excess": render - truth}
+    return float(flicker_series(frames)[0].mean())
 
 
 # ----------------------------------------------------------------------------- set metrics
@@ -245,7 +236,8 @@ def load_networks(folder: str | None, device="cpu", dtype=torch.float32) -> tupl
 
 
 def _batches(frames: np.ndarray, batch: int, device):
-    """(N, 3, H, W) float32 tensors on `device`, `batch` frames at a time, values 0..255."""
+    """(N, 3, H, W) float32 tensors on `device`, `batch` frames at a time, values 0..255: what the metric
+    networks take, whatever the frames' dtype (the networks run in float32, as the reference packages do)."""
     for start in range(0, len(frames), batch):
         yield torch.from_numpy(np.ascontiguousarray(frames[start:start + batch])).to(device).permute(0, 3, 1, 2).float()
 
@@ -275,37 +267,111 @@ def inception_features(net: FIDInception, frames: np.ndarray, device="cpu", batc
     return torch.cat(out).numpy()
 
 
-# ----------------------------------------------------------------------------- everything at once
+# ----------------------------------------------------------------------------- chunk by chunk
 
 def _summary(per_frame: np.ndarray) -> dict:
     return {"mean": float(per_frame.mean()), "per_frame": [float(v) for v in per_frame]}
 
 
+class FrameScores:
+    """Every metric of a render against the real frames, fed chunk by chunk (`add`) in memory that does not
+    grow with the video beyond what the metrics keep: the per-frame numbers, two 2048-d Inception features
+    per frame (FID and KID need the sets) and the last two frames of each video (flicker's second differences).
+
+    Frames are scored in the batches `frame_metrics` would make of the whole video (chunks are buffered up to
+    `batch` frames), so the numbers are the all-at-once path's whatever the chunks (tests/test_metrics.py)."""
+
+    def __init__(self, lpips: LPIPS | None = None, inception: FIDInception | None = None, device="cpu",
+                 batch: int = 16):
+        self.lpips, self.inception, self.device, self.batch = lpips, inception, device, batch
+        self.pending: list[tuple[np.ndarray, np.ndarray]] = []
+        self.scores = {"psnr": [], "ssim": [], "lpips": [], "flicker_render": [], "flicker_real": []}
+        self.features = {"real": [], "fake": []}
+        self.tail = {"real": None, "fake": None}   # the last two frames so far, [0, 1] float32
+        self.frames = 0
+
+    def add(self, real: np.ndarray, fake: np.ndarray):
+        """The next frames, uint8 (T, H, W, 3) each."""
+        _check_pair(real, fake)
+        self.pending.append((real, fake))
+        while sum(len(r) for r, _ in self.pending) >= self.batch:
+            self._score(*self._take(self.batch))
+
+    def _take(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        real, fake = (np.concatenate(v) for v in zip(*self.pending))
+        self.pending = [(real[n:], fake[n:])] if n < len(real) else []
+        return real[:n], fake[:n]
+
+    def _score(self, real: np.ndarray, fake: np.ndarray):
+        # Per-frame numbers are kept as Python floats: small numpy arrays kept between the large temporaries of
+        # every batch fragment the heap, which then grows with the video (about 60 KB a frame, measured).
+        self.frames += len(real)
+        self.scores["psnr"] += psnr(real, fake).tolist()
+        self.scores["ssim"] += ssim(real, fake).tolist()
+        if self.lpips is not None:
+            self.scores["lpips"] += lpips_distances(self.lpips, real, fake, self.device, len(real), False).tolist()
+        for name, frames in (("real", real), ("fake", fake)):
+            if self.inception is not None:
+                self.features[name].append(inception_features(self.inception, frames, self.device, len(frames), False))
+            series, self.tail[name] = flicker_series(frames, self.tail[name])
+            self.scores["flicker_" + ("render" if name == "fake" else "real")] += series.tolist()
+
+    def result(self) -> dict:
+        """The metrics of every frame added (see `frame_metrics`)."""
+        if self.pending:
+            self._score(*self._take(sum(len(r) for r, _ in self.pending)))
+        n = self.frames
+        per_frame = {k: np.asarray(v, np.float64) for k, v in self.scores.items()}
+        out = {"frames": n, "psnr": _summary(per_frame["psnr"]), "ssim": _summary(per_frame["ssim"])}
+        out["lpips"] = ({"missing": f"LPIPS needs {LPIPS_NEEDS}"} if self.lpips is None else
+                        _summary(per_frame["lpips"]))
+        if self.inception is None:
+            out["fid"], out["kid"] = ({"missing": f"FID and KID need {INCEPTION_NEEDS}"} for _ in range(2))
+        elif n < MIN_FRAMES_FID_KID:
+            out["fid"], out["kid"] = ({"missing": f"needs >= {MIN_FRAMES_FID_KID} frames, got {n}"} for _ in range(2))
+        else:
+            out["fid"], out["kid"] = set_metrics(*(np.concatenate(self.features[k]) for k in ("real", "fake")))
+        if n >= 3:
+            render, truth = float(per_frame["flicker_render"].mean()), float(per_frame["flicker_real"].mean())
+            out["flicker"] = {"render": render, "real": truth, "excess": render - truth}
+            out["flicker_per_frame"] = {k: self.scores["flicker_" + k] for k in ("render", "real")}
+        else:
+            out["flicker"] = {"missing": f"needs >= 3 frames, got {n}"}
+        return out
+
+
+def flicker_series(frames: np.ndarray, before: torch.Tensor | None = None) -> tuple[np.ndarray, torch.Tensor]:
+    """Per-frame flicker (`temporal_flicker`'s terms, frame t against t - 1 and t + 1) of uint8 frames that
+    follow `before` (the last two frames of the video so far, [0, 1] float32; None: the video starts here).
+    Returns the terms of the frames that now have both neighbours, and the new last two frames."""
+    video = torch.from_numpy(np.ascontiguousarray(frames)).float() / 255
+    video = video if before is None else torch.cat([before, video])
+    second = (video[2:] - 2 * video[1:-1] + video[:-2]).abs().double().mean((1, 2, 3)) / 2
+    return second.numpy(), video[-2:].clone()
+
+
+def set_metrics(feats_real: np.ndarray, feats_fake: np.ndarray) -> tuple[dict, dict]:
+    """FID and KID entries of two feature sets (KID on torch-fidelity's 100 subsets of 1000, clipped)."""
+    n = len(feats_real)
+    subsets, subset_size = 100, kid_subset_size(n, len(feats_fake))
+    mean, std = kid(feats_real, feats_fake, subsets, subset_size)
+    kid_entry = {"mean": mean, "std": std, "subsets": subsets, "subset_size": subset_size}
+    if subset_size < 1000:
+        kid_entry["note"] = (f"subset size clipped from the usual 1000 to the {n} frames: every subset is all frames, "
+                             "so the std is 0 up to rounding")
+    return {"value": fid(feats_real, feats_fake), "samples": n}, kid_entry
+
+
 def frame_metrics(real: np.ndarray, fake: np.ndarray, lpips: LPIPS | None = None,
                   inception: FIDInception | None = None, device="cpu", batch: int = 16,
                   progress: bool = True) -> dict:
-    """Every metric of a render `fake` against the real frames `real`, uint8 (T, H, W, 3) each.
+    """Every metric of a render `fake` against the real frames `real`, uint8 (T, H, W, 3) each, all at once.
 
     A metric whose network is None, or that has too few frames, is {"missing": "<what it needs>"}; the
-    others are still computed. KID's entry tells the subset size it used (clipped to T)."""
+    others are still computed. KID's entry tells the subset size it used (clipped to T); flicker_per_frame
+    holds flicker's terms of frames 1 .. T - 2 (the render's and the real video's)."""
     _check_pair(real, fake)
-    n = len(real)
-    out = {"frames": n, "psnr": _summary(psnr(real, fake)), "ssim": _summary(ssim(real, fake))}
-    out["lpips"] = ({"missing": f"LPIPS needs {LPIPS_NEEDS}"} if lpips is None else
-                    _summary(lpips_distances(lpips, real, fake, device, batch, progress)))
-    if inception is None:
-        out["fid"], out["kid"] = ({"missing": f"FID and KID need {INCEPTION_NEEDS}"} for _ in range(2))
-    elif n < MIN_FRAMES_FID_KID:
-        out["fid"], out["kid"] = ({"missing": f"needs >= {MIN_FRAMES_FID_KID} frames, got {n}"} for _ in range(2))
-    else:
-        feats_real = inception_features(inception, real, device, batch, progress, "Inception (real)")
-        feats_fake = inception_features(inception, fake, device, batch, progress, "Inception (render)")
-        subsets, subset_size = 100, kid_subset_size(n, n)
-        mean, std = kid(feats_real, feats_fake, subsets, subset_size)
-        out["fid"] = {"value": fid(feats_real, feats_fake), "samples": n}
-        out["kid"] = {"mean": mean, "std": std, "subsets": subsets, "subset_size": subset_size}
-        if subset_size < 1000:
-            out["kid"]["note"] = (f"subset size clipped from the usual 1000 to the {n} frames: every subset is "
-                                  "all frames, so the std is 0 up to rounding")
-    out["flicker"] = flicker(real, fake) if n >= 3 else {"missing": f"needs >= 3 frames, got {n}"}
-    return out
+    scores = FrameScores(lpips, inception, device, batch)
+    for start in tqdm(range(0, len(real), batch), disable=not progress, desc="metrics", unit="batch"):
+        scores.add(real[start:start + batch], fake[start:start + batch])
+    return scores.result()

@@ -173,18 +173,25 @@ def denoise_video(model_fn, sampler: Sampler, shared_noise: torch.Tensor, weight
                   progress: bool = True) -> torch.Tensor:
     """Clean latents for `frames` of a video, chunk by chunk, after the warm-up frames first..frames.start-1
     (first: `warm_up_start(frames.start, weights)` for frames exactly as in the whole video; see module doc)."""
+    return torch.cat(list(iter_denoise_video(model_fn, sampler, shared_noise, weights, frames, first, guidance, chunk,
+                                             seed, progress)))
+
+
+def iter_denoise_video(model_fn, sampler: Sampler, shared_noise: torch.Tensor, weights: list[float], frames: range,
+                       first: int | None = None, guidance: float = 1.0, chunk: int = 8, seed: int = 0,
+                       progress: bool = True) -> Iterator[torch.Tensor]:
+    """`denoise_video`'s latents as each chunk is done: its frames of `frames` (none for a warm-up chunk)."""
     first = frames.start if first is None else first
-    out, carry = [], None
-    bar = tqdm(total=len(frames), disable=not progress, desc="frames", unit="frame")
-    for start in range(first, frames.stop, chunk):
-        stop = min(start + chunk, frames.stop)
-        latents, carry = denoise_chunk(model_fn, range(start, stop), sampler, shared_noise, weights, guidance, seed,
-                                       carry)
-        kept = latents[max(0, frames.start - start):]
-        out.append(kept)
-        bar.update(len(kept))
-    bar.close()
-    return torch.cat(out)
+    carry = None
+    with tqdm(total=len(frames), disable=not progress, desc="frames", unit="frame") as bar:
+        for start in range(first, frames.stop, chunk):
+            stop = min(start + chunk, frames.stop)
+            latents, carry = denoise_chunk(model_fn, range(start, stop), sampler, shared_noise, weights, guidance,
+                                           seed, carry)
+            kept = latents[max(0, frames.start - start):]
+            bar.update(len(kept))
+            if len(kept):
+                yield kept
 
 
 @dataclass
@@ -289,32 +296,54 @@ def sample_video(denoiser, vae: AutoencoderKL, schedule: NoiseSchedule, hints: t
     context, uncond_context: (1, 77, D) text embeddings of the prompt and of the negative prompt
     (classifier-free guidance; None when settings.guidance is 1).
     """
-    settings = settings or VideoSampling()
-    param = next(denoiser.parameters())
-    latents = _video_latents(denoiser, schedule, hints.to(param.device, param.dtype), frames, context, uncond_context,
-                             settings, vae.downscale, progress)
-    decode = GraphedCall(vae.decode_latents, settings.cuda_graphs, clone_outputs=False)  # to_uint8 copies each chunk
-    chunk = settings.batch_frames
-    return torch.cat([to_uint8(decode(latents[i:i + chunk])) for i in range(0, len(latents), chunk)]).numpy()
-
-
-def _video_latents(denoiser, schedule: NoiseSchedule, hints: torch.Tensor, frames: range, context: torch.Tensor,
-                   uncond_context: torch.Tensor | None, settings: VideoSampling, downscale: int, progress: bool):
-    """sample_video's latents. A function of its own so that its graphs are freed before the decoder's."""
-    param = next(denoiser.parameters())
     first = frames.stop - len(hints)
-    latent_size = (hints.shape[-2] // downscale, hints.shape[-1] // downscale)
+    return np.concatenate(list(iter_sample_video(denoiser, vae, schedule, lambda r: hints[r.start - first:r.stop - first],
+                                                 hints.shape[-2:], first, frames, context, uncond_context, settings, progress)))
+
+
+@torch.no_grad()
+def iter_sample_video(denoiser, vae: AutoencoderKL, schedule: NoiseSchedule, hints_of, size: tuple[int, int],
+                      first: int, frames: range, context: torch.Tensor, uncond_context: torch.Tensor | None = None,
+                      settings: VideoSampling | None = None, progress: bool = True) -> Iterator[np.ndarray]:
+    """`sample_video`'s frames, `settings.batch_frames` at a time as they are decoded (the same arithmetic,
+    the same decoder batches), sampled from frame `first` on (the warm-up). hints_of(range) -> the hint
+    images of those frames, asked once per chunk: rendered as they are needed, nothing grows with the video
+    (evaluate.py scores takes of any length so)."""
+    settings = settings or VideoSampling()
+    decode = GraphedCall(vae.decode_latents, settings.cuda_graphs, clone_outputs=False)  # to_uint8 copies each chunk
+    latent_size = (size[0] // vae.downscale, size[1] // vae.downscale)
+    chunk, pending = settings.batch_frames, None
+    for latents in _video_latents(denoiser, schedule, hints_of, first, frames, context, uncond_context, settings,
+                                  latent_size, progress):
+        pending = latents if pending is None else torch.cat([pending, latents])
+        while len(pending) >= chunk:   # decoded in batches of `chunk` from frames.start on, as sample_video did
+            yield to_uint8(decode(pending[:chunk])).numpy()
+            pending = pending[chunk:]
+    if pending is not None and len(pending):
+        yield to_uint8(decode(pending)).numpy()
+
+
+def _video_latents(denoiser, schedule: NoiseSchedule, hints_of, first: int, frames: range, context: torch.Tensor,
+                   uncond_context: torch.Tensor | None, settings: VideoSampling, latent_size: tuple[int, int],
+                   progress: bool):
+    """iter_sample_video's latents, chunk by chunk (`iter_denoise_video`)."""
+    param = next(denoiser.parameters())
     shared_noise = video_noise(denoiser.unet.config.in_channels, latent_size, settings.seed, param.device, param.dtype)
     # the step's temporal_step reads the outputs before the next call: no copy for the caller needed
     guided = GraphedCall(denoiser.guided, settings.cuda_graphs, clone_outputs=False)
+    held = {}   # the hints of the chunk being denoised: every step of it reads them
 
     def model_fn(x, t, frame_ids):
-        hint = hints[frame_ids[0] - first:frame_ids[-1] + 1 - first]  # a chunk's frames are consecutive
-        return guided(x, device_scalar(t, x.device), context, uncond_context, hint, settings.conditioning_scale)
+        chunk = range(frame_ids[0], frame_ids[-1] + 1)  # a chunk's frames are consecutive
+        if chunk not in held:
+            held.clear()
+            held[chunk] = hints_of(chunk).to(param.device, param.dtype)
+        return guided(x, device_scalar(t, x.device), context, uncond_context, held[chunk],
+                      settings.conditioning_scale)
 
     sampler = make_sampler(schedule, settings.sampler, settings.steps, settings.eta)
-    return denoise_video(model_fn, sampler, shared_noise, settings.weights, frames, first, settings.guidance,
-                         settings.batch_frames, settings.seed, progress)
+    return iter_denoise_video(model_fn, sampler, shared_noise, settings.weights, frames, first, settings.guidance,
+                              settings.batch_frames, settings.seed, progress)
 
 
 @dataclass(frozen=True)

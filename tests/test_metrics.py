@@ -143,7 +143,8 @@ def test_frame_metrics_reports_every_metric(images, lpips_net, inception_net):
     real = video(images["a64"], images["a64_dark"], images["a64"])
     fake = video(images["a64_noisy"], images["a64"], images["a64_noisy"])
     out = metrics.frame_metrics(real, fake, lpips_net, inception_net, batch=2, progress=False)
-    assert set(out) == {"frames", "psnr", "ssim", "lpips", "fid", "kid", "flicker"} and out["frames"] == 3
+    assert set(out) == {"frames", "psnr", "ssim", "lpips", "fid", "kid", "flicker", "flicker_per_frame"}
+    assert out["frames"] == 3
     numbers = [v for key in ("psnr", "ssim", "lpips") for v in [out[key]["mean"], *out[key]["per_frame"]]]
     numbers += [out["fid"]["value"], out["kid"]["mean"], out["kid"]["std"], *out["flicker"].values()]
     assert np.isfinite(numbers).all() and len(out["lpips"]["per_frame"]) == 3
@@ -220,3 +221,45 @@ def test_bad_weight_files_are_one_error_naming_the_file(tmp_path, metric_weights
             load()
         message = str(error.value)
         assert names in message and says in message and "\n" not in message, message
+
+
+def test_chunked_scores_equal_the_all_at_once_numbers(lpips_net, inception_net):
+    """FrameScores fed in uneven chunks gives the numbers of the whole video scored at once: per-frame PSNR,
+    SSIM and LPIPS, FID and KID on the Inception features of all frames, flicker as temporal_flicker's
+    formula over the whole video (float32, as before the chunks)."""
+    rng = np.random.default_rng(5)
+    base = rng.integers(0, 256, (1, 48, 48, 3))
+    real = np.clip(base + rng.integers(-40, 40, (11, 48, 48, 3)), 0, 255).astype(np.uint8)
+    fake = np.clip(real + rng.integers(-30, 30, real.shape), 0, 255).astype(np.uint8)
+    scores = metrics.FrameScores(lpips_net, inception_net, batch=4)
+    start = 0
+    for size in (3, 1, 5, 2):
+        scores.add(real[start:start + size], fake[start:start + size])
+        start += size
+    chunked = scores.result()
+
+    whole = lambda v: torch.from_numpy(v).float() / 255  # noqa: E731  the flicker of one tensor, as it was computed
+    old_flicker = [(x[2:] - 2 * x[1:-1] + x[:-2]).abs().mean().item() / 2 for x in (whole(fake), whole(real))]
+    feats = [metrics.inception_features(inception_net, v, batch=4, progress=False) for v in (real, fake)]
+    reference = {"psnr": metrics.psnr(real, fake), "ssim": metrics.ssim(real, fake),
+                 "lpips": metrics.lpips_distances(lpips_net, real, fake, batch=4, progress=False)}
+    assert chunked["frames"] == 11
+    for key, per_frame in reference.items():
+        np.testing.assert_allclose(chunked[key]["per_frame"], per_frame, rtol=1e-6, atol=0)
+        assert chunked[key]["mean"] == pytest.approx(per_frame.mean(), rel=1e-6)
+    assert chunked["fid"]["value"] == pytest.approx(metrics.fid(*feats), rel=1e-6)
+    assert chunked["kid"]["mean"] == pytest.approx(metrics.kid(*feats, subset_size=11)[0], rel=1e-6)
+    assert [chunked["flicker"][k] for k in ("render", "real")] == pytest.approx(old_flicker, rel=1e-6)
+    assert len(chunked["flicker_per_frame"]["render"]) == 9
+    # all at once (frame_metrics) and chunk by chunk are the same arithmetic: identical numbers
+    assert metrics.frame_metrics(real, fake, lpips_net, inception_net, batch=4, progress=False) == chunked
+
+
+def test_fp16_frames_are_scored_in_float32(lpips_net, images):
+    """Frames that arrive as float16 (an fp16 render before its uint8 rounding) get the float32 scores of
+    the same values: the networks take float32 whatever the frames' dtype."""
+    real = video(images["a64"], images["a64_dark"])
+    fake = video(images["a64_noisy"], images["a64"])
+    as_fp16 = fake.astype(np.float16)   # 0..255 integers are exact in fp16
+    assert np.array_equal(metrics.lpips_distances(lpips_net, real, as_fp16, progress=False),
+                          metrics.lpips_distances(lpips_net, real, fake, progress=False))

@@ -70,7 +70,7 @@ def test_evaluate_py_scores_the_demo_avatar_on_its_held_out_frames(run, metric_w
                             cwd=REPO, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     print(result.stdout)
-    (source,) = json.loads(out.read_text())["sources"]
+    (source,) = json.loads(out.read_text())["rows"][0]["sources"]
     assert source["frames"] == list(HELD_OUT)
     metrics = source["metrics"]
     values = [metrics["psnr"]["mean"], metrics["ssim"]["mean"], metrics["lpips"]["mean"], metrics["fid"]["value"],

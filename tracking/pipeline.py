@@ -39,7 +39,7 @@ from kernels.dispatch import cache_dir
 from model.files import atomic_write, read_json, write_json
 from tracking.conditioning import posed_vertices
 from tracking.demo import write_demo_video
-from tracking.fit import fit_sequence, intra_op_threads
+from tracking.fit import FitConfig, fit_sequence, intra_op_threads
 from tracking.flame import FLAME, load_flame_model, load_landmark_embedding
 from tracking.landmarks import FaceTracker, TrackState, stack_results
 from tracking.people import PeopleLog, PersonError, identify, write_people, write_report
@@ -147,15 +147,16 @@ def flame_fingerprint(flame: FLAME) -> str:
     return digest.hexdigest()
 
 
-def track_source(video: str, flame: FLAME, size: int, bbox, max_frames, max_gap, shape=None, person=None) -> dict:
-    """What a track is made from, as source.json records it (`shape` and `person` only when given: older
-    records lack them)."""
+def track_source(video: str, flame: FLAME, size: int, bbox, max_frames, max_gap, shape=None, focal=None,
+                 person=None) -> dict:
+    """What a track is made from, as source.json records it (`shape`, `focal` and `person` only when given:
+    older records lack them)."""
     source = {"video": file_identity(video), "size": size, "max_frames": max_frames,
               "bbox": None if bbox is None else [float(v) for v in bbox], "max_gap": max_gap,
               "flame": flame_fingerprint(flame)}
-    if person is not None:
-        source["person"] = person
-    return source if shape is None else {**source, "shape": np.asarray(shape, np.float32).tolist()}
+    given = {"shape": None if shape is None else np.asarray(shape, np.float32).tolist(),
+             "focal": None if focal is None else float(focal), "person": person}
+    return {**source, **{key: value for key, value in given.items() if value is not None}}
 
 
 def source_mismatch(recorded: dict | None, source: dict) -> str | None:
@@ -181,16 +182,17 @@ class TrackedVideo:
 
 
 def track_video(video: str, out_dir: str, flame: FLAME, size: int = 512, bbox=None, max_frames: int | None = None,
-                max_gap: int = DEFAULT_MAX_GAP, preview: bool = True, shape=None, person: int | None = None
-                ) -> TrackedVideo:
+                max_gap: int = DEFAULT_MAX_GAP, preview: bool = True, shape=None, focal=None,
+                person: int | None = None) -> TrackedVideo:
     """Track `video` into `out_dir` (seq.npz, crops.npy, landmarks.npy, preview.mp4, people.json,
     report.png, source.json); return the track found there when it was made from the same source, resume
     an interrupted one.
 
     video "demo": the offline demo video (tracking/demo.py), written to out_dir/demo.mp4 with max_frames
     (default DEMO_FRAMES) frames unless it is there with at least that many already. shape: a fixed
-    identity shape (an avatar's: another video of its person), else fitted. person: a frame that shows
-    the person to track (default: the one seen on the most frames); frames of anyone else are left out
+    identity shape (an avatar's: another video of its person), else fitted; focal: a fixed focal length in
+    pixels of the `size` crops (the avatar's camera), else fitted. person: a frame that shows the person to
+    track (default: the one seen on the most frames); frames of anyone else are left out
     (tracking/people.py).
     """
     os.makedirs(out_dir, exist_ok=True)
@@ -199,7 +201,7 @@ def track_video(video: str, out_dir: str, flame: FLAME, size: int = 512, bbox=No
         video = path("demo.mp4")
         if (frame_count(video) if os.path.exists(video) else 0) < (max_frames or DEMO_FRAMES):
             write_demo_video(video, n_frames=max_frames or DEMO_FRAMES)
-    source = track_source(video, flame, size, bbox, max_frames, max_gap, shape, person)
+    source = track_source(video, flame, size, bbox, max_frames, max_gap, shape, focal, person)
     recorded = read_json(path("source.json")) if os.path.exists(path("source.json")) else None
     mismatch = source_mismatch(recorded, source)
     if mismatch is None and all(os.path.exists(path(n)) for n in OUTPUTS[:3]):
@@ -221,10 +223,10 @@ def track_video(video: str, out_dir: str, flame: FLAME, size: int = 512, bbox=No
     # One PyTorch thread: the decoder runs in a thread of its own, and on small tensors (one crop, a
     # batch of previews) a second intra-op thread mostly waits for a busy core (several times slower).
     with intra_op_threads(1):
-        return _track(video, out_dir, flame, size, bbox, max_frames, max_gap, preview, fps, shape, person)
+        return _track(video, out_dir, flame, size, bbox, max_frames, max_gap, preview, fps, shape, focal, person)
 
 
-def _track(video, out_dir, flame, size, bbox, max_frames, max_gap, preview, fps, shape, person):
+def _track(video, out_dir, flame, size, bbox, max_frames, max_gap, preview, fps, shape, focal, person):
     """track_video's work, on a folder that holds only its own source.json and partial progress."""
     path = lambda name: os.path.join(out_dir, name)  # noqa: E731
     result, frame_shape, people_log = _track_landmarks(video, max_frames, bbox, path("pass1.partial.npz"))
@@ -244,8 +246,8 @@ def _track(video, out_dir, flame, size, bbox, max_frames, max_gap, preview, fps,
         np.save(tmp, crop_landmarks.astype(np.float32))
     # The fit needs only the landmarks and pass 2 only the boxes: the fit runs in a thread beside pass 2
     # (decoding, resizing and writing release the GIL: each keeps a core busy), the preview after both.
-    fit = _Background(lambda: _fit(flame, crop_landmarks, size, fps, result.valid & ~people.other, shape, boxes,
-                                   path("fit.partial.npz")))
+    fit = _Background(lambda: _fit(flame, crop_landmarks, size, fps, result.valid & ~people.other, shape, focal,
+                                   boxes, path("fit.partial.npz")))
     _write_crops(video, boxes, size, out_dir)
     seq = fit.result()
     if preview:
@@ -257,13 +259,13 @@ def _track(video, out_dir, flame, size, bbox, max_frames, max_gap, preview, fps,
     return _load_tracked(out_dir)
 
 
-def _fit(flame, crop_landmarks, size, fps, valid, shape, boxes, partial):
+def _fit(flame, crop_landmarks, size, fps, valid, shape, focal, boxes, partial):
     """The FLAME sequence fitted to the landmarks (in crop pixels), resumed from / saved to `partial`."""
     if os.path.exists(partial):
         return load_seq(partial)
     log.info("fitting FLAME to the landmarks of %d frames", len(crop_landmarks))
     seq = fit_sequence(flame, crop_landmarks, (size, size), fps=float(fps), confidence=valid.astype(np.float64),
-                       shape=shape)
+                       shape=shape, config=None if focal is None else FitConfig(focal=float(focal), fit_focal=False))
     seq.crop_boxes = boxes.astype(np.float32)
     save_seq(partial, seq)
     _return_free_memory()

@@ -41,6 +41,7 @@ from model.metrics import FrameScores, load_inception, load_lpips
 from sample import add_sampler_args, video_settings
 from tracking.cli import (ArgumentParser, existing_file, output_dir_problem, output_file_problem, positive_int,
                           run_command)
+from tracking.people import left_out_frames
 from tracking.pipeline import track_video
 
 # flags that change the loaded avatar (the others only how it samples)
@@ -157,8 +158,11 @@ def held_out_source(avatar: svp.Avatar, split: svp.Split, max_frames: int | None
         if n != split.n_frames:
             raise ValueError(f"{path} has {n} frames, but {os.path.join(avatar.run_dir, svp.SPLIT_FILE)} splits "
                              f"{split.n_frames}: the tracking changed after training")
-    return Source("held-out", seq, seq_path, crops_path, sorted(split.held_out)[:max_frames],
-                  {"truth": crops_path, "split": split.rule})
+    # Frames that show another person (the track's people.json) are left out, as training leaves them out.
+    left_out = left_out_frames(os.path.dirname(seq_path))
+    frames = [f for f in sorted(split.held_out) if f not in left_out][:max_frames]
+    return Source("held-out", seq, seq_path, crops_path, frames,
+                  {"truth": crops_path, "split": split.rule, "other_person": len(left_out & set(split.held_out))})
 
 
 def video_source(avatar: svp.Avatar, video: str, max_frames: int | None) -> Source:
@@ -170,9 +174,10 @@ def video_source(avatar: svp.Avatar, video: str, max_frames: int | None) -> Sour
     focal = own.focal * avatar.resolution / own.image_size[1]
     tracked = track_video(video, folder, avatar.flame, size=avatar.resolution, max_frames=max_frames,
                           shape=avatar.shape, focal=focal)
+    left_out = left_out_frames(folder)  # another person's frames: not the avatar's to match
     return Source(os.path.basename(video), tracked.seq, os.path.join(folder, "seq.npz"),
-                  os.path.join(folder, "crops.npy"), list(range(tracked.seq.n_frames)),
-                  {"truth": os.path.join(folder, "crops.npy"), "tracking": folder})
+                  os.path.join(folder, "crops.npy"), [f for f in range(tracked.seq.n_frames) if f not in left_out],
+                  {"truth": os.path.join(folder, "crops.npy"), "tracking": folder, "other_person": len(left_out)})
 
 
 def settings_record(args, avatar: svp.Avatar, device: str, dtype: str) -> dict:

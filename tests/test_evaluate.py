@@ -256,3 +256,19 @@ def test_an_avatar_folder_without_an_avatar(tmp_path, capsys):
     with pytest.raises(SystemExit):
         evaluate.parse_args(["--avatar", str(tmp_path)])
     assert f"--avatar: {tmp_path}: no avatar.safetensors here" in capsys.readouterr().err
+
+
+def test_held_out_frames_of_another_person_are_not_scored(evaluable_avatar_run, tmp_path):
+    """Frames the track gave to another person (people.json) are left out of the held-out set, as training
+    leaves them out of its frames: the avatar is not asked to look like someone else."""
+    run = copy_run(evaluable_avatar_run, tmp_path / "run")
+    split = svp.load_split(str(run))
+    avatar = svp.load_avatar(str(run))
+    everyone = evaluate.held_out_source(avatar, split, None)
+    assert everyone.frames == sorted(split.held_out) and everyone.about["other_person"] == 0
+    other = sorted(split.held_out)[1]
+    with open(os.path.join(os.path.dirname(avatar.run_file("seq")), "people.json"), "w") as f:
+        json.dump({"left_out": [other, split.train[0]]}, f)
+    source = evaluate.held_out_source(avatar, split, None)
+    assert source.frames == [f for f in sorted(split.held_out) if f != other]
+    assert source.about["other_person"] == 1

@@ -20,25 +20,30 @@ def take_path(mp4: str) -> str:
 
 
 class Take:
-    """One-frame FlameSequences collected as they are shown, saved (atomically) as one sequence."""
+    """The per-frame parameters of the frames shown, saved (atomically) as one sequence. Only each frame's
+    rows are kept (the identity and camera once): a camera left running for hours holds a few hundred
+    bytes a frame, not a FlameSequence each."""
 
     def __init__(self, path: str, fps: float):
-        self.path, self.fps, self.frames, self.boxes = path, float(fps), [], []
+        self.path, self.fps, self.first, self.rows, self.boxes = path, float(fps), None, [], []
 
     def add(self, params: FlameSequence, box: np.ndarray | None = None):
-        self.frames.append(params)
+        if self.first is None:
+            self.first = params
+        self.rows.append(np.concatenate([getattr(params, name)[-1] for name in PER_FRAME]).astype(np.float32))
         self.boxes.append(box)
 
     def sequence(self) -> FlameSequence:
-        first = self.frames[0]
+        first, rows = self.first, np.stack(self.rows)
+        widths = [getattr(first, name).shape[1] for name in PER_FRAME]
+        columns = np.split(rows, np.cumsum(widths)[:-1], axis=1)
         boxes = None if any(b is None for b in self.boxes) else np.stack(self.boxes).astype(np.float32)
         return FlameSequence(shape=first.shape, focal=first.focal, image_size=first.image_size, fps=self.fps,
-                             crop_boxes=boxes,
-                             **{name: np.concatenate([getattr(f, name) for f in self.frames]) for name in PER_FRAME})
+                             crop_boxes=boxes, **dict(zip(PER_FRAME, columns)))
 
     def save(self) -> str | None:
         """Write the take (nothing when no frame was shown); returns its path."""
-        if not self.frames:
+        if not self.rows:
             return None
         save_seq(self.path, self.sequence())
         return self.path

@@ -84,104 +84,155 @@ class LbpCascade:
         gray = np.asarray(gray)
         integral = _integral_image(gray)
         scales = _scales(self.window[0], min_side, max_side, scale_factor)
-        hits, close = {}, {}  # per scale: its hits (r, c, width, height); centres and sides of windows that came close
+        sizes = [tuple(int(np.float32(side) * scale) for side in self.window) for scale in scales]  # (height, width)
+        fits = [k for k, (height, width) in enumerate(sizes) if height < gray.shape[0] and width < gray.shape[1]]
         # Coarse to fine in scale too: every other scale is scanned whole, the ones between only around the
-        # windows that came close on a neighbouring scale (a face comes close on neighbouring scales).
-        for k in [*range(0, len(scales), 2), *range(1, len(scales), 2)] if coarse > 1 else range(len(scales)):
-            height, width = (int(np.float32(side) * scales[k]) for side in self.window)
-            step = max(1, int(np.float32(scales[k]) * np.float32(step_ratio) + np.float32(0.5)))  # C's rounding
-            max_row, max_col = gray.shape[0] - height, gray.shape[1] - width
-            if max_row <= 0 or max_col <= 0:
-                continue
-            candidates = None if inside is None else inside[height // 2:, width // 2:].copy()  # by top-left corner
-            if k % 2 and coarse > 1:
-                candidates = _around([close[j] for j in (k - 1, k + 1) if j in close], (height, width), gray.shape,
-                                     candidates)
-            passed, came_close = self._scan(integral, scales[k], np.arange(0, max_row, step),
-                                            np.arange(0, max_col, step), coarse, candidates)
-            hits[k] = [(r, c, width, height) for r, c in passed.tolist()]
-            close[k] = np.column_stack([came_close[:, ::-1] + [width / 2, height / 2], np.full(len(came_close), width)])
+        # windows that came close on a neighbouring scale (a face comes close on neighbouring scales). The
+        # scales of a pass are classified together (one array call per stage, not one per scale and stage).
+        passes = [[k for k in fits if k % 2 == 0], [k for k in fits if k % 2]] if coarse > 1 else [fits]
+        hits, close = {}, {}  # per scale: its hits (r, c, width, height); centres and sides of windows that came close
+        for ks in passes:
+            grids = []
+            for k in ks:
+                height, width = sizes[k]
+                step = max(1, int(np.float32(scales[k]) * np.float32(step_ratio) + np.float32(0.5)))  # C's rounding
+                candidates = None if inside is None else inside[height // 2:, width // 2:].copy()  # by top-left
+                if k % 2 and coarse > 1:
+                    candidates = _around([close[j] for j in (k - 1, k + 1) if j in close], (height, width),
+                                         gray.shape, candidates)
+                grids.append((scales[k], np.arange(0, gray.shape[0] - height, step),
+                              np.arange(0, gray.shape[1] - width, step), candidates))
+            for k, (passed, came_close) in zip(ks, self._scan(integral, grids, coarse)):
+                height, width = sizes[k]
+                hits[k] = [(r, c, width, height) for r, c in passed.tolist()]
+                close[k] = np.column_stack([came_close[:, ::-1] + [width / 2, height / 2],
+                                            np.full(len(came_close), width)])
         groups = _group_detections([hit for k in sorted(hits) for hit in hits[k]], min_neighbours)
         return np.array([[c, r, c + w, r + h] for r, c, w, h in groups], np.float64).reshape(-1, 4)
 
-    def _scan(self, integral, scale, rows, cols, coarse, candidates=None):
-        """((K,2) rows and columns of the windows at these positions (a grid) that pass the cascade,
-        row-major; (J,2) those of the coarse grid's windows that came close).
-
-        candidates: None, or whether the window at each top-left position may be classified (the others
-        are not): where few may, they are classified one by one from the first stage."""
+    def _scan(self, integral, grids, coarse):
+        """Per grid (scale, rows, cols, candidates): ((K,2) rows and columns of the windows of that scale at
+        these positions that pass the cascade, row-major; (J,2) those of the coarse grid's windows that came
+        close). candidates: None, or whether the window at each top-left position may be classified (the
+        others are not): where few may, they are classified one by one from the first stage."""
         stride, flat = integral.shape[1], integral.ravel()
-        rects = (np.float32(self.features) * np.float32(scale)).astype(np.int64)  # truncated, as scikit-image
-        offsets = _corner_offsets(rects, stride)
-        rows_coarse, cols_coarse = rows[::coarse], cols[::coarse]
-        grid = rows_coarse[:, None] * stride + cols_coarse[None, :]
-        allowed = None if candidates is None else candidates[rows_coarse[:, None], cols_coarse[None, :]]
-        if allowed is not None and allowed.mean() < 0.25:
-            starts = grid[allowed]
-            depth = self._depth(flat, starts, offsets)
-        else:
-            alive = self._stages_on_grid(integral, rects, rows_coarse, cols_coarse)
-            starts = grid[alive if allowed is None else alive & allowed]
-            depth = self._depth(flat, starts, offsets, first_stage=_DENSE_STAGES)
-        came_close = starts[depth >= _REFINE_DEPTH]
+        rects = [(np.float32(self.features) * np.float32(scale)).astype(np.int64) for scale, *_ in grids]  # truncated
+        offsets = np.stack([_corner_offsets(r, stride) for r in rects]) if grids else np.zeros((0, 0, 16), np.int64)
+        # The coarse grids' windows: those to classify from the first stage (few candidates) and those left
+        # after the first stages ran on the whole grid; each with its grid's index (`which`).
+        sparse, dense = ([], []), ([], [])
+        for i, (scale, rows, cols, candidates) in enumerate(grids):
+            rows, cols = rows[::coarse], cols[::coarse]
+            starts = (rows[:, None] * stride + cols[None, :])
+            allowed = None if candidates is None else candidates[rows[:, None], cols[None, :]]
+            if allowed is not None and allowed.mean() < 0.25:
+                group, starts = sparse, starts[allowed]
+            else:
+                alive = self._stages_on_grid(integral, rects[i], rows, cols)
+                group, starts = dense, starts[alive if allowed is None else alive & allowed]
+            group[0].append(starts)
+            group[1].append(np.full(len(starts), i))
+        starts, which, depth = [], [], []
+        for (group_starts, group_which), first_stage in ((sparse, 0), (dense, _DENSE_STAGES)):
+            starts.append(np.concatenate(group_starts or [np.zeros(0, np.int64)]))
+            which.append(np.concatenate(group_which or [np.zeros(0, np.int64)]))
+            depth.append(self._depth(flat, starts[-1], offsets, first_stage, which[-1]))
+        starts, which, depth = np.concatenate(starts), np.concatenate(which), np.concatenate(depth)
+        came_close = [np.sort(starts[(which == i) & (depth >= _REFINE_DEPTH)]) for i in range(len(grids))]
         if coarse > 1:
             # Every fine position within coarse-1 steps of a coarse window that came close.
-            near = np.arange(-(coarse - 1), coarse)
-            r = np.searchsorted(rows, came_close // stride)[:, None] + near
-            c = np.searchsorted(cols, came_close % stride)[:, None] + near
-            r, c = np.broadcast_arrays(r[:, :, None], c[:, None, :])
-            on_grid = (r >= 0) & (r < len(rows)) & (c >= 0) & (c < len(cols))
-            r, c = rows[r[on_grid]], cols[c[on_grid]]
-            if candidates is not None:
-                r, c = r[candidates[r, c]], c[candidates[r, c]]
-            starts = np.unique(r * stride + c)
-            depth = self._depth(flat, starts, offsets)
+            fine = [_near(rows, cols, close_starts, stride, coarse, candidates)
+                    for (scale, rows, cols, candidates), close_starts in zip(grids, came_close)]
+            starts = np.concatenate(fine or [np.zeros(0, np.int64)])
+            which = np.repeat(np.arange(len(grids)), [len(f) for f in fine])
+            depth = self._depth(flat, starts, offsets, 0, which)
+        else:
+            order = np.lexsort((starts, which))  # row-major within each grid
+            starts, which, depth = starts[order], which[order], depth[order]
         passed = starts[depth == len(self.stages)]
-        return (np.column_stack([passed // stride, passed % stride]),
-                np.column_stack([came_close // stride, came_close % stride]))
+        passed_which = which[depth == len(self.stages)]
+        return [(_rows_cols(passed[passed_which == i], stride), _rows_cols(came_close[i], stride))
+                for i in range(len(grids))]
 
     def _stages_on_grid(self, integral, rects, rows, cols):
         """Whether each window of a grid (rows x cols, evenly spaced) passes the first _DENSE_STAGES stages.
 
         Most windows of a frame fail within these, so they are evaluated for every window at once: a
-        cell's sum for all windows is a difference of strided views of the integral image (no gather)."""
+        feature's 16 corners for all windows are one strided view of the integral image (no gather)."""
         row_step, col_step = (int(v[1] - v[0]) if len(v) > 1 else 1 for v in (rows, cols))
+        row_stride, col_stride = integral.strides
         alive = np.ones((len(rows), len(cols)), bool)
-        bits = np.empty((len(rows), len(cols), 8), bool)
         for ids, tables, threshold in self.stages[:_DENSE_STAGES]:
             self.stumps_evaluated += alive.size * len(ids)
             total = np.zeros(alive.shape, np.float32)
             for feature, table in zip(ids, tables):
                 x, y, w, h = rects[feature]
-                # corner[a][b]: integral image at the feature's corner (a, b) of every window
-                corner = [[integral[rows[0] + y + a * h::row_step][:len(rows)]
-                           [:, cols[0] + x + b * w::col_step][:, :len(cols)] for b in range(4)] for a in range(4)]
-                across = [[row[b + 1] - row[b] for b in range(3)] for row in corner]
-                cells = [across[a + 1][b] - across[a][b] for a in range(3) for b in range(3)]
-                for bit, cell in enumerate(_NEIGHBOURS):
-                    np.greater_equal(cells[cell], cells[4], out=bits[..., bit])
-                total += table[np.packbits(bits, axis=-1)[..., 0]]
+                # corners[a, b]: the integral image at the feature's corner (a, b) of every window
+                corners = np.lib.stride_tricks.as_strided(
+                    integral[rows[0] + y:, cols[0] + x:], (4, 4, *alive.shape),
+                    (h * row_stride, w * col_stride, row_step * row_stride, col_step * col_stride), writeable=False)
+                across = corners[:, 1:] - corners[:, :-1]
+                cells = across[1:] - across[:-1]  # (3, 3, rows, cols) cell sums
+                total += table[_lbp_codes(cells.reshape(9, *alive.shape))]
             alive &= total >= threshold - _STAGE_EPS
         return alive
 
-    def _depth(self, flat_integral, starts, offsets, first_stage=0):
+    def _depth(self, flat_integral, starts, offsets, first_stage=0, which=None):
         """How many stages each window (its top-left corner's flat index) passes, from first_stage on
-        (first_stage when it fails that one, len(stages) when it passes all)."""
+        (first_stage when it fails that one, len(stages) when it passes all).
+
+        offsets: _corner_offsets (features, 16) of the windows' scale, or (grids, features, 16) with `which`
+        (N,), the index of each window's scale: windows of many scales classified together."""
+        if which is None:
+            offsets, which = offsets[None], np.zeros(len(starts), np.intp)
         depth = np.full(len(starts), first_stage)
         alive = np.arange(len(starts))
         for ids, tables, threshold in self.stages[first_stage:]:
             if not len(alive):
                 break
             self.stumps_evaluated += len(alive) * len(ids)
-            corners = flat_integral[starts[alive, None] + offsets[ids].ravel()].reshape(len(alive), len(ids), 4, 4)
-            cells = np.diff(np.diff(corners, axis=3), axis=2).reshape(len(alive), len(ids), 9)
-            codes = np.packbits(cells[..., _NEIGHBOURS] >= cells[..., 4:5], axis=-1)[..., 0]
-            scores = tables[np.arange(len(ids)), codes]  # (N, S)
+            # One column of corners per window, one row per (corner row, corner column, stump): the
+            # arithmetic below then runs along long contiguous rows, not along axes 3 or 4 long.
+            stage_offsets = offsets[:, ids].transpose(2, 1, 0).reshape(16 * len(ids), len(offsets))
+            at = stage_offsets.take(which[alive], axis=1)
+            at += starts[alive]
+            corners = flat_integral.take(at).reshape(4, 4, len(ids), len(alive))
+            across = corners[:, 1:] - corners[:, :-1]
+            cells = (across[1:] - across[:-1]).reshape(9, len(ids), len(alive))
+            scores = tables.ravel().take(_lbp_codes(cells) + (256 * np.arange(len(ids)))[:, None])  # (S, N)
             # Summed one stump after another in float32, as the C loop does (the order decides rare ties).
-            total = np.add.reduce(np.ascontiguousarray(scores.T), axis=0)
+            total = np.add.reduce(scores, axis=0)
             alive = alive[total >= threshold - _STAGE_EPS]
             depth[alive] += 1
         return depth
+
+
+def _lbp_codes(cells):
+    """uint8 LBP codes of 3x3 cell sums laid along the first axis (9 long, row-major): bit 7 - i set where
+    the i-th of _NEIGHBOURS is at least the centre cell."""
+    codes = None
+    for bit, neighbour in enumerate(_NEIGHBOURS):
+        on = np.greater_equal(cells[neighbour], cells[4]).view(np.uint8) << np.uint8(7 - bit)
+        codes = on if codes is None else codes | on
+    return codes
+
+
+def _near(rows, cols, close_starts, stride, coarse, candidates):
+    """Sorted flat indices of the positions of the grid rows x cols within coarse-1 steps of the windows
+    `close_starts` (flat indices on it), among `candidates` if given."""
+    near = np.arange(-(coarse - 1), coarse)
+    r = np.searchsorted(rows, close_starts // stride)[:, None] + near
+    c = np.searchsorted(cols, close_starts % stride)[:, None] + near
+    r, c = np.broadcast_arrays(r[:, :, None], c[:, None, :])
+    on_grid = (r >= 0) & (r < len(rows)) & (c >= 0) & (c < len(cols))
+    r, c = rows[r[on_grid]], cols[c[on_grid]]
+    if candidates is not None:
+        r, c = r[candidates[r, c]], c[candidates[r, c]]
+    return np.unique(r * stride + c)
+
+
+def _rows_cols(starts, stride):
+    return np.column_stack([starts // stride, starts % stride])
 
 
 def _around(close, window, shape, candidates):

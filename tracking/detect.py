@@ -24,6 +24,7 @@ import functools
 import xml.etree.ElementTree as ET
 
 import numpy as np
+import torch
 
 # The 8 outer cells of the 3x3 grid (row-major indices) in the order of the code's bits, most significant
 # first: clockwise from the top-left, as OpenCV and scikit-image read them.
@@ -249,7 +250,8 @@ def _integral_image(gray):
     """(H+1, W+1) sums: integral[r, c] = gray[:r, :c].sum(); int32 where that is exact (and fast)."""
     exact = gray.dtype == np.uint8 and gray.size * 255 < 2 ** 31
     integral = np.zeros((gray.shape[0] + 1, gray.shape[1] + 1), np.int32 if exact else np.float64)
-    np.cumsum(np.cumsum(gray, 0), 1, out=integral[1:, 1:])
+    np.cumsum(gray, 0, dtype=integral.dtype, out=integral[1:, 1:])
+    np.cumsum(integral[1:, 1:], 1, out=integral[1:, 1:])
     return integral
 
 
@@ -324,7 +326,7 @@ def to_gray(image):
     if image.ndim == 2:
         return image
     if image.ndim == 3 and image.shape[2] == 3:
-        return (image.astype(np.uint16).sum(axis=2) // 3).astype(np.uint8)
+        return ((image[..., 0].astype(np.uint16) + image[..., 1] + image[..., 2]) // 3).astype(np.uint8)
     raise ValueError(f"an image must be (H,W) or (H,W,3), got shape {image.shape}")
 
 
@@ -385,36 +387,41 @@ def _upright_view(gray, roll, centre, shape):
     turn = np.array([[np.cos(roll), -np.sin(roll)], [np.sin(roll), np.cos(roll)]])
     middle = (np.array(shape[::-1], np.float64) - 1) / 2
     to_gray_points = lambda points: (np.asarray(points) - middle) @ turn.T + centre  # noqa: E731
-    at, fx, fy, inside = _turn_sampling(gray.shape, float(roll), (float(centre[0]), float(centre[1])), tuple(shape))
-    flat, stride = np.pad(gray.astype(np.float32), 1).ravel(), gray.shape[1] + 2  # 0 outside, as skimage's warp
-    top = flat[at] + fx * (flat[at + 1] - flat[at])
-    bottom = flat[at + stride] + fx * (flat[at + stride + 1] - flat[at + stride])
-    return (top + fy * (bottom - top) + 0.5).astype(np.uint8), inside, to_gray_points
+    grid, inside = _turn_sampling(gray.shape, float(roll), (float(centre[0]), float(centre[1])), tuple(shape))
+    pixels = torch.from_numpy(np.ascontiguousarray(gray)).float()[None, None]
+    view = torch.nn.functional.grid_sample(pixels, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+    return (view[0, 0] + 0.5).to(torch.uint8).numpy(), inside, to_gray_points
 
 
 @functools.lru_cache(maxsize=8)
 def _turn_sampling(gray_shape, roll, centre, shape):
-    """Where each pixel of _upright_view's view reads gray, padded by one zero pixel: the flat index of the
-    top-left of its four neighbours, the bilinear weights across and down, and whether it lies on gray.
-    Every frame of a video turns alike, so this is computed once per size and turn."""
-    cos, sin = np.float32(np.cos(roll)), np.float32(np.sin(roll))
-    ys, xs = np.indices(shape, dtype=np.float32)
-    xs, ys = xs - np.float32((shape[1] - 1) / 2), ys - np.float32((shape[0] - 1) / 2)
+    """Where each pixel of _upright_view's view reads gray: grid_sample's (1,H,W,2) grid (gray's pixel
+    centres at -1..1), and whether it lies on gray ((H,W) bool). Every frame of a video turns alike, so
+    this is computed once per size and turn."""
+    cos, sin = np.cos(roll), np.sin(roll)
+    ys, xs = np.indices(shape, dtype=np.float64)
+    xs, ys = xs - (shape[1] - 1) / 2, ys - (shape[0] - 1) / 2
     # View point v shows gray's point centre + R(roll) (v - middle).
-    x = np.float32(centre[0]) + cos * xs - sin * ys
-    y = np.float32(centre[1]) + sin * xs + cos * ys
-    x0 = np.clip(np.floor(x), -1, gray_shape[1] - 1).astype(np.int32)
-    y0 = np.clip(np.floor(y), -1, gray_shape[0] - 1).astype(np.int32)
+    x = centre[0] + cos * xs - sin * ys
+    y = centre[1] + sin * xs + cos * ys
     inside = (x > -0.5) & (x < gray_shape[1] - 0.5) & (y > -0.5) & (y < gray_shape[0] - 0.5)  # on a pixel
-    return (y0 + 1) * (gray_shape[1] + 2) + (x0 + 1), np.clip(x - x0, 0, 1), np.clip(y - y0, 0, 1), inside
+    grid = np.stack([x / max(1, gray_shape[1] - 1), y / max(1, gray_shape[0] - 1)], axis=-1) * 2 - 1
+    return torch.from_numpy(grid[None].astype(np.float32)), inside
 
 
 def _block_mean(image, factor):
-    """A uint8 image (H,W[,3]) shrunk `factor` times by averaging factor x factor blocks (an exact area
-    filter: a large frame is searched without converting it whole)."""
+    """A uint8 image (H,W[,3]) shrunk `factor` times by averaging factor x factor blocks, rounded half up
+    (an exact area filter in integers: a large frame is searched without converting it whole)."""
     height, width = (side // factor * factor for side in image.shape[:2])
-    blocks = image[:height, :width].reshape(height // factor, factor, width // factor, factor, *image.shape[2:])
-    return blocks.mean((1, 3)).round().astype(np.uint8)
+    image = image[:height, :width]
+    total = np.uint16 if 511 * factor * factor < 2 ** 16 else np.uint32  # holds 2 * sum + factor²
+    rows = image[0::factor].astype(total)  # sums of factor rows, then of factor columns: each a few strided adds
+    for i in range(1, factor):
+        rows += image[i::factor]
+    sums = rows[:, 0::factor].copy()
+    for j in range(1, factor):
+        sums += rows[:, j::factor]
+    return ((2 * sums + factor * factor) // (2 * factor * factor)).astype(np.uint8)
 
 
 def _area(box):

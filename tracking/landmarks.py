@@ -590,12 +590,15 @@ class FaceTracker:
     strongly turned faces, hence the similarity to the previous frame, which a turned face keeps and a
     cut to other content does not. A user's box for the first frame is trusted, never checked.
 
-    Without a track every frame is searched (`find`); while frames keep having no face, the search is
-    spread over them: the first `full_searches` frames of such a stretch run every search (upright, then
-    turned ±15° and ±30°), each later one the upright search and one turned search, the turns in rotation.
-    A stretch without a face then costs an upright and one turned search per frame, and a face that
-    comes back is found at once when upright, within len(_SEARCH_ROLLS) frames when rolled. The tracker
-    counts that stretch (`misses`), so one tracker follows one video.
+    Without a track every frame is searched (`find`), on a budget: the first `full_searches` frames the
+    tracker searches (a video's start: offline nothing comes before them) run every search (upright, then
+    turned ±15° and ±30°), so that a video starting with a rolled face has it from its first frame; every
+    later frame searched runs the upright search and one turned search (both ways), the turns in rotation
+    (±30° on the first frame of a stretch without a face after the start, then ±15°, ±30°, ...). A frame
+    without a face then costs an upright and one turned search, the same on every frame (no clock decides),
+    and a face that comes back is found on that frame when upright (within about ±10°) and within
+    len(_SEARCH_ROLLS) = 2 frames when rolled up to about 40°. The tracker counts the stretch (`misses`) and
+    the frames it searched (`searched`), so one tracker follows one video.
     """
 
     def __init__(self, predictor=None, min_iou=0.5, min_size=24, refine_steps=6, verify=True,
@@ -605,6 +608,7 @@ class FaceTracker:
         self.refine_steps, self.verify, self.min_similarity = refine_steps, verify, min_similarity
         self.full_searches = full_searches
         self.misses = 0  # frames searched in a row without finding a face
+        self.searched = 0  # frames searched in all
 
     def fit(self, image, box, roll=0.0):
         """(landmarks, box, roll) from a detector's or a user's box: predicted there, re-boxed in the
@@ -638,8 +642,9 @@ class FaceTracker:
         the search turned nearer to the face's roll finds its proper window. Which searches run: see
         the class doc."""
         turns = search_turns()
-        if self.misses >= self.full_searches:
+        if self.searched >= self.full_searches:
             turns = [0.0, turns[1 + (self.misses - self.full_searches) % (len(turns) - 1)]]
+        self.searched += 1
         for box, roll in detect_faces(image, turns):
             result = self.fit(image, box, roll)
             if abs(result[2] - roll) <= _MAX_ROLL_OFF_SEARCH \

@@ -29,6 +29,7 @@ import torch
 # The 8 outer cells of the 3x3 grid (row-major indices) in the order of the code's bits, most significant
 # first: clockwise from the top-left, as OpenCV and scikit-image read them.
 _NEIGHBOURS = [0, 1, 2, 5, 8, 7, 6, 3]
+_BIT_VALUES = np.float32(2) ** np.arange(7, -1, -1, dtype=np.float32)  # an LBP code's bits, most significant first
 _STAGE_EPS = np.float32(1e-5)  # a stage passes at threshold - eps, as scikit-image's Cascade (eps=1e-5)
 _DENSE_STAGES = 2  # stages run on every window of a grid at once; the rest only on the windows left
 _REFINE_DEPTH = 10  # a coarse window that passes this many stages has the positions around it classified
@@ -165,18 +166,31 @@ class LbpCascade:
         alive = np.ones((len(rows), len(cols)), bool)
         for ids, tables, threshold in self.stages[:_DENSE_STAGES]:
             self.stumps_evaluated += alive.size * len(ids)
-            total = np.zeros(alive.shape, np.float32)
-            for feature, table in zip(ids, tables):
+            cells = np.empty((len(ids), 3, 3, *alive.shape), integral.dtype)
+            for stump, feature in enumerate(ids):
                 x, y, w, h = rects[feature]
                 # corners[a, b]: the integral image at the feature's corner (a, b) of every window
-                corners = np.lib.stride_tricks.as_strided(
-                    integral[rows[0] + y:, cols[0] + x:], (4, 4, *alive.shape),
-                    (h * row_stride, w * col_stride, row_step * row_stride, col_step * col_stride), writeable=False)
+                corners = np.ndarray((4, 4, *alive.shape), integral.dtype, integral,
+                                     integral.itemsize * ((rows[0] + y) * integral.shape[1] + cols[0] + x),
+                                     (h * row_stride, w * col_stride, row_step * row_stride, col_step * col_stride))
                 across = corners[:, 1:] - corners[:, :-1]
-                cells = across[1:] - across[:-1]  # (3, 3, rows, cols) cell sums
-                total += table[_lbp_codes(cells.reshape(9, *alive.shape))]
-            alive &= total >= threshold - _STAGE_EPS
+                np.subtract(across[1:], across[:-1], out=cells[stump])
+            alive &= self._stage_totals(cells.reshape(len(ids), 9, -1), tables).reshape(alive.shape) \
+                >= threshold - _STAGE_EPS
         return alive
+
+    @staticmethod
+    def _stage_totals(cells, tables):
+        """A stage's score per window: cells (S, 9, N), each stump's 3x3 cell sums per window, and the
+        stumps' score tables (S, 256) -> (N,) float32.
+
+        The LBP code: bit 7 - i set where the i-th of _NEIGHBOURS is at least the centre cell; one
+        matrix product packs the 8 comparisons of every stump and window (exact in float32)."""
+        bits = (cells[:, _NEIGHBOURS] >= cells[:, 4:5]).astype(np.float32)  # (S, 8, N)
+        codes = (_BIT_VALUES @ bits).astype(np.intp)  # (S, N)
+        codes += (256 * np.arange(len(tables)))[:, None]
+        # Summed one stump after another in float32, as the C loop does (the order decides rare ties).
+        return np.add.reduce(tables.ravel().take(codes), axis=0)
 
     def _depth(self, flat_integral, starts, offsets, first_stage=0, which=None):
         """How many stages each window (its top-left corner's flat index) passes, from first_stage on
@@ -200,22 +214,10 @@ class LbpCascade:
             corners = flat_integral.take(at).reshape(4, 4, len(ids), len(alive))
             across = corners[:, 1:] - corners[:, :-1]
             cells = (across[1:] - across[:-1]).reshape(9, len(ids), len(alive))
-            scores = tables.ravel().take(_lbp_codes(cells) + (256 * np.arange(len(ids)))[:, None])  # (S, N)
-            # Summed one stump after another in float32, as the C loop does (the order decides rare ties).
-            total = np.add.reduce(scores, axis=0)
+            total = self._stage_totals(cells.transpose(1, 0, 2), tables)
             alive = alive[total >= threshold - _STAGE_EPS]
             depth[alive] += 1
         return depth
-
-
-def _lbp_codes(cells):
-    """uint8 LBP codes of 3x3 cell sums laid along the first axis (9 long, row-major): bit 7 - i set where
-    the i-th of _NEIGHBOURS is at least the centre cell."""
-    codes = None
-    for bit, neighbour in enumerate(_NEIGHBOURS):
-        on = np.greater_equal(cells[neighbour], cells[4]).view(np.uint8) << np.uint8(7 - bit)
-        codes = on if codes is None else codes | on
-    return codes
 
 
 def _near(rows, cols, close_starts, stride, coarse, candidates):

@@ -133,3 +133,52 @@ def test_upright_view_turns_about_the_centre():
     np.testing.assert_allclose(to_image(found[None].astype(float))[0], [20, 5], atol=1e-6)
     assert view.max() == 255 and (view > 0).sum() == 1
     assert inside.all()  # a half turn of a 31x21 image about its centre: 21x31, all of it
+
+
+def test_the_scales_of_a_pass_classified_together_equal_each_scale_alone(cascade):
+    """_scan classifies the grids of many scales together (their windows stacked, each with its scale's
+    corner offsets): the same hits and the same windows that came close as each grid scanned alone, for the
+    whole-grid and the few-candidates paths and the refinement around the windows that came close."""
+    image = IMAGES["astronaut, halved"]()
+    integral = detect._integral_image(image)
+    candidates = np.random.default_rng(0).random(image.shape) < 0.1  # few: classified one by one
+    grids = [(scale, np.arange(0, image.shape[0] - int(24 * scale), step),
+              np.arange(0, image.shape[1] - int(24 * scale), step), None if k % 2 == 0 else candidates)
+             for k, (scale, step) in enumerate([(1.0, 1), (1.2, 1), (1.44, 1), (1.73, 2), (2.07, 2)])]
+    together = cascade._scan(integral, grids, coarse=2)
+    assert sum(len(passed) for passed, _ in together) > 0 and sum(len(close) for _, close in together) > 0
+    for grid, (passed, came_close) in zip(grids, together):
+        [(alone_passed, alone_close)] = cascade._scan(integral, [grid], coarse=2)
+        np.testing.assert_array_equal(passed, alone_passed)
+        np.testing.assert_array_equal(came_close, alone_close)
+
+
+@pytest.mark.parametrize("factor", [2, 3, 4, 6, 12])
+def test_block_mean_is_the_rounded_mean_of_each_block(factor):
+    """The integer block mean equals the float mean of each factor x factor block rounded half up (halves
+    occur for even factors), for 2-D and colour images and sides that are not multiples of factor."""
+    rng = np.random.default_rng(factor)
+    image = rng.integers(0, 256, (7 * factor + factor - 1, 5 * factor + 1, 3), dtype=np.uint8)
+    image[:factor, :factor] = 255  # a block of 255s: the largest sum
+    image[:factor, factor:2 * factor] = np.arange(factor)[:, None, None] < factor // 2  # a half for even factors
+    mean = image[:7 * factor, :5 * factor].reshape(7, factor, 5, factor, 3).mean(axis=(1, 3))
+    expected = np.floor(mean + 0.5).astype(np.uint8)
+    np.testing.assert_array_equal(detect._block_mean(image, factor), expected)
+    np.testing.assert_array_equal(detect._block_mean(image[..., 1], factor), expected[..., 1])
+    assert factor % 2 or mean[0, 1, 0] == 0.5 and expected[0, 1, 0] == 1
+
+
+def test_upright_view_matches_scikit_image_warp():
+    """The turned view (one grid_sample call) is scikit-image's bilinear warp of the photo with 0 outside,
+    to within one grey level (rounding), and `inside` marks where the view shows the photo."""
+    from skimage.transform import AffineTransform, warp
+    image = gray(skimage.data.astronaut())[::2, ::2][:150]
+    roll, shape = np.radians(30), (220, 260)
+    centre = ((image.shape[1] - 1) / 2, (image.shape[0] - 1) / 2)
+    view, inside, _ = detect._upright_view(image, roll, centre, shape)
+    middle = (np.array(shape[::-1]) - 1) / 2
+    to_image = (AffineTransform(translation=-middle) + AffineTransform(rotation=roll)
+                + AffineTransform(translation=centre))
+    expected = warp(image.astype(np.float64), to_image, output_shape=shape, order=1, cval=0, preserve_range=True)
+    assert np.abs(view - expected)[inside].max() <= 1
+    assert 0.3 < inside.mean() < 0.9 and (view[~inside] < 255).all()

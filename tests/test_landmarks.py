@@ -487,3 +487,18 @@ def test_a_face_that_comes_back_after_a_stretch_without_one_is_found(predictor, 
         assert result.valid[found_by:].all(), roll
         recovered = [roll_degrees(points, upright) for points in result.landmarks[found_by:]]
         np.testing.assert_allclose(recovered, roll, atol=2.0)
+
+
+def test_a_rolled_face_is_found_within_two_frames_wherever_the_rotation_stands(predictor, astronaut_face):
+    """After 1 or 2 frames of noise (each phase of the turns' rotation: ±15° or ±30° searched on the frame
+    the face comes back), a face rolled ±25° or ±35° is found within len(_SEARCH_ROLLS) = 2 frames of its
+    return, as the class doc says, though each frame searches only the upright view and one turn."""
+    image, upright = astronaut_face
+    within = len(detect._SEARCH_ROLLS)
+    for gap in (1, 2):
+        noise = list(np.random.default_rng(gap).integers(0, 256, (gap, 240, 240, 3), dtype=np.uint8))
+        for roll in (-35, -25, 25, 35):
+            frames, _ = rolled_clip(image, upright.mean(0), [0] + [roll] * within, seed=3)
+            result, lost = lm.FaceTracker(predictor).track(frames[:1] + noise + frames[1:])
+            assert lost == [1] and result.valid[-1], (gap, roll)
+            assert abs(roll_degrees(result.landmarks[-1], upright) - roll) < 2.0, (gap, roll)

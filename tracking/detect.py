@@ -8,8 +8,9 @@ rectangles; the 8 outer ones compared with the centre one (sum >= centre sum) ma
 256-entry table gives the code's score. Rectangle sums come from an integral image: 16 corners per feature.
 
 scikit-image runs the same cascade one window at a time over every pixel position (1.2-1.5 s for a
-640x360 frame searched upright and turned four ways). Here every window of a scale goes through a stage
-together (one gather of all their corners, then array arithmetic), and the scan is coarse to fine: a grid
+640x360 frame searched upright and turned four ways). Here the windows of many scales go through a stage
+together (one gather of all their corners, one column per window, then array arithmetic along rows; the
+first stages on a whole grid at once, from strided views), and the scan is coarse to fine: a grid
 `coarse` times sparser than scikit-image's is classified first, and the full grid is evaluated only around
 the windows that came close (passed _REFINE_DEPTH of the 20 stages); a face passes the cascade over a
 patch of neighbouring positions and nearly passes around it, so some of them lie on the coarse grid. On a

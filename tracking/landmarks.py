@@ -593,12 +593,12 @@ class FaceTracker:
     Without a track every frame is searched (`find`), on a budget: the first `full_searches` frames the
     tracker searches (a video's start: offline nothing comes before them) run every search (upright, then
     turned ±15° and ±30°), so that a video starting with a rolled face has it from its first frame; every
-    later frame searched runs the upright search and one turned search (both ways), the turns in rotation
-    (±30° on the first frame of a stretch without a face after the start, then ±15°, ±30°, ...). A frame
-    without a face then costs an upright and one turned search, the same on every frame (no clock decides),
-    and a face that comes back is found on that frame when upright (within about ±10°) and within
-    len(_SEARCH_ROLLS) = 2 frames when rolled up to about 40°. The tracker counts the stretch (`misses`) and
-    the frames it searched (`searched`), so one tracker follows one video.
+    later frame searched runs the upright search and one turned search (both ways), ±15° and ±30° in turn
+    (the first frame of a later stretch without a face included: a lost face costs a frame no more than
+    the frames after it). A frame without a face then costs an upright and one turned search, whichever it
+    is (no clock decides), and a face that comes back is found on that frame when upright (within about
+    ±10°) and within len(_SEARCH_ROLLS) = 2 frames when rolled up to about 40°. The tracker counts the
+    stretch (`misses`) and the frames it searched (`searched`), so one tracker follows one video.
     """
 
     def __init__(self, predictor=None, min_iou=0.5, min_size=24, refine_steps=6, verify=True,

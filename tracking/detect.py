@@ -30,7 +30,9 @@ import torch
 # The 8 outer cells of the 3x3 grid (row-major indices) in the order of the code's bits, most significant
 # first: clockwise from the top-left, as OpenCV and scikit-image read them.
 _NEIGHBOURS = [0, 1, 2, 5, 8, 7, 6, 3]
-_BIT_VALUES = np.float32(2) ** np.arange(7, -1, -1, dtype=np.float32)  # an LBP code's bits, most significant first
+# What each of the 9 cells (row-major) adds to an LBP code where it is at least the centre: the centre 0
+_CELL_BITS = np.zeros(9, np.float32)
+_CELL_BITS[_NEIGHBOURS] = 2.0 ** np.arange(7, -1, -1)
 _STAGE_EPS = np.float32(1e-5)  # a stage passes at threshold - eps, as scikit-image's Cascade (eps=1e-5)
 _DENSE_STAGES = 2  # stages run on every window of a grid at once; the rest only on the windows left
 _REFINE_DEPTH = 10  # a coarse window that passes this many stages has the positions around it classified
@@ -186,9 +188,9 @@ class LbpCascade:
         stumps' score tables (S, 256) -> (N,) float32.
 
         The LBP code: bit 7 - i set where the i-th of _NEIGHBOURS is at least the centre cell; one
-        matrix product packs the 8 comparisons of every stump and window (exact in float32)."""
-        bits = (cells[:, _NEIGHBOURS] >= cells[:, 4:5]).astype(np.float32)  # (S, 8, N)
-        codes = (_BIT_VALUES @ bits).astype(np.intp)  # (S, N)
+        matrix product packs the comparisons of every stump and window (_CELL_BITS; exact in float32)."""
+        at_least = np.greater_equal(cells, cells[:, 4:5], out=np.empty(cells.shape, np.float32), casting="unsafe")
+        codes = (_CELL_BITS @ at_least).astype(np.intp)  # (S, N)
         codes += (256 * np.arange(len(tables)))[:, None]
         # Summed one stump after another in float32, as the C loop does (the order decides rare ties).
         return np.add.reduce(tables.ravel().take(codes), axis=0)

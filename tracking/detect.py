@@ -128,7 +128,7 @@ class LbpCascade:
         sparse, dense = ([], []), ([], [])
         for i, (scale, rows, cols, candidates) in enumerate(grids):
             rows, cols = rows[::coarse], cols[::coarse]
-            starts = (rows[:, None] * stride + cols[None, :])
+            starts = rows[:, None] * stride + cols[None, :]
             allowed = None if candidates is None else candidates[rows[:, None], cols[None, :]]
             if allowed is not None and allowed.mean() < 0.25:
                 group, starts = sparse, starts[allowed]

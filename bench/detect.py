@@ -8,7 +8,9 @@ Frames (generated from scikit-image's photos): a faceless 640x360 frame and a fa
 and rolled 25° (beyond the upright search: a turned view finds it). A faceless frame is timed as a
 video's first frame (the tracker's first search: every view), as the first frame of a later stretch
 without a face (the upright search and the ±30° one, see FaceTracker) and as a later frame of it (the
-upright search and one turn, ±15° and ±30° in turn); a face as found on a video's first frame. Each row is
+upright search and one turn, ±15° and ±30° in turn), and live (FaceTracker(one_view=True), as LiveTracker
+runs it: one view a frame; the row is the slowest frame of the views' cycle); a face as found on a video's
+first frame. Each row is
 the median CPU time of --repeats runs in this process (one thread: what the work costs on a quiet machine,
 whatever else shares it); a followed frame (FaceTracker.step with a running track) is the row to compare
 with.
@@ -31,7 +33,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tracking.demo import iter_demo_frames  # noqa: E402
-from tracking.landmarks import FaceTracker  # noqa: E402
+from tracking.landmarks import ONE_VIEW_CYCLE, FaceTracker  # noqa: E402
 from tracking.video import write_video  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -132,6 +134,7 @@ def main():
         video_start(tracker, 0)
         assert tracker.step(frame)[2] is not None
     trackers = [tracker] + ([baseline_tracker(args.baseline, tracker.predictor)] if args.baseline else [])
+    live = [FaceTracker(tracker.predictor, full_searches=0, one_view=True)] + trackers[1:]  # as LiveTracker
     rows = []
     for size, frame in faceless.items():
         rows.append((f"no face, {size}, a video's first frame (every search)",
@@ -140,6 +143,10 @@ def main():
                      median_ms(trackers, lambda t: t.step(frame), args.repeats, stretch_start)))
         rows.append((f"no face, {size}, a later frame without one (upright + one turn)",
                      median_ms(trackers, lambda t: t.step(frame), args.repeats, stretch)))
+        rows.append((f"no face, {size}, live (one view a frame): the cycle's slowest frame",
+                     [max(ms) for ms in zip(*(median_ms(live, lambda t: t.step(frame), args.repeats,
+                                                        about_to_search(1, lambda k: misses))
+                                              for misses in range(len(ONE_VIEW_CYCLE))))]))
     for name, frame in faces.items():
         rows.append((f"face {name} found, 640x360, a video's first frame",
                      median_ms(trackers, lambda t: t.step(frame), args.repeats, video_start)))

@@ -451,10 +451,15 @@ def test_a_rolled_face_is_found_again_after_a_loss(predictor, astronaut_face):
 # ---- a stretch without a face ------------------------------------------------------------------
 
 def record_searches(monkeypatch):
-    """The turns of every detect_faces call FaceTracker makes, as whole degrees, in a list."""
+    """The views of every detect_faces call FaceTracker makes, as the rolls they turn the frame by (whole
+    degrees, signed), in a list."""
     searched, detect_faces = [], lm.detect_faces
-    monkeypatch.setattr(lm, "detect_faces", lambda image, turns=None: (
-        searched.append([round(math.degrees(turn)) for turn in turns]), detect_faces(image, turns))[1])
+
+    def record(image, turns=None, both_ways=True):
+        searched.append([round(math.degrees(roll)) for turn in turns
+                         for roll in ((turn, -turn) if turn and both_ways else (turn,))])
+        return detect_faces(image, turns, both_ways)
+    monkeypatch.setattr(lm, "detect_faces", record)
     return searched
 
 
@@ -467,11 +472,39 @@ def test_a_stretch_without_a_face_is_searched_upright_and_one_turn_per_frame(pre
     blank = np.random.default_rng(0).integers(0, 256, (240, 240, 3), dtype=np.uint8)
     face = shifted_frames(1)[0]
     lm.FaceTracker(predictor).track([blank] * 4 + [face, blank, blank])
-    assert searched == [[0, 15, 30], [0, 15], [0, 30], [0, 15], [0, 30],  # frame 4: found upright
-                        [0, 30], [0, 15]]
+    assert searched == [[0, 15, -15, 30, -30], [0, 15, -15], [0, 30, -30], [0, 15, -15], [0, 30, -30],
+                        [0, 30, -30], [0, 15, -15]]  # frame 4: found upright
     searched.clear()
     lm.FaceTracker(predictor, full_searches=0).track([face, blank, blank, blank])
-    assert searched == [[0, 15], [0, 15], [0, 30], [0, 15]]
+    assert searched == [[0, 15, -15], [0, 15, -15], [0, 30, -30], [0, 15, -15]]
+
+
+def test_one_view_searches_one_view_per_frame_upright_every_other(predictor, monkeypatch):
+    """one_view (live): each frame without a face searches one view, ONE_VIEW_CYCLE from its start on
+    each stretch (upright first); frames with a followed face search nothing."""
+    searched = record_searches(monkeypatch)
+    blank = np.random.default_rng(0).integers(0, 256, (240, 240, 3), dtype=np.uint8)
+    face = shifted_frames(1)[0]
+    lm.FaceTracker(predictor, full_searches=0, one_view=True).track([face] + [blank] * 8 + [face, face, blank])
+    cycle = [[0], [15], [0], [-15], [0], [30], [0], [-30]]
+    assert searched == [[0]] + cycle + [[0]] + [[0]]  # found again upright on frame 9, lost on 11
+
+
+def test_one_view_finds_a_rolled_face_within_its_cycle(predictor, astronaut_face):
+    """With one view per frame, a face that comes back rolled ±25° or ±35° after a stretch without one is
+    found within len(ONE_VIEW_CYCLE) frames of its return, and followed from there at its roll."""
+    image, upright = astronaut_face
+    within = len(lm.ONE_VIEW_CYCLE)
+    noise = list(np.random.default_rng(1).integers(0, 256, (2, 240, 240, 3), dtype=np.uint8))
+    for roll in (-35, -25, 25, 35):
+        frames, _ = rolled_clip(image, upright.mean(0), [0] + [roll] * within, seed=3)
+        result, lost = lm.FaceTracker(predictor, full_searches=0, one_view=True).track(
+            frames[:1] + noise + frames[1:])
+        assert lost == [1] and not result.valid[1:3].any(), roll
+        found = 3 + int(np.argmax(result.valid[3:]))
+        assert result.valid[found:].all() and found < 3 + within, roll
+        np.testing.assert_allclose([roll_degrees(points, upright) for points in result.landmarks[found:]], roll,
+                                   atol=2.0)
 
 
 def test_a_face_that_comes_back_after_a_stretch_without_one_is_found(predictor, astronaut_face):

@@ -341,13 +341,14 @@ def search_turns():
     return [0.0, *_SEARCH_ROLLS.tolist()]
 
 
-def detect_faces(image, turns=None):
+def detect_faces(image, turns=None, both_ways=True):
     """Candidate faces, most likely first, as (box (x0, y0, x1, y1), roll): roll in radians as
     `LandmarkPredictor.predict` takes it. A generator: each search runs when its candidates are
     asked for.
 
     turns: the searches to run (default search_turns(): upright, then the frame turned each way by each
     of _SEARCH_ROLLS in turn); each yields its largest _CANDIDATES_PER_SEARCH detections, largest first.
+    both_ways=False turns the frame only by each turn's own sign (one view per turn, for a smaller budget).
     The detector also fires on some non-faces, so a caller checks each candidate's landmarks
     (FaceTracker.find) and asks for the next one. The box is the LBP cascade's window, whose scale and
     offset differ from the boxes the landmark model was trained on; `FaceTracker.fit` corrects it from the
@@ -360,7 +361,7 @@ def detect_faces(image, turns=None):
     gray = to_gray(_block_mean(image, factor) if factor > 1 else image)
     min_side = max(_MIN_FACE_PIXELS, int(_MIN_FACE_FRACTION * min(gray.shape)))
     for turn in search_turns() if turns is None else turns:
-        found = [(box, float(roll)) for roll in ((turn, -turn) if turn else (0.0,))
+        found = [(box, float(roll)) for roll in ((turn, -turn) if turn and both_ways else (turn,))
                  for box in _turned_detections(gray, roll, min_side)]
         found.sort(key=lambda box_roll: -_area(box_roll[0]))
         for box, roll in found[:_CANDIDATES_PER_SEARCH]:

@@ -37,7 +37,7 @@ import numpy as np
 
 from kernels.dispatch import cache_dir
 from model.files import atomic_write
-from tracking.detect import _area, _box_iou, detect_faces, face_near, search_turns, to_gray
+from tracking.detect import _SEARCH_ROLLS, _area, _box_iou, detect_faces, face_near, search_turns, to_gray
 
 log = logging.getLogger(__name__)
 
@@ -577,6 +577,11 @@ class TrackResult(NamedTuple):
     rolls: np.ndarray      # (T,) its roll in radians (see LandmarkPredictor.predict), NaN if invalid
 
 
+# FaceTracker(one_view=True)'s views, one per frame without a face: upright every other frame (most faces
+# come back upright), the turned views between, one way at a time.
+ONE_VIEW_CYCLE = [turn for roll in _SEARCH_ROLLS.tolist() for turn in (0.0, roll, 0.0, -roll)]
+
+
 class FaceTracker:
     """Landmarks frame by frame: the box and its roll come from the previous frame's landmarks, and
     the detector searches the whole frame again when the track is lost.
@@ -599,14 +604,20 @@ class FaceTracker:
     is (no clock decides), and a face that comes back is found on that frame when upright (within about
     ±10°) and within len(_SEARCH_ROLLS) = 2 frames when rolled up to about 40°. The tracker counts the
     stretch (`misses`) and the frames it searched (`searched`), so one tracker follows one video.
+
+    one_view=True (live: the loop keeps its rate while it looks) searches one view per frame after the
+    first `full_searches`, in the cycle `ONE_VIEW_CYCLE` (upright every other frame, the turned views one
+    way at a time between), from its start on each stretch without a face: a frame without a face costs
+    one view (the upright one or a turned one, whichever is larger), an upright face is found on the frame
+    it comes back and the next at the latest, a rolled one within len(ONE_VIEW_CYCLE) = 8 frames.
     """
 
     def __init__(self, predictor=None, min_iou=0.5, min_size=24, refine_steps=6, verify=True,
-                 min_similarity=0.8, full_searches=1):
+                 min_similarity=0.8, full_searches=1, one_view=False):
         self.predictor = predictor or LandmarkPredictor.load()
         self.min_iou, self.min_size = min_iou, min_size
         self.refine_steps, self.verify, self.min_similarity = refine_steps, verify, min_similarity
-        self.full_searches = full_searches
+        self.full_searches, self.one_view = full_searches, one_view
         self.misses = 0  # frames searched in a row without finding a face
         self.searched = 0  # frames searched in all
 
@@ -641,11 +652,13 @@ class FaceTracker:
         the face (the lower half, say), and the fit from that window settles on a wrong, turned face;
         the search turned nearer to the face's roll finds its proper window. Which searches run: see
         the class doc."""
-        turns = search_turns()
-        if self.searched >= self.full_searches:
+        turns, both_ways = search_turns(), True
+        if self.searched >= self.full_searches and self.one_view:
+            turns, both_ways = [ONE_VIEW_CYCLE[self.misses % len(ONE_VIEW_CYCLE)]], False
+        elif self.searched >= self.full_searches:
             turns = [0.0, turns[1 + (self.misses - self.full_searches) % (len(turns) - 1)]]
         self.searched += 1
-        for box, roll in detect_faces(image, turns):
+        for box, roll in detect_faces(image, turns, both_ways):
             result = self.fit(image, box, roll)
             if abs(result[2] - roll) <= _MAX_ROLL_OFF_SEARCH \
                     and not self.is_lost(image, result[1], result[2], result[0]):

@@ -32,7 +32,7 @@ class LiveTracker:
                  max_gap: int = DEFAULT_MAX_GAP):
         self.size, self.source, self.max_gap = size, source, max_gap
         self.fit = FrameFit(flame, shape, reference.focal * size / reference.image_size[1], (size, size))
-        self.faces = FaceTracker(full_searches=0)  # a lost face costs a frame an upright and one turned search
+        self.faces = FaceTracker(full_searches=0, one_view=True)  # a frame without a face costs one view
         self.state = None     # FaceTracker's TrackState of the previous frame while the track holds
         self.box = None       # the previous crop box (float, smoothed)
         self.params = None    # the previous frame's fit

@@ -70,7 +70,8 @@ def live_run(video: str, flame, size: int, avatar: RandomAvatar | None, settings
     feed = open_source(video, seq_allowed=False)
     shape = np.zeros(flame.n_shape, np.float32)
     tracker = LiveTracker(flame, camera(default_focal((size, size)), size), shape, size, video)
-    tracker(0, next(iter_frames(video, 1)))  # warm: the first face search and fit happen before the clock
+    tracker(0, next(iter_frames(video, 1)))  # warm: the first face search and fit happen before the clock ...
+    tracker.person.settle()  # ... and the person lock's first descriptor (its network loads then)
     hint = lambda params: render_conditioning(flame, params, size, shape=shape)[0]  # noqa: E731
     stages = [("track", tracking_stage(tracker, hint, feed, overlay=avatar is None))]
     if avatar is not None:

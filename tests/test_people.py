@@ -3,6 +3,7 @@ real faces (tests/data/two_people.py) with hard cuts, and the one-person demo cl
 change."""
 import json
 import os
+import time
 
 import numpy as np
 import pytest
@@ -109,7 +110,7 @@ def live_tracker_factory(flame):
     reference = FlameSequence(zeros(flame.n_shape), zeros(1, flame.n_exp), zeros(1, 3), zeros(1, 3), zeros(1, 3),
                               zeros(1, 6), np.array([[0, 0, -0.5]], np.float32), focal=1000.0,
                               image_size=(512, 512), fps=24.0)
-    return lambda: LiveTracker(flame, reference, zeros(flame.n_shape), 64, "two.mp4")
+    return lambda wait=True: LiveTracker(flame, reference, zeros(flame.n_shape), 64, "two.mp4", wait_for_person=wait)
 
 
 @pytest.mark.parametrize("cuts_seen", [True, False])
@@ -126,6 +127,55 @@ def test_live_keeps_the_person_it_started_with(live_tracker_factory, cuts_seen, 
     assert all(params is last_a for _, params in outputs[8:14])  # B: held, not fitted
     assert all(params is not last_a for _, params in outputs[14:])  # A again: followed
     assert tracker.faceless == []
+
+
+def test_live_checks_the_person_beside_the_tracking_and_acts_on_the_late_verdict(live_tracker_factory, monkeypatch):
+    """The descriptor runs on the lock's worker thread: a face the detector finds is followed until its
+    verdict arrives (here held back for LATE frames); someone else's verdict then holds the fit from before
+    that face, and the person found again is held until their own verdict. Without the delay (the verdicts
+    in time) the frames are the inline lock's (wait_for_person=True) after each verdict."""
+    import threading
+
+    from two_people import iter_two_person_frames
+    late, released, threads = 2, [], set()
+    describe = people_module.Describer.__call__
+
+    def held_back(self, frame, landmarks):  # the verdict is ready once the test releases it
+        gate = threading.Event()
+        released.append(gate)
+        threads.add(threading.current_thread())
+        gate.wait(30)
+        return describe(self, frame, landmarks)
+    monkeypatch.setattr(people_module.Describer, "__call__", held_back)
+    shots = (("A", 8), ("B", 8), ("A", 8))
+    frames = list(iter_two_person_frames(shots))
+    inline = live_tracker_factory(wait=True)
+    monkeypatch.setattr(people_module.Describer, "__call__", describe)
+    reference = [inline(i, frame) for i, frame in enumerate(frames)]
+    monkeypatch.setattr(people_module.Describer, "__call__", held_back)
+    tracker = live_tracker_factory(wait=False)
+    outputs, asked = [], {}
+    for i, frame in enumerate(frames):
+        outputs.append(tracker(i, frame))
+        if tracker.person.asked:
+            asked[i] = len(released)
+        for k, n in asked.items():  # each check's verdict is ready `late` frames after it was asked
+            if i == k + late - 1:
+                while len(released) < n:
+                    time.sleep(0.01)
+                released[n - 1].set()
+                tracker.person.checking[0].result()
+    for gate in released:  # none is left waiting, whatever failed
+        gate.set()
+    assert sorted(asked) == [0, 8, 16]  # the first face and each cut: a found face is checked
+    assert threading.main_thread() not in threads
+    params = [p for _, p in outputs]
+    assert all(p is not params[7] for p in params[8:8 + late])  # B followed until its verdict ...
+    assert all(p is params[7] for p in params[8 + late:16 + late])  # ... then held at A's last fit
+    assert all(p is not params[7] for p in params[16 + late:])  # A again, after their verdict
+    # the first shot is fitted exactly as with the inline lock; that lock held B's frames from the first
+    assert all(np.array_equal(outputs[i][1].expression, reference[i][1].expression) for i in range(8))
+    assert all(reference[i][1] is reference[7][1] for i in range(8, 16))
 
 
 def test_training_leaves_the_other_persons_frames_out(two_person_track, tmp_path, caplog):

@@ -25,11 +25,12 @@ class LiveTracker:
     (`reference`: the seq.npz it was trained on, whose crops were `size` pixels) and starts from the
     previous frame's parameters. A frame without a face, or with only someone else's (the tracker follows
     the first person it sees), keeps the previous parameters (before the first face: it is skipped, None);
-    more than `max_gap` frames in a row without one is an error.
+    more than `max_gap` frames in a row without one is an error. The person check runs beside the tracking
+    (PersonLock); wait_for_person: each check's verdict applies to its own frame (tests).
     """
 
     def __init__(self, flame, reference: FlameSequence, shape: np.ndarray, size: int, source: str,
-                 max_gap: int = DEFAULT_MAX_GAP):
+                 max_gap: int = DEFAULT_MAX_GAP, wait_for_person: bool = False):
         self.size, self.source, self.max_gap = size, source, max_gap
         self.fit = FrameFit(flame, shape, reference.focal * size / reference.image_size[1], (size, size))
         self.faces = FaceTracker(full_searches=0)  # a lost face costs a frame an upright and one turned search
@@ -37,20 +38,28 @@ class LiveTracker:
         self.box = None       # the previous crop box (float, smoothed)
         self.params = None    # the previous frame's fit
         self.faceless = []  # source indices of the frames without a face since the last face
-        self.person = PersonLock()  # whom the tracker follows: the first face it sees
+        self.person = PersonLock(wait_for_person)  # whom the tracker follows: the first face it sees
+        self.before_check = None, None  # (params, box) before the frame of the newest person check
 
     def landmarks(self, frame: np.ndarray):
         """(68, 2) landmarks of the face in `frame`, followed from the previous frame, or None (no face, or
-        not the person the tracker started with: tracking/people.py's PersonLock)."""
+        not the person the tracker started with: tracking/people.py's PersonLock). Someone else's face is
+        still followed by the landmark tracker (no search per frame), its frames held; when the verdict on
+        a face already fitted arrives late, the fit goes back to where it stood before that check."""
         if self.person.new_shot(frame):
             self.state = None  # a cut: the face is searched for afresh, and checked
         previous = self.state
         result, lost, self.state = self.faces.step(frame, previous)
         if result is None:
             return None
-        if not self.person.accepts(frame, result[0],
-                                   maybe_someone_new(previous, self.state, lost, self.faces.min_similarity)):
-            self.state = None  # someone else: not followed, searched for again on the next frame
+        was_followed = self.person.followed
+        accepted = self.person.accepts(frame, result[0],
+                                       maybe_someone_new(previous, self.state, lost, self.faces.min_similarity))
+        if self.person.asked:
+            self.before_check = self.params, self.box  # this frame is not fitted yet
+        if not accepted:
+            if was_followed:
+                self.params, self.box = self.before_check
             return None
         return result[0]
 

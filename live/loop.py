@@ -198,7 +198,7 @@ def run(feed: Source, stages: list, out: str | None, page, side_by_side: bool, s
         take = Take(take_path(out), feed.fps)
     pipeline = Pipeline(feed.frames, stages + [("output", output_stage(out, feed, take, page, side_by_side))],
                         serial)
-    read_seconds = feed.newest.read_seconds if feed.newest else []
+    read_seconds = feed.newest.read_seconds if feed.newest else None
 
     def shown(frame: Frame):
         stats = {**pipeline.stats(feed.dropped, read_seconds), "message": message()}
@@ -213,7 +213,7 @@ def run(feed: Source, stages: list, out: str | None, page, side_by_side: bool, s
         raise
     except Exception as error:  # noqa: BLE001  (a bug or the device: one line, the frames made are kept)
         first_line = (str(error).splitlines() or [""])[0]
-        raise LiveError(f"the live run failed after {len(pipeline.shown_at)} frames "
+        raise LiveError(f"the live run failed after {pipeline.shown} frames "
                         f"({type(error).__name__}: {first_line})") from error
     finally:
         ctrl_c.restore()

@@ -21,11 +21,12 @@ and the outputs close. An exception in a stage ends that stage's output as if it
 stages after it finish what they hold (the frames made are kept), and the stages before it stop; `run`
 raises the first exception once every stage is done.
 """
+import math
 import queue
 import signal
-import statistics
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import closing
 
@@ -34,6 +35,43 @@ import numpy as np
 QUEUE_SIZE = 1   # items waiting between two stages: more would only add latency
 WINDOW = 120     # the live figures are those of the last WINDOW frames shown
 _END = object()  # end of a stage's output
+# The whole run's figures count every frame's seconds in bins this far apart (a ratio), from SHORTEST to
+# LONGEST: its quantiles within half a bin (0.5%), in the same 15 KB a figure after a minute or a day.
+BIN_RATIO, SHORTEST, LONGEST = 1.01, 1e-5, 1e3
+BINS = math.ceil(math.log(LONGEST / SHORTEST, BIN_RATIO))
+
+
+class Timings:
+    """Seconds, one per frame (a stage's time, a latency), in bounded memory however long the run: the last
+    WINDOW of them exactly (the page's figures), and all of them as counts in log-spaced bins (the whole
+    run's quantiles; exact while the run is no longer than the window). Added on one thread, read on another."""
+
+    def __init__(self):
+        self.recent, self.count, self.bins = deque(maxlen=WINDOW), 0, np.zeros(BINS, np.int64)
+        self.lock = threading.Lock()
+
+    def add(self, seconds: float):
+        k = min(BINS - 1, max(0, int(math.log(max(seconds, SHORTEST) / SHORTEST, BIN_RATIO))))
+        with self.lock:
+            self.recent.append(seconds)
+            self.count += 1
+            self.bins[k] += 1
+
+    def __len__(self) -> int:
+        return self.count
+
+    def quantile(self, q: float, everything: bool = False) -> float:
+        """The q-quantile (numpy's linear interpolation between the ranks) of the last WINDOW seconds, or of all
+        of them; NaN before the first."""
+        with self.lock:
+            count, recent = self.count, list(self.recent)
+            bins = self.bins.copy() if everything and count > len(recent) else None
+        if bins is None:
+            return float(np.quantile(recent, q)) if recent else math.nan
+        rank = q * (count - 1)  # between the sorted values number floor(rank) and ceil(rank) (from 0)
+        below, above = np.searchsorted(np.cumsum(bins), [math.floor(rank) + 1, math.ceil(rank) + 1])
+        centre = lambda k: SHORTEST * BIN_RATIO ** (k + 0.5)  # noqa: E731  (geometric: half a bin either side)
+        return centre(below) + (rank - math.floor(rank)) * (centre(above) - centre(below))
 
 
 class StageClock:
@@ -41,7 +79,7 @@ class StageClock:
     for its input (in a queue, or in the stages before it when they run serially)."""
 
     def __init__(self, name: str):
-        self.name, self.seconds, self._waiting = name, [], 0.0
+        self.name, self.seconds, self._waiting = name, Timings(), 0.0
 
     def inputs(self, items: Iterable) -> Iterator:
         items = iter(items)
@@ -61,7 +99,7 @@ class StageClock:
                 item = next(generator, _END)
                 if item is _END:
                     return
-                self.seconds.append(time.perf_counter() - began - self._waiting)
+                self.seconds.add(time.perf_counter() - began - self._waiting)
                 yield item
         except Exception as error:  # noqa: BLE001  (the run raises it once the stages after this one are done)
             errors.append(error)
@@ -102,7 +140,8 @@ class Pipeline:
         self.stages = [(StageClock(name), stage) for name, stage in stages]
         self.stopping = threading.Event()
         self.errors: list[Exception] = []
-        self.shown_at, self.latencies = [], []
+        self.shown, self.first_shown = 0, None
+        self.shown_at, self.latencies = deque(maxlen=WINDOW), Timings()  # the last WINDOW frames' times
 
     @property
     def clocks(self) -> list[StageClock]:
@@ -118,14 +157,15 @@ class Pipeline:
         frames = self._serial() if self.serial else self._threaded()
         for frame in frames:
             now = time.monotonic()
+            self.shown, self.first_shown = self.shown + 1, self.first_shown or now
             self.shown_at.append(now)
-            self.latencies.append(now - frame.read_at)
+            self.latencies.add(now - frame.read_at)
             if on_shown is not None:
                 on_shown(frame)
         self.stop()
         if self.errors:
             raise self.errors[0]
-        return len(self.shown_at)
+        return self.shown
 
     def _serial(self) -> Iterator:
         items = self.source(self.stopping.is_set)
@@ -161,19 +201,21 @@ class Pipeline:
             before.abandon()  # the stage before stops instead of waiting for room
         out.put(_END)
 
-    def stats(self, dropped: int, read_seconds: list[float], everything: bool = False) -> dict:
+    def stats(self, dropped: int, read: Timings | None, everything: bool = False) -> dict:
         """The figures the page shows: frames shown, dropped, frames/s, latency (frame read -> frame shown)
-        and each stage's median ms, over the last WINDOW frames (everything: over the whole run)."""
-        last = slice(None) if everything else slice(-WINDOW, None)
-        shown = self.shown_at[last]
-        fps = (len(shown) - 1) / (shown[-1] - shown[0]) if len(shown) > 1 and shown[-1] > shown[0] else 0.0
-        latency = np.asarray(self.latencies[last]) * 1000
-        stages = {"read": read_seconds[last]} if read_seconds else {}
-        stages.update({clock.name: clock.seconds[last] for clock in self.clocks})
-        return {"frames": len(self.shown_at), "dropped": dropped, "fps": fps,
-                "latency_ms": {"median": float(np.median(latency)) if len(latency) else 0.0,
-                               "p90": float(np.percentile(latency, 90)) if len(latency) else 0.0},
-                "stages_ms": {name: 1000 * statistics.median(seconds) for name, seconds in stages.items() if seconds},
+        and each stage's median ms (read: the source's), over the last WINDOW frames (everything: over the
+        whole run)."""
+        if everything:
+            frames, seconds = self.shown - 1, self.shown_at[-1] - self.first_shown if self.shown else 0.0
+        else:
+            frames, seconds = len(self.shown_at) - 1, self.shown_at[-1] - self.shown_at[0] if self.shown_at else 0.0
+        stages = {"read": read} if read is not None else {}
+        stages.update({clock.name: clock.seconds for clock in self.clocks})
+        latency = lambda q: 1000 * self.latencies.quantile(q, everything) if len(self.latencies) else 0.0  # noqa: E731
+        return {"frames": self.shown, "dropped": dropped, "fps": frames / seconds if seconds > 0 else 0.0,
+                "latency_ms": {"median": latency(0.5), "p90": latency(0.9)},
+                "stages_ms": {name: 1000 * timings.quantile(0.5, everything) for name, timings in stages.items()
+                              if len(timings)},
                 "message": None}
 
 

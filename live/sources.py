@@ -14,6 +14,7 @@ from fractions import Fraction
 import av
 import numpy as np
 
+from live.pipeline import Timings
 from tracking.sequence import FlameSequence, load_seq
 from tracking.video import VideoError, VideoNotFoundError, iter_frames, video_fps
 
@@ -36,12 +37,12 @@ class NewestFrame:
 
     frame_rate: release frame k at k / frame_rate seconds after the first `get` (a video file played at
     its own speed); None: as fast as they come (a camera delivers in real time). A frame replaced before
-    it was taken counts as `dropped`; `read_seconds` holds the time each frame took to read (decode).
+    it was taken counts as `dropped`; `read_seconds`: the time each frame took to read (decode).
     """
 
     def __init__(self, frames, frame_rate: float | None):
         self.frames, self.frame_rate = frames, frame_rate
-        self.dropped, self.read, self.read_seconds = 0, 0, []
+        self.dropped, self.read, self.read_seconds = 0, 0, Timings()
         self._newest, self._done, self._error, self._closed = None, False, None, False
         self._changed = threading.Condition()
         self._thread = threading.Thread(target=self._run, daemon=True, name="read")
@@ -56,7 +57,7 @@ class NewestFrame:
                 image = next(frames, None)
                 if image is None or self._closed:
                     break
-                self.read_seconds.append(time.perf_counter() - began)
+                self.read_seconds.add(time.perf_counter() - began)
                 with self._changed:
                     self.dropped += self._newest is not None
                     self._newest, self.read = Frame(k, time.monotonic(), image), self.read + 1

@@ -252,9 +252,37 @@ def test_stages_in_threads_give_every_frame_in_order_like_the_serial_loop():
         shown = []
         assert pipeline.run(shown.append) == 40
         results[serial] = [(f.index, int(f.picture[0, 0, 0])) for f in shown]
-        stats = pipeline.stats(dropped=0, read_seconds=[])
+        stats = pipeline.stats(dropped=0, read=None)
         assert set(stats["stages_ms"]) == {"a", "b", "c"} and stats["latency_ms"]["p90"] >= stats["latency_ms"]["median"] > 0
     assert results[False] == results[True] == [(k, (8 * k % 256 + 3) % 256) for k in range(40)]
+
+
+def test_the_figures_keep_a_window_and_the_whole_runs_quantiles_in_bounded_memory():
+    """Timings: the last WINDOW values exactly (numpy's quantiles of them), the whole run's quantiles within
+    half a bin (0.5%) of numpy's over every value, exact while the run fits the window; and no more memory
+    after 200,000 values than after 2,000."""
+    import tracemalloc
+
+    from live.pipeline import WINDOW, Timings
+    values = np.random.default_rng(0).lognormal(np.log(0.03), 0.6, 200_000)  # 30 ms frames with a long tail
+    short = Timings()
+    for v in values[:WINDOW]:
+        short.add(v)
+    for q in (0.0, 0.5, 0.9, 1.0):
+        assert short.quantile(q) == short.quantile(q, everything=True) == np.quantile(values[:WINDOW], q)
+    timings = Timings()
+    tracemalloc.start()
+    for k, v in enumerate(values):
+        timings.add(v)
+        if k == 2_000:
+            after_2k = tracemalloc.get_traced_memory()[0]
+    grown = tracemalloc.get_traced_memory()[0] - after_2k
+    tracemalloc.stop()
+    assert grown < 4_000, grown  # a list of floats would hold 200,000 x 32 bytes more
+    for q in (0.1, 0.5, 0.9, 0.99):
+        assert timings.quantile(q) == np.quantile(values[-WINDOW:], q)
+        assert abs(timings.quantile(q, everything=True) / np.quantile(values, q) - 1) < 0.005, q
+    assert len(timings) == len(values) and Timings().quantile(0.5) != Timings().quantile(0.5)  # NaN when empty
 
 
 def test_a_slow_stage_drops_the_oldest_frames_at_the_source_and_counts_them():

@@ -5,8 +5,8 @@ tracking alone (`track_live`, python -m tracking live), as stages of a pipeline 
       -> track: 68 landmarks followed from the previous frame -> square face crop -> FLAME fit of that one
          frame, warm-started from the previous one (tracking/live.LiveTracker) -> its conditioning image
          (a seq.npz source: its frame's conditioning image, no tracking)
-      -> sample: Avatar.stream, one frame out per frame in, `steps` frames late, with the page's settings
-         as each frame enters (live/steering.py)                          [drive only]
+      -> sample: Avatar.stream, one frame out per frame in, `steps` ticks late (it ticks while it waits for
+         a frame too), with the page's settings as each frame enters (live/steering.py)    [drive only]
       -> output: the mp4, written as it goes; the page (driving | avatar, or driving | the conditioning's
          normals over the face); the take's parameters (live/take.py)
 
@@ -88,12 +88,21 @@ def replay_stage(hint):
 
 
 def sampling_stage(avatar, settings, steering: Steering, negative_prompt: str = ""):
-    """Avatar.stream over the frames' hints; each frame leaves with its avatar picture, in order."""
+    """Avatar.stream over the frames' hints; each frame leaves with its avatar picture, in order. While no
+    frame waits and frames are in flight, the stream ticks without a new one (a hint None): a frame leaves
+    `steps` ticks after it came, not `steps` frames later (model/temporal.stream_latents)."""
     def sample(frames):
-        entered = deque()
+        entered = deque()  # in the stream, not yet out
 
         def hints():
-            for frame in frames:
+            while True:
+                if entered and not frames.ready():
+                    with frames.idle():  # the ticks while no frame waits are not this stage's time per frame
+                        yield None
+                    continue
+                frame = next(frames, None)
+                if frame is None:
+                    return
                 entered.append(frame)
                 yield frame.hint
         for picture in avatar.stream(hints(), settings, negative_prompt=negative_prompt, frame_settings=steering):

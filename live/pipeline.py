@@ -28,7 +28,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import closing
+from contextlib import closing, contextmanager
 
 import numpy as np
 
@@ -81,15 +81,8 @@ class StageClock:
     def __init__(self, name: str):
         self.name, self.seconds, self._waiting = name, Timings(), 0.0
 
-    def inputs(self, items: Iterable) -> Iterator:
-        items = iter(items)
-        while True:
-            began = time.perf_counter()
-            item = next(items, _END)
-            self._waiting += time.perf_counter() - began
-            if item is _END:
-                return
-            yield item
+    def inputs(self, items: Iterable, ready: Callable[[], bool] = lambda: True) -> "StageInputs":
+        return StageInputs(self, iter(items), ready)
 
     def outputs(self, generator: Iterator, errors: list) -> Iterator:
         """The stage's items, timed; an exception in the stage is appended to `errors` and ends the output."""
@@ -105,6 +98,31 @@ class StageClock:
             errors.append(error)
         finally:
             generator.close()  # its `finally` (an output file, a writer) runs now, on this thread
+
+
+class StageInputs:
+    """A stage's input items, their waits timed for its clock. `ready()`: whether the next item is there
+    (always, serially: the stages before run on demand), so a stage with work it may do while it waits (the
+    sampler advances the frames it holds) does it only then; that work, in `with inputs.idle():`, counts as
+    waiting, not as the stage's time per item."""
+
+    def __init__(self, clock: StageClock, items: Iterator, ready: Callable[[], bool]):
+        self.clock, self.items, self.ready = clock, items, ready
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        with self.idle():
+            return next(self.items)
+
+    @contextmanager
+    def idle(self):
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.clock._waiting += time.perf_counter() - began
 
 
 class Pipe:
@@ -126,6 +144,10 @@ class Pipe:
     def items(self) -> Iterator:
         while (item := self.queue.get()) is not _END:
             yield item
+
+    def ready(self) -> bool:
+        """Whether an item (or the end) waits."""
+        return not self.queue.empty()
 
     def abandon(self):
         self.abandoned.set()
@@ -190,8 +212,9 @@ class Pipeline:
                 thread.join()
 
     def _run_stage(self, clock: StageClock, stage: Callable, before: Pipe | None, out: Pipe):
-        items = self.source(self.stopping.is_set) if before is None else before.items()
-        with closing(clock.outputs(stage(clock.inputs(items)), self.errors)) as outputs:
+        inputs = clock.inputs(self.source(self.stopping.is_set)) if before is None else \
+            clock.inputs(before.items(), before.ready)
+        with closing(clock.outputs(stage(inputs), self.errors)) as outputs:
             for item in outputs:
                 if not out.put(item):
                     break  # the stages after this one are gone

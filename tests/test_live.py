@@ -257,6 +257,53 @@ def test_stages_in_threads_give_every_frame_in_order_like_the_serial_loop():
     assert results[False] == results[True] == [(k, (8 * k % 256 + 3) % 256) for k in range(40)]
 
 
+def test_the_sampler_ticks_while_no_frame_waits_so_a_frame_leaves_steps_ticks_after_it_came():
+    """The sampling stage behind a stage that delivers a frame every 60 ms, its ticks 5 ms (a toy model, LCM 4
+    steps): pipelined, the frames in flight advance while the next frame is awaited, so each frame is shown
+    before the next one is read (latency ~4 ticks, not ~3 frames), the frames are still the offline
+    sampler's, and the stage's time per frame is one tick (the idle ticks count as waiting). Serially the
+    stage never idles: the frames leave 3 frames late."""
+    from live.loop import sampling_stage
+    from live.pipeline import Pipeline
+    from live.sources import Frame
+    from model.config import SD1
+    from model.sampling import NoiseSchedule, make_sampler
+    from model.temporal import denoise_video, stream_latents, temporal_weights
+    sampler, weights = make_sampler(NoiseSchedule.from_config(SD1), "lcm", 4), temporal_weights(4, 0.9, 3)
+    targets = torch.randn(10, 4, 6, 6, generator=torch.Generator().manual_seed(0))
+    noise = torch.randn(4, 6, 6, generator=torch.Generator().manual_seed(1))
+
+    def model(x, t, frame_ids):
+        time.sleep(0.005)
+        return 0.3 * x + 0.5 * targets[list(frame_ids)], None
+
+    class ToyAvatar:
+        def stream(self, hints, settings, negative_prompt="", frame_settings=None):
+            return (latents[0] for latents in stream_latents(model, hints, sampler, noise, weights))
+
+    def source(stopped):
+        for k in range(10):
+            yield Frame(k, 0.0, hint=k)
+
+    def every_60_ms(frames):  # a source at its own frame rate, as live/sources.NewestFrame releases a video's
+        for frame in frames:
+            time.sleep(0.06)
+            frame.read_at = time.monotonic()
+            yield frame
+    offline = denoise_video(model, sampler, noise, weights, range(10), chunk=10, progress=False)
+    for serial in (False, True):
+        pipeline = Pipeline(source, [("read", every_60_ms), ("sample", sampling_stage(ToyAvatar(), None, None))],
+                            serial)
+        shown = []
+        assert pipeline.run(shown.append) == 10
+        assert torch.allclose(torch.stack([f.picture for f in shown]), offline, atol=1e-5, rtol=1e-5)
+        latency, stage = pipeline.stats(0, None)["latency_ms"]["median"], pipeline.stats(0, None)["stages_ms"]["sample"]
+        if serial:
+            assert latency > 150  # three frames late
+        else:
+            assert latency < 50 and stage < 15, (latency, stage)  # 4 ticks of 5 ms; one tick per frame
+
+
 def test_the_figures_keep_a_window_and_the_whole_runs_quantiles_in_bounded_memory():
     """Timings: the last WINDOW values exactly (numpy's quantiles of them), the whole run's quantiles within
     half a bin (0.5%) of numpy's over every value, exact while the run fits the window; and no more memory

@@ -129,6 +129,25 @@ def test_live_keeps_the_person_it_started_with(live_tracker_factory, cuts_seen, 
     assert tracker.faceless == []
 
 
+def test_the_lock_rechecks_a_face_it_took_for_someone_else_soon():
+    """A wrong verdict on the person (a descriptor of a chip off a fast-moving face) holds their frames only
+    until the next check, RECHECK_OTHER frames on, not RECHECK_EVERY (the live run fails after max_gap
+    faceless frames); the person's face is checked every RECHECK_EVERY frames."""
+    from tracking.people import RECHECK_EVERY, RECHECK_OTHER, PersonLock
+    lock, checked = PersonLock(wait=True), []
+    near, far = np.zeros(128), np.full(128, 1.0)  # far: sqrt(128) from the first descriptor
+
+    wrong, mended = 1 + RECHECK_EVERY, 1 + RECHECK_EVERY + 1 + RECHECK_OTHER  # frames checked (after 0)
+
+    def describe(frame, k):
+        checked.append(k)
+        return far if k == wrong else near
+    lock.describe = describe
+    followed = [lock.accepts(None, k, found=k == 0) for k in range(3 * RECHECK_EVERY)]
+    assert checked == [0, wrong, mended, mended + 1 + RECHECK_EVERY]
+    assert followed == [k < wrong or k >= mended for k in range(3 * RECHECK_EVERY)]
+
+
 def test_live_checks_the_person_beside_the_tracking_and_acts_on_the_late_verdict(live_tracker_factory, monkeypatch):
     """The descriptor runs on the lock's worker thread: a face the detector finds is followed until its
     verdict arrives (here held back for LATE frames); someone else's verdict then holds the fit from before
@@ -167,7 +186,8 @@ def test_live_checks_the_person_beside_the_tracking_and_acts_on_the_late_verdict
                 tracker.person.checking[0].result()
     for gate in released:  # none is left waiting, whatever failed
         gate.set()
-    assert sorted(asked) == [0, 8, 16]  # the first face and each cut: a found face is checked
+    # the first face and each cut (a found face), and someone else's face RECHECK_OTHER frames after its check
+    assert sorted(asked) == [0, 8, 8 + 1 + people_module.RECHECK_OTHER, 16]
     assert threading.main_thread() not in threads
     params = [p for _, p in outputs]
     assert all(p is not params[7] for p in params[8:8 + late])  # B followed until its verdict ...

@@ -36,7 +36,8 @@ THUMB_SIDE = 48         # the cut test's thumbnails: about this many pixels on t
 SAMPLES_PER_RUN = 3     # descriptors per run ...
 SAMPLE_SPACING = 10     # ... this many frames apart (its first frame, then every SAMPLE_SPACING)
 REPORT_THUMB = 72       # height of a shot's picture in report.png
-RECHECK_EVERY = 30      # live: frames a followed face goes without its descriptor being checked
+RECHECK_EVERY = 30      # live: frames a followed face goes without its descriptor being checked ...
+RECHECK_OTHER = 4       # ... and someone else's: a wrong verdict (a chip off a fast-moving face) soon mended
 
 
 class ShotCuts:
@@ -126,8 +127,9 @@ def maybe_someone_new(previous, state, lost: bool, min_similarity: float) -> boo
 
 class PersonLock:
     """The live tracker's person: the first face it describes. A face the detector finds (at the start, after
-    the track was lost, or in a new shot: a new track), and a followed face every RECHECK_EVERY frames, is
-    checked: within SAME_PERSON of the first descriptor it is the person, else someone else.
+    the track was lost, or in a new shot: a new track), and a followed face every RECHECK_EVERY frames (one
+    taken for someone else every RECHECK_OTHER), is checked: within SAME_PERSON of the first descriptor it is
+    the person, else someone else.
 
     The descriptor (tracking/identity.py, 40 ms on a quiet core, 170 ms on a loaded one) runs on a worker
     thread: inline, every check would stall the live loop for several frames. So a check's verdict arrives
@@ -154,7 +156,7 @@ class PersonLock:
         """Whether to follow the face with these landmarks as the person; found: the detector found it."""
         if found:
             self.track += 1
-        self.asked = found or self.unchecked >= RECHECK_EVERY
+        self.asked = found or self.unchecked >= (RECHECK_EVERY if self.followed else RECHECK_OTHER)
         if self.asked:
             self.unchecked, self.waiting = 0, (frame, landmarks, self.track)
         else:

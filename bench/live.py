@@ -15,7 +15,10 @@ The tracker is warmed on the clip's first frame before the clock starts (the fir
 seconds), and the figures are the steady state's, in the source's time: frames/s = the frames shown per
 second of the source between the first and the last frame shown (not the wavefront's drain after the
 source ended); dropped = the source frames between those two that were not shown. "ceiling" = 1 / the slowest stage's median (the
-rate a perfect pipeline reaches); "of ceiling" = frames/s over it (goal >= 0.9 pipelined).
+rate a perfect pipeline reaches); "of ceiling" = frames/s over it (goal >= 0.9 pipelined). "CPU ms" = the
+process's CPU time per frame shown, every thread's (x264's, the person lock's, the decoding of dropped frames):
+far less sensitive to other processes than the wall-clock figures; a 30 frames/s source on two free cores
+leaves 66 ms a frame.
 
 --contention: threads or processes? The tracking stage's ms alone, beside the sampler's ticks in a second
 thread, and beside them in a second process (the avatar's shapes, as above): if a thread slows the tracking
@@ -23,6 +26,7 @@ more than a process does, the GIL binds and the stages want processes.
 """
 import argparse
 import datetime
+import itertools
 import multiprocessing
 import os
 import statistics
@@ -37,7 +41,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.stream import HINT_CHANNELS, build  # noqa: E402
-from live.loop import camera, run, sampling_stage, tracking_stage  # noqa: E402
+from live.loop import TRACKING_KEEP, camera, run, sampling_stage, tracking_stage  # noqa: E402
 from live.page import LivePage  # noqa: E402
 from live.sources import open_source  # noqa: E402
 from model.config import SD1, TINY  # noqa: E402
@@ -65,27 +69,34 @@ class RandomAvatar:
                             settings, frame_settings)
 
 
-def live_run(video: str, flame, size: int, avatar: RandomAvatar | None, settings, serial: bool, out_dir: str) -> dict:
-    """One run of the live loop on `video`; the steady state's figures."""
-    feed = open_source(video, seq_allowed=False)
+def live_run(video: str, flame, size: int, avatar: RandomAvatar | None, settings, serial: bool, out_dir: str,
+             inline_lock: bool = False, keep: int | None = None) -> dict:
+    """One run of the live loop on `video`; the steady state's figures. inline_lock: the person lock's
+    descriptor on the tracking stage's thread, each check's verdict on its own frame (as before it moved
+    to a worker: tracking/people.PersonLock); keep: the source frames kept for the loop (default: as
+    live/loop.py's runs keep them)."""
+    keep = keep or (TRACKING_KEEP if avatar is None else 1)
+    feed = open_source(video, seq_allowed=False, keep=keep)
     shape = np.zeros(flame.n_shape, np.float32)
-    tracker = LiveTracker(flame, camera(default_focal((size, size)), size), shape, size, video)
+    tracker = LiveTracker(flame, camera(default_focal((size, size)), size), shape, size, video,
+                          wait_for_person=inline_lock)
     tracker(0, next(iter_frames(video, 1)))  # warm: the first face search and fit happen before the clock ...
     tracker.person.settle()  # ... and the person lock's first descriptor (its network loads then)
     hint = lambda params: render_conditioning(flame, params, size, shape=shape)[0]  # noqa: E731
     stages = [("track", tracking_stage(tracker, hint, feed, overlay=avatar is None))]
     if avatar is not None:
         stages.append(("sample", sampling_stage(avatar, settings, None)))
-    shown = []
+    shown, cpu = [], time.process_time()
     result = run(feed, stages, os.path.join(out_dir, "live.mp4"), LivePage(0), True, serial,
                  lambda frame, stats: shown.append(frame.index))
+    cpu = time.process_time() - cpu
     # the steady state, in the source's time: the frames shown per second of source that went by between the
     # first and the last of them (the wavefront's drain after the source ended takes none), the others dropped
     span = shown[-1] - shown[0] + 1
     stats = result.stats
     slowest = max(stats["stages_ms"].values())
     return {**stats, "fps": (len(shown) - 1) / (span - 1) * float(feed.fps) if span > 1 else 0.0,
-            "dropped_share": 1 - len(shown) / span, "ceiling": 1000 / slowest}
+            "dropped_share": 1 - len(shown) / span, "ceiling": 1000 / slowest, "cpu_ms": 1000 * cpu / len(shown)}
 
 
 def tick_until(stop, avatar: RandomAvatar, ticks: list):
@@ -156,6 +167,10 @@ def main():
     p.add_argument("--modes", default="tracking,avatar", help="tracking (tracking only) and/or avatar")
     p.add_argument("--size", type=int, default=512, help="crop and conditioning size of the tracking-only rows")
     p.add_argument("--contention", action="store_true", help="only the threads-or-processes rows (module doc)")
+    p.add_argument("--inline-lock", action="store_true", help="also the tracking-only rows with the person lock's "
+                   "descriptor inline (before: tracking/people.PersonLock)")
+    p.add_argument("--keep", type=int, help="source frames the tracking-only rows keep for the loop (default: "
+                   f"live/loop.TRACKING_KEEP, {TRACKING_KEEP}; 1 before)")
     args = p.parse_args()
     torch.set_num_threads(1)  # the live loop's stages share the cores; one torch thread each (the issue's setting)
     device = torch.device(args.device)
@@ -186,21 +201,26 @@ def main():
             contention_rows(video, flame, args.size, avatar)
         return
     print("| date | machine | source | mode | loop | frames/s | ceiling | of ceiling | dropped | latency median / p90 ms "
-          "| stage ms (median) | load |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| stage ms (median / p90) | CPU ms | load |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for height in (int(h) for h in args.sources.split(",")):
             video = write_demo_video(os.path.join(tmp, f"{height}p.mp4"), n_frames=int(30 * args.seconds), size=720 if height > 720 else 480,
                                      fps=30, frame_size=(height, height * 16 // 9))
             for mode in args.modes.split(","):
-                for serial in (True, False):
+                locks = [False, True] if mode == "tracking" and args.inline_lock else [False]
+                for inline_lock, serial in itertools.product(locks, (True, False)):
                     r = live_run(video, flame, args.size if mode == "tracking" else avatar_size,
-                                 avatar if mode == "avatar" else None, settings, serial, tmp)
-                    stages = ", ".join(f"{name} {ms:.1f}" for name, ms in r["stages_ms"].items())
-                    print(f"| {today} | {where} | {height}p 30 fps | {mode} | {'serial' if serial else 'pipelined'} "
+                                 avatar if mode == "avatar" else None, settings, serial, tmp, inline_lock,
+                                 args.keep if mode == "tracking" else None)
+                    stages = ", ".join(f"{name} {ms:.1f} / {r['stages_p90_ms'][name]:.1f}"
+                                       for name, ms in r["stages_ms"].items())
+                    label = mode + (", lock inline" if inline_lock else "") + \
+                        (f", keep {args.keep}" if args.keep and mode == "tracking" else "")
+                    print(f"| {today} | {where} | {height}p 30 fps | {label} | {'serial' if serial else 'pipelined'} "
                           f"| {r['fps']:.2f} | {r['ceiling']:.2f} | {r['fps'] / r['ceiling']:.2f} "
-                          f"| {100 * r['dropped_share']:.0f}% | {r['latency_ms']['median']:.0f} / {r['latency_ms']['p90']:.0f} "
-                          f"| {stages} | {os.getloadavg()[0]:.1f} |", flush=True)
+                          f"| {100 * r['dropped_share']:.1f}% | {r['latency_ms']['median']:.0f} / {r['latency_ms']['p90']:.0f} "
+                          f"| {stages} | {r['cpu_ms']:.0f} | {os.getloadavg()[0]:.1f} |", flush=True)
 
 
 if __name__ == "__main__":

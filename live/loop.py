@@ -37,6 +37,10 @@ from tracking.sequence import FlameSequence, load_seq
 from tracking.video import VideoError, VideoWriter
 
 OVERLAY_OPACITY = 0.6  # of the conditioning's normals over the face, tracking only
+# Source frames the tracking alone keeps for the loop (live/sources.NewestFrame): it records a performance, so
+# it rides out a slow frame (a face search, a busy core) on a second one rather than drop it. Driving an
+# avatar keeps one: the sampler usually sets the pace there, and a second frame would only add latency.
+TRACKING_KEEP = 2
 
 
 class LiveError(ValueError):
@@ -182,7 +186,7 @@ def track_live(source: str, flame, size: int = 512, out: str | None = None, page
                on_frame=None) -> LiveRun:
     """The tracking alone, live: driving | the conditioning's normals over the face, into `out` (and its
     take) and onto `page`; the identity shape and focal are generic (module doc). max_frames: of a video file."""
-    feed = open_source(source, seq_allowed=False, max_frames=max_frames)
+    feed = open_source(source, seq_allowed=False, max_frames=max_frames, keep=TRACKING_KEEP)
     shape, focal = np.zeros(flame.n_shape, np.float32), default_focal((size, size))
     tracker = LiveTracker(flame, camera(focal, size), shape, size, source, max_gap)
     hint = lambda params: render_conditioning(flame, params, size, shape=shape)[0]  # noqa: E731

@@ -226,8 +226,8 @@ class Pipeline:
 
     def stats(self, dropped: int, read: Timings | None, everything: bool = False) -> dict:
         """The figures the page shows: frames shown, dropped, frames/s, latency (frame read -> frame shown)
-        and each stage's median ms (read: the source's), over the last WINDOW frames (everything: over the
-        whole run)."""
+        and each stage's median ms (read: the source's) and its p90 (the spikes that drop frames), over the
+        last WINDOW frames (everything: over the whole run)."""
         if everything:
             frames, seconds = self.shown - 1, self.shown_at[-1] - self.first_shown if self.shown else 0.0
         else:
@@ -239,6 +239,8 @@ class Pipeline:
                 "latency_ms": {"median": latency(0.5), "p90": latency(0.9)},
                 "stages_ms": {name: 1000 * timings.quantile(0.5, everything) for name, timings in stages.items()
                               if len(timings)},
+                "stages_p90_ms": {name: 1000 * timings.quantile(0.9, everything) for name, timings in stages.items()
+                                  if len(timings)},
                 "message": None}
 
 

@@ -350,6 +350,28 @@ def test_a_slow_stage_drops_the_oldest_frames_at_the_source_and_counts_them():
     assert [int(f.image[0, 0, 0]) for f in shown] == [8 * k % 256 for k in indices]
 
 
+def test_a_second_frame_kept_rides_out_a_slow_frame_that_one_drops():
+    """A 30 frames/s source and a stage of 15 ms a frame with every 10th frame 80 ms (a face search, a busy
+    core): the stage keeps up on average, and with two frames kept (the tracking-only run's) it loses none;
+    with the newest frame only, each slow frame pushes out the one that arrives during it."""
+    from live.pipeline import Pipeline
+    from live.sources import NewestFrame, Source
+    dropped = {}
+    for keep in (1, 2):
+        newest = NewestFrame(numbered_frames(60), frame_rate=30, keep=keep)
+
+        def uneven(frames):
+            for frame in frames:
+                time.sleep(0.08 if frame.index % 10 == 5 else 0.015)
+                yield frame
+        shown = []
+        Pipeline(Source("30fps.mp4", Fraction(30), newest).frames, [("track", uneven)]).run(shown.append)
+        assert [f.index for f in shown] == sorted({f.index for f in shown})
+        assert len(shown) + newest.dropped == 60
+        dropped[keep] = newest.dropped
+    assert dropped[2] == 0 and dropped[1] >= 3, dropped
+
+
 def synthetic_take_source(n: int, frame_rate: float | None):
     """A Source of numbered frames and a stage that 'tracks' frame k as frame k % 12 of the tiny avatar's
     kind of sequence (known parameters)."""

@@ -36,14 +36,15 @@ strength, the conditioning scale; live/'s page controls). A frame takes the sett
 ENTERS the stream and keeps them until it leaves: its own pull toward its predecessor uses its own
 strength, and the frames already in flight are not re-weighted. While frames of old and new settings share
 a tick, each row of the model batch gets its own text embedding and scale (an eager call); once they agree
-again the steady tick replays its graph (a new text embedding is an input of the same graph; a new
+again the tick replays its graph (a new text embedding is an input of the same graph; a new
 conditioning scale is a value baked into one, so each scale used gets its own capture). With fixed settings every frame shares one FrameSettings and the
 arithmetic is the offline sampler's.
 
 On CUDA the calls whose shapes repeat replay CUDA graphs (model/graphs.py; VideoSampling.cuda_graphs):
 the model call of every step of a chunk (UNet + ControlNet, both guidance branches in one batch), the
-stream's steady-state ticks (`steps` frames in flight; the wavefront's fill and drain ticks run eagerly,
-each of their batch sizes occurs once) and the decode. The fused step (guidance, solver update, pull)
+stream's ticks (one graph per number of frames in flight, captured when it recurs: a tick with fewer than
+`steps` frames is not only the wavefront's fill and drain, but every tick while a live source has no new
+frame, and eager it would take longer than a full replayed one) and the decode. The fused step (guidance, solver update, pull)
 stays one eager kernel launch per step: its coefficients are the step's, passed as kernel scalars, which
 a graph would bake in (one capture of the whole network per step).
 """
@@ -380,15 +381,14 @@ def stream_video(denoiser, decoder, schedule: NoiseSchedule, hints: Iterable[tor
     param = next(denoiser.parameters())
     noise = video_noise(denoiser.unet.config.in_channels, latent_size, settings.seed, param.device, param.dtype)
     # a tick reads the model's outputs before the next tick, to_uint8 copies the decoded frame: no copies needed
-    steady = GraphedCall(denoiser.guided, settings.cuda_graphs, clone_outputs=False)
+    tick = GraphedCall(denoiser.guided, settings.cuda_graphs, clone_outputs=False)
     decode = GraphedCall(decoder.decode_latents, settings.cuda_graphs, clone_outputs=False)
 
     def model_fn(x, t, frames: list[tuple[torch.Tensor, FrameSettings]]):
         hint = torch.stack([h for h, _ in frames]).to(param.device, param.dtype)
         first = frames[0][1]
         if all(s is first for _, s in frames):
-            call = steady if len(frames) == settings.steps else denoiser.guided  # fill and drain: eager
-            return call(x, t, first.context, uncond_context, hint, first.conditioning_scale)
+            return tick(x, t, first.context, uncond_context, hint, first.conditioning_scale)
         # frames of different settings in one tick (just after a live change): each row its own, eagerly
         context = torch.cat([s.context for _, s in frames])
         scale = torch.tensor([s.conditioning_scale for _, s in frames], device=x.device, dtype=x.dtype)

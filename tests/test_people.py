@@ -186,8 +186,8 @@ def test_live_checks_the_person_beside_the_tracking_and_acts_on_the_late_verdict
                 tracker.person.checking[0].result()
     for gate in released:  # none is left waiting, whatever failed
         gate.set()
-    # the first face and each cut (a found face), and someone else's face RECHECK_OTHER frames after its check
-    assert sorted(asked) == [0, 8, 8 + 1 + people_module.RECHECK_OTHER, 16]
+    # the first face and each cut (a found face), and B found again on the frame after their verdict came
+    assert sorted(asked) == [0, 8, 8 + late + 1, 16]
     assert threading.main_thread() not in threads
     params = [p for _, p in outputs]
     assert all(p is not params[7] for p in params[8:8 + late])  # B followed until its verdict ...

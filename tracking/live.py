@@ -43,9 +43,10 @@ class LiveTracker:
 
     def landmarks(self, frame: np.ndarray):
         """(68, 2) landmarks of the face in `frame`, followed from the previous frame, or None (no face, or
-        not the person the tracker started with: tracking/people.py's PersonLock). Someone else's face is
-        still followed by the landmark tracker (no search per frame), its frames held; when the verdict on
-        a face already fitted arrives late, the fit goes back to where it stood before that check."""
+        not the person the tracker started with: tracking/people.py's PersonLock). When the verdict on a
+        face already fitted arrives (late) and says someone else, the fit goes back to where it stood before
+        that check and the face is searched for afresh; someone else's face found then is followed by the
+        landmark tracker (no search per frame), its frames held."""
         if self.person.new_shot(frame):
             self.state = None  # a cut: the face is searched for afresh, and checked
         previous = self.state
@@ -58,8 +59,10 @@ class LiveTracker:
         if self.person.asked:
             self.before_check = self.params, self.box  # this frame is not fitted yet
         if not accepted:
-            if was_followed:
-                self.params, self.box = self.before_check
+            if was_followed:  # the verdict has just come: the fit as it stood before that check, and the face
+                # searched for afresh on the next frame, whose landmarks are checked next (landmarks followed
+                # across a fast move give a chip that can misjudge the person; the detector's do not)
+                self.params, self.box, self.state = *self.before_check, None
             return None
         return result[0]
 

@@ -110,17 +110,19 @@ def live_tracker_factory(flame):
     reference = FlameSequence(zeros(flame.n_shape), zeros(1, flame.n_exp), zeros(1, 3), zeros(1, 3), zeros(1, 3),
                               zeros(1, 6), np.array([[0, 0, -0.5]], np.float32), focal=1000.0,
                               image_size=(512, 512), fps=24.0)
-    return lambda wait=True: LiveTracker(flame, reference, zeros(flame.n_shape), 64, "two.mp4", wait_for_person=wait)
+    return lambda wait=True, max_gap=10: LiveTracker(flame, reference, zeros(flame.n_shape), 64, "two.mp4", max_gap,
+                                                     wait_for_person=wait)
 
 
 @pytest.mark.parametrize("cuts_seen", [True, False])
 def test_live_keeps_the_person_it_started_with(live_tracker_factory, cuts_seen, monkeypatch):
-    """Another face taking over is not followed: its frames hold the last fit, counted as faceless. Without
-    the cut test, the switch is still caught: the face stops looking like the previous frame's."""
+    """Another face taking over is not followed: its frames hold the last fit, and they are no gap in the
+    track (more of them than max_gap do not end the run). Without the cut test, the switch is still caught:
+    the face stops looking like the previous frame's."""
     from two_people import iter_two_person_frames
     if not cuts_seen:
         monkeypatch.setattr(people_module.ShotCuts, "__call__", lambda self, frame: False)
-    tracker = live_tracker_factory()
+    tracker = live_tracker_factory(max_gap=3)
     shots = (("A", 8), ("B", 6), ("A", 6))
     outputs = [tracker(i, frame) for i, frame in enumerate(iter_two_person_frames(shots))]
     last_a = outputs[7][1]
@@ -131,8 +133,8 @@ def test_live_keeps_the_person_it_started_with(live_tracker_factory, cuts_seen, 
 
 def test_the_lock_rechecks_a_face_it_took_for_someone_else_soon():
     """A wrong verdict on the person (a descriptor of a chip off a fast-moving face) holds their frames only
-    until the next check, RECHECK_OTHER frames on, not RECHECK_EVERY (the live run fails after max_gap
-    faceless frames); the person's face is checked every RECHECK_EVERY frames."""
+    until the next check, RECHECK_OTHER frames on, not RECHECK_EVERY; the person's face is checked every
+    RECHECK_EVERY frames."""
     from tracking.people import RECHECK_EVERY, RECHECK_OTHER, PersonLock
     lock, checked = PersonLock(wait=True), []
     near, far = np.zeros(128), np.full(128, 1.0)  # far: sqrt(128) from the first descriptor

@@ -25,7 +25,7 @@ class LiveTracker:
     (`reference`: the seq.npz it was trained on, whose crops were `size` pixels) and starts from the
     previous frame's parameters. A frame without a face, or with only someone else's (the tracker follows
     the first person it sees), keeps the previous parameters (before the first face: it is skipped, None);
-    more than `max_gap` frames in a row without one is an error. The person check runs beside the tracking
+    more than `max_gap` frames in a row without any face is an error. The person check runs beside the tracking
     (PersonLock); wait_for_person: each check's verdict applies to its own frame (tests).
     """
 
@@ -38,6 +38,7 @@ class LiveTracker:
         self.box = None       # the previous crop box (float, smoothed)
         self.params = None    # the previous frame's fit
         self.faceless = []  # source indices of the frames without a face since the last face
+        self.someone_else = False  # whether the last frame's face was someone else's
         self.person = PersonLock(wait_for_person)  # whom the tracker follows: the first face it sees
         self.before_check = None, None  # (params, box) before the frame of the newest person check
 
@@ -51,6 +52,7 @@ class LiveTracker:
             self.state = None  # a cut: the face is searched for afresh, and checked
         previous = self.state
         result, lost, self.state = self.faces.step(frame, previous)
+        self.someone_else = False
         if result is None:
             return None
         was_followed = self.person.followed
@@ -63,6 +65,7 @@ class LiveTracker:
                 # searched for afresh on the next frame, whose landmarks are checked next (landmarks followed
                 # across a fast move give a chip that can misjudge the person; the detector's do not)
                 self.params, self.box, self.state = *self.before_check, None
+            self.someone_else = True
             return None
         return result[0]
 
@@ -78,7 +81,8 @@ class LiveTracker:
     def __call__(self, index: int, frame: np.ndarray) -> tuple[np.ndarray, FlameSequence] | None:
         landmarks = self.landmarks(frame)
         if landmarks is None:
-            self.faceless.append(index)
+            # someone else's face is no gap: the fit is held while they are there, however long
+            self.faceless = [] if self.someone_else else self.faceless + [index]
             if len(self.faceless) > self.max_gap:
                 raise TrackingError(f"{self.source}: no face on frames {self.faceless[0]}-{index} (more than "
                                     f"{self.max_gap} frames in a row)")

@@ -26,17 +26,23 @@ def toy_model(x, t, frame_ids):
     return cond_out, 0.2 * x + 0.01 * t / 1000.0
 
 
-@pytest.mark.parametrize("name, steps, guidance, eta", [
-    ("ddim", 25, 3.0, 0.0), ("ddim", 6, 2.0, 0.7), ("lcm", 4, 1.0, 0.0), ("euler", 6, 3.0, 0.0),
-    ("dpmpp_2m", 6, 3.0, 0.0), ("euler_trailing", 2, 1.0, 0.0), ("lcm", 1, 1.0, 0.0),
-])
-def test_stream_equals_chunked(name, steps, guidance, eta):
+def chunked_case(name, steps, guidance, eta):
+    """A sampler, the shared noise, the pull's weights, the toy model and the chunked sampler's 12 frames."""
     sampler = make_sampler(NoiseSchedule.from_config(SD1), name, steps, eta)
     noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1))
     weights = temporal_weights(steps, 0.9, max(1, round(0.8 * steps)))
     model = toy_model if guidance != 1.0 else lambda x, t, ids: (toy_model(x, t, ids)[0], None)
     offline = denoise_video(model, sampler, noise, weights, range(12), guidance=guidance, chunk=5, seed=3,
                             progress=False)
+    return sampler, noise, weights, model, offline
+
+
+@pytest.mark.parametrize("name, steps, guidance, eta", [
+    ("ddim", 25, 3.0, 0.0), ("ddim", 6, 2.0, 0.7), ("lcm", 4, 1.0, 0.0), ("euler", 6, 3.0, 0.0),
+    ("dpmpp_2m", 6, 3.0, 0.0), ("euler_trailing", 2, 1.0, 0.0), ("lcm", 1, 1.0, 0.0),
+])
+def test_stream_equals_chunked(name, steps, guidance, eta):
+    sampler, noise, weights, model, offline = chunked_case(name, steps, guidance, eta)
     batches = []
 
     def counting(x, t, ids):
@@ -55,12 +61,7 @@ def test_stream_equals_chunked(name, steps, guidance, eta):
 def test_ticks_without_a_new_frame_give_the_chunked_frames_sooner(name, steps, guidance, eta):
     """Items None (no frame has arrived) tick the frames in flight without a new one: the same frames as the
     chunked sampler, and a frame followed by steps - 1 of them leaves before the next frame arrives."""
-    sampler = make_sampler(NoiseSchedule.from_config(SD1), name, steps, eta)
-    noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1))
-    weights = temporal_weights(steps, 0.9, max(1, round(0.8 * steps)))
-    model = toy_model if guidance != 1.0 else lambda x, t, ids: (toy_model(x, t, ids)[0], None)
-    offline = denoise_video(model, sampler, noise, weights, range(12), guidance=guidance, chunk=5, seed=3,
-                            progress=False)
+    sampler, noise, weights, model, offline = chunked_case(name, steps, guidance, eta)
     gaps = [0, steps - 1, 1, steps + 2, 0, 0, steps - 1, 3, steps - 1, 0, 2, steps - 1]  # Nones after frame f
     arrived, frames, arrived_when_out = [], [], []
 

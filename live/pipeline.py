@@ -5,7 +5,7 @@
 A stage is a generator function, items in -> items out, in order (a stage may hold items back, as the
 sampler's wavefront holds `steps` frames, and yields them once its input ends). Each stage runs in its own
 thread; the queues between them hold QUEUE_SIZE items, so a stage that gets ahead waits, and that wait
-reaches the source, which keeps only the newest frame (live/sources.py): the frames nobody took in time
+reaches the source, which keeps only the newest frame or two (live/sources.py): the frames nobody took in time
 are dropped there, oldest first, and counted. So the frame rate is that of the slowest stage, and a frame's
 latency is the sum of the stages' times plus at most one period of the slowest stage spent in a queue.
 `serial=True` chains the same generators in the calling thread (one frame through every stage before the

@@ -15,10 +15,9 @@ The tracker is warmed on the clip's first frame before the clock starts (the fir
 seconds), and the figures are the steady state's, in the source's time: frames/s = the frames shown per
 second of the source between the first and the last frame shown (not the wavefront's drain after the
 source ended); dropped = the source frames between those two that were not shown. "ceiling" = 1 / the slowest stage's median (the
-rate a perfect pipeline reaches); "of ceiling" = frames/s over it (goal >= 0.9 pipelined). "CPU ms" = the
-process's CPU time per frame shown, every thread's (x264's, the person lock's, the decoding of dropped frames):
-far less sensitive to other processes than the wall-clock figures; a 30 frames/s source on two free cores
-leaves 66 ms a frame.
+rate a perfect pipeline reaches); "of ceiling" = frames/s over it (goal >= 0.9 pipelined). "cores" = the
+process's CPU time (every thread's: x264's, the person lock's, the decoding of dropped frames) over the run's
+wall time: near 2 on this machine, the loop wanted more CPU than it got.
 
 --contention: threads or processes? The tracking stage's ms alone, beside the sampler's ticks in a second
 thread, and beside them in a second process (the avatar's shapes, as above): if a thread slows the tracking
@@ -89,14 +88,14 @@ def live_run(video: str, flame, size: int, avatar: RandomAvatar | None, settings
     shown, cpu = [], time.process_time()
     result = run(feed, stages, os.path.join(out_dir, "live.mp4"), LivePage(0), True, serial,
                  lambda frame, stats: shown.append(frame.index))
-    cpu = time.process_time() - cpu
+    cores = (time.process_time() - cpu) / result.seconds
     # the steady state, in the source's time: the frames shown per second of source that went by between the
     # first and the last of them (the wavefront's drain after the source ended takes none), the others dropped
     span = shown[-1] - shown[0] + 1
     stats = result.stats
     slowest = max(stats["stages_ms"].values())
     return {**stats, "fps": (len(shown) - 1) / (span - 1) * float(feed.fps) if span > 1 else 0.0,
-            "dropped_share": 1 - len(shown) / span, "ceiling": 1000 / slowest, "cpu_ms": 1000 * cpu / len(shown)}
+            "dropped_share": 1 - len(shown) / span, "ceiling": 1000 / slowest, "cores": cores}
 
 
 def tick_until(stop, avatar: RandomAvatar, ticks: list):
@@ -201,7 +200,7 @@ def main():
             contention_rows(video, flame, args.size, avatar)
         return
     print("| date | machine | source | mode | loop | frames/s | ceiling | of ceiling | dropped | latency median / p90 ms "
-          "| stage ms (median / p90) | CPU ms | load |")
+          "| stage ms (median / p90) | cores | load |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for height in (int(h) for h in args.sources.split(",")):
@@ -220,7 +219,7 @@ def main():
                     print(f"| {today} | {where} | {height}p 30 fps | {label} | {'serial' if serial else 'pipelined'} "
                           f"| {r['fps']:.2f} | {r['ceiling']:.2f} | {r['fps'] / r['ceiling']:.2f} "
                           f"| {100 * r['dropped_share']:.1f}% | {r['latency_ms']['median']:.0f} / {r['latency_ms']['p90']:.0f} "
-                          f"| {stages} | {r['cpu_ms']:.0f} | {os.getloadavg()[0]:.1f} |", flush=True)
+                          f"| {stages} | {r['cores']:.2f} | {os.getloadavg()[0]:.1f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,9 @@ rate a perfect pipeline reaches); "of ceiling" = frames/s over it (goal >= 0.9 p
 process's CPU time (every thread's: x264's, the person lock's, the decoding of dropped frames) over the run's
 wall time: near 2 on this machine, the loop wanted more CPU than it got.
 
+--lock: the person lock's descriptor inline against on its worker thread (tracking/people.PersonLock): the
+tracker's ms per frame, on the frames that check the person and on the others.
+
 --contention: threads or processes? The tracking stage's ms alone, beside the sampler's ticks in a second
 thread, and beside them in a second process (the avatar's shapes, as above): if a thread slows the tracking
 more than a process does, the GIL binds and the stages want processes.
@@ -157,6 +160,34 @@ def contention_rows(video: str, flame, size: int, avatar: RandomAvatar, frames: 
               f"| {os.getloadavg()[0]:.1f} |", flush=True)
 
 
+def lock_rows(video: str, flame, size: int, frames: int = 300):
+    """The tracker's ms per frame (landmarks, crop, fit; every frame of `video`, unpaced) with the person lock's
+    descriptor inline (before) and on its worker thread, interleaved frame by frame (the same load for both),
+    on the frames that ask for a check and on the others. The worker's check is waited for after each frame,
+    so that it does not overlap the next timing."""
+    images = list(iter_frames(video, frames))
+    shape = np.zeros(flame.n_shape, np.float32)
+    trackers = {inline: LiveTracker(flame, camera(default_focal((size, size)), size), shape, size, video,
+                                    max_gap=len(images), wait_for_person=inline) for inline in (True, False)}
+    ms, checks = {True: [], False: []}, {True: [], False: []}
+    for k, image in enumerate(images):
+        for inline, tracker in trackers.items():
+            began = time.perf_counter()
+            tracker(k, image)
+            ms[inline].append(1000 * (time.perf_counter() - began))
+            checks[inline].append(tracker.person.asked)
+            tracker.person.settle()
+    print("| date | machine | person lock | ms a frame: median / p90 / p99 / max | on the check frames (median) "
+          "| on the others (median) | load |")
+    print("|---|---|---|---|---|---|---|")
+    for inline in (True, False):
+        v, asked = np.array(ms[inline][1:]), np.array(checks[inline][1:])  # the first frame's search left out
+        print(f"| {datetime.date.today()} | {os.cpu_count()}-core CPU | {'inline' if inline else 'worker thread'} "
+              f"| {np.median(v):.1f} / {np.percentile(v, 90):.1f} / {np.percentile(v, 99):.1f} / {v.max():.1f} "
+              f"| {np.median(v[asked]):.1f} ({asked.sum()} frames) | {np.median(v[~asked]):.1f} "
+              f"| {os.getloadavg()[0]:.1f} |", flush=True)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu")
@@ -166,6 +197,8 @@ def main():
     p.add_argument("--modes", default="tracking,avatar", help="tracking (tracking only) and/or avatar")
     p.add_argument("--size", type=int, default=512, help="crop and conditioning size of the tracking-only rows")
     p.add_argument("--contention", action="store_true", help="only the threads-or-processes rows (module doc)")
+    p.add_argument("--lock", action="store_true", help="only the person lock's rows: the tracker with its descriptor "
+                   "inline and on a worker thread")
     p.add_argument("--inline-lock", action="store_true", help="also the tracking-only rows with the person lock's "
                    "descriptor inline (before: tracking/people.PersonLock)")
     p.add_argument("--keep", type=int, help="source frames the tracking-only rows keep for the loop (default: "
@@ -194,6 +227,12 @@ def main():
     print(f"{where}, {today}, load {load:.1f} at the start; avatar: {config.name} shapes {avatar_size} px, "
           f"{str(dtype).removeprefix('torch.')}, lcm 4 steps; torch {torch.__version__}")
     print()
+    if args.lock:
+        with tempfile.TemporaryDirectory() as tmp:
+            video = write_demo_video(os.path.join(tmp, "1080p.mp4"), n_frames=300, size=720, fps=30,
+                                     frame_size=(1080, 1920))
+            lock_rows(video, flame, args.size)
+        return
     if args.contention:
         with tempfile.TemporaryDirectory() as tmp:
             video = write_demo_video(os.path.join(tmp, "720p.mp4"), n_frames=10, size=480, fps=30, frame_size=(720, 1280))

@@ -351,7 +351,7 @@ def test_a_slow_stage_drops_the_oldest_frames_at_the_source_and_counts_them():
 
 
 def test_a_second_frame_kept_rides_out_a_slow_frame_that_one_drops():
-    """A 30 frames/s source and a stage of 15 ms a frame with every 10th frame 80 ms (a face search, a busy
+    """A 30 frames/s source and a stage of 15 ms a frame with every 10th frame 83 ms (a face search, a busy
     core): the stage keeps up on average, and with two frames kept (the tracking-only run's) it loses none;
     with the newest frame only, each slow frame pushes out the one that arrives during it."""
     from live.pipeline import Pipeline
@@ -362,7 +362,7 @@ def test_a_second_frame_kept_rides_out_a_slow_frame_that_one_drops():
 
         def uneven(frames):
             for frame in frames:
-                time.sleep(0.08 if frame.index % 10 == 5 else 0.015)
+                time.sleep(0.083 if frame.index % 10 == 5 else 0.015)  # 2.5 periods
                 yield frame
         shown = []
         Pipeline(Source("30fps.mp4", Fraction(30), newest).frames, [("track", uneven)]).run(shown.append)

@@ -150,6 +150,35 @@ def test_the_lock_rechecks_a_face_it_took_for_someone_else_soon():
     assert followed == [k < wrong or k >= mended for k in range(3 * RECHECK_EVERY)]
 
 
+def test_a_late_verdict_hands_back_where_the_tracker_stood_before_its_own_check():
+    """On the worker thread, a check's verdict may come on a frame that asks for the next check: `turned` is
+    the first check's `before` (the fit to go back to), not the newer one's."""
+    import threading
+
+    from tracking.people import RECHECK_EVERY, PersonLock
+    lock, ready = PersonLock(), {}
+    near, far = np.zeros(128), np.full(128, 1.0)
+
+    def describe(frame, k):
+        ready.setdefault(k, threading.Event()).wait(30)
+        return far if k > 0 else near
+    lock.describe = describe
+    ready[0] = threading.Event()
+    ready[0].set()
+    assert lock.accepts(None, 0, found=True, before="before 0")
+    lock.settle()
+    first, second = 1 + RECHECK_EVERY, 2 * (1 + RECHECK_EVERY)
+    for k in range(1, second):
+        assert lock.accepts(None, k, found=False, before=f"before {k}") and lock.turned is None
+    assert lock.asked is False and lock.checking is not None  # frame `first`'s check still running
+    ready.setdefault(first, threading.Event()).set()
+    lock.checking[0].result()
+    assert not lock.accepts(None, second, found=False, before=f"before {second}")
+    assert lock.asked and lock.turned == f"before {first}"
+    ready.setdefault(second, threading.Event()).set()
+    lock.settle()
+
+
 def test_live_checks_the_person_beside_the_tracking_and_acts_on_the_late_verdict(live_tracker_factory, monkeypatch):
     """The descriptor runs on the lock's worker thread: a face the detector finds is followed until its
     verdict arrives (here held back for LATE frames); someone else's verdict then holds the fit from before

@@ -40,7 +40,6 @@ class LiveTracker:
         self.faceless = []  # source indices of the frames without a face since the last face
         self.someone_else = False  # whether the last frame's face was someone else's
         self.person = PersonLock(wait_for_person)  # whom the tracker follows: the first face it sees
-        self.before_check = None, None  # (params, box) before the frame of the newest person check
 
     def landmarks(self, frame: np.ndarray):
         """(68, 2) landmarks of the face in `frame`, followed from the previous frame, or None (no face, or
@@ -55,19 +54,15 @@ class LiveTracker:
         self.someone_else = False
         if result is None:
             return None
-        was_followed = self.person.followed
         accepted = self.person.accepts(frame, result[0],
-                                       maybe_someone_new(previous, self.state, lost, self.faces.min_similarity))
-        if self.person.asked:
-            self.before_check = self.params, self.box  # this frame is not fitted yet
-        if not accepted:
-            if was_followed:  # the verdict has just come: the fit as it stood before that check, and the face
-                # searched for afresh on the next frame, whose landmarks are checked next (landmarks followed
-                # across a fast move give a chip that can misjudge the person; the detector's do not)
-                self.params, self.box, self.state = *self.before_check, None
-            self.someone_else = True
-            return None
-        return result[0]
+                                       maybe_someone_new(previous, self.state, lost, self.faces.min_similarity),
+                                       before=(self.params, self.box))  # this frame is not fitted yet
+        if self.person.turned is not None:  # a verdict of someone else on a face followed until now: the fit as
+            # it stood before that check, and the face searched for afresh on the next frame, whose landmarks are
+            # checked next (landmarks followed across a fast move give a chip that can misjudge the person)
+            (self.params, self.box), self.state = self.person.turned, None
+        self.someone_else = not accepted
+        return result[0] if accepted else None
 
     def crop(self, frame: np.ndarray, landmarks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(the face crop (size, size, 3), the landmarks in its pixels): the crop box around the landmarks,

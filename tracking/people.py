@@ -148,19 +148,23 @@ class PersonLock:
         self.track = 0              # tracks started (a face the detector found starts one)
         self.followed = True        # whether the current track is taken for the person
         self.asked = False          # whether the last call asked for a check
+        self.turned = None          # the last call's verdict turned the track to someone else: that check's `before`
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="person")
-        self.checking = None        # (future descriptor, its track) of the check in flight
-        self.waiting = None         # (frame, landmarks, track) of the newest check asked for meanwhile
+        self.checking = None        # (future descriptor, its track, before) of the check in flight
+        self.waiting = None         # (frame, landmarks, track, before) of the newest check asked for meanwhile
 
-    def accepts(self, frame, landmarks, found: bool) -> bool:
-        """Whether to follow the face with these landmarks as the person; found: the detector found it."""
+    def accepts(self, frame, landmarks, found: bool, before=None) -> bool:
+        """Whether to follow the face with these landmarks as the person; found: the detector found it.
+        before: where the caller stood before this frame, handed back as `turned` if a check asked now says
+        someone else of a track taken for the person until then (what to go back to)."""
         if found:
             self.track += 1
         self.asked = found or self.unchecked >= (RECHECK_EVERY if self.followed else RECHECK_OTHER)
         if self.asked:
-            self.unchecked, self.waiting = 0, (frame, landmarks, self.track)
+            self.unchecked, self.waiting = 0, (frame, landmarks, self.track, before)
         else:
             self.unchecked += 1
+        self.turned = None
         self._advance()
         if self.wait:
             self.settle()
@@ -175,15 +179,18 @@ class PersonLock:
     def _advance(self):
         """Apply a finished check's verdict; start the waiting check when the worker is free."""
         if self.checking is not None and self.checking[0].done():
-            (future, track), self.checking = self.checking, None
+            (future, track, before), self.checking = self.checking, None
             descriptor = future.result()  # the describer's error, if any, is the tracking stage's
             if self.descriptor is None:
                 self.descriptor = descriptor
             if track == self.track:
-                self.followed = bool(np.linalg.norm(descriptor - self.descriptor) < SAME_PERSON)
+                followed = bool(np.linalg.norm(descriptor - self.descriptor) < SAME_PERSON)
+                if self.followed and not followed:
+                    self.turned = before
+                self.followed = followed
         if self.checking is None and self.waiting is not None:
-            (frame, landmarks, track), self.waiting = self.waiting, None
-            self.checking = self.worker.submit(self.describe, frame, landmarks), track
+            (frame, landmarks, track, before), self.waiting = self.waiting, None
+            self.checking = self.worker.submit(self.describe, frame, landmarks), track, before
 
 
 def _thumbnail(frame):

@@ -37,16 +37,16 @@ ENTERS the stream and keeps them until it leaves: its own pull toward its predec
 strength, and the frames already in flight are not re-weighted. While frames of old and new settings share
 a tick, each row of the model batch gets its own text embedding and scale (an eager call); once they agree
 again the tick replays its graph (a new text embedding is an input of the same graph; a new
-conditioning scale is a value baked into one, so each scale used gets its own capture). With fixed settings every frame shares one FrameSettings and the
-arithmetic is the offline sampler's.
+conditioning scale is a value baked into one, so each scale used gets its own capture). With fixed
+settings every frame shares one FrameSettings and the arithmetic is the offline sampler's.
 
 On CUDA the calls whose shapes repeat replay CUDA graphs (model/graphs.py; VideoSampling.cuda_graphs):
 the model call of every step of a chunk (UNet + ControlNet, both guidance branches in one batch), the
 stream's ticks (one graph per number of frames in flight, captured when it recurs: a tick with fewer than
 `steps` frames is not only the wavefront's fill and drain, but every tick while a live source has no new
-frame, and eager it would take longer than a full replayed one) and the decode. The fused step (guidance, solver update, pull)
-stays one eager kernel launch per step: its coefficients are the step's, passed as kernel scalars, which
-a graph would bake in (one capture of the whole network per step).
+frame, and eager it would take longer than a full replayed one) and the decode. The fused step
+(guidance, solver update, pull) stays one eager kernel launch per step: its coefficients are the step's,
+passed as kernel scalars, which a graph would bake in (one capture of the whole network per step).
 """
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -257,11 +257,11 @@ def stream_latents(model_fn, conditions: Iterable, sampler: Sampler, shared_nois
     giving that frame's (per-frame settings, see the module doc).
     One tick per item of `conditions`, then ticks until the last frame is done. An item None says that no
     frame has arrived yet: the frames in flight advance a step without a new one (a live source slower
-    than the ticks: a frame then leaves `steps` ticks after it arrived, not `steps` arrivals later; with none
-    in flight, a None is passed over). The
-    result is the same: a frame's step reads only its own earlier steps and its predecessor's estimate of
-    the step before, which a frame that entered earlier has always made by then; only the model batches
-    are made up differently (with batch-invariant model calls, bit for bit).
+    than the ticks: a frame then leaves `steps` ticks after it arrived, not `steps` arrivals later; with
+    none in flight, a None is passed over). The result is the same: a frame's step reads only its own
+    earlier steps and its predecessor's estimate of the step before, which a frame that entered earlier
+    has always made by then; only the model batches are made up differently (with batch-invariant model
+    calls, bit for bit).
 
     The step itself runs per frame (its coefficients are its step's); a GPU path would hand
     `temporal_step` per-row coefficient vectors and run the tick as one kernel.

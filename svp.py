@@ -208,9 +208,9 @@ class Avatar:
         """Frames (H, W, 3) uint8 of a sequence that arrives piece by piece, as soon as each is done.
 
         inputs: FlameSequences (any number of frames each: live tracking yields one per video frame) or
-        hint images (C, H, W). Frame f leaves `settings.steps` ticks after it arrives (one tick per
-        arrival, model/temporal.stream_latents): the frames are `render`'s for the whole sequence (up to
-        rounding: each frame is decoded alone).
+        hint images (C, H, W), or None: no frame yet, the frames in flight advance a step anyway. Frame f
+        leaves `settings.steps` ticks after it arrives (one tick per item, model/temporal.stream_latents):
+        the frames are `render`'s for the whole sequence (up to rounding: each frame is decoded alone).
         frame_settings: asked as each frame arrives, its text embedding (`text_context`), temporal strength
         and conditioning scale (a live run's page controls; model/temporal.FrameSettings); None: the prompt's
         and `settings`' for every frame.

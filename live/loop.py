@@ -5,8 +5,8 @@ tracking alone (`track_live`, python -m tracking live), as stages of a pipeline 
       -> track: 68 landmarks followed from the previous frame -> square face crop -> FLAME fit of that one
          frame, warm-started from the previous one (tracking/live.LiveTracker) -> its conditioning image
          (a seq.npz source: its frame's conditioning image, no tracking)
-      -> sample: Avatar.stream, one frame out per frame in, `steps` frames late, with the page's settings
-         as each frame enters (live/steering.py)                          [drive only]
+      -> sample: Avatar.stream, one frame out per frame in, `steps` ticks late (it ticks while it waits for
+         a frame too), with the page's settings as each frame enters (live/steering.py)    [drive only]
       -> output: the mp4, written as it goes; the page (driving | avatar, or driving | the conditioning's
          normals over the face); the take's parameters (live/take.py)
 
@@ -37,6 +37,10 @@ from tracking.sequence import FlameSequence, load_seq
 from tracking.video import VideoError, VideoWriter
 
 OVERLAY_OPACITY = 0.6  # of the conditioning's normals over the face, tracking only
+# Source frames the tracking alone keeps for the loop (live/sources.NewestFrame): it records a performance, so
+# it rides out a slow frame (a face search, a busy core) on a second one rather than drop it. Driving an
+# avatar keeps one: the sampler usually sets the pace there, and a second frame would only add latency.
+TRACKING_KEEP = 2
 
 
 class LiveError(ValueError):
@@ -88,12 +92,21 @@ def replay_stage(hint):
 
 
 def sampling_stage(avatar, settings, steering: Steering, negative_prompt: str = ""):
-    """Avatar.stream over the frames' hints; each frame leaves with its avatar picture, in order."""
+    """Avatar.stream over the frames' hints; each frame leaves with its avatar picture, in order. While no
+    frame waits and frames are in flight, the stream ticks without a new one (a hint None): a frame leaves
+    `steps` ticks after it came, not `steps` frames later (model/temporal.stream_latents)."""
     def sample(frames):
-        entered = deque()
+        entered = deque()  # in the stream, not yet out
 
         def hints():
-            for frame in frames:
+            while True:
+                if entered and not frames.ready():
+                    with frames.idle():  # the ticks while no frame waits are not this stage's time per frame
+                        yield None
+                    continue
+                frame = next(frames, None)
+                if frame is None:
+                    return
                 entered.append(frame)
                 yield frame.hint
         for picture in avatar.stream(hints(), settings, negative_prompt=negative_prompt, frame_settings=steering):
@@ -173,7 +186,7 @@ def track_live(source: str, flame, size: int = 512, out: str | None = None, page
                on_frame=None) -> LiveRun:
     """The tracking alone, live: driving | the conditioning's normals over the face, into `out` (and its
     take) and onto `page`; the identity shape and focal are generic (module doc). max_frames: of a video file."""
-    feed = open_source(source, seq_allowed=False, max_frames=max_frames)
+    feed = open_source(source, seq_allowed=False, max_frames=max_frames, keep=TRACKING_KEEP)
     shape, focal = np.zeros(flame.n_shape, np.float32), default_focal((size, size))
     tracker = LiveTracker(flame, camera(focal, size), shape, size, source, max_gap)
     hint = lambda params: render_conditioning(flame, params, size, shape=shape)[0]  # noqa: E731
@@ -198,7 +211,7 @@ def run(feed: Source, stages: list, out: str | None, page, side_by_side: bool, s
         take = Take(take_path(out), feed.fps)
     pipeline = Pipeline(feed.frames, stages + [("output", output_stage(out, feed, take, page, side_by_side))],
                         serial)
-    read_seconds = feed.newest.read_seconds if feed.newest else []
+    read_seconds = feed.newest.read_seconds if feed.newest else None
 
     def shown(frame: Frame):
         stats = {**pipeline.stats(feed.dropped, read_seconds), "message": message()}
@@ -213,7 +226,7 @@ def run(feed: Source, stages: list, out: str | None, page, side_by_side: bool, s
         raise
     except Exception as error:  # noqa: BLE001  (a bug or the device: one line, the frames made are kept)
         first_line = (str(error).splitlines() or [""])[0]
-        raise LiveError(f"the live run failed after {len(pipeline.shown_at)} frames "
+        raise LiveError(f"the live run failed after {pipeline.shown} frames "
                         f"({type(error).__name__}: {first_line})") from error
     finally:
         ctrl_c.restore()

@@ -5,7 +5,7 @@
 A stage is a generator function, items in -> items out, in order (a stage may hold items back, as the
 sampler's wavefront holds `steps` frames, and yields them once its input ends). Each stage runs in its own
 thread; the queues between them hold QUEUE_SIZE items, so a stage that gets ahead waits, and that wait
-reaches the source, which keeps only the newest frame (live/sources.py): the frames nobody took in time
+reaches the source, which keeps only the newest frame or two (live/sources.py): the frames nobody took in time
 are dropped there, oldest first, and counted. So the frame rate is that of the slowest stage, and a frame's
 latency is the sum of the stages' times plus at most one period of the slowest stage spent in a queue.
 `serial=True` chains the same generators in the calling thread (one frame through every stage before the
@@ -21,19 +21,57 @@ and the outputs close. An exception in a stage ends that stage's output as if it
 stages after it finish what they hold (the frames made are kept), and the stages before it stop; `run`
 raises the first exception once every stage is done.
 """
+import math
 import queue
 import signal
-import statistics
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import closing
+from contextlib import closing, contextmanager
 
 import numpy as np
 
 QUEUE_SIZE = 1   # items waiting between two stages: more would only add latency
 WINDOW = 120     # the live figures are those of the last WINDOW frames shown
 _END = object()  # end of a stage's output
+# The whole run's figures count every frame's seconds in bins this far apart (a ratio), from SHORTEST to
+# LONGEST: its quantiles within half a bin (0.5%), in the same 15 KB a figure after a minute or a day.
+BIN_RATIO, SHORTEST, LONGEST = 1.01, 1e-5, 1e3
+BINS = math.ceil(math.log(LONGEST / SHORTEST, BIN_RATIO))
+
+
+class Timings:
+    """Seconds, one per frame (a stage's time, a latency), in bounded memory however long the run: the last
+    WINDOW of them exactly (the page's figures), and all of them as counts in log-spaced bins (the whole
+    run's quantiles; exact while the run is no longer than the window). Added on one thread, read on another."""
+
+    def __init__(self):
+        self.recent, self.count, self.bins = deque(maxlen=WINDOW), 0, np.zeros(BINS, np.int64)
+        self.lock = threading.Lock()
+
+    def add(self, seconds: float):
+        k = min(BINS - 1, max(0, int(math.log(max(seconds, SHORTEST) / SHORTEST, BIN_RATIO))))
+        with self.lock:
+            self.recent.append(seconds)
+            self.count += 1
+            self.bins[k] += 1
+
+    def __len__(self) -> int:
+        return self.count
+
+    def quantile(self, q: float, everything: bool = False) -> float:
+        """The q-quantile (numpy's linear interpolation between the ranks) of the last WINDOW seconds, or of all
+        of them; NaN before the first."""
+        with self.lock:
+            count, recent = self.count, list(self.recent)
+            bins = self.bins.copy() if everything and count > len(recent) else None
+        if bins is None:
+            return float(np.quantile(recent, q)) if recent else math.nan
+        rank = q * (count - 1)  # between the sorted values number floor(rank) and ceil(rank) (from 0)
+        below, above = np.searchsorted(np.cumsum(bins), [math.floor(rank) + 1, math.ceil(rank) + 1])
+        centre = lambda k: SHORTEST * BIN_RATIO ** (k + 0.5)  # noqa: E731  (geometric: half a bin either side)
+        return centre(below) + (rank - math.floor(rank)) * (centre(above) - centre(below))
 
 
 class StageClock:
@@ -41,17 +79,10 @@ class StageClock:
     for its input (in a queue, or in the stages before it when they run serially)."""
 
     def __init__(self, name: str):
-        self.name, self.seconds, self._waiting = name, [], 0.0
+        self.name, self.seconds, self._waiting = name, Timings(), 0.0
 
-    def inputs(self, items: Iterable) -> Iterator:
-        items = iter(items)
-        while True:
-            began = time.perf_counter()
-            item = next(items, _END)
-            self._waiting += time.perf_counter() - began
-            if item is _END:
-                return
-            yield item
+    def inputs(self, items: Iterable, ready: Callable[[], bool] = lambda: True) -> "StageInputs":
+        return StageInputs(self, iter(items), ready)
 
     def outputs(self, generator: Iterator, errors: list) -> Iterator:
         """The stage's items, timed; an exception in the stage is appended to `errors` and ends the output."""
@@ -61,12 +92,37 @@ class StageClock:
                 item = next(generator, _END)
                 if item is _END:
                     return
-                self.seconds.append(time.perf_counter() - began - self._waiting)
+                self.seconds.add(time.perf_counter() - began - self._waiting)
                 yield item
         except Exception as error:  # noqa: BLE001  (the run raises it once the stages after this one are done)
             errors.append(error)
         finally:
             generator.close()  # its `finally` (an output file, a writer) runs now, on this thread
+
+
+class StageInputs:
+    """A stage's input items, their waits timed for its clock. `ready()`: whether the next item is there
+    (always, serially: the stages before run on demand), so a stage with work it may do while it waits (the
+    sampler advances the frames it holds) does it only then; that work, in `with inputs.idle():`, counts as
+    waiting, not as the stage's time per item."""
+
+    def __init__(self, clock: StageClock, items: Iterator, ready: Callable[[], bool]):
+        self.clock, self.items, self.ready = clock, items, ready
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        with self.idle():
+            return next(self.items)
+
+    @contextmanager
+    def idle(self):
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.clock._waiting += time.perf_counter() - began
 
 
 class Pipe:
@@ -89,6 +145,10 @@ class Pipe:
         while (item := self.queue.get()) is not _END:
             yield item
 
+    def ready(self) -> bool:
+        """Whether an item (or the end) waits."""
+        return not self.queue.empty()
+
     def abandon(self):
         self.abandoned.set()
 
@@ -102,7 +162,8 @@ class Pipeline:
         self.stages = [(StageClock(name), stage) for name, stage in stages]
         self.stopping = threading.Event()
         self.errors: list[Exception] = []
-        self.shown_at, self.latencies = [], []
+        self.shown, self.first_shown = 0, None
+        self.shown_at, self.latencies = deque(maxlen=WINDOW), Timings()  # the last WINDOW frames' times
 
     @property
     def clocks(self) -> list[StageClock]:
@@ -118,14 +179,15 @@ class Pipeline:
         frames = self._serial() if self.serial else self._threaded()
         for frame in frames:
             now = time.monotonic()
+            self.shown, self.first_shown = self.shown + 1, self.first_shown or now
             self.shown_at.append(now)
-            self.latencies.append(now - frame.read_at)
+            self.latencies.add(now - frame.read_at)
             if on_shown is not None:
                 on_shown(frame)
         self.stop()
         if self.errors:
             raise self.errors[0]
-        return len(self.shown_at)
+        return self.shown
 
     def _serial(self) -> Iterator:
         items = self.source(self.stopping.is_set)
@@ -150,8 +212,9 @@ class Pipeline:
                 thread.join()
 
     def _run_stage(self, clock: StageClock, stage: Callable, before: Pipe | None, out: Pipe):
-        items = self.source(self.stopping.is_set) if before is None else before.items()
-        with closing(clock.outputs(stage(clock.inputs(items)), self.errors)) as outputs:
+        inputs = clock.inputs(self.source(self.stopping.is_set)) if before is None else \
+            clock.inputs(before.items(), before.ready)
+        with closing(clock.outputs(stage(inputs), self.errors)) as outputs:
             for item in outputs:
                 if not out.put(item):
                     break  # the stages after this one are gone
@@ -161,19 +224,23 @@ class Pipeline:
             before.abandon()  # the stage before stops instead of waiting for room
         out.put(_END)
 
-    def stats(self, dropped: int, read_seconds: list[float], everything: bool = False) -> dict:
+    def stats(self, dropped: int, read: Timings | None, everything: bool = False) -> dict:
         """The figures the page shows: frames shown, dropped, frames/s, latency (frame read -> frame shown)
-        and each stage's median ms, over the last WINDOW frames (everything: over the whole run)."""
-        last = slice(None) if everything else slice(-WINDOW, None)
-        shown = self.shown_at[last]
-        fps = (len(shown) - 1) / (shown[-1] - shown[0]) if len(shown) > 1 and shown[-1] > shown[0] else 0.0
-        latency = np.asarray(self.latencies[last]) * 1000
-        stages = {"read": read_seconds[last]} if read_seconds else {}
-        stages.update({clock.name: clock.seconds[last] for clock in self.clocks})
-        return {"frames": len(self.shown_at), "dropped": dropped, "fps": fps,
-                "latency_ms": {"median": float(np.median(latency)) if len(latency) else 0.0,
-                               "p90": float(np.percentile(latency, 90)) if len(latency) else 0.0},
-                "stages_ms": {name: 1000 * statistics.median(seconds) for name, seconds in stages.items() if seconds},
+        and each stage's median ms (read: the source's) and its p90 (the spikes that drop frames), over the
+        last WINDOW frames (everything: over the whole run)."""
+        if everything:
+            frames, seconds = self.shown - 1, self.shown_at[-1] - self.first_shown if self.shown else 0.0
+        else:
+            frames, seconds = len(self.shown_at) - 1, self.shown_at[-1] - self.shown_at[0] if self.shown_at else 0.0
+        stages = {"read": read} if read is not None else {}
+        stages.update({clock.name: clock.seconds for clock in self.clocks})
+        latency = lambda q: 1000 * self.latencies.quantile(q, everything) if len(self.latencies) else 0.0  # noqa: E731
+        return {"frames": self.shown, "dropped": dropped, "fps": frames / seconds if seconds > 0 else 0.0,
+                "latency_ms": {"median": latency(0.5), "p90": latency(0.9)},
+                "stages_ms": {name: 1000 * timings.quantile(0.5, everything) for name, timings in stages.items()
+                              if len(timings)},
+                "stages_p90_ms": {name: 1000 * timings.quantile(0.9, everything) for name, timings in stages.items()
+                                  if len(timings)},
                 "message": None}
 
 

@@ -1,19 +1,23 @@
 """Where a live run's frames come from: a video file played at its own frame rate, a camera, or a seq.npz.
 
-A video or a camera is read by a thread that keeps only the newest frame (`NewestFrame`): the loop takes
-the newest one whenever it is ready for another, and a frame replaced before it was taken is dropped
-(and counted). A seq.npz gives every frame in order, with no clock and nothing dropped.
+A video or a camera is read by a thread that keeps only the newest frame, or the newest few (`NewestFrame`):
+the loop takes the oldest of them whenever it is ready for another, and a frame pushed out by newer ones
+before it was taken is dropped (and counted). Keeping two absorbs a slow frame (the loop catches up on
+the one kept) at the price of one frame period of latency while the loop is behind. A seq.npz gives every
+frame in order, with no clock and nothing dropped.
 """
 import itertools
 import os
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from fractions import Fraction
 
 import av
 import numpy as np
 
+from live.pipeline import Timings
 from tracking.sequence import FlameSequence, load_seq
 from tracking.video import VideoError, VideoNotFoundError, iter_frames, video_fps
 
@@ -32,17 +36,18 @@ class Frame:
 
 
 class NewestFrame:
-    """Frames of `frames` (an iterator) read by a thread; `get` returns the newest one not yet taken.
+    """Frames of `frames` (an iterator) read by a thread; `get` returns the oldest of the newest `keep` frames
+    not yet taken (keep=1: the newest).
 
     frame_rate: release frame k at k / frame_rate seconds after the first `get` (a video file played at
-    its own speed); None: as fast as they come (a camera delivers in real time). A frame replaced before
-    it was taken counts as `dropped`; `read_seconds` holds the time each frame took to read (decode).
+    its own speed); None: as fast as they come (a camera delivers in real time). A frame pushed out by newer
+    ones before it was taken counts as `dropped`; `read_seconds`: the time each frame took to read (decode).
     """
 
-    def __init__(self, frames, frame_rate: float | None):
+    def __init__(self, frames, frame_rate: float | None, keep: int = 1):
         self.frames, self.frame_rate = frames, frame_rate
-        self.dropped, self.read, self.read_seconds = 0, 0, []
-        self._newest, self._done, self._error, self._closed = None, False, None, False
+        self.dropped, self.read, self.read_seconds = 0, 0, Timings()
+        self._kept, self._done, self._error, self._closed = deque(maxlen=keep), False, None, False
         self._changed = threading.Condition()
         self._thread = threading.Thread(target=self._run, daemon=True, name="read")
 
@@ -56,10 +61,11 @@ class NewestFrame:
                 image = next(frames, None)
                 if image is None or self._closed:
                     break
-                self.read_seconds.append(time.perf_counter() - began)
+                self.read_seconds.add(time.perf_counter() - began)
                 with self._changed:
-                    self.dropped += self._newest is not None
-                    self._newest, self.read = Frame(k, time.monotonic(), image), self.read + 1
+                    self.dropped += len(self._kept) == self._kept.maxlen
+                    self._kept.append(Frame(k, time.monotonic(), image))
+                    self.read += 1
                     self._changed.notify()
         except Exception as error:  # noqa: BLE001  (handed to the reader)
             self._error = error
@@ -72,15 +78,14 @@ class NewestFrame:
             self._changed.notify()
 
     def get(self) -> Frame | None:
-        """The newest frame (waiting for one), or None once the source has ended."""
+        """The next frame kept (waiting for one), or None once the source has ended."""
         if not self._thread.is_alive() and not self._done:
             self._thread.start()
         with self._changed:
-            self._changed.wait_for(lambda: self._newest is not None or self._done)
+            self._changed.wait_for(lambda: self._kept or self._done)
             if self._error is not None:
                 raise self._error
-            frame, self._newest = self._newest, None
-            return frame
+            return self._kept.popleft() if self._kept else None
 
     def close(self):
         """Stop reading (the file or camera is closed after the frame being read)."""
@@ -150,15 +155,15 @@ def frame_of(seq: FlameSequence, f: int) -> FlameSequence:
                          crop_boxes=boxes, **per_frame)
 
 
-def open_source(source: str, seq_allowed: bool = True, max_frames: int | None = None) -> Source:
+def open_source(source: str, seq_allowed: bool = True, max_frames: int | None = None, keep: int = 1) -> Source:
     """A seq.npz, a camera (/dev/video*) or a video file (its first `max_frames`), opened now so that a bad one
-    fails before any work."""
+    fails before any work; keep: the newest frames a camera or a video holds for the loop (NewestFrame)."""
     if source.endswith(".npz") and seq_allowed:
         seq = load_seq(source)
         return Source(source, Fraction(float(seq.fps)).limit_denominator(100_000), seq=seq)
     if source.startswith("/dev/"):
         frames, rate = camera_frames(source)
-        return Source(source, Fraction(rate).limit_denominator(100_000), NewestFrame(frames, None))
+        return Source(source, Fraction(rate).limit_denominator(100_000), NewestFrame(frames, None, keep))
     fps = video_fps(source)  # raises VideoError / VideoNotFoundError naming the file
     # decoded on the reader's thread (no prefetch): its time is the read stage's, and it runs beside the loop
-    return Source(source, fps, NewestFrame(iter_frames(source, max_frames, prefetch=0), float(fps)))
+    return Source(source, fps, NewestFrame(iter_frames(source, max_frames, prefetch=0), float(fps), keep))

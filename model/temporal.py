@@ -27,23 +27,26 @@ Streaming (`stream_latents`, live driving) runs the same arithmetic as a wavefro
 a time and each tick runs ONE model batch holding up to `steps` frames, each at a different step (the
 newest frame at step 0 beside its predecessor at step 1, ...). Frame f at step i needs frame f-1's
 estimate of step i-1, which the wavefront computed two ticks before, so the streamed frames equal the
-chunked ones, and after `steps` ticks one finished frame leaves per tick (latency: `steps` ticks).
+chunked ones, and after `steps` ticks one finished frame leaves per tick (latency: `steps` ticks). A live
+source that delivers frames more slowly than the ticks run says so (an item None: no frame yet), and the
+frames in flight advance without a new one, so a frame's latency is `steps` ticks, not `steps` frames.
 
 A live stream may change its settings between frames (`FrameSettings`: the text embedding, the temporal
 strength, the conditioning scale; live/'s page controls). A frame takes the settings current when it
 ENTERS the stream and keeps them until it leaves: its own pull toward its predecessor uses its own
 strength, and the frames already in flight are not re-weighted. While frames of old and new settings share
 a tick, each row of the model batch gets its own text embedding and scale (an eager call); once they agree
-again the steady tick replays its graph (a new text embedding is an input of the same graph; a new
-conditioning scale is a value baked into one, so each scale used gets its own capture). With fixed settings every frame shares one FrameSettings and the
-arithmetic is the offline sampler's.
+again the tick replays its graph (a new text embedding is an input of the same graph; a new
+conditioning scale is a value baked into one, so each scale used gets its own capture). With fixed
+settings every frame shares one FrameSettings and the arithmetic is the offline sampler's.
 
 On CUDA the calls whose shapes repeat replay CUDA graphs (model/graphs.py; VideoSampling.cuda_graphs):
 the model call of every step of a chunk (UNet + ControlNet, both guidance branches in one batch), the
-stream's steady-state ticks (`steps` frames in flight; the wavefront's fill and drain ticks run eagerly,
-each of their batch sizes occurs once) and the decode. The fused step (guidance, solver update, pull)
-stays one eager kernel launch per step: its coefficients are the step's, passed as kernel scalars, which
-a graph would bake in (one capture of the whole network per step).
+stream's ticks (one graph per number of frames in flight, captured when it recurs: a tick with fewer than
+`steps` frames is not only the wavefront's fill and drain, but every tick while a live source has no new
+frame, and eager it would take longer than a full replayed one) and the decode. The fused step
+(guidance, solver update, pull) stays one eager kernel launch per step: its coefficients are the step's,
+passed as kernel scalars, which a graph would bake in (one capture of the whole network per step).
 """
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -252,7 +255,13 @@ def stream_latents(model_fn, conditions: Iterable, sampler: Sampler, shared_nois
     t (a (B,) tensor: each frame at its own step) with those frames' conditioning items.
     weights: the pull's weight at every step, for every frame; or a function of a frame's conditioning item
     giving that frame's (per-frame settings, see the module doc).
-    One tick per frame that arrives, then ticks until the last one is done.
+    One tick per item of `conditions`, then ticks until the last frame is done. An item None says that no
+    frame has arrived yet: the frames in flight advance a step without a new one (a live source slower
+    than the ticks: a frame then leaves `steps` ticks after it arrived, not `steps` arrivals later; with
+    none in flight, a None is passed over). The result is the same: a frame's step reads only its own
+    earlier steps and its predecessor's estimate of the step before, which a frame that entered earlier
+    has always made by then; only the model batches are made up differently (with batch-invariant model
+    calls, bit for bit).
 
     The step itself runs per frame (its coefficients are its step's); a GPU path would hand
     `temporal_step` per-row coefficient vectors and run the tick as one kernel.
@@ -264,14 +273,14 @@ def stream_latents(model_fn, conditions: Iterable, sampler: Sampler, shared_nois
     while arriving or in_flight:
         condition = next(conditions, _END) if arriving else _END
         arriving = condition is not _END
-        if arriving:
+        if arriving and condition is not None:
             f = _InFlight(frame, condition, shared_noise[None] * sampler.init_noise_sigma,
                           step_noise_generator(seed, frame, shared_noise.device), weights_of(condition))
             f.before, last = last or f, f
             in_flight.append(f)
             frame += 1
         if not in_flight:
-            break
+            continue  # nothing to advance: the next item, or the end
         _stream_tick(model_fn, list(in_flight), sampler, shared_noise, guidance)
         if in_flight[0].step == len(sampler):
             done = in_flight.popleft()
@@ -361,7 +370,8 @@ def stream_video(denoiser, decoder, schedule: NoiseSchedule, hints: Iterable[tor
                  frame_settings: Callable[[], FrameSettings] | None = None) -> Iterator[np.ndarray]:
     """Frames uint8 (H, W, 3) of a video whose hint images (C, H, W) arrive one at a time (live driving), each
     as soon as it is done: `stream_latents` on `denoiser`, every frame decoded as it leaves by `decoder`
-    (its `decode_latents`: the VAE, or a smaller decoder). Arguments as for `sample_video`; frame_settings()
+    (its `decode_latents`: the VAE, or a smaller decoder). Arguments as for `sample_video`, but a hint
+    None is no frame yet (the frames in flight advance a step: `stream_latents`); frame_settings()
     is asked as each hint arrives (a live run's current text embedding, temporal strength and conditioning
     scale); None: `context` and `settings`' for every frame.
     """
@@ -371,15 +381,14 @@ def stream_video(denoiser, decoder, schedule: NoiseSchedule, hints: Iterable[tor
     param = next(denoiser.parameters())
     noise = video_noise(denoiser.unet.config.in_channels, latent_size, settings.seed, param.device, param.dtype)
     # a tick reads the model's outputs before the next tick, to_uint8 copies the decoded frame: no copies needed
-    steady = GraphedCall(denoiser.guided, settings.cuda_graphs, clone_outputs=False)
+    tick = GraphedCall(denoiser.guided, settings.cuda_graphs, clone_outputs=False)
     decode = GraphedCall(decoder.decode_latents, settings.cuda_graphs, clone_outputs=False)
 
     def model_fn(x, t, frames: list[tuple[torch.Tensor, FrameSettings]]):
         hint = torch.stack([h for h, _ in frames]).to(param.device, param.dtype)
         first = frames[0][1]
         if all(s is first for _, s in frames):
-            call = steady if len(frames) == settings.steps else denoiser.guided  # fill and drain: eager
-            return call(x, t, first.context, uncond_context, hint, first.conditioning_scale)
+            return tick(x, t, first.context, uncond_context, hint, first.conditioning_scale)
         # frames of different settings in one tick (just after a live change): each row its own, eagerly
         context = torch.cat([s.context for _, s in frames])
         scale = torch.tensor([s.conditioning_scale for _, s in frames], device=x.device, dtype=x.dtype)
@@ -389,6 +398,7 @@ def stream_video(denoiser, decoder, schedule: NoiseSchedule, hints: Iterable[tor
         return replace(settings, temporal_strength=frame[1].temporal_strength).weights
 
     sampler = make_sampler(schedule, settings.sampler, settings.steps, settings.eta)
-    arriving = ((hint, frame_settings()) for hint in hints)  # settings taken as the frame enters
+    # settings taken as the frame enters; None (no frame yet, see stream_latents) passes on
+    arriving = (None if hint is None else (hint, frame_settings()) for hint in hints)
     for latents in stream_latents(model_fn, arriving, sampler, noise, weights, settings.guidance, settings.seed):
         yield to_uint8(decode(latents))[0].numpy()

@@ -252,9 +252,84 @@ def test_stages_in_threads_give_every_frame_in_order_like_the_serial_loop():
         shown = []
         assert pipeline.run(shown.append) == 40
         results[serial] = [(f.index, int(f.picture[0, 0, 0])) for f in shown]
-        stats = pipeline.stats(dropped=0, read_seconds=[])
+        stats = pipeline.stats(dropped=0, read=None)
         assert set(stats["stages_ms"]) == {"a", "b", "c"} and stats["latency_ms"]["p90"] >= stats["latency_ms"]["median"] > 0
     assert results[False] == results[True] == [(k, (8 * k % 256 + 3) % 256) for k in range(40)]
+
+
+def test_the_sampler_ticks_while_no_frame_waits_so_a_frame_leaves_steps_ticks_after_it_came():
+    """The sampling stage behind a stage that delivers a frame every 60 ms, its ticks 5 ms (a toy model, LCM 4
+    steps): pipelined, the frames in flight advance while the next frame is awaited, so each frame is shown
+    before the next one is read (latency ~4 ticks, not ~3 frames), the frames are still the offline
+    sampler's, and the stage's time per frame is one tick (the idle ticks count as waiting). Serially the
+    stage never idles: the frames leave 3 frames late."""
+    from live.loop import sampling_stage
+    from live.pipeline import Pipeline
+    from live.sources import Frame
+    from model.config import SD1
+    from model.sampling import NoiseSchedule, make_sampler
+    from model.temporal import denoise_video, stream_latents, temporal_weights
+    sampler, weights = make_sampler(NoiseSchedule.from_config(SD1), "lcm", 4), temporal_weights(4, 0.9, 3)
+    targets = torch.randn(10, 4, 6, 6, generator=torch.Generator().manual_seed(0))
+    noise = torch.randn(4, 6, 6, generator=torch.Generator().manual_seed(1))
+
+    def model(x, t, frame_ids):
+        time.sleep(0.005)
+        return 0.3 * x + 0.5 * targets[list(frame_ids)], None
+
+    class ToyAvatar:
+        def stream(self, hints, settings, negative_prompt="", frame_settings=None):
+            return (latents[0] for latents in stream_latents(model, hints, sampler, noise, weights))
+
+    def source(stopped):
+        for k in range(10):
+            yield Frame(k, 0.0, hint=k)
+
+    def every_60_ms(frames):  # a source at its own frame rate, as live/sources.NewestFrame releases a video's
+        for frame in frames:
+            time.sleep(0.06)
+            frame.read_at = time.monotonic()
+            yield frame
+    offline = denoise_video(model, sampler, noise, weights, range(10), chunk=10, progress=False)
+    for serial in (False, True):
+        pipeline = Pipeline(source, [("read", every_60_ms), ("sample", sampling_stage(ToyAvatar(), None, None))],
+                            serial)
+        shown = []
+        assert pipeline.run(shown.append) == 10
+        assert torch.allclose(torch.stack([f.picture for f in shown]), offline, atol=1e-5, rtol=1e-5)
+        latency, stage = pipeline.stats(0, None)["latency_ms"]["median"], pipeline.stats(0, None)["stages_ms"]["sample"]
+        if serial:
+            assert latency > 150  # three frames late
+        else:
+            assert latency < 50 and stage < 15, (latency, stage)  # 4 ticks of 5 ms; one tick per frame
+
+
+def test_the_figures_keep_a_window_and_the_whole_runs_quantiles_in_bounded_memory():
+    """Timings: the last WINDOW values exactly (numpy's quantiles of them), the whole run's quantiles within
+    half a bin (0.5%) of numpy's over every value, exact while the run fits the window; and no more memory
+    after 200,000 values than after 2,000."""
+    import tracemalloc
+
+    from live.pipeline import WINDOW, Timings
+    values = np.random.default_rng(0).lognormal(np.log(0.03), 0.6, 200_000)  # 30 ms frames with a long tail
+    short = Timings()
+    for v in values[:WINDOW]:
+        short.add(v)
+    for q in (0.0, 0.5, 0.9, 1.0):
+        assert short.quantile(q) == short.quantile(q, everything=True) == np.quantile(values[:WINDOW], q)
+    timings = Timings()
+    tracemalloc.start()
+    for k, v in enumerate(values):
+        timings.add(v)
+        if k == 2_000:
+            after_2k = tracemalloc.get_traced_memory()[0]
+    grown = tracemalloc.get_traced_memory()[0] - after_2k
+    tracemalloc.stop()
+    assert grown < 4_000, grown  # a list of floats would hold 200,000 x 32 bytes more
+    for q in (0.1, 0.5, 0.9, 0.99):
+        assert timings.quantile(q) == np.quantile(values[-WINDOW:], q)
+        assert abs(timings.quantile(q, everything=True) / np.quantile(values, q) - 1) < 0.005, q
+    assert len(timings) == len(values) and Timings().quantile(0.5) != Timings().quantile(0.5)  # NaN when empty
 
 
 def test_a_slow_stage_drops_the_oldest_frames_at_the_source_and_counts_them():
@@ -273,6 +348,28 @@ def test_a_slow_stage_drops_the_oldest_frames_at_the_source_and_counts_them():
     assert indices == sorted(indices) and indices[-1] == 59  # in order; the newest is never the one dropped
     assert feed.dropped > 20 and len(shown) + feed.dropped == newest.read == 60
     assert [int(f.image[0, 0, 0]) for f in shown] == [8 * k % 256 for k in indices]
+
+
+def test_a_second_frame_kept_rides_out_a_slow_frame_that_one_drops():
+    """A 30 frames/s source and a stage of 15 ms a frame with every 10th frame 83 ms (a face search, a busy
+    core): the stage keeps up on average, and with two frames kept (the tracking-only run's) it loses none;
+    with the newest frame only, each slow frame pushes out the one that arrives during it."""
+    from live.pipeline import Pipeline
+    from live.sources import NewestFrame, Source
+    dropped = {}
+    for keep in (1, 2):
+        newest = NewestFrame(numbered_frames(60), frame_rate=30, keep=keep)
+
+        def uneven(frames):
+            for frame in frames:
+                time.sleep(0.083 if frame.index % 10 == 5 else 0.015)  # 2.5 periods
+                yield frame
+        shown = []
+        Pipeline(Source("30fps.mp4", Fraction(30), newest).frames, [("track", uneven)]).run(shown.append)
+        assert [f.index for f in shown] == sorted({f.index for f in shown})
+        assert len(shown) + newest.dropped == 60
+        dropped[keep] = newest.dropped
+    assert dropped[2] == 0 and dropped[1] >= 3, dropped
 
 
 def synthetic_take_source(n: int, frame_rate: float | None):

@@ -3,6 +3,7 @@ real faces (tests/data/two_people.py) with hard cuts, and the one-person demo cl
 change."""
 import json
 import os
+import time
 
 import numpy as np
 import pytest
@@ -109,23 +110,123 @@ def live_tracker_factory(flame):
     reference = FlameSequence(zeros(flame.n_shape), zeros(1, flame.n_exp), zeros(1, 3), zeros(1, 3), zeros(1, 3),
                               zeros(1, 6), np.array([[0, 0, -0.5]], np.float32), focal=1000.0,
                               image_size=(512, 512), fps=24.0)
-    return lambda: LiveTracker(flame, reference, zeros(flame.n_shape), 64, "two.mp4")
+    return lambda wait=True, max_gap=10: LiveTracker(flame, reference, zeros(flame.n_shape), 64, "two.mp4", max_gap,
+                                                     wait_for_person=wait)
 
 
 @pytest.mark.parametrize("cuts_seen", [True, False])
 def test_live_keeps_the_person_it_started_with(live_tracker_factory, cuts_seen, monkeypatch):
-    """Another face taking over is not followed: its frames hold the last fit, counted as faceless. Without
-    the cut test, the switch is still caught: the face stops looking like the previous frame's."""
+    """Another face taking over is not followed: its frames hold the last fit, and they are no gap in the
+    track (more of them than max_gap do not end the run). Without the cut test, the switch is still caught:
+    the face stops looking like the previous frame's."""
     from two_people import iter_two_person_frames
     if not cuts_seen:
         monkeypatch.setattr(people_module.ShotCuts, "__call__", lambda self, frame: False)
-    tracker = live_tracker_factory()
+    tracker = live_tracker_factory(max_gap=3)
     shots = (("A", 8), ("B", 6), ("A", 6))
     outputs = [tracker(i, frame) for i, frame in enumerate(iter_two_person_frames(shots))]
     last_a = outputs[7][1]
     assert all(params is last_a for _, params in outputs[8:14])  # B: held, not fitted
     assert all(params is not last_a for _, params in outputs[14:])  # A again: followed
     assert tracker.faceless == []
+
+
+def test_the_lock_rechecks_a_face_it_took_for_someone_else_soon():
+    """A wrong verdict on the person (a descriptor of a chip off a fast-moving face) holds their frames only
+    until the next check, RECHECK_OTHER frames on, not RECHECK_EVERY; the person's face is checked every
+    RECHECK_EVERY frames."""
+    from tracking.people import RECHECK_EVERY, RECHECK_OTHER, PersonLock
+    lock, checked = PersonLock(wait=True), []
+    near, far = np.zeros(128), np.full(128, 1.0)  # far: sqrt(128) from the first descriptor
+
+    wrong, mended = 1 + RECHECK_EVERY, 1 + RECHECK_EVERY + 1 + RECHECK_OTHER  # frames checked (after 0)
+
+    def describe(frame, k):
+        checked.append(k)
+        return far if k == wrong else near
+    lock.describe = describe
+    followed = [lock.accepts(None, k, found=k == 0) for k in range(3 * RECHECK_EVERY)]
+    assert checked == [0, wrong, mended, mended + 1 + RECHECK_EVERY]
+    assert followed == [k < wrong or k >= mended for k in range(3 * RECHECK_EVERY)]
+
+
+def test_a_late_verdict_hands_back_where_the_tracker_stood_before_its_own_check():
+    """On the worker thread, a check's verdict may come on a frame that asks for the next check: `turned` is
+    the first check's `before` (the fit to go back to), not the newer one's."""
+    import threading
+
+    from tracking.people import RECHECK_EVERY, PersonLock
+    lock, ready = PersonLock(), {}
+    near, far = np.zeros(128), np.full(128, 1.0)
+
+    def describe(frame, k):
+        ready.setdefault(k, threading.Event()).wait(30)
+        return far if k > 0 else near
+    lock.describe = describe
+    ready[0] = threading.Event()
+    ready[0].set()
+    assert lock.accepts(None, 0, found=True, before="before 0")
+    lock.settle()
+    first, second = 1 + RECHECK_EVERY, 2 * (1 + RECHECK_EVERY)
+    for k in range(1, second):
+        assert lock.accepts(None, k, found=False, before=f"before {k}") and lock.turned is None
+    assert lock.asked is False and lock.checking is not None  # frame `first`'s check still running
+    ready.setdefault(first, threading.Event()).set()
+    lock.checking[0].result()
+    assert not lock.accepts(None, second, found=False, before=f"before {second}")
+    assert lock.asked and lock.turned == f"before {first}"
+    ready.setdefault(second, threading.Event()).set()
+    lock.settle()
+
+
+def test_live_checks_the_person_beside_the_tracking_and_acts_on_the_late_verdict(live_tracker_factory, monkeypatch):
+    """The descriptor runs on the lock's worker thread: a face the detector finds is followed until its
+    verdict arrives (here held back for LATE frames); someone else's verdict then holds the fit from before
+    that face, and the person found again is held until their own verdict. Without the delay (the verdicts
+    in time) the frames are the inline lock's (wait_for_person=True) after each verdict."""
+    import threading
+
+    from two_people import iter_two_person_frames
+    late, released, threads = 2, [], set()
+    describe = people_module.Describer.__call__
+
+    def held_back(self, frame, landmarks):  # the verdict is ready once the test releases it
+        gate = threading.Event()
+        released.append(gate)
+        threads.add(threading.current_thread())
+        gate.wait(30)
+        return describe(self, frame, landmarks)
+    monkeypatch.setattr(people_module.Describer, "__call__", held_back)
+    shots = (("A", 8), ("B", 8), ("A", 8))
+    frames = list(iter_two_person_frames(shots))
+    inline = live_tracker_factory(wait=True)
+    monkeypatch.setattr(people_module.Describer, "__call__", describe)
+    reference = [inline(i, frame) for i, frame in enumerate(frames)]
+    monkeypatch.setattr(people_module.Describer, "__call__", held_back)
+    tracker = live_tracker_factory(wait=False)
+    outputs, asked = [], {}
+    for i, frame in enumerate(frames):
+        outputs.append(tracker(i, frame))
+        if tracker.person.asked:
+            asked[i] = len(released)
+        for k, n in asked.items():  # each check's verdict is ready `late` frames after it was asked
+            if i == k + late - 1:
+                while len(released) < n:
+                    time.sleep(0.01)
+                released[n - 1].set()
+                tracker.person.checking[0].result()
+    for gate in released:  # none is left waiting, whatever failed
+        gate.set()
+    # the first face and each cut (a found face), and B found again on the frame after their verdict came
+    assert sorted(asked) == [0, 8, 8 + late + 1, 16]
+    assert threading.main_thread() not in threads
+    params = [p for _, p in outputs]
+    assert all(p is not params[7] for p in params[8:8 + late])  # B followed until its verdict ...
+    assert all(p is params[7] for p in params[8 + late:16 + late])  # ... then held at A's last fit
+    assert all(p is not params[7] for p in params[16 + late:])  # A again, after their verdict
+    # the first shot is fitted exactly as with the inline lock; that lock held B's frames from the first
+    assert all(np.array_equal(outputs[i][1].expression, reference[i][1].expression) for i in range(8))
+    assert all(reference[i][1] is reference[7][1] for i in range(8, 16))
 
 
 def test_training_leaves_the_other_persons_frames_out(two_person_track, tmp_path, caplog):

@@ -26,17 +26,23 @@ def toy_model(x, t, frame_ids):
     return cond_out, 0.2 * x + 0.01 * t / 1000.0
 
 
-@pytest.mark.parametrize("name, steps, guidance, eta", [
-    ("ddim", 25, 3.0, 0.0), ("ddim", 6, 2.0, 0.7), ("lcm", 4, 1.0, 0.0), ("euler", 6, 3.0, 0.0),
-    ("dpmpp_2m", 6, 3.0, 0.0), ("euler_trailing", 2, 1.0, 0.0), ("lcm", 1, 1.0, 0.0),
-])
-def test_stream_equals_chunked(name, steps, guidance, eta):
+def chunked_case(name, steps, guidance, eta):
+    """A sampler, the shared noise, the pull's weights, the toy model and the chunked sampler's 12 frames."""
     sampler = make_sampler(NoiseSchedule.from_config(SD1), name, steps, eta)
     noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1))
     weights = temporal_weights(steps, 0.9, max(1, round(0.8 * steps)))
     model = toy_model if guidance != 1.0 else lambda x, t, ids: (toy_model(x, t, ids)[0], None)
     offline = denoise_video(model, sampler, noise, weights, range(12), guidance=guidance, chunk=5, seed=3,
                             progress=False)
+    return sampler, noise, weights, model, offline
+
+
+@pytest.mark.parametrize("name, steps, guidance, eta", [
+    ("ddim", 25, 3.0, 0.0), ("ddim", 6, 2.0, 0.7), ("lcm", 4, 1.0, 0.0), ("euler", 6, 3.0, 0.0),
+    ("dpmpp_2m", 6, 3.0, 0.0), ("euler_trailing", 2, 1.0, 0.0), ("lcm", 1, 1.0, 0.0),
+])
+def test_stream_equals_chunked(name, steps, guidance, eta):
+    sampler, noise, weights, model, offline = chunked_case(name, steps, guidance, eta)
     batches = []
 
     def counting(x, t, ids):
@@ -48,6 +54,29 @@ def test_stream_equals_chunked(name, steps, guidance, eta):
     # one model batch per tick, at most `steps` frames, each at another step: 12 arrivals + steps - 1 to drain
     assert len(batches) == 12 + steps - 1 and max(map(len, batches)) == min(steps, 12)
     assert batches[steps - 1] == list(range(min(steps, 12)))
+
+
+@pytest.mark.parametrize("name, steps, guidance, eta", [("ddim", 6, 2.0, 0.7), ("lcm", 4, 1.0, 0.0),
+                                                       ("dpmpp_2m", 6, 3.0, 0.0)])
+def test_ticks_without_a_new_frame_give_the_chunked_frames_sooner(name, steps, guidance, eta):
+    """Items None (no frame has arrived) tick the frames in flight without a new one: the same frames as the
+    chunked sampler, and a frame followed by steps - 1 of them leaves before the next frame arrives."""
+    sampler, noise, weights, model, offline = chunked_case(name, steps, guidance, eta)
+    gaps = [0, steps - 1, 1, steps + 2, 0, 0, steps - 1, 3, steps - 1, 0, 2, steps - 1]  # Nones after frame f
+    arrived, frames, arrived_when_out = [], [], []
+
+    def arrivals():
+        for f, gap in enumerate(gaps):
+            arrived.append(f)
+            yield f
+            yield from [None] * gap
+    for latents in stream_latents(model, arrivals(), sampler, noise, weights, guidance, seed=3):
+        frames.append(latents)
+        arrived_when_out.append(len(arrived))
+    streamed = torch.cat(frames)
+    assert torch.allclose(streamed, offline, atol=1e-5, rtol=1e-5), (streamed - offline).abs().max()
+    for f, gap in enumerate(gaps[:-1]):
+        assert (arrived_when_out[f] == f + 1) == (gap >= steps - 1), f  # out before the next one came in
 
 
 def test_stream_yields_each_frame_after_steps_ticks():
@@ -90,6 +119,10 @@ def test_avatar_stream_equals_render(untrained_avatar_run, settings):
     rendered, hints = avatar.render(seq, frames=range(n), settings=settings, progress=False)
     assert streamed.shape == rendered.shape == (n, 64, 64, 3)
     assert np.abs(streamed.astype(int) - rendered).max() <= 1
+    # a live source slower than the ticks: no frame yet (None) between the frames, the same frames
+    gaps = [None] * (settings.steps - 1)
+    sparse = np.stack(list(avatar.stream((item for frame in one_by_one for item in [frame, *gaps]), settings)))
+    assert np.abs(sparse.astype(int) - rendered).max() <= 1
 
     # the latents themselves, through the avatar's real denoiser
     from model.pipeline import encode_prompts

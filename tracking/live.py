@@ -25,11 +25,12 @@ class LiveTracker:
     (`reference`: the seq.npz it was trained on, whose crops were `size` pixels) and starts from the
     previous frame's parameters. A frame without a face, or with only someone else's (the tracker follows
     the first person it sees), keeps the previous parameters (before the first face: it is skipped, None);
-    more than `max_gap` frames in a row without one is an error.
+    more than `max_gap` frames in a row without any face is an error. The person check runs beside the tracking
+    (PersonLock); wait_for_person: each check's verdict applies to its own frame (tests).
     """
 
     def __init__(self, flame, reference: FlameSequence, shape: np.ndarray, size: int, source: str,
-                 max_gap: int = DEFAULT_MAX_GAP):
+                 max_gap: int = DEFAULT_MAX_GAP, wait_for_person: bool = False):
         self.size, self.source, self.max_gap = size, source, max_gap
         self.fit = FrameFit(flame, shape, reference.focal * size / reference.image_size[1], (size, size))
         self.faces = FaceTracker(full_searches=0, one_view=True)  # a frame without a face costs one view
@@ -37,22 +38,31 @@ class LiveTracker:
         self.box = None       # the previous crop box (float, smoothed)
         self.params = None    # the previous frame's fit
         self.faceless = []  # source indices of the frames without a face since the last face
-        self.person = PersonLock()  # whom the tracker follows: the first face it sees
+        self.someone_else = False  # whether the last frame's face was someone else's
+        self.person = PersonLock(wait_for_person)  # whom the tracker follows: the first face it sees
 
     def landmarks(self, frame: np.ndarray):
         """(68, 2) landmarks of the face in `frame`, followed from the previous frame, or None (no face, or
-        not the person the tracker started with: tracking/people.py's PersonLock)."""
+        not the person the tracker started with: tracking/people.py's PersonLock). When the verdict on a
+        face already fitted arrives (late) and says someone else, the fit goes back to where it stood before
+        that check and the face is searched for afresh; someone else's face found then is followed by the
+        landmark tracker (no search per frame), its frames held."""
         if self.person.new_shot(frame):
             self.state = None  # a cut: the face is searched for afresh, and checked
         previous = self.state
         result, lost, self.state = self.faces.step(frame, previous)
+        self.someone_else = False
         if result is None:
             return None
-        if not self.person.accepts(frame, result[0],
-                                   maybe_someone_new(previous, self.state, lost, self.faces.min_similarity)):
-            self.state = None  # someone else: not followed, searched for again on the next frame
-            return None
-        return result[0]
+        accepted = self.person.accepts(frame, result[0],
+                                       maybe_someone_new(previous, self.state, lost, self.faces.min_similarity),
+                                       before=(self.params, self.box))  # this frame is not fitted yet
+        if self.person.turned is not None:  # a verdict of someone else on a face followed until now: the fit as
+            # it stood before that check, and the face searched for afresh on the next frame, whose landmarks are
+            # checked next (landmarks followed across a fast move give a chip that can misjudge the person)
+            (self.params, self.box), self.state = self.person.turned, None
+        self.someone_else = not accepted
+        return result[0] if accepted else None
 
     def crop(self, frame: np.ndarray, landmarks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(the face crop (size, size, 3), the landmarks in its pixels): the crop box around the landmarks,
@@ -66,7 +76,8 @@ class LiveTracker:
     def __call__(self, index: int, frame: np.ndarray) -> tuple[np.ndarray, FlameSequence] | None:
         landmarks = self.landmarks(frame)
         if landmarks is None:
-            self.faceless.append(index)
+            # someone else's face is no gap: the fit is held while they are there, however long
+            self.faceless = [] if self.someone_else else self.faceless + [index]
             if len(self.faceless) > self.max_gap:
                 raise TrackingError(f"{self.source}: no face on frames {self.faceless[0]}-{index} (more than "
                                     f"{self.max_gap} frames in a row)")

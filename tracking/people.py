@@ -20,6 +20,7 @@ of training. people.json lists them, report.png shows every shot.
 """
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,7 +36,8 @@ THUMB_SIDE = 48         # the cut test's thumbnails: about this many pixels on t
 SAMPLES_PER_RUN = 3     # descriptors per run ...
 SAMPLE_SPACING = 10     # ... this many frames apart (its first frame, then every SAMPLE_SPACING)
 REPORT_THUMB = 72       # height of a shot's picture in report.png
-RECHECK_EVERY = 30      # live: frames a followed face goes without its descriptor being checked
+RECHECK_EVERY = 30      # live: frames a followed face goes without its descriptor being checked ...
+RECHECK_OTHER = 4       # ... and someone else's: a wrong verdict (a chip off a fast-moving face) soon mended
 
 
 class ShotCuts:
@@ -125,22 +127,70 @@ def maybe_someone_new(previous, state, lost: bool, min_similarity: float) -> boo
 
 class PersonLock:
     """The live tracker's person: the first face it describes. A face the detector finds (at the start, after
-    the track was lost, or in a new shot), and a followed face every RECHECK_EVERY frames, must lie within
-    SAME_PERSON of it to be followed; anyone else is not."""
+    the track was lost, or in a new shot: a new track), and a followed face every RECHECK_EVERY frames (one
+    taken for someone else every RECHECK_OTHER), is checked: within SAME_PERSON of the first descriptor it is
+    the person, else someone else.
 
-    def __init__(self):
+    The descriptor (tracking/identity.py, 40 ms on a quiet core, 170 ms on a loaded one) runs on a worker
+    thread: inline, every check would stall the live loop for several frames. So a check's verdict arrives
+    a few frames after the face it describes, and until then the track keeps the standing it had: the person
+    (the first face, or the last verdict said so: the face is followed meanwhile) or someone else (held until
+    a verdict says otherwise). A verdict about an earlier track than the current one only sets the first
+    descriptor. One check runs at a time; the newest one asked for meanwhile waits for it, older ones are
+    dropped. wait=True: each check is waited for, the verdict applies to the frame itself (what the loop did
+    inline, the behaviour tests compare against).
+    """
+
+    def __init__(self, wait: bool = False):
+        self.wait = wait
         self.descriptor, self.unchecked = None, 0
         self.new_shot, self.describe = ShotCuts(), Describer()
+        self.track = 0              # tracks started (a face the detector found starts one)
+        self.followed = True        # whether the current track is taken for the person
+        self.asked = False          # whether the last call asked for a check
+        self.turned = None          # the last call's verdict turned the track to someone else: that check's `before`
+        self.worker = ThreadPoolExecutor(1, thread_name_prefix="person")
+        self.checking = None        # (future descriptor, its track, before) of the check in flight
+        self.waiting = None         # (frame, landmarks, track, before) of the newest check asked for meanwhile
 
-    def accepts(self, frame, landmarks, found: bool) -> bool:
-        """Whether the face with these landmarks is the locked person; found: the detector found it."""
-        if not found and self.unchecked < RECHECK_EVERY:
+    def accepts(self, frame, landmarks, found: bool, before=None) -> bool:
+        """Whether to follow the face with these landmarks as the person; found: the detector found it.
+        before: where the caller stood before this frame, handed back as `turned` if a check asked now says
+        someone else of a track taken for the person until then (what to go back to)."""
+        if found:
+            self.track += 1
+        self.asked = found or self.unchecked >= (RECHECK_EVERY if self.followed else RECHECK_OTHER)
+        if self.asked:
+            self.unchecked, self.waiting = 0, (frame, landmarks, self.track, before)
+        else:
             self.unchecked += 1
-            return True
-        descriptor, self.unchecked = self.describe(frame, landmarks), 0
-        if self.descriptor is None:
-            self.descriptor = descriptor
-        return bool(np.linalg.norm(descriptor - self.descriptor) < SAME_PERSON)
+        self.turned = None
+        self._advance()
+        if self.wait:
+            self.settle()
+        return self.followed
+
+    def settle(self):
+        """Wait for the checks asked for so far and apply their verdicts."""
+        while self.checking is not None:
+            self.checking[0].result()
+            self._advance()
+
+    def _advance(self):
+        """Apply a finished check's verdict; start the waiting check when the worker is free."""
+        if self.checking is not None and self.checking[0].done():
+            (future, track, before), self.checking = self.checking, None
+            descriptor = future.result()  # the describer's error, if any, is the tracking stage's
+            if self.descriptor is None:
+                self.descriptor = descriptor
+            if track == self.track:
+                followed = bool(np.linalg.norm(descriptor - self.descriptor) < SAME_PERSON)
+                if self.followed and not followed:
+                    self.turned = before
+                self.followed = followed
+        if self.checking is None and self.waiting is not None:
+            (frame, landmarks, track, before), self.waiting = self.waiting, None
+            self.checking = self.worker.submit(self.describe, frame, landmarks), track, before
 
 
 def _thumbnail(frame):

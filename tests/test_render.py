@@ -224,3 +224,22 @@ def test_landmark_dots_are_exactly_the_pixel_centres_within_the_radius():
         rows, cols = np.mgrid[:30, :41] + 0.5
         near = ((cols[..., None] - points[:, 0]) ** 2 + (rows[..., None] - points[:, 1]) ** 2 <= radius**2).any(-1)
         assert near.any() and (dots[near] == (255, 0, 255)).all() and np.array_equal(dots[~near], frame[~near])
+
+
+def test_window_holds_every_covered_pixel_of_the_batch():
+    # The maps are computed in the window the triangles' bounding boxes span; a batch whose frames
+    # sit in opposite corners, one of them clipped by the image's edges, and a frame behind the
+    # camera: each frame's full maps equal the brute force's.
+    verts, faces = uv_ellipsoid(8, 12)
+    frames = [verts * 0.5 + torch.tensor(offset) for offset in ([-1.4, -1.0, 3.0], [0.6, 0.5, 2.5], [0.0, 0.0, -3.0])]
+    raster = rasterize(torch.stack(frames), faces, focal=32.0, image_size=(28, 36))
+    (top, left), (height, width) = raster.window, raster.window_face.shape[1:]
+    assert (top, left) == (0, 0) and 0 < height <= 28 and 0 < width <= 36
+    for b, v in enumerate(frames):
+        face, depth, _ = reference_rasterize(v.numpy(), faces.numpy(), 32.0, 28, 36)
+        assert (b == 2) == (face < 0).all()
+        np.testing.assert_array_equal(raster.face[b].numpy(), face)
+        np.testing.assert_array_equal(raster.depth[b].numpy(), depth)
+    # Nothing in front of the camera: a one-pixel window of background.
+    empty = rasterize(frames[2][None], faces, focal=32.0, image_size=(28, 36))
+    assert empty.window_face.shape == (1, 1, 1) and (empty.face == -1).all() and (empty.depth == 0).all()

@@ -8,7 +8,7 @@ face; tracking/flame.py assigns them to FLAME's faces.
 import numpy as np
 import torch
 
-from tracking.render import normal_maps, opengl_to_opencv, rasterize
+from tracking.render import opengl_to_opencv, rasterize, window_normal_maps
 
 # Per-face region labels (tracking.flame.face_regions assigns them, `conditioning_image` reads them).
 REGION_SKIN, REGION_LEFT_EYE, REGION_RIGHT_EYE, REGION_MOUTH = range(4)
@@ -68,29 +68,31 @@ def conditioning_image(verts, faces, focal, image_size=512, face_labels=None, pr
     """
     faces = torch.as_tensor(faces, dtype=torch.int64)
     raster = rasterize(verts, faces, focal, image_size, principal, near, cull_back_faces)
-    mask = raster.mask
-    batch, height, width = mask.shape
-    image = torch.empty(batch, len(CONDITIONING_CHANNELS), height, width)
-    for k, normal in enumerate(normal_maps(raster)):  # 0 on the background: 0.5 there
-        torch.add(normal, 1, out=image[:, k]).mul_(0.5)
-    _depth_map(raster, depth_span, out=image[:, 3])
+    batch, height, width = len(verts), *raster.image_size
+    # Outside the rasterizer's window every pixel is background: filled once, the maps drawn in the window.
+    image = torch.zeros(batch, len(CONDITIONING_CHANNELS), height, width)
+    image[:, :3] = 0.5
+    window = raster.in_window(image)
+    for k, normal in enumerate(window_normal_maps(raster)):  # 0 on the background: 0.5 there
+        torch.add(normal, 1, out=window[:, k]).mul_(0.5)
+    _depth_map(raster, depth_span, out=window[:, 3])
     # region label of every pixel, -1 on the background (index 0 of the table; int8: a quarter of the
     # memory traffic of int64)
     labels = torch.full((len(faces) + 1,), -1, dtype=torch.int8)
     if face_labels is not None:
         labels[1:] = torch.as_tensor(face_labels)
-    label = labels.index_select(0, (raster.face + 1).view(-1)).view(mask.shape)
+    label = labels.index_select(0, (raster.window_face + 1).view(-1)).view(raster.window_face.shape)
     for k, region in enumerate((REGION_LEFT_EYE, REGION_RIGHT_EYE, REGION_MOUTH), 4):
-        torch.eq(label, region, out=image[:, k])
-    image[:, 7] = mask
+        torch.eq(label, region, out=window[:, k])
+    window[:, 7] = raster.window_face >= 0
     return image
 
 
 def _depth_map(raster, depth_span, out):
-    """Depth channel (B, H, W), written into `out`: 1 at the nearest visible point of each frame,
+    """Depth channel of raster's window (B, h, w), written into `out`: 1 at the nearest visible point of each frame,
     decreasing linearly to 0 at the farthest one (depth_span None) or depth_span camera units behind
     the nearest; 0 on the background."""
-    mask, depth = raster.mask, raster.depth
+    mask, depth = raster.window_face >= 0, raster.window_depth
     near = torch.where(mask, depth, torch.inf).amin((1, 2), keepdim=True)
     if depth_span is None:
         span = (depth.amax((1, 2), keepdim=True) - near).clamp(min=torch.finfo(torch.float32).tiny)

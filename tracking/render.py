@@ -48,14 +48,39 @@ _BACKGROUND_KEY = _MAX_INT64
 class Raster:
     """Result of `rasterize` for B frames of H x W pixels.
 
-    Per-pixel maps, plus the same data listed for the N covered pixels only (what interpolation
-    works on, so that it never touches the background). The lists and the barycentrics are
-    computed on first use: the normal maps need neither.
+    The maps are computed in a window, the rows and columns that the triangles' bounding boxes
+    span in any frame of the batch: every pixel outside it is background, and a face that fills a
+    fifth of the image spares the per-pixel work of the rest (`window_face`, `window_depth`,
+    `window`). `face` and `depth` are the full images. The lists of covered pixels and their
+    barycentrics are computed on first use: the normal maps need neither.
     """
 
-    face: torch.Tensor  # (B, H, W) int64 index of the visible face, -1 on the background
-    depth: torch.Tensor  # (B, H, W) float32 camera-space z of the visible surface, 0 on the background
+    window_face: torch.Tensor  # (B, h, w) int64 index of the visible face, -1 on the background
+    window_depth: torch.Tensor  # (B, h, w) float32 camera-space z of the visible surface, 0 on the background
+    window: tuple  # (top, left): the window's first row and column in the image
+    image_size: tuple  # (H, W)
     camera: tuple  # (verts, faces, focal, principal, near) as given to `rasterize`
+
+    @cached_property
+    def face(self):
+        """(B, H, W) int64 index of the visible face, -1 on the background."""
+        return self.full_image(self.window_face, -1)
+
+    @cached_property
+    def depth(self):
+        """(B, H, W) float32 camera-space z of the visible surface, 0 on the background."""
+        return self.full_image(self.window_depth, 0)
+
+    def full_image(self, window_map, background):
+        """A map of the window (B, h, w) as a full image (B, H, W), `background` outside the window."""
+        out = window_map.new_full((len(window_map), *self.image_size), background)
+        self.in_window(out).copy_(window_map)
+        return out
+
+    def in_window(self, image):
+        """The window's part of an image (..., H, W): a view, to read or write."""
+        (top, left), (height, width) = self.window, self.window_face.shape[1:]
+        return image[..., top:top + height, left:left + width]
 
     @property
     def mask(self):
@@ -272,8 +297,19 @@ def _spans(tri, start, stop):
     return t, y, first, (last - first + 1).clamp_(min=0)
 
 
-def _depth_test(tri, zbuffer, height, width, max_pixels):
-    """Scatter the depth key of every covered (triangle, pixel) pair into zbuffer (B * H * W,) with amin."""
+def _window(tri):
+    """(top, left), (height, width) of the pixels the triangles' bounding boxes span; with no triangle,
+    one pixel of background (the maps of an empty window would need a case of their own downstream)."""
+    if len(tri.face) == 0:
+        return (0, 0), (1, 1)
+    top, left = int(tri.first_y.min()), int(tri.first_x.min())
+    bottom, right = int((tri.first_y + tri.box_y).max()), int((tri.first_x + tri.box_x).max())
+    return (top, left), (bottom - top + 1, right - left + 1)
+
+
+def _depth_test(tri, zbuffer, top, left, height, width, max_pixels):
+    """Scatter the depth key of every covered (triangle, pixel) pair into zbuffer (B * height * width,),
+    a window whose first pixel is (top, left) in the image, with amin."""
     pixels = (tri.box_x + 1) * (tri.box_y + 1)
     for start, stop in _chunks(pixels, max_pixels):
         t, y, first, length = _spans(tri, start, stop)
@@ -282,8 +318,8 @@ def _depth_test(tri, zbuffer, height, width, max_pixels):
         inv_z, grad_x, grad_y, face = (v.index_select(0, t) for v in (tri.inv_z, tri.grad_x, tri.grad_y, tri.face))
         run_px = tri.offset_x.index_select(0, t) + first * SUBPIXEL  # first pixel centre - corner 0
         y_term = grad_y * (tri.offset_y.index_select(0, t) + y * SUBPIXEL).to(torch.float64)
-        row = (tri.frame.index_select(0, t) * height + tri.first_y.index_select(0, t) + y) * width
-        run_pixel = row + tri.first_x.index_select(0, t) + first
+        row = (tri.frame.index_select(0, t) * height + (tri.first_y.index_select(0, t) - top) + y) * width
+        run_pixel = row + (tri.first_x.index_select(0, t) - left) + first
         run, offset = _repeat_ranges(length)  # per covered pixel: its run and its place in the run
         px = (run_px.index_select(0, run) + offset * SUBPIXEL).to(torch.float64)
         inv_z = inv_z.index_select(0, run) + grad_x.index_select(0, run) * px + y_term.index_select(0, run)
@@ -309,12 +345,14 @@ def rasterize(
     batch = verts.shape[0]
     faces = torch.as_tensor(faces, dtype=torch.int64)
     tri = _setup_triangles(verts, faces, focal, height, width, principal, near, cull_back_faces)
-    zbuffer = torch.full((batch, height, width), _BACKGROUND_KEY, dtype=torch.int64)
-    _depth_test(tri, zbuffer.view(-1), height, width, max_pixels)
+    window, window_size = _window(tri)
+    zbuffer = torch.full((batch, *window_size), _BACKGROUND_KEY, dtype=torch.int64)
+    _depth_test(tri, zbuffer.view(-1), *window, *window_size, max_pixels)
     # The key's low 32 bits, sign-extended, are the face index: the background key's are all ones, -1.
     face = (zbuffer << 32).bitwise_right_shift_(32)
     depth = (zbuffer >> 32).to(torch.int32).view(torch.float32).masked_fill_(face < 0, 0.0)
-    return Raster(face=face, depth=depth, camera=(verts, faces, focal, principal, near))
+    return Raster(window_face=face, window_depth=depth, window=window, image_size=(height, width),
+                  camera=(verts, faces, focal, principal, near))
 
 
 def _corner_rows(faces, frame, face, num_verts):
@@ -414,18 +452,25 @@ def _attribute_planes(verts, faces, attributes, focal):
 
 def normal_maps(raster):
     """Unit camera-space normals (3 maps (B, H, W)) of the surface `raster` sees, smooth shading; 0 on
-    the background (its pixels read the planes' zero column, and 0 stays 0 through the normalisation),
-    so a caller needs no mask. (In-place arithmetic on the image-sized maps: on the CPU, writing into
-    fresh large tensors costs more than the arithmetic, a page fault per 4 KiB.)"""
+    the background."""
+    return [raster.full_image(normal, 0) for normal in window_normal_maps(raster)]
+
+
+def window_normal_maps(raster):
+    """`normal_maps` in raster's window only (3 maps (B, h, w)); 0 on the background (its pixels read
+    the planes' zero column, and 0 stays 0 through the normalisation), so a caller needs no mask.
+    (In-place arithmetic on the image-sized maps: on the CPU, writing into fresh large tensors costs
+    more than the arithmetic, a page fault per 4 KiB.)"""
     verts, faces, focal, principal, _ = raster.camera
-    batch, height, width = raster.face.shape
+    batch, height, width = raster.window_face.shape
+    (top, left), (image_height, image_width) = raster.window, raster.image_size
     planes = _attribute_planes(verts, faces, vertex_normals(verts.detach().float(), faces), focal)
-    centre = _per_frame((width / 2, height / 2) if principal is None else principal, batch, torch.float32, 2)
-    px = (torch.arange(width) + 0.5) - centre[:, :1, None]  # (B, 1, W) pixel centres from the principal point
-    py = (torch.arange(height)[:, None] + 0.5) - centre[:, 1:, None]  # (B, H, 1)
-    rows = raster.face + 1  # the planes' column of each pixel: 0 on the background
+    centre = _per_frame((image_width / 2, image_height / 2) if principal is None else principal, batch, torch.float32, 2)
+    px = (torch.arange(left, left + width) + 0.5) - centre[:, :1, None]  # (B, 1, w) pixel centres from the principal point
+    py = (torch.arange(top, top + height)[:, None] + 0.5) - centre[:, 1:, None]  # (B, h, 1)
+    rows = raster.window_face + 1  # the planes' column of each pixel: 0 on the background
     if batch > 1:
-        rows.add_((raster.face >= 0) * torch.arange(batch)[:, None, None] * len(faces))
+        rows.add_((raster.window_face >= 0) * torch.arange(batch)[:, None, None] * len(faces))
     rows = rows.view(-1)
 
     def at_pixels(column):

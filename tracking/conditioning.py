@@ -76,15 +76,14 @@ def conditioning_image(verts, faces, focal, image_size=512, face_labels=None, pr
     for k, normal in enumerate(window_normal_maps(raster)):  # 0 on the background: 0.5 there
         torch.add(normal, 1, out=window[:, k]).mul_(0.5)
     _depth_map(raster, depth_span, out=window[:, 3])
-    # region label of every pixel, -1 on the background (index 0 of the table; int8: a quarter of the
-    # memory traffic of int64)
-    labels = torch.full((len(faces) + 1,), -1, dtype=torch.int8)
-    if face_labels is not None:
-        labels[1:] = torch.as_tensor(face_labels)
-    label = labels.index_select(0, (raster.window_face + 1).view(-1)).view(raster.window_face.shape)
+    # region label of every pixel, -1 on the background (int8: a quarter of the memory traffic of int64)
+    if face_labels is None:
+        face_labels = torch.zeros(len(faces), dtype=torch.int8)
+    labels = torch.as_tensor(face_labels).to(torch.int8).index_select(0, raster.triangle_face)
+    label = raster.per_triangle(labels, -1)
     for k, region in enumerate((REGION_LEFT_EYE, REGION_RIGHT_EYE, REGION_MOUTH), 4):
         torch.eq(label, region, out=window[:, k])
-    window[:, 7] = raster.window_face >= 0
+    window[:, 7] = raster.window_triangle >= 0
     return image
 
 
@@ -92,7 +91,7 @@ def _depth_map(raster, depth_span, out):
     """Depth channel of raster's window (B, h, w), written into `out`: 1 at the nearest visible point of each frame,
     decreasing linearly to 0 at the farthest one (depth_span None) or depth_span camera units behind
     the nearest; 0 on the background."""
-    mask, depth = raster.window_face >= 0, raster.window_depth
+    mask, depth = raster.window_triangle >= 0, raster.window_depth
     near = torch.where(mask, depth, torch.inf).amin((1, 2), keepdim=True)
     if depth_span is None:
         span = (depth.amax((1, 2), keepdim=True) - near).clamp(min=torch.finfo(torch.float32).tiny)

@@ -50,16 +50,31 @@ class Raster:
 
     The maps are computed in a window, the rows and columns that the triangles' bounding boxes
     span in any frame of the batch: every pixel outside it is background, and a face that fills a
-    fifth of the image spares the per-pixel work of the rest (`window_face`, `window_depth`,
-    `window`). `face` and `depth` are the full images. The lists of covered pixels and their
-    barycentrics are computed on first use: the normal maps need neither.
+    fifth of the image spares the per-pixel work of the rest (`window_triangle`, `window_depth`,
+    `window`). A pixel holds the index of its visible triangle in the list of the triangles drawn
+    (`triangle_frame`, `triangle_face`: the faces in view, ascending per frame), so that per-face
+    tables need rows for these only (culled faces are often more than half). `face` and `depth` are
+    the full images. The lists of covered pixels and their barycentrics are computed on first use:
+    the normal maps need neither.
     """
 
-    window_face: torch.Tensor  # (B, h, w) int64 index of the visible face, -1 on the background
+    window_triangle: torch.Tensor  # (B, h, w) int64 index into the triangle lists, -1 on the background
     window_depth: torch.Tensor  # (B, h, w) float32 camera-space z of the visible surface, 0 on the background
     window: tuple  # (top, left): the window's first row and column in the image
     image_size: tuple  # (H, W)
+    triangle_frame: torch.Tensor  # (T,) int64 frame of each triangle drawn
+    triangle_face: torch.Tensor  # (T,) int64 its face
     camera: tuple  # (verts, faces, focal, principal, near) as given to `rasterize`
+
+    @cached_property
+    def window_face(self):
+        """(B, h, w) int64 index of the visible face, -1 on the background."""
+        return self.per_triangle(self.triangle_face, -1)
+
+    def per_triangle(self, table, background):
+        """The value of a per-triangle table (T,) at each pixel of the window (B, h, w)."""
+        table = torch.cat([table.new_full((1,), background), table])
+        return table.index_select(0, (self.window_triangle + 1).view(-1)).view(self.window_triangle.shape)
 
     @cached_property
     def face(self):
@@ -79,7 +94,7 @@ class Raster:
 
     def in_window(self, image):
         """The window's part of an image (..., H, W): a view, to read or write."""
-        (top, left), (height, width) = self.window, self.window_face.shape[1:]
+        (top, left), (height, width) = self.window, self.window_triangle.shape[1:]
         return image[..., top:top + height, left:left + width]
 
     @property
@@ -315,7 +330,7 @@ def _depth_test(tri, zbuffer, top, left, height, width, max_pixels):
         t, y, first, length = _spans(tri, start, stop)
         # 1/z = 1/z0 + grad . (p - p0), p - p0 in fixed point, exact in float64: per run, all but
         # the x term (the row's y term is the same for the whole run), then per pixel.
-        inv_z, grad_x, grad_y, face = (v.index_select(0, t) for v in (tri.inv_z, tri.grad_x, tri.grad_y, tri.face))
+        inv_z, grad_x, grad_y = (v.index_select(0, t) for v in (tri.inv_z, tri.grad_x, tri.grad_y))
         run_px = tri.offset_x.index_select(0, t) + first * SUBPIXEL  # first pixel centre - corner 0
         y_term = grad_y * (tri.offset_y.index_select(0, t) + y * SUBPIXEL).to(torch.float64)
         row = (tri.frame.index_select(0, t) * height + (tri.first_y.index_select(0, t) - top) + y) * width
@@ -324,8 +339,9 @@ def _depth_test(tri, zbuffer, top, left, height, width, max_pixels):
         px = (run_px.index_select(0, run) + offset * SUBPIXEL).to(torch.float64)
         inv_z = inv_z.index_select(0, run) + grad_x.index_select(0, run) * px + y_term.index_select(0, run)
         depth = (1.0 / inv_z).to(torch.float32)
-        # Positive float32 bit patterns order like their values: depth above, face index below.
-        key = (depth.view(torch.int32).to(torch.int64) << 32) | face.index_select(0, run)
+        # Positive float32 bit patterns order like their values: depth above, triangle below (the
+        # triangles are in face order within a frame: equal depths go to the smaller face index).
+        key = (depth.view(torch.int32).to(torch.int64) << 32) | (t.index_select(0, run))
         zbuffer.scatter_reduce_(0, run_pixel.index_select(0, run) + offset, key, "amin")
 
 
@@ -348,11 +364,11 @@ def rasterize(
     window, window_size = _window(tri)
     zbuffer = torch.full((batch, *window_size), _BACKGROUND_KEY, dtype=torch.int64)
     _depth_test(tri, zbuffer.view(-1), *window, *window_size, max_pixels)
-    # The key's low 32 bits, sign-extended, are the face index: the background key's are all ones, -1.
-    face = (zbuffer << 32).bitwise_right_shift_(32)
-    depth = (zbuffer >> 32).to(torch.int32).view(torch.float32).masked_fill_(face < 0, 0.0)
-    return Raster(window_face=face, window_depth=depth, window=window, image_size=(height, width),
-                  camera=(verts, faces, focal, principal, near))
+    # The key's low 32 bits, sign-extended, are the triangle: the background key's are all ones, -1.
+    triangle = (zbuffer << 32).bitwise_right_shift_(32)
+    depth = (zbuffer >> 32).to(torch.int32).view(torch.float32).masked_fill_(triangle < 0, 0.0)
+    return Raster(window_triangle=triangle, window_depth=depth, window=window, image_size=(height, width),
+                  triangle_frame=tri.frame, triangle_face=tri.face, camera=(verts, faces, focal, principal, near))
 
 
 def _corner_rows(faces, frame, face, num_verts):
@@ -421,31 +437,34 @@ def interpolate(raster, faces, attributes):
     return _scatter_pixels(raster.pixel, interpolate_pixels(raster, faces, attributes), raster.face.shape)
 
 
-def _attribute_planes(verts, faces, attributes, focal):
-    """Perspective-correct interpolation of per-vertex attributes (B, V, C), as planes per face.
+def _attribute_planes(verts, faces, attributes, focal, frame, face):
+    """Perspective-correct interpolation of per-vertex attributes (B, V, C) over the given faces of
+    the given frames (T,), as planes.
 
     With e_i(p) the edge function opposite corner i (an affine function of the pixel p), the
     interpolated attribute is sum_i e_i(p) a_i / z_i divided by sum_i e_i(p) / z_i. The numerator
     is affine in p too: A p_x + B p_y + C per channel, p relative to the principal point. Returns
-    (A, B, C), each (C, 1 + B * F) float32 (column 0 all zeros, for the background, then frame * F + face
-    + 1), signed so that the (dropped) denominator is positive: enough for directions, which are
+    (A, B, C), each (C, 1 + T) float32 (column 0 all zeros, for the background, then one per
+    triangle), signed so that the (dropped) denominator is positive: enough for directions, which are
     normalised afterwards anyway.
     """
     v = verts.detach().to(torch.float64)
     inv_z = 1.0 / v[..., 2]
     q = v[..., :2] * (inv_z[..., None] * _per_frame(focal, len(v), torch.float64, 1)[:, None])  # pixels
-    (x0, y0), (x1, y1), (x2, y2) = (q[:, corner].unbind(-1) for corner in faces.T)
+    table = torch.cat([q, inv_z[..., None], attributes.to(torch.float64)], -1).flatten(0, 1)  # (B * V, 3 + C)
+    corners = [_gather_columns(table, rows) for rows in _corner_rows(faces, frame, face, v.shape[1])]
+    (x0, y0, iz0, *a0), (x1, y1, iz1, *a1), (x2, y2, iz2, *a2) = corners
     edges = ((x1, y1, x2, y2), (x2, y2, x0, y0), (x0, y0, x1, y1))  # edge i is opposite corner i
     # e(p) = (bx - ax)(py - ay) - (by - ay)(px - ax) = step_x px + step_y py + at_origin
     steps_x = [ay - by for ax, ay, bx, by in edges]
     steps_y = [bx - ax for ax, ay, bx, by in edges]
     at_origin = [ax * by - ay * bx for ax, ay, bx, by in edges]
     sign = torch.sign(at_origin[0] + at_origin[1] + at_origin[2])  # edge functions sum to 2 x area
-    weights = [(inv_z[:, corner] * sign)[..., None] * attributes[:, corner].to(torch.float64) for corner in faces.T]
+    weights = [torch.stack(a) * (iz * sign) for iz, a in ((iz0, a0), (iz1, a1), (iz2, a2))]  # (C, T) each
 
     def plane(coefficients):
-        total = sum(c[..., None] * w for c, w in zip(coefficients, weights))  # (B, F, C)
-        return F.pad(total.flatten(0, 1).T.to(torch.float32), (1, 0))
+        total = sum(c * w for c, w in zip(coefficients, weights))  # (C, T)
+        return F.pad(total.to(torch.float32), (1, 0))
 
     return plane(steps_x), plane(steps_y), plane(at_origin)
 
@@ -462,16 +481,14 @@ def window_normal_maps(raster):
     (In-place arithmetic on the image-sized maps: on the CPU, writing into fresh large tensors costs
     more than the arithmetic, a page fault per 4 KiB.)"""
     verts, faces, focal, principal, _ = raster.camera
-    batch, height, width = raster.window_face.shape
+    batch, height, width = raster.window_triangle.shape
     (top, left), (image_height, image_width) = raster.window, raster.image_size
-    planes = _attribute_planes(verts, faces, vertex_normals(verts.detach().float(), faces), focal)
+    planes = _attribute_planes(verts, faces, vertex_normals(verts.detach().float(), faces), focal,
+                               raster.triangle_frame, raster.triangle_face)
     centre = _per_frame((image_width / 2, image_height / 2) if principal is None else principal, batch, torch.float32, 2)
     px = (torch.arange(left, left + width) + 0.5) - centre[:, :1, None]  # (B, 1, w) pixel centres from the principal point
     py = (torch.arange(top, top + height)[:, None] + 0.5) - centre[:, 1:, None]  # (B, h, 1)
-    rows = raster.window_face + 1  # the planes' column of each pixel: 0 on the background
-    if batch > 1:
-        rows.add_((raster.window_face >= 0) * torch.arange(batch)[:, None, None] * len(faces))
-    rows = rows.view(-1)
+    rows = (raster.window_triangle + 1).view(-1)  # the planes' column of each pixel: 0 on the background
 
     def at_pixels(column):
         return column.index_select(0, rows).view(batch, height, width)

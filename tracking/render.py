@@ -219,45 +219,53 @@ def _snap(verts, focal, height, width, principal, near):
 
 
 def _setup_triangles(verts, faces, focal, height, width, principal, near, cull_back_faces):
+    # Per vertex: fixed-point position and depth, and whether it may be drawn at all; then per
+    # face (frame-major, B * F), its corners' columns by 1-D gathers (far cheaper than indexing
+    # (B, F, 3, 2) tensors on the CPU), and everything past culling for the faces kept only.
+    num_faces = len(faces)
     fixed = _snap(verts, focal, height, width, principal, near)
-    tri_z = verts.detach().to(torch.float64)[..., 2][:, faces]  # (B, F, 3)
-    tri_xy = fixed[:, faces]  # (B, F, 3, 2)
-    keep = (tri_z > near).all(-1) & (tri_xy.abs() < _GUARD).flatten(-2).all(-1)
-    tri_xy = torch.where(keep[..., None, None], tri_xy, 0).to(torch.int64)
-    area = _edge(*tri_xy[..., 0, :].unbind(-1), *tri_xy[..., 1, :].unbind(-1), *tri_xy[..., 2, :].unbind(-1))
+    z = verts.detach().to(torch.float64)[..., 2]
+    usable = (z > near) & (fixed.abs() < _GUARD).all(-1)
+    fixed = torch.where(usable[..., None], fixed, 0).to(torch.int64)
+    columns = [fixed[..., 0].reshape(-1), fixed[..., 1].reshape(-1), z.reshape(-1), usable.reshape(-1)]
+    frame_start = torch.arange(len(verts))[:, None] * verts.shape[1]
+    rows = [(corner + frame_start).view(-1) for corner in faces.T]
+    (x0, y0, z0, u0), (x1, y1, z1, u1), (x2, y2, z2, u2) = ([c.index_select(0, r) for c in columns] for r in rows)
+    area = _edge(x0, y0, x1, y1, x2, y2)
     # Seen from the camera, an outward counter-clockwise face runs clockwise on the y-down screen,
     # i.e. has a negative area here; a positive area means the camera sees its back.
-    keep &= (area < 0) if cull_back_faces else (area != 0)
-    # A negative area is the other winding on screen: swapping two corners makes it positive.
-    corner = torch.where((area < 0)[..., None], torch.tensor([0, 2, 1]), torch.tensor([0, 1, 2]))
-    tri_xy = torch.gather(tri_xy, 2, corner[..., None].expand(*corner.shape, 2))
-    tri_z = torch.gather(tri_z, 2, corner)
+    keep = u0 & u1 & u2 & ((area < 0) if cull_back_faces else (area != 0))
 
     # Inclusive range of pixels whose centres (i + 1/2) * SUBPIXEL lie in the bounding box.
     half = SUBPIXEL // 2
-    c0, c1, c2 = tri_xy.unbind(2)
-    first = -torch.div(half - torch.minimum(torch.minimum(c0, c1), c2), SUBPIXEL, rounding_mode="floor")  # ceil
-    last = torch.div(torch.maximum(torch.maximum(c0, c1), c2) - half, SUBPIXEL, rounding_mode="floor")
-    first = first.clamp(min=0)
-    last = torch.minimum(last, torch.tensor([width - 1, height - 1]))
-    keep &= (first <= last).all(-1)
+    first_x = -torch.div(half - torch.minimum(torch.minimum(x0, x1), x2), SUBPIXEL, rounding_mode="floor").clamp_(max=0)
+    first_y = -torch.div(half - torch.minimum(torch.minimum(y0, y1), y2), SUBPIXEL, rounding_mode="floor").clamp_(max=0)
+    last_x = torch.div(torch.maximum(torch.maximum(x0, x1), x2) - half, SUBPIXEL, rounding_mode="floor").clamp_(max=width - 1)
+    last_y = torch.div(torch.maximum(torch.maximum(y0, y1), y2) - half, SUBPIXEL, rounding_mode="floor").clamp_(max=height - 1)
+    keep &= (first_x <= last_x) & (first_y <= last_y)
 
-    frame, face = keep.nonzero(as_tuple=True)
-    xy, first, last = tri_xy[frame, face], first[frame, face], last[frame, face]
-    (x0, y0), (x1, y1), (x2, y2) = (xy[:, i].unbind(-1) for i in range(3))
+    kept = keep.nonzero().view(-1)
+    frame, face = torch.div(kept, num_faces, rounding_mode="floor"), kept % num_faces
+    x0, y0, z0, x1, y1, z1, x2, y2, z2, first_x, first_y, last_x, last_y, area = (
+        v.index_select(0, kept) for v in (x0, y0, z0, x1, y1, z1, x2, y2, z2, first_x, first_y, last_x, last_y, area))
+    # A negative area is the other winding on screen: swapping corners 1 and 2 makes it positive.
+    swap = area < 0
+    x1, x2 = torch.where(swap, x2, x1), torch.where(swap, x1, x2)
+    y1, y2 = torch.where(swap, y2, y1), torch.where(swap, y1, y2)
+    z1, z2 = torch.where(swap, z2, z1), torch.where(swap, z1, z2)
     edges = ((x1, y1, x2, y2), (x2, y2, x0, y0), (x0, y0, x1, y1))  # edge i is opposite corner i
     step_x = [ay - by for ax, ay, bx, by in edges]  # per fixed-point unit
     step_y = [bx - ax for ax, ay, bx, by in edges]
-    cx, cy = first[:, 0] * SUBPIXEL + half, first[:, 1] * SUBPIXEL + half
-    inv_z = (1.0 / tri_z[frame, face]).unbind(1)
-    area = area[frame, face].abs()
+    cx, cy = first_x * SUBPIXEL + half, first_y * SUBPIXEL + half
+    inv_z = (1.0 / z0, 1.0 / z1, 1.0 / z2)
+    area = area.abs()
     return _Triangles(
         face=face,
         frame=frame,
-        first_x=first[:, 0],
-        first_y=first[:, 1],
-        box_x=last[:, 0] - first[:, 0],
-        box_y=last[:, 1] - first[:, 1],
+        first_x=first_x,
+        first_y=first_y,
+        box_x=last_x - first_x,
+        box_y=last_y - first_y,
         edge_origin=torch.stack([_edge(*e, cx, cy) - (~_is_top_left(*e)).long() for e in edges]),
         step_x=torch.stack(step_x) * SUBPIXEL,
         step_y=torch.stack(step_y) * SUBPIXEL,

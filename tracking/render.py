@@ -241,7 +241,13 @@ def _setup_triangles(verts, faces, focal, height, width, principal, near, cull_b
     first_x = -torch.div(half - torch.minimum(torch.minimum(x0, x1), x2), SUBPIXEL, rounding_mode="floor").clamp_(max=0)
     first_y = -torch.div(half - torch.minimum(torch.minimum(y0, y1), y2), SUBPIXEL, rounding_mode="floor").clamp_(max=0)
     last_x = torch.div(torch.maximum(torch.maximum(x0, x1), x2) - half, SUBPIXEL, rounding_mode="floor").clamp_(max=width - 1)
-    last_y = torch.div(torch.maximum(torch.maximum(y0, y1), y2) - half, SUBPIXEL, rounding_mode="floor").clamp_(max=height - 1)
+    # A horizontal edge bounds rows, not columns: at the top (interior below) it is a top edge and
+    # takes the pixel centres on it, so the box is right; at the bottom it does not, so the box ends a
+    # row earlier when that row's centres lie on it. Within the box, such an edge then never excludes
+    # a pixel, and `_spans` need not look at it.
+    bottom = torch.maximum(torch.maximum(y0, y1), y2)
+    flat_bottom = ((y0 == bottom).long() + (y1 == bottom) + (y2 == bottom)) // 2  # 1 when two corners share it
+    last_y = torch.div(bottom - half - flat_bottom, SUBPIXEL, rounding_mode="floor").clamp_(max=height - 1)
     keep &= (first_x <= last_x) & (first_y <= last_y)
 
     kept = keep.nonzero().view(-1)
@@ -305,18 +311,21 @@ def _spans(tri, start, stop):
     triangle (R,), row y and first column x (R,) in pixels from the box corner, length (R,) >= 0.
 
     Along a row an edge function is e + step * x; pixel x is on the inner side where that is >= 0
-    (the fill bias is already subtracted), i.e. x >= ceil(-e / step) for a positive step and
-    x <= floor(e / -step) for a negative one: exact integer divisions, no pixel is tested.
+    (the fill bias is already subtracted), i.e. x >= ceil(-e / step) = -floor(e / step) for a
+    positive step and x <= floor(e / -step) for a negative one: exact integer divisions, no pixel is
+    tested. A zero step (a horizontal edge) bounds no column: `_setup_triangles` folded it into the
+    box. Per edge and triangle, `floor(e / |step|)` times -1 or 0 bounds the first column, plus 0 or
+    2^62 (no bound) the last.
     """
     t, y = _repeat_ranges(tri.box_y[start:stop] + 1)
     t += start
     first, last = torch.zeros_like(t), tri.box_x.index_select(0, t)
     for origin, step_x, step_y in zip(tri.edge_origin, tri.step_x, tri.step_y):  # the three edges
-        step = step_x.index_select(0, t)
-        edge = origin.index_select(0, t) + step_y.index_select(0, t) * y  # at each row's first pixel
-        bound = torch.div(edge, step.abs().clamp(min=1), rounding_mode="floor")
-        first = torch.maximum(first, torch.where(step > 0, -bound, 0))
-        last = torch.minimum(last, torch.where(step < 0, bound, torch.where((step == 0) & (edge < 0), -1, _MAX_INT64)))
+        lower, upper = -(step_x > 0).long(), torch.where(step_x < 0, 0, 1 << 62)
+        edge = origin.index_select(0, t).addcmul_(step_y.index_select(0, t), y)  # at each row's first pixel
+        bound = torch.div(edge, step_x.abs().clamp_(min=1).index_select(0, t), rounding_mode="floor")
+        first = torch.maximum(first, lower.index_select(0, t).mul_(bound))
+        last = torch.minimum(last, bound.add_(upper.index_select(0, t)))
     return t, y, first, (last - first + 1).clamp_(min=0)
 
 
@@ -343,14 +352,18 @@ def _depth_test(tri, zbuffer, top, left, height, width, max_pixels):
         y_term = grad_y * (tri.offset_y.index_select(0, t) + y * SUBPIXEL).to(torch.float64)
         row = (tri.frame.index_select(0, t) * height + (tri.first_y.index_select(0, t) - top) + y) * width
         run_pixel = row + (tri.first_x.index_select(0, t) - left) + first
-        run, offset = _repeat_ranges(length)  # per covered pixel: its run and its place in the run
-        px = (run_px.index_select(0, run) + offset * SUBPIXEL).to(torch.float64)
+        # Per covered pixel i, of run r: its place in the run is i - (first i of r), so a run's
+        # values less that much are gathered and i added (no per-pixel offsets).
+        run = torch.repeat_interleave(length)
+        i = torch.arange(len(run))
+        run_start = torch.cumsum(length, 0) - length
+        px = (i * SUBPIXEL).add_((run_px - run_start * SUBPIXEL).index_select(0, run)).to(torch.float64)
         inv_z = inv_z.index_select(0, run) + grad_x.index_select(0, run) * px + y_term.index_select(0, run)
         depth = (1.0 / inv_z).to(torch.float32)
         # Positive float32 bit patterns order like their values: depth above, triangle below (the
         # triangles are in face order within a frame: equal depths go to the smaller face index).
-        key = (depth.view(torch.int32).to(torch.int64) << 32) | (t.index_select(0, run))
-        zbuffer.scatter_reduce_(0, run_pixel.index_select(0, run) + offset, key, "amin")
+        key = torch.add(t.index_select(0, run), depth.view(torch.int32).to(torch.int64), alpha=1 << 32)
+        zbuffer.scatter_reduce_(0, i.add_((run_pixel - run_start).index_select(0, run)), key, "amin")
 
 
 def rasterize(

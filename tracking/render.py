@@ -385,9 +385,11 @@ def rasterize(
     window, window_size = _window(tri)
     zbuffer = torch.full((batch, *window_size), _BACKGROUND_KEY, dtype=torch.int64)
     _depth_test(tri, zbuffer.view(-1), *window, *window_size, max_pixels)
-    # The key's low 32 bits, sign-extended, are the triangle: the background key's are all ones, -1.
-    triangle = (zbuffer << 32).bitwise_right_shift_(32)
-    depth = (zbuffer >> 32).to(torch.int32).view(torch.float32).masked_fill_(triangle < 0, 0.0)
+    # The key's low 32 bits are the triangle (the background key's all ones, -1 as int32), the high
+    # ones the depth (as int32 words of a little-endian int64: every CPU torch runs on).
+    words = zbuffer.view(torch.int32).view(*zbuffer.shape, 2)
+    triangle = words[..., 0].to(torch.int64)
+    depth = torch.where(triangle >= 0, words[..., 1].view(torch.float32), 0.0)
     return Raster(window_triangle=triangle, window_depth=depth, window=window, image_size=(height, width),
                   triangle_frame=tri.frame, triangle_face=tri.face, camera=(verts, faces, focal, principal, near))
 
@@ -496,9 +498,11 @@ def normal_maps(raster):
     return [raster.full_image(normal, 0) for normal in window_normal_maps(raster)]
 
 
-def window_normal_maps(raster):
-    """`normal_maps` in raster's window only (3 maps (B, h, w)); 0 on the background (its pixels read
-    the planes' zero column, and 0 stays 0 through the normalisation), so a caller needs no mask.
+def window_normal_maps(raster, scale=1.0, out=None):
+    """`normal_maps` in raster's window only (3 maps (B, h, w)), times `scale`, written into `out` (3
+    maps) if given; 0 on the background (its pixels read the planes' zero column, and 0 stays 0
+    through the normalisation), so a caller needs no mask. A power-of-two scale is exact: the maps
+    are the unit normals' bits, scaled.
     (In-place arithmetic on the image-sized maps: on the CPU, writing into fresh large tensors costs
     more than the arithmetic, a page fault per 4 KiB.)"""
     verts, faces, focal, principal, _ = raster.camera
@@ -516,8 +520,10 @@ def window_normal_maps(raster):
 
     normal = [at_pixels(a).mul_(px).add_(at_pixels(b).mul_(py)).add_(at_pixels(c)) for a, b, c in zip(*planes)]
     squared = (normal[0] * normal[0]).addcmul_(normal[1], normal[1]).addcmul_(normal[2], normal[2])
-    inv_length = squared.clamp_(min=1e-30).rsqrt_()
-    return [n.mul_(inv_length) for n in normal]
+    inv_length = squared.clamp_(min=1e-30).rsqrt_().mul_(scale)
+    if out is None:
+        return [n.mul_(inv_length) for n in normal]
+    return [torch.mul(n, inv_length, out=o) for n, o in zip(normal, out)]
 
 
 def overlay(frames, verts, faces, focal, principal=None, color=(170, 200, 255), alpha=0.6, cull_back_faces=False):

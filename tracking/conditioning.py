@@ -69,9 +69,11 @@ def conditioning_image(verts, faces, focal, image_size=512, face_labels=None, pr
     faces = torch.as_tensor(faces, dtype=torch.int64)
     raster = rasterize(verts, faces, focal, image_size, principal, near, cull_back_faces)
     batch, height, width = len(verts), *raster.image_size
-    # Outside the rasterizer's window every pixel is background: filled once, the maps drawn in the window.
-    image = torch.zeros(batch, len(CONDITIONING_CHANNELS), height, width)
-    image[:, :3] = 0.5
+    # Outside the rasterizer's window every pixel is background, filled once; every channel of the
+    # window is written below.
+    image = torch.empty(batch, len(CONDITIONING_CHANNELS), height, width)
+    for background in raster.outside_window(image):
+        background[:, :3], background[:, 3:] = 0.5, 0.0
     window = raster.in_window(image)
     # (n + 1) / 2 as n / 2 + 1/2: halving is exact, so these are the same bits; 0 on the background: 0.5 there
     for normal in window_normal_maps(raster, scale=0.5, out=window[:, :3].unbind(1)):

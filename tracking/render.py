@@ -97,6 +97,14 @@ class Raster:
         (top, left), (height, width) = self.window, self.window_triangle.shape[1:]
         return image[..., top:top + height, left:left + width]
 
+    def outside_window(self, image):
+        """The parts of an image (..., H, W) outside the window: up to four views (the bands above and
+        below it, and left and right of it), to fill with the background."""
+        (top, left), (height, width) = self.window, self.window_triangle.shape[1:]
+        bottom, right = top + height, left + width
+        middle = image[..., top:bottom, :]
+        return [image[..., :top, :], image[..., bottom:, :], middle[..., :left], middle[..., right:]]
+
     @property
     def mask(self):
         return self.face >= 0

@@ -547,12 +547,13 @@ def overlay(frames, verts, faces, focal, principal=None, color=(170, 200, 255), 
     verts = torch.as_tensor(verts, dtype=torch.float32).reshape(len(frames), -1, 3)
     faces = torch.as_tensor(faces, dtype=torch.int64)
     raster = rasterize(verts, faces, focal, frames.shape[1:3], principal, cull_back_faces=cull_back_faces)
-    shade = 0.25 + 0.75 * normal_maps(raster)[2].abs()
-    mask = raster.mask.numpy()
-    mesh = shade.numpy()[mask][:, None] * np.asarray(color, np.float32)
     out = frames.copy()
-    blended = (1 - alpha) * frames[mask].astype(np.float32) + alpha * mesh
-    out[mask] = np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+    # Blended in the rasterizer's window only: the pixels outside it keep the frame's.
+    window = raster.in_window(torch.from_numpy(out).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)  # (B, h, w, 3) view
+    shade = window_normal_maps(raster)[2].abs_().mul_(0.75).add_(0.25)
+    mesh = shade[..., None] * torch.tensor(color, dtype=torch.float32)
+    blended = (window.float().mul_(1 - alpha)).add_(mesh.mul_(alpha)).round_().clamp_(0, 255).to(torch.uint8)
+    window.copy_(torch.where((raster.window_triangle >= 0)[..., None], blended, window))
     return out[0] if single else out
 
 

@@ -16,7 +16,10 @@ from tracking import pipeline
 from tracking.__main__ import main as tracking_main
 from tracking.pipeline import TrackingError, check_gaps, load_flame, track_video
 from tracking.sequence import load_seq
+from tracking import video
 from tracking.video import iter_frames, read_video, write_video
+
+av_open = video.av.open
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -31,9 +34,12 @@ def demo_video(tmp_path_factory):
     return write_demo_video(str(tmp_path_factory.mktemp("demo") / "demo.mp4"), n_frames=8)
 
 
-def test_demo_video_tracks_end_to_end(demo_video, flame, tmp_path):
+def test_demo_video_tracks_end_to_end(demo_video, flame, tmp_path, monkeypatch):
     out = str(tmp_path / "track")
+    opened = []  # the video is probed once (fps, frame count, size), then decoded by the two passes
+    monkeypatch.setattr(video.av, "open", lambda path, *a, **k: opened.append(path) or av_open(path, *a, **k))
     tracked = track_video(demo_video, out, flame, size=96)
+    assert opened.count(demo_video) == 3
     assert sorted(os.listdir(out)) == ["crops.npy", "landmarks.npy", "people.json", "preview.mp4", "report.png",
                                        "seq.npz", "source.json"]
     seq = load_seq(os.path.join(out, "seq.npz"))

@@ -15,6 +15,7 @@ from tracking.video import (
     crop_frames,
     iter_frames,
     paste_back,
+    probe_video,
     read_video,
     smooth_crop_boxes,
     video_fps,
@@ -60,6 +61,8 @@ def test_streaming_reader_and_max_frames(tmp_path):
     path = tmp_path / "clip.mp4"
     write_video(path, iter(frames), 25)  # an iterator of frames streams into the encoder
     assert video_fps(path) == 25
+    info = probe_video(path)
+    assert (info.fps, info.frames, info.height, info.width) == (25, 12, 48, 64)
     first = list(iter_frames(path, max_frames=5))
     assert len(first) == 5 and first[0].shape == (48, 64, 3)
     decoded, _ = read_video(path, max_frames=3)

@@ -46,7 +46,7 @@ from tracking.people import PeopleLog, PersonError, identify, write_people, writ
 from tracking.render import draw_landmarks, overlay
 from tracking.sequence import FlameSequence, load_seq, save_seq
 from tracking import toyhead
-from tracking.video import VideoWriter, crop_frames, frame_count, iter_frames, smooth_crop_boxes, video_fps
+from tracking.video import VideoWriter, crop_frames, iter_frames, probe_video, smooth_crop_boxes
 
 log = logging.getLogger(__name__)
 
@@ -199,7 +199,7 @@ def track_video(video: str, out_dir: str, flame: FLAME, size: int = 512, bbox=No
     path = lambda name: os.path.join(out_dir, name)  # noqa: E731
     if video == "demo":
         video = path("demo.mp4")
-        if (frame_count(video) if os.path.exists(video) else 0) < (max_frames or DEMO_FRAMES):
+        if (probe_video(video).frames if os.path.exists(video) else 0) < (max_frames or DEMO_FRAMES):
             write_demo_video(video, n_frames=max_frames or DEMO_FRAMES)
     source = track_source(video, flame, size, bbox, max_frames, max_gap, shape, focal, person)
     recorded = read_json(path("source.json")) if os.path.exists(path("source.json")) else None
@@ -210,7 +210,7 @@ def track_video(video: str, out_dir: str, flame: FLAME, size: int = 512, bbox=No
         else:
             log.info("re-using the tracking cached in %s", out_dir)
         return _load_tracked(out_dir)
-    fps = video_fps(video)  # a missing or unreadable video fails here, before anything is removed
+    info = probe_video(video)  # a missing or unreadable video fails here, before anything is removed
     _remove_temp_files(out_dir)
     if mismatch is not None:
         if any(os.path.exists(path(n)) for n in OUTPUTS + PARTIALS):
@@ -223,13 +223,16 @@ def track_video(video: str, out_dir: str, flame: FLAME, size: int = 512, bbox=No
     # One PyTorch thread: the decoder runs in a thread of its own, and on small tensors (one crop, a
     # batch of previews) a second intra-op thread mostly waits for a busy core (several times slower).
     with intra_op_threads(1):
-        return _track(video, out_dir, flame, size, bbox, max_frames, max_gap, preview, fps, shape, focal, person)
+        return _track(video, info, out_dir, flame, size, bbox, max_frames, max_gap, preview, shape, focal, person)
 
 
-def _track(video, out_dir, flame, size, bbox, max_frames, max_gap, preview, fps, shape, focal, person):
-    """track_video's work, on a folder that holds only its own source.json and partial progress."""
+def _track(video, info, out_dir, flame, size, bbox, max_frames, max_gap, preview, shape, focal, person):
+    """track_video's work, on a folder that holds only its own source.json and partial progress; `info`:
+    the video's VideoInfo (the container is not opened again to ask)."""
     path = lambda name: os.path.join(out_dir, name)  # noqa: E731
-    result, frame_shape, people_log = _track_landmarks(video, max_frames, bbox, path("pass1.partial.npz"))
+    fps = info.fps
+    frames = min(filter(None, (info.frames, max_frames)), default=None)
+    result, frame_shape, people_log = _track_landmarks(video, max_frames, frames, bbox, path("pass1.partial.npz"))
     check_gaps(result.valid, max_gap, video)
     try:
         people = identify(people_log, result.valid, person)
@@ -323,12 +326,12 @@ def _kill_for_tests(pass_number: int, frames_done: int):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _track_landmarks(video, max_frames, bbox, checkpoint):
-    """Pass 1: (TrackResult, frame (H, W)), resumed from `checkpoint` and saved to it as it goes."""
+def _track_landmarks(video, max_frames, total, bbox, checkpoint):
+    """Pass 1: (TrackResult, frame (H, W)), resumed from `checkpoint` and saved to it as it goes; `total`:
+    the frames expected (for the progress bar; None: unknown)."""
     tracker = FaceTracker()
     results, lost, state, frame_shape, complete, people_log = _load_pass1(checkpoint)
     if not complete:
-        total = min(filter(None, (frame_count(video), max_frames)), default=None)
         with tqdm(total=total, initial=len(results), desc="pass 1: landmarks", unit="frame") as bar:
             for t, frame in enumerate(iter_frames(video, max_frames, start=len(results)), len(results)):
                 if people_log.is_cut(frame):

@@ -8,6 +8,7 @@ import contextlib
 import os
 import queue
 import threading
+from dataclasses import dataclass
 from fractions import Fraction
 
 import av
@@ -44,18 +45,27 @@ def _open_video_stream(path):
     return container, container.streams.video[0]
 
 
+@dataclass(frozen=True)
+class VideoInfo:
+    """What the container says of a video's first video stream, from one look at it (`probe_video`)."""
+
+    fps: Fraction
+    frames: int | None  # as the container declares them (None if it does not)
+    height: int
+    width: int
+
+
+def probe_video(path):
+    """The VideoInfo of a video file, opening it once; a missing or unreadable file raises VideoError."""
+    container, stream = _open_video_stream(path)
+    with container:
+        return VideoInfo(_stream_fps(path, stream), stream.frames or None, stream.codec_context.height,
+                         stream.codec_context.width)
+
+
 def video_fps(path):
     """The frame rate of the first video stream, as a Fraction."""
-    container, stream = _open_video_stream(path)
-    with container:
-        return _stream_fps(path, stream)
-
-
-def frame_count(path):
-    """The number of frames the container declares for the first video stream (None if it does not)."""
-    container, stream = _open_video_stream(path)
-    with container:
-        return stream.frames or None
+    return probe_video(path).fps
 
 
 def _stream_fps(path, stream):

@@ -246,3 +246,14 @@ def test_crop_and_paste_back_round_trip():
     assert 0 < blended[25, 80, 0] < 255
     with pytest.raises(ValueError, match="not inside"):
         paste_back(frame, white, [100, 20, 200, 120])
+
+
+def test_writer_preset_reaches_the_encoder(tmp_path):
+    # x264 writes its settings into the stream (an SEI message): veryfast searches subpixels at level 2,
+    # the default (medium) at 7.
+    for preset, subme in ((None, b"subme=7"), ("veryfast", b"subme=2")):
+        path = tmp_path / f"{preset}.mp4"
+        with VideoWriter(path, 25, preset=preset) as video:
+            for frame in moving_pattern(4):
+                video.write(frame)
+        assert subme in path.read_bytes()

@@ -19,7 +19,7 @@ from tracking.sequence import load_seq
 from tracking import video
 from tracking.video import iter_frames, read_video, write_video
 
-av_open = video.av.open
+av_open = video.av.open  # the real one, for the test that counts the opens
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -3,6 +3,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import weakref
 
 import numpy as np
@@ -153,3 +154,20 @@ def test_a_track_records_its_source_and_is_rebuilt_from_another(tmp_path, caplog
     other = str(tmp_path / "other.mp4")
     write_video(other, read_video(os.path.join(out, "demo.mp4"))[0][:4], 24)
     assert track_video(other, out, load_flame(), size=48, max_frames=5, preview=False).seq.n_frames == 4
+
+
+def test_preview_batches_drawn_in_threads_are_written_in_order(tmp_path, monkeypatch):
+    # Batches are drawn by PREVIEW_THREADS threads and may finish in any order; a batch that is slow to
+    # draw (the first) must still come first. Each frame here is one grey level: its index.
+    def draw(self, start, crops):
+        time.sleep(0.05 if start == 0 else 0)
+        return [np.full((32, 32, 3), 8 * (start + i), np.uint8) for i in range(len(crops))]
+
+    monkeypatch.setattr(pipeline._PreviewDrawer, "draw", draw)
+    drawer = pipeline._PreviewDrawer(None, None, None, str(tmp_path / "preview.mp4"), 10)
+    for _ in range(3 * pipeline.PREVIEW_BATCH + 3):  # and a last, short batch
+        drawer(np.zeros((32, 32, 3), np.uint8))
+    drawer.close()
+    frames, _ = read_video(str(tmp_path / "preview.mp4"))
+    np.testing.assert_allclose(frames.mean((1, 2, 3)), 8 * np.arange(len(frames)), atol=2)
+    assert len(frames) == 3 * pipeline.PREVIEW_BATCH + 3

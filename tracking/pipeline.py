@@ -30,6 +30,8 @@ import os
 import shutil
 import signal
 import threading
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -56,6 +58,7 @@ EMBEDDING_NAMES = ("landmark_embedding.npy", "flame_static_embedding.pkl")
 CHECKPOINT_EVERY = 100  # frames between the progress saves of an interruptible track
 PREVIEW_SIZE = 256      # the preview is drawn at most this large: it is a preview
 PREVIEW_BATCH = 8       # preview frames rasterized together
+PREVIEW_THREADS = 2     # batches of the preview drawn at once
 # x264's veryfast preset for the preview: 1.7 against 3.7 ms of CPU a 256 px frame for x264's default
 # (medium), at crf 18 a file no larger; the preview is drawn after the fit, on the command's critical path.
 PREVIEW_PRESET = "veryfast"
@@ -433,29 +436,42 @@ def _write_preview(flame, seq, landmarks, out_dir, fps):
                 bar.update()
             draw.close()
         except BaseException:
-            draw.writer.abort()
+            draw.abort()
             raise
 
 
 class _PreviewDrawer:
     """preview.mp4 written as the crops come: the fitted mesh (back faces culled) and the landmarks
-    over each crop, drawn at most PREVIEW_SIZE px, PREVIEW_BATCH frames rasterized together."""
+    over each crop, drawn at most PREVIEW_SIZE px, PREVIEW_BATCH frames rasterized together. The preview
+    is all that is left to do once the fit is done: batches are drawn by PREVIEW_THREADS threads (torch
+    and numpy release the GIL), at most one more batch waiting than there are threads (memory stays
+    flat), and written in order."""
 
     def __init__(self, flame, seq, landmarks, path, fps):
         self.flame, self.seq, self.landmarks = flame, seq, landmarks
         self.writer = VideoWriter(path, fps, preset=PREVIEW_PRESET)
-        self.pending = []
+        self.pool = ThreadPoolExecutor(PREVIEW_THREADS)
+        self.pending, self.queued, self.drawing = [], 0, deque()
 
     def __call__(self, crop):
         self.pending.append(np.asarray(crop))
         if len(self.pending) == PREVIEW_BATCH:
-            self.flush()
+            self.submit()
 
-    def flush(self):
-        if not self.pending:
-            return
-        start, crops = self.writer.count, np.stack(self.pending)
-        self.pending = []
+    def submit(self):
+        if self.pending:
+            self.drawing.append(self.pool.submit(self.draw, self.queued, np.stack(self.pending)))
+            self.queued += len(self.pending)
+            self.pending = []
+        while len(self.drawing) > PREVIEW_THREADS:
+            self.write(self.drawing.popleft())
+
+    def write(self, batch):
+        for frame in batch.result():
+            self.writer.write(frame)
+
+    def draw(self, start, crops):
+        """The preview frames of crops start, start + 1, ... (a batch (B, size, size, 3))."""
         side = min(crops.shape[1], PREVIEW_SIZE)
         if side != crops.shape[1]:  # the whole crop, resized
             crops = crop_frames(crops, np.tile([0, 0, crops.shape[2], crops.shape[1]], (len(crops), 1)), side)
@@ -463,9 +479,16 @@ class _PreviewDrawer:
         verts = posed_vertices(self.flame, self.seq, frames)
         focal = self.seq.focal * side / self.seq.image_size[1]
         shaded = overlay(crops, verts, self.flame.render_faces, focal, cull_back_faces=True)
-        for frame, points in zip(shaded, self.landmarks[frames] * side / self.seq.image_size[1]):
-            self.writer.write(draw_landmarks(frame, points[np.isfinite(points).all(1)]))
+        return [draw_landmarks(frame, points[np.isfinite(points).all(1)])
+                for frame, points in zip(shaded, self.landmarks[frames] * side / self.seq.image_size[1])]
 
     def close(self):
-        self.flush()
+        self.submit()
+        while self.drawing:
+            self.write(self.drawing.popleft())
+        self.pool.shutdown()
         self.writer.close()
+
+    def abort(self):
+        self.pool.shutdown(cancel_futures=True)
+        self.writer.abort()

@@ -91,3 +91,18 @@ def test_background_outside_the_window_and_an_empty_frame():
     assert torch.equal(image[0][:, ~fg], background.expand(-1, int((~fg).sum())))
     assert torch.equal(image[1], background[..., None].expand(-1, 36, 44))
     assert torch.equal(image[0, 6], image[0, 7]) and image[0, 3][fg].min() >= 0 and image[0, 3].max() == 1
+
+
+def test_hints_of_one_identity_after_another_are_each_their_own():
+    # FLAME keeps the last identity's blendshapes (renders pose one identity frame after frame):
+    # renders of identities A, B, A equal those of a FLAME that never saw another.
+    from bench.tracking import synthetic_sequence
+    from tracking.conditioning import render_conditioning
+    from tracking.pipeline import load_flame
+    flame = load_flame()
+    seq = synthetic_sequence(flame, 2)
+    shapes = [seq.shape, seq.shape * -2, seq.shape]
+    images = [render_conditioning(flame, seq, 48, shape=shape) for shape in shapes]
+    for shape, image in zip(shapes, images):
+        assert torch.equal(image, render_conditioning(load_flame(), seq, 48, shape=shape))
+    assert not torch.equal(images[0], images[1])

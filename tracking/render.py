@@ -16,8 +16,9 @@ Conventions (OpenCV pinhole camera):
   double-covered pixels. Both windings are drawn unless back faces are culled on request
   (counter-clockwise around the outward normal = front, as for FLAME).
 - Depth test: the smaller camera z (rounded to float32) wins; equal depths go to the smaller face
-  index. This is one int64 key per pixel (float32 depth bits above the face index), reduced with
-  scatter_reduce(amin), so the result does not depend on processing order.
+  index. This is one int64 key per pixel (float32 depth bits above the index of the triangle in the
+  list of those drawn, which is in face order per frame), reduced with scatter_reduce(amin), so the
+  result does not depend on processing order.
 - Triangles with a vertex at z <= near, or projecting more than 2^20 pixels off-screen, are dropped
   (there is no clipping; only geometry touching the camera plane is affected).
 - Attributes are interpolated perspective-correctly with the winning face's barycentrics.
@@ -25,7 +26,9 @@ Conventions (OpenCV pinhole camera):
 Algorithm: per-triangle setup (fixed-point corners, bounding box, edge functions and 1/z as affine
 functions of the pixel), then each row of each bounding box gets its run of covered pixels from
 the edge functions by exact integer division; the depth keys of those pixels are scatter-min'ed into
-the z-buffer, a chunk of triangles at a time. Barycentrics of the winning face are computed on
+the z-buffer, a chunk of triangles at a time. The z-buffer, and every per-pixel map made from it,
+covers only the window the triangles' bounding boxes span (a face crop's head is half the image or
+less); the rest of the image is background by construction. Barycentrics of the winning face are computed on
 demand (`Raster.pixel_bary`). The normal maps skip them: a perspective-correct attribute is a
 ratio of two affine functions of the pixel per face, and normals, normalised anyway, need only the
 numerator, one plane per face and channel. tests/test_render.py checks face ids and depths

@@ -2,8 +2,12 @@
 
 FLAME has 5023 vertices and 9976 faces; a 50 x 100 UV ellipsoid (4902 vertices, 9800 faces) stands in
 for it, filling about half of the image like a tracked face crop.
+--hint: the live hint instead, `render_conditioning` of the toy head (FLAME's forward pass included,
+the identity fixed, back faces culled) one frame at a time, framed like a tracked 512 px face crop (the
+head about 45% of the image, as in bench/tracking.py's stage rows); its stages are timed apart too.
+Times are CPU time of this thread (the machine may be shared: CPU time moves far less with the load).
 
-    python bench/render.py [--size 512] [--frames 8] [--batch 1] [--cull-back-faces] [--threads N]
+    python bench/render.py [--size 512] [--frames 8] [--batch 1] [--cull-back-faces] [--threads N] [--hint]
 """
 import argparse
 import os
@@ -44,8 +48,11 @@ def main():
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--cull-back-faces", action="store_true")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--hint", action="store_true", help="the live hint of the toy head (module doc)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.hint:
+        return hint_rows(args.size, max(args.frames, 30))
 
     verts, faces = uv_ellipsoid(50, 100, radii=(0.09, 0.12, 0.1))  # head-sized, metres
     labels = torch.randint(0, 4, (len(faces),))
@@ -75,6 +82,40 @@ def main():
         f"{args.batch / min(wall):.1f} frames/s best, {args.batch / sorted(wall)[len(wall) // 2]:.1f} median "
         f"({1000 * min(cpu) / args.batch:.0f} ms CPU/frame best), load average {os.getloadavg()[0]:.2f}"
     )
+
+
+def hint_rows(size, frames):
+    """Median CPU ms of the toy head's live hint, one frame at a time, and of its stages."""
+    from bench.tracking import synthetic_sequence
+    from tracking.conditioning import DEPTH_SPAN, posed_vertices, render_conditioning
+    from tracking.pipeline import load_flame
+    from tracking.render import rasterize, window_normal_maps
+    flame = load_flame()
+    seq = synthetic_sequence(flame, frames)
+    seq.focal = seq.focal * 1.6  # closer: the head fills about as much of the crop as a tracked face
+    focal, faces = seq.focal * size / seq.image_size[1], flame.render_faces
+    stages = {
+        "hint (render_conditioning)": lambda t: render_conditioning(flame, seq, size, slice(t, t + 1), seq.shape),
+        "FLAME vertices": lambda t: posed_vertices(flame, seq, slice(t, t + 1), seq.shape),
+        "conditioning_image": lambda t: conditioning_image(verts[t:t + 1], faces, focal, size, flame.face_regions,
+                                                           depth_span=DEPTH_SPAN, cull_back_faces=True),
+        "rasterize": lambda t: rasterize(verts[t:t + 1], faces, focal, size, cull_back_faces=True),
+        "normal maps": lambda t: window_normal_maps(rasters[t]),
+    }
+    verts = posed_vertices(flame, seq, slice(None), seq.shape)
+    rasters = [rasterize(verts[t:t + 1], faces, focal, size, cull_back_faces=True) for t in range(frames)]
+    coverage = torch.stack([raster.mask.float().mean() for raster in rasters]).mean()
+    load = os.getloadavg()[0]
+    print(f"toy head hint, {size} px, 1 frame a call, {torch.get_num_threads()} threads, {frames} frames, "
+          f"coverage {coverage:.2f}, load average {load:.2f}")
+    for name, stage in stages.items():
+        stage(0)  # warm-up
+        cpu = []
+        for t in range(frames):
+            start = time.thread_time()
+            stage(t)
+            cpu.append(time.thread_time() - start)
+        print(f"  {name}: {1000 * sorted(cpu)[len(cpu) // 2]:.2f} ms CPU median")
 
 
 if __name__ == "__main__":

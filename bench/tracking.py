@@ -1,7 +1,8 @@
 """Tracking speed on the CPU: frames/s of FLAME fitting alone, and of the whole track command.
 
     python bench/tracking.py [--frames 300] [--threads 2] [--video-frames 48] [--skip-command]
-                             [--hd-frames 600 3000] [--skip-fit] [--live-fit-frames 100] [--stages 150]
+                             [--hd-frames 600 3000] [--clip VIDEO ...] [--skip-fit] [--live-fit-frames 100]
+                             [--stages 150]
 
 Fitting runs on synthetic sequences (`synthetic_sequence`, also the tests' ground truth) of two models:
 - the toy head (1973 vertices; its contour table repeats one row);
@@ -20,8 +21,9 @@ what a single track command pays; the rows after it are warm. The fit pins its o
 The whole command (`python -m tracking`: start-up, decode, landmarks, crops, fit, preview) runs in a
 subprocess limited to --threads cores (taskset), with the toy head: on the offline demo video, and on
 generated 1080p clips (the demo face drifting over a 1920x1080 frame, `--hd-frames`, by default 600
-and 3,000 frames), whose rows also give the command's peak resident memory (ru_maxrss): it must not
-grow with the video's length. The machine's load average is printed with each row.
+and 3,000 frames; `--clip` adds videos of your own), whose rows also give the command's peak resident
+memory (ru_maxrss): it must not grow with the video's length. Each command row gives its wall and CPU
+seconds (user + system, every thread) and the load average before and after it.
 The live tracking side per frame (`--stages N`, first): a generated 1080p clip through `LiveTracker` on one
 thread, its stages timed apart (median, p90, CPU time of this thread; the first 10 frames left out):
 the 68 landmarks followed from the previous frame (`FaceTracker.step`), the 512 px crop
@@ -51,7 +53,7 @@ from tracking.pipeline import load_flame  # noqa: E402
 from tracking.render import opengl_to_opencv, project  # noqa: E402
 from tracking.sequence import FlameSequence  # noqa: E402
 from tracking.toyhead import build_toy_flame  # noqa: E402
-from tracking.video import iter_frames  # noqa: E402
+from tracking.video import iter_frames, probe_video  # noqa: E402
 
 FLAME_VERTICES, FLAME_FACES = 5023, 9976
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -142,11 +144,13 @@ def write_flame_sized_model(directory):
 
 def run_command(video, out, size, threads):
     """`python -m tracking VIDEO --out OUT --size SIZE` in a subprocess with `threads` cores (its
-    affinity): (seconds, peak RSS in MiB (its ru_maxrss), CPU seconds (user + system): on a shared machine
-    the work done, where the wall clock also counts the waits for a core)."""
+    affinity): its figures as the notes of a row: wall and CPU seconds (user + system: on a shared machine
+    the work done, where the wall clock also counts the waits for a core), peak RSS (ru_maxrss) and the load
+    average before and after; and the wall seconds."""
     cores = sorted(os.sched_getaffinity(0))[:threads]
     command = ["taskset", "-c", ",".join(map(str, cores))] if threads < os.cpu_count() else []
     command += [sys.executable, "-m", "tracking", video, "--out", out, "--size", str(size)]
+    load = os.getloadavg()[0]
     start = time.perf_counter()
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     stderr = process.stderr.read()
@@ -154,21 +158,29 @@ def run_command(video, out, size, threads):
     process.returncode = os.waitstatus_to_exitcode(status)
     if process.returncode:
         raise RuntimeError(f"the track command failed:\n{stderr[-2000:]}")
-    return time.perf_counter() - start, usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime
+    seconds = time.perf_counter() - start
+    return seconds, (f"wall {seconds:.1f} s, CPU {usage.ru_utime + usage.ru_stime:.1f} s, peak RSS "
+                     f"{usage.ru_maxrss / 1024:.0f} MiB, load average {load:.1f} -> {os.getloadavg()[0]:.1f}")
 
 
-def whole_command_rows(frame_counts, size, threads, tmp):
-    """The whole track command on generated 1080p clips (the demo face, 720 px, drifting over a
-    1920x1080 frame), one clip per frame count: time and peak memory (the memory rows)."""
+def hd_clip(path, n_frames):
+    """A generated 1080p 30 fps clip: the demo face (720 px) drifting over a 1920x1080 frame."""
+    return write_demo_video(path, n_frames=n_frames, size=720, fps=30, frame_size=(1080, 1920))
+
+
+def whole_command_rows(frame_counts, size, threads, tmp, clips=()):
+    """The whole track command on generated 1080p clips, one per frame count, and on the given clips:
+    time and peak memory (the memory rows)."""
     rows = []
-    for n in frame_counts:
-        video = write_demo_video(os.path.join(tmp, f"hd{n}.mp4"), n_frames=n, size=720, fps=30, frame_size=(1080, 1920))
-        load = os.getloadavg()[0]
-        seconds, rss, cpu = run_command(video, os.path.join(tmp, f"hd{n}"), size, threads)
-        rows.append(f"| whole track command (1080p clip, {size} px crops, with preview) | {n} | {threads} "
-                    f"| {seconds:.1f} | {n / seconds:.1f} | peak RSS {rss:.0f} MiB, {cpu:.1f} CPU seconds, "
-                    f"load average {load:.1f} |")
-        os.remove(video)
+    for video in [*clips, *(hd_clip(os.path.join(tmp, f"hd{n}.mp4"), n) for n in frame_counts)]:
+        info = probe_video(video)
+        n = info.frames
+        seconds, notes = run_command(video, os.path.join(tmp, f"out{len(rows)}"), size, threads)
+        rows.append(f"| whole track command ({os.path.basename(video)}, {info.width}x{info.height} "
+                    f"{float(info.fps):g} fps, {size} px crops, with preview) | {n} "
+                    f"| {threads} | {seconds:.1f} | {n / seconds:.1f} | {notes} |")
+        if video.startswith(tmp):
+            os.remove(video)
         print(rows[-1], flush=True)
     return rows
 
@@ -185,8 +197,7 @@ def _timed(times, name, fn):
 
 def stage_rows(n_frames, size, tmp, skip=10):
     """Per-frame stages of the live tracking side on a generated 1080p clip, one thread (module doc)."""
-    video = write_demo_video(os.path.join(tmp, "stages.mp4"), n_frames=n_frames, size=720, fps=30,
-                             frame_size=(1080, 1920))
+    video = hd_clip(os.path.join(tmp, "stages.mp4"), n_frames)
     flame = load_flame()
     reference = synthetic_sequence(flame, 1)
     tracker = LiveTracker(flame, reference, reference.shape, size, video)
@@ -223,6 +234,8 @@ def main():
     p.add_argument("--skip-command", action="store_true", help="time the fit only")
     p.add_argument("--hd-frames", type=int, nargs="*", default=[600, 3000],
                    help="frames of the generated 1080p clips of the whole-command and memory rows (none: skip)")
+    p.add_argument("--clip", nargs="*", default=[], help="videos to time the whole command on as well (e.g. a 1080p "
+                   "clip made once by hd_clip, to compare runs without generating it again)")
     p.add_argument("--skip-fit", action="store_true", help="skip the (offline) fit rows")
     p.add_argument("--live-fit-frames", type=int, default=100, help="frames of the one-frame fit rows (0: skip)")
     p.add_argument("--stages", type=int, default=150, help="frames of the live stage rows (0: skip)")
@@ -239,13 +252,12 @@ def main():
             rows += live_fit_rows(args.live_fit_frames, tmp)
         if not args.skip_command:
             video = write_demo_video(os.path.join(tmp, "demo.mp4"), n_frames=args.video_frames)
-            load = os.getloadavg()[0]
-            seconds, rss, cpu = run_command(video, os.path.join(tmp, "out"), args.size, args.threads)
+            seconds, notes = run_command(video, os.path.join(tmp, "out"), args.size, args.threads)
             rows.append(f"| whole track command (demo video, 384 px, {args.size} px crops, with preview) "
                         f"| {args.video_frames} | {args.threads} | {seconds:.1f} | {args.video_frames / seconds:.1f} "
-                        f"| peak RSS {rss:.0f} MiB, {cpu:.1f} CPU seconds, load average {load:.1f} |")
+                        f"| {notes} |")
             print(rows[-1], flush=True)
-        rows += whole_command_rows(args.hd_frames, args.size, args.threads, tmp)
+        rows += whole_command_rows(args.hd_frames, args.size, args.threads, tmp, args.clip)
     print(f"load average {os.getloadavg()[0]:.2f}")
     if args.stages:
         print("\n".join(stage_table))

@@ -75,3 +75,34 @@ def test_conditioning_normals_are_exact_smooth_normals():
     got = image[:, :3].permute(0, 2, 3, 1)[raster.mask] * 2 - 1
     assert len(want) > 1000
     torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=0)
+
+
+def test_background_outside_the_window_and_an_empty_frame():
+    # The image is filled with the background once and the maps drawn in the rasterizer's window:
+    # every pixel outside the foreground, inside the window or not, holds the background values, and
+    # a frame with nothing in front of the camera is background throughout.
+    verts, faces = uv_ellipsoid(8, 12)
+    small = verts * 0.2 + torch.tensor([0.3, -0.2, 2.0])
+    image = conditioning_image(torch.stack([small, small * torch.tensor([1.0, 1.0, -1.0])]), faces, 40.0, (36, 44),
+                               face_labels=torch.full((len(faces),), REGION_MOUTH))
+    background = torch.tensor([0.5, 0.5, 0.5, 0, 0, 0, 0, 0])[:, None]
+    fg = image[0, 7].bool()
+    assert 0 < fg.float().mean() < 0.2
+    assert torch.equal(image[0][:, ~fg], background.expand(-1, int((~fg).sum())))
+    assert torch.equal(image[1], background[..., None].expand(-1, 36, 44))
+    assert torch.equal(image[0, 6], image[0, 7]) and image[0, 3][fg].min() >= 0 and image[0, 3].max() == 1
+
+
+def test_hints_of_one_identity_after_another_are_each_their_own():
+    # FLAME keeps the last identity's blendshapes (renders pose one identity frame after frame):
+    # renders of identities A, B, A equal those of a FLAME that never saw another.
+    from bench.tracking import synthetic_sequence
+    from tracking.conditioning import render_conditioning
+    from tracking.pipeline import load_flame
+    flame = load_flame()
+    seq = synthetic_sequence(flame, 2)
+    shapes = [seq.shape, seq.shape * -2, seq.shape]
+    images = [render_conditioning(flame, seq, 48, shape=shape) for shape in shapes]
+    for shape, image in zip(shapes, images):
+        assert torch.equal(image, render_conditioning(load_flame(), seq, 48, shape=shape))
+    assert not torch.equal(images[0], images[1])

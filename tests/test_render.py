@@ -9,6 +9,7 @@ from tracking.render import (
     SUBPIXEL,
     draw_landmarks,
     interpolate,
+    normal_maps,
     overlay,
     project,
     rasterize,
@@ -224,3 +225,38 @@ def test_landmark_dots_are_exactly_the_pixel_centres_within_the_radius():
         rows, cols = np.mgrid[:30, :41] + 0.5
         near = ((cols[..., None] - points[:, 0]) ** 2 + (rows[..., None] - points[:, 1]) ** 2 <= radius**2).any(-1)
         assert near.any() and (dots[near] == (255, 0, 255)).all() and np.array_equal(dots[~near], frame[~near])
+
+
+def test_window_holds_every_covered_pixel_of_the_batch():
+    # The maps are computed in the window the triangles' bounding boxes span; a batch whose frames
+    # sit in opposite corners, one of them clipped by the image's edges, and a frame behind the
+    # camera: each frame's full maps equal the brute force's.
+    verts, faces = uv_ellipsoid(8, 12)
+    frames = [verts * 0.5 + torch.tensor(offset) for offset in ([-1.4, -1.0, 3.0], [0.6, 0.5, 2.5], [0.0, 0.0, -3.0])]
+    raster = rasterize(torch.stack(frames), faces, focal=32.0, image_size=(28, 36))
+    (top, left), (height, width) = raster.window, raster.window_face.shape[1:]
+    assert (top, left) == (0, 0) and 0 < height <= 28 and 0 < width <= 36
+    for b, v in enumerate(frames):
+        face, depth, _ = reference_rasterize(v.numpy(), faces.numpy(), 32.0, 28, 36)
+        assert (b == 2) == (face < 0).all()
+        np.testing.assert_array_equal(raster.face[b].numpy(), face)
+        np.testing.assert_array_equal(raster.depth[b].numpy(), depth)
+    # Nothing in front of the camera: a one-pixel window of background.
+    empty = rasterize(frames[2][None], faces, focal=32.0, image_size=(28, 36))
+    assert empty.window_face.shape == (1, 1, 1) and (empty.face == -1).all() and (empty.depth == 0).all()
+
+
+def test_overlay_is_the_blend_of_the_full_normal_maps():
+    # Reference: the blend written out in numpy over the full-size maps (overlay's former path); overlay
+    # blends in the rasterizer's window only, with torch.
+    verts, faces = uv_ellipsoid(10, 16)
+    batch = torch.stack([verts * 0.4 + torch.tensor([-0.5, 0.3, 2.0]), verts * 0.3 + torch.tensor([0.6, -0.2, 2.5])])
+    frames = np.random.default_rng(1).integers(0, 256, (2, 36, 44, 3), dtype=np.uint8)
+    color, alpha = (200, 120, 40), 0.35
+    raster = rasterize(batch, faces, focal=40.0, image_size=(36, 44))
+    mask = raster.mask.numpy()
+    mesh = (0.25 + 0.75 * normal_maps(raster)[2].abs()).numpy()[mask][:, None] * np.asarray(color, np.float32)
+    expected = frames.copy()
+    expected[mask] = np.clip(np.rint((1 - alpha) * frames[mask].astype(np.float32) + alpha * mesh), 0, 255).astype(np.uint8)
+    assert 0.05 < mask.mean() < 0.5
+    assert np.array_equal(overlay(frames, batch, faces, focal=40.0, color=color, alpha=alpha), expected)

@@ -3,6 +3,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import weakref
 
 import numpy as np
@@ -16,7 +17,10 @@ from tracking import pipeline
 from tracking.__main__ import main as tracking_main
 from tracking.pipeline import TrackingError, check_gaps, load_flame, track_video
 from tracking.sequence import load_seq
+from tracking import video
 from tracking.video import iter_frames, read_video, write_video
+
+av_open = video.av.open  # the real one, for the test that counts the opens
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -31,9 +35,12 @@ def demo_video(tmp_path_factory):
     return write_demo_video(str(tmp_path_factory.mktemp("demo") / "demo.mp4"), n_frames=8)
 
 
-def test_demo_video_tracks_end_to_end(demo_video, flame, tmp_path):
+def test_demo_video_tracks_end_to_end(demo_video, flame, tmp_path, monkeypatch):
     out = str(tmp_path / "track")
+    opened = []  # the video is probed once (fps, frame count, size), then decoded by the two passes
+    monkeypatch.setattr(video.av, "open", lambda path, *a, **k: opened.append(path) or av_open(path, *a, **k))
     tracked = track_video(demo_video, out, flame, size=96)
+    assert opened.count(demo_video) == 3
     assert sorted(os.listdir(out)) == ["crops.npy", "landmarks.npy", "people.json", "preview.mp4", "report.png",
                                        "seq.npz", "source.json"]
     seq = load_seq(os.path.join(out, "seq.npz"))
@@ -147,3 +154,20 @@ def test_a_track_records_its_source_and_is_rebuilt_from_another(tmp_path, caplog
     other = str(tmp_path / "other.mp4")
     write_video(other, read_video(os.path.join(out, "demo.mp4"))[0][:4], 24)
     assert track_video(other, out, load_flame(), size=48, max_frames=5, preview=False).seq.n_frames == 4
+
+
+def test_preview_batches_drawn_in_threads_are_written_in_order(tmp_path, monkeypatch):
+    # Batches are drawn by PREVIEW_THREADS threads and may finish in any order; a batch that is slow to
+    # draw (the first) must still come first. Each frame here is one grey level: its index.
+    def draw(self, start, crops):
+        time.sleep(0.05 if start == 0 else 0)
+        return [np.full((32, 32, 3), 8 * (start + i), np.uint8) for i in range(len(crops))]
+
+    monkeypatch.setattr(pipeline._PreviewDrawer, "draw", draw)
+    drawer = pipeline._PreviewDrawer(None, None, None, str(tmp_path / "preview.mp4"), 10)
+    for _ in range(3 * pipeline.PREVIEW_BATCH + 3):  # and a last, short batch
+        drawer(np.zeros((32, 32, 3), np.uint8))
+    drawer.close()
+    frames, _ = read_video(str(tmp_path / "preview.mp4"))
+    np.testing.assert_allclose(frames.mean((1, 2, 3)), 8 * np.arange(len(frames)), atol=2)
+    assert len(frames) == 3 * pipeline.PREVIEW_BATCH + 3

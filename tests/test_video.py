@@ -15,6 +15,7 @@ from tracking.video import (
     crop_frames,
     iter_frames,
     paste_back,
+    probe_video,
     read_video,
     smooth_crop_boxes,
     video_fps,
@@ -60,6 +61,8 @@ def test_streaming_reader_and_max_frames(tmp_path):
     path = tmp_path / "clip.mp4"
     write_video(path, iter(frames), 25)  # an iterator of frames streams into the encoder
     assert video_fps(path) == 25
+    info = probe_video(path)
+    assert (info.fps, info.frames, info.height, info.width) == (25, 12, 48, 64)
     first = list(iter_frames(path, max_frames=5))
     assert len(first) == 5 and first[0].shape == (48, 64, 3)
     decoded, _ = read_video(path, max_frames=3)
@@ -243,3 +246,14 @@ def test_crop_and_paste_back_round_trip():
     assert 0 < blended[25, 80, 0] < 255
     with pytest.raises(ValueError, match="not inside"):
         paste_back(frame, white, [100, 20, 200, 120])
+
+
+def test_writer_preset_reaches_the_encoder(tmp_path):
+    # x264 writes its settings into the stream (an SEI message): veryfast searches subpixels at level 2,
+    # the default (medium) at 7.
+    for preset, subme in ((None, b"subme=7"), ("veryfast", b"subme=2")):
+        path = tmp_path / f"{preset}.mp4"
+        with VideoWriter(path, 25, preset=preset) as video:
+            for frame in moving_pattern(4):
+                video.write(frame)
+        assert subme in path.read_bytes()

@@ -8,7 +8,7 @@ face; tracking/flame.py assigns them to FLAME's faces.
 import numpy as np
 import torch
 
-from tracking.render import normal_maps, opengl_to_opencv, rasterize
+from tracking.render import opengl_to_opencv, rasterize, window_normal_maps
 
 # Per-face region labels (tracking.flame.face_regions assigns them, `conditioning_image` reads them).
 REGION_SKIN, REGION_LEFT_EYE, REGION_RIGHT_EYE, REGION_MOUTH = range(4)
@@ -68,29 +68,33 @@ def conditioning_image(verts, faces, focal, image_size=512, face_labels=None, pr
     """
     faces = torch.as_tensor(faces, dtype=torch.int64)
     raster = rasterize(verts, faces, focal, image_size, principal, near, cull_back_faces)
-    mask = raster.mask
-    batch, height, width = mask.shape
+    batch, height, width = len(verts), *raster.image_size
+    # Outside the rasterizer's window every pixel is background, filled once; every channel of the
+    # window is written below.
     image = torch.empty(batch, len(CONDITIONING_CHANNELS), height, width)
-    for k, normal in enumerate(normal_maps(raster)):  # 0 on the background: 0.5 there
-        torch.add(normal, 1, out=image[:, k]).mul_(0.5)
-    _depth_map(raster, depth_span, out=image[:, 3])
-    # region label of every pixel, -1 on the background (index 0 of the table; int8: a quarter of the
-    # memory traffic of int64)
-    labels = torch.full((len(faces) + 1,), -1, dtype=torch.int8)
-    if face_labels is not None:
-        labels[1:] = torch.as_tensor(face_labels)
-    label = labels.index_select(0, (raster.face + 1).view(-1)).view(mask.shape)
+    for background in raster.outside_window(image):
+        background[:, :3], background[:, 3:] = 0.5, 0.0
+    window = raster.in_window(image)
+    # (n + 1) / 2 as n / 2 + 1/2: halving is exact, so these are the same bits; 0 on the background: 0.5 there
+    for normal in window_normal_maps(raster, scale=0.5, out=window[:, :3].unbind(1)):
+        normal.add_(0.5)
+    _depth_map(raster, depth_span, out=window[:, 3])
+    # region label of every pixel, -1 on the background (int8: a quarter of the memory traffic of int64)
+    if face_labels is None:
+        face_labels = torch.zeros(len(faces), dtype=torch.int8)
+    labels = torch.as_tensor(face_labels).to(torch.int8).index_select(0, raster.triangle_face)
+    label = raster.per_triangle(labels, -1)
     for k, region in enumerate((REGION_LEFT_EYE, REGION_RIGHT_EYE, REGION_MOUTH), 4):
-        torch.eq(label, region, out=image[:, k])
-    image[:, 7] = mask
+        torch.eq(label, region, out=window[:, k])
+    window[:, 7] = raster.window_triangle >= 0
     return image
 
 
 def _depth_map(raster, depth_span, out):
-    """Depth channel (B, H, W), written into `out`: 1 at the nearest visible point of each frame,
+    """Depth channel of raster's window (B, h, w), written into `out`: 1 at the nearest visible point of each frame,
     decreasing linearly to 0 at the farthest one (depth_span None) or depth_span camera units behind
     the nearest; 0 on the background."""
-    mask, depth = raster.mask, raster.depth
+    mask, depth = raster.window_triangle >= 0, raster.window_depth
     near = torch.where(mask, depth, torch.inf).amin((1, 2), keepdim=True)
     if depth_span is None:
         span = (depth.amax((1, 2), keepdim=True) - near).clamp(min=torch.finfo(torch.float32).tiny)

@@ -400,6 +400,7 @@ class FLAME(nn.Module):
             self.register_buffer("contour_corners", contour)
             self.register_buffer("contour_bary_coords", f32(embedding.contour_bary_coords))
         self._landmark_buffers()
+        self._last_identity = None  # (shape, identity_template(shape)) of the last skinning without autograd
         render_faces, regions = face_regions(model["f"], model["weights"], model["v_template"],
                                              embedding)
         self.register_buffer("render_faces", torch.tensor(render_faces, dtype=torch.long))
@@ -460,15 +461,28 @@ class FLAME(nn.Module):
         Blendshapes, pose correctives, then the kinematic chain. A shape batch of 1 is shared by
         all frames (computed once).
         """
-        n = self.n_shape
-        v_shaped = (self.v_template + torch.einsum("bl,lvk->bvk", shape, self.shapedirs[:n])
-                    + torch.einsum("bl,lvk->bvk", expression, self.shapedirs[n:]))
+        v_shaped = self.identity_template(shape) + torch.einsum("bl,lvk->bvk", expression, self.shapedirs[self.n_shape:])
         v_posed = v_shaped + torch.einsum("bp,pvk->bvk", self.pose_feature(rots), self.posedirs)
         world_rot, world_offset = self.joint_transforms(rots, self.joints(shape, expression))
         blended = torch.einsum("vj,bjkl->bvkl", self.lbs_weights,
                                torch.cat([world_rot, world_offset[..., None]], -1))
         # (B,V,3,4) affine per vertex; elementwise products beat a bmm over B*V tiny matrices
         return (blended[..., :3] * v_posed[:, :, None, :]).sum(-1) + blended[..., 3]
+
+    def identity_template(self, shape):
+        """The template with the identity blendshapes of `shape` (B,V,3). Without autograd the last
+        identity's is kept: renders pose one identity frame after frame (a hint per live frame, a
+        preview), and its blendshapes are most of the memory one skinning reads (n_shape of the
+        n_shape + n_exp components)."""
+        if shape.requires_grad and torch.is_grad_enabled():
+            return self.v_template + torch.einsum("bl,lvk->bvk", shape, self.shapedirs[:self.n_shape])
+        last = self._last_identity
+        same = last is not None and last[0].shape == shape.shape and last[0].device == shape.device
+        if not (same and torch.equal(last[0], shape)):
+            shape = shape.detach()
+            last = shape.clone(), self.v_template + torch.einsum("bl,lvk->bvk", shape, self.shapedirs[:self.n_shape])
+            self._last_identity = last  # one assignment: a thread sees the old pair or the new one
+        return last[1]
 
     def _landmark_buffers(self):
         """Precomputed terms of `skinned_landmarks`."""

@@ -16,8 +16,9 @@ Conventions (OpenCV pinhole camera):
   double-covered pixels. Both windings are drawn unless back faces are culled on request
   (counter-clockwise around the outward normal = front, as for FLAME).
 - Depth test: the smaller camera z (rounded to float32) wins; equal depths go to the smaller face
-  index. This is one int64 key per pixel (float32 depth bits above the face index), reduced with
-  scatter_reduce(amin), so the result does not depend on processing order.
+  index. This is one int64 key per pixel (float32 depth bits above the index of the triangle in the
+  list of those drawn, which is in face order per frame), reduced with scatter_reduce(amin), so the
+  result does not depend on processing order.
 - Triangles with a vertex at z <= near, or projecting more than 2^20 pixels off-screen, are dropped
   (there is no clipping; only geometry touching the camera plane is affected).
 - Attributes are interpolated perspective-correctly with the winning face's barycentrics.
@@ -25,7 +26,9 @@ Conventions (OpenCV pinhole camera):
 Algorithm: per-triangle setup (fixed-point corners, bounding box, edge functions and 1/z as affine
 functions of the pixel), then each row of each bounding box gets its run of covered pixels from
 the edge functions by exact integer division; the depth keys of those pixels are scatter-min'ed into
-the z-buffer, a chunk of triangles at a time. Barycentrics of the winning face are computed on
+the z-buffer, a chunk of triangles at a time. The z-buffer, and every per-pixel map made from it,
+covers only the window the triangles' bounding boxes span (a face crop's head is half the image or
+less); the rest of the image is background by construction. Barycentrics of the winning face are computed on
 demand (`Raster.pixel_bary`). The normal maps skip them: a perspective-correct attribute is a
 ratio of two affine functions of the pixel per face, and normals, normalised anyway, need only the
 numerator, one plane per face and channel. tests/test_render.py checks face ids and depths
@@ -48,14 +51,62 @@ _BACKGROUND_KEY = _MAX_INT64
 class Raster:
     """Result of `rasterize` for B frames of H x W pixels.
 
-    Per-pixel maps, plus the same data listed for the N covered pixels only (what interpolation
-    works on, so that it never touches the background). The lists and the barycentrics are
-    computed on first use: the normal maps need neither.
+    The maps are computed in a window, the rows and columns that the triangles' bounding boxes
+    span in any frame of the batch: every pixel outside it is background, and a face that fills a
+    fifth of the image spares the per-pixel work of the rest (`window_triangle`, `window_depth`,
+    `window`). A pixel holds the index of its visible triangle in the list of the triangles drawn
+    (`triangle_frame`, `triangle_face`: the faces in view, ascending per frame), so that per-face
+    tables need rows for these only (culled faces are often more than half). `face` and `depth` are
+    the full images. The lists of covered pixels and their barycentrics are computed on first use:
+    the normal maps need neither.
     """
 
-    face: torch.Tensor  # (B, H, W) int64 index of the visible face, -1 on the background
-    depth: torch.Tensor  # (B, H, W) float32 camera-space z of the visible surface, 0 on the background
+    window_triangle: torch.Tensor  # (B, h, w) int64 index into the triangle lists, -1 on the background
+    window_depth: torch.Tensor  # (B, h, w) float32 camera-space z of the visible surface, 0 on the background
+    window: tuple  # (top, left): the window's first row and column in the image
+    image_size: tuple  # (H, W)
+    triangle_frame: torch.Tensor  # (T,) int64 frame of each triangle drawn
+    triangle_face: torch.Tensor  # (T,) int64 its face
     camera: tuple  # (verts, faces, focal, principal, near) as given to `rasterize`
+
+    @cached_property
+    def window_face(self):
+        """(B, h, w) int64 index of the visible face, -1 on the background."""
+        return self.per_triangle(self.triangle_face, -1)
+
+    def per_triangle(self, table, background):
+        """The value of a per-triangle table (T,) at each pixel of the window (B, h, w)."""
+        table = torch.cat([table.new_full((1,), background), table])
+        return table.index_select(0, (self.window_triangle + 1).view(-1)).view(self.window_triangle.shape)
+
+    @cached_property
+    def face(self):
+        """(B, H, W) int64 index of the visible face, -1 on the background."""
+        return self.full_image(self.window_face, -1)
+
+    @cached_property
+    def depth(self):
+        """(B, H, W) float32 camera-space z of the visible surface, 0 on the background."""
+        return self.full_image(self.window_depth, 0)
+
+    def full_image(self, window_map, background):
+        """A map of the window (B, h, w) as a full image (B, H, W), `background` outside the window."""
+        out = window_map.new_full((len(window_map), *self.image_size), background)
+        self.in_window(out).copy_(window_map)
+        return out
+
+    def in_window(self, image):
+        """The window's part of an image (..., H, W): a view, to read or write."""
+        (top, left), (height, width) = self.window, self.window_triangle.shape[1:]
+        return image[..., top:top + height, left:left + width]
+
+    def outside_window(self, image):
+        """The parts of an image (..., H, W) outside the window: up to four views (the bands above and
+        below it, and left and right of it), to fill with the background."""
+        (top, left), (height, width) = self.window, self.window_triangle.shape[1:]
+        bottom, right = top + height, left + width
+        middle = image[..., top:bottom, :]
+        return [image[..., :top, :], image[..., bottom:, :], middle[..., :left], middle[..., right:]]
 
     @property
     def mask(self):
@@ -179,45 +230,59 @@ def _snap(verts, focal, height, width, principal, near):
 
 
 def _setup_triangles(verts, faces, focal, height, width, principal, near, cull_back_faces):
+    # Per vertex: fixed-point position and depth, and whether it may be drawn at all; then per
+    # face (frame-major, B * F), its corners' columns by 1-D gathers (far cheaper than indexing
+    # (B, F, 3, 2) tensors on the CPU), and everything past culling for the faces kept only.
+    num_faces = len(faces)
     fixed = _snap(verts, focal, height, width, principal, near)
-    tri_z = verts.detach().to(torch.float64)[..., 2][:, faces]  # (B, F, 3)
-    tri_xy = fixed[:, faces]  # (B, F, 3, 2)
-    keep = (tri_z > near).all(-1) & (tri_xy.abs() < _GUARD).flatten(-2).all(-1)
-    tri_xy = torch.where(keep[..., None, None], tri_xy, 0).to(torch.int64)
-    area = _edge(*tri_xy[..., 0, :].unbind(-1), *tri_xy[..., 1, :].unbind(-1), *tri_xy[..., 2, :].unbind(-1))
+    z = verts.detach().to(torch.float64)[..., 2]
+    usable = (z > near) & (fixed.abs() < _GUARD).all(-1)
+    fixed = torch.where(usable[..., None], fixed, 0).to(torch.int64)
+    columns = [fixed[..., 0].reshape(-1), fixed[..., 1].reshape(-1), z.reshape(-1), usable.reshape(-1)]
+    frame_start = torch.arange(len(verts))[:, None] * verts.shape[1]
+    rows = [(corner + frame_start).view(-1) for corner in faces.T]
+    (x0, y0, z0, u0), (x1, y1, z1, u1), (x2, y2, z2, u2) = ([c.index_select(0, r) for c in columns] for r in rows)
+    area = _edge(x0, y0, x1, y1, x2, y2)
     # Seen from the camera, an outward counter-clockwise face runs clockwise on the y-down screen,
     # i.e. has a negative area here; a positive area means the camera sees its back.
-    keep &= (area < 0) if cull_back_faces else (area != 0)
-    # A negative area is the other winding on screen: swapping two corners makes it positive.
-    corner = torch.where((area < 0)[..., None], torch.tensor([0, 2, 1]), torch.tensor([0, 1, 2]))
-    tri_xy = torch.gather(tri_xy, 2, corner[..., None].expand(*corner.shape, 2))
-    tri_z = torch.gather(tri_z, 2, corner)
+    keep = u0 & u1 & u2 & ((area < 0) if cull_back_faces else (area != 0))
 
     # Inclusive range of pixels whose centres (i + 1/2) * SUBPIXEL lie in the bounding box.
     half = SUBPIXEL // 2
-    c0, c1, c2 = tri_xy.unbind(2)
-    first = -torch.div(half - torch.minimum(torch.minimum(c0, c1), c2), SUBPIXEL, rounding_mode="floor")  # ceil
-    last = torch.div(torch.maximum(torch.maximum(c0, c1), c2) - half, SUBPIXEL, rounding_mode="floor")
-    first = first.clamp(min=0)
-    last = torch.minimum(last, torch.tensor([width - 1, height - 1]))
-    keep &= (first <= last).all(-1)
+    first_x = -torch.div(half - torch.minimum(torch.minimum(x0, x1), x2), SUBPIXEL, rounding_mode="floor").clamp_(max=0)
+    first_y = -torch.div(half - torch.minimum(torch.minimum(y0, y1), y2), SUBPIXEL, rounding_mode="floor").clamp_(max=0)
+    last_x = torch.div(torch.maximum(torch.maximum(x0, x1), x2) - half, SUBPIXEL, rounding_mode="floor").clamp_(max=width - 1)
+    # A horizontal edge bounds rows, not columns: at the top (interior below) it is a top edge and
+    # takes the pixel centres on it, so the box is right; at the bottom it does not, so the box ends a
+    # row earlier when that row's centres lie on it. Within the box, such an edge then never excludes
+    # a pixel, and `_spans` need not look at it.
+    bottom = torch.maximum(torch.maximum(y0, y1), y2)
+    flat_bottom = ((y0 == bottom).long() + (y1 == bottom) + (y2 == bottom)) // 2  # 1 when two corners share it
+    last_y = torch.div(bottom - half - flat_bottom, SUBPIXEL, rounding_mode="floor").clamp_(max=height - 1)
+    keep &= (first_x <= last_x) & (first_y <= last_y)
 
-    frame, face = keep.nonzero(as_tuple=True)
-    xy, first, last = tri_xy[frame, face], first[frame, face], last[frame, face]
-    (x0, y0), (x1, y1), (x2, y2) = (xy[:, i].unbind(-1) for i in range(3))
+    kept = keep.nonzero().view(-1)
+    frame, face = torch.div(kept, num_faces, rounding_mode="floor"), kept % num_faces
+    x0, y0, z0, x1, y1, z1, x2, y2, z2, first_x, first_y, last_x, last_y, area = (
+        v.index_select(0, kept) for v in (x0, y0, z0, x1, y1, z1, x2, y2, z2, first_x, first_y, last_x, last_y, area))
+    # A negative area is the other winding on screen: swapping corners 1 and 2 makes it positive.
+    swap = area < 0
+    x1, x2 = torch.where(swap, x2, x1), torch.where(swap, x1, x2)
+    y1, y2 = torch.where(swap, y2, y1), torch.where(swap, y1, y2)
+    z1, z2 = torch.where(swap, z2, z1), torch.where(swap, z1, z2)
     edges = ((x1, y1, x2, y2), (x2, y2, x0, y0), (x0, y0, x1, y1))  # edge i is opposite corner i
     step_x = [ay - by for ax, ay, bx, by in edges]  # per fixed-point unit
     step_y = [bx - ax for ax, ay, bx, by in edges]
-    cx, cy = first[:, 0] * SUBPIXEL + half, first[:, 1] * SUBPIXEL + half
-    inv_z = (1.0 / tri_z[frame, face]).unbind(1)
-    area = area[frame, face].abs()
+    cx, cy = first_x * SUBPIXEL + half, first_y * SUBPIXEL + half
+    inv_z = (1.0 / z0, 1.0 / z1, 1.0 / z2)
+    area = area.abs()
     return _Triangles(
         face=face,
         frame=frame,
-        first_x=first[:, 0],
-        first_y=first[:, 1],
-        box_x=last[:, 0] - first[:, 0],
-        box_y=last[:, 1] - first[:, 1],
+        first_x=first_x,
+        first_y=first_y,
+        box_x=last_x - first_x,
+        box_y=last_y - first_y,
         edge_origin=torch.stack([_edge(*e, cx, cy) - (~_is_top_left(*e)).long() for e in edges]),
         step_x=torch.stack(step_x) * SUBPIXEL,
         step_y=torch.stack(step_y) * SUBPIXEL,
@@ -257,40 +322,59 @@ def _spans(tri, start, stop):
     triangle (R,), row y and first column x (R,) in pixels from the box corner, length (R,) >= 0.
 
     Along a row an edge function is e + step * x; pixel x is on the inner side where that is >= 0
-    (the fill bias is already subtracted), i.e. x >= ceil(-e / step) for a positive step and
-    x <= floor(e / -step) for a negative one: exact integer divisions, no pixel is tested.
+    (the fill bias is already subtracted), i.e. x >= ceil(-e / step) = -floor(e / step) for a
+    positive step and x <= floor(e / -step) for a negative one: exact integer divisions, no pixel is
+    tested. A zero step (a horizontal edge) bounds no column: `_setup_triangles` folded it into the
+    box. Per edge and triangle, `floor(e / |step|)` times -1 or 0 bounds the first column, plus 0 or
+    2^62 (no bound) the last.
     """
     t, y = _repeat_ranges(tri.box_y[start:stop] + 1)
     t += start
     first, last = torch.zeros_like(t), tri.box_x.index_select(0, t)
     for origin, step_x, step_y in zip(tri.edge_origin, tri.step_x, tri.step_y):  # the three edges
-        step = step_x.index_select(0, t)
-        edge = origin.index_select(0, t) + step_y.index_select(0, t) * y  # at each row's first pixel
-        bound = torch.div(edge, step.abs().clamp(min=1), rounding_mode="floor")
-        first = torch.maximum(first, torch.where(step > 0, -bound, 0))
-        last = torch.minimum(last, torch.where(step < 0, bound, torch.where((step == 0) & (edge < 0), -1, _MAX_INT64)))
+        lower, upper = -(step_x > 0).long(), torch.where(step_x < 0, 0, 1 << 62)
+        edge = origin.index_select(0, t).addcmul_(step_y.index_select(0, t), y)  # at each row's first pixel
+        bound = torch.div(edge, step_x.abs().clamp_(min=1).index_select(0, t), rounding_mode="floor")
+        first = torch.maximum(first, lower.index_select(0, t).mul_(bound))
+        last = torch.minimum(last, bound.add_(upper.index_select(0, t)))
     return t, y, first, (last - first + 1).clamp_(min=0)
 
 
-def _depth_test(tri, zbuffer, height, width, max_pixels):
-    """Scatter the depth key of every covered (triangle, pixel) pair into zbuffer (B * H * W,) with amin."""
+def _window(tri):
+    """(top, left), (height, width) of the pixels the triangles' bounding boxes span; with no triangle,
+    one pixel of background (the maps of an empty window would need a case of their own downstream)."""
+    if len(tri.face) == 0:
+        return (0, 0), (1, 1)
+    top, left = int(tri.first_y.min()), int(tri.first_x.min())
+    bottom, right = int((tri.first_y + tri.box_y).max()), int((tri.first_x + tri.box_x).max())
+    return (top, left), (bottom - top + 1, right - left + 1)
+
+
+def _depth_test(tri, zbuffer, top, left, height, width, max_pixels):
+    """Scatter the depth key of every covered (triangle, pixel) pair into zbuffer (B * height * width,),
+    a window whose first pixel is (top, left) in the image, with amin."""
     pixels = (tri.box_x + 1) * (tri.box_y + 1)
     for start, stop in _chunks(pixels, max_pixels):
         t, y, first, length = _spans(tri, start, stop)
         # 1/z = 1/z0 + grad . (p - p0), p - p0 in fixed point, exact in float64: per run, all but
         # the x term (the row's y term is the same for the whole run), then per pixel.
-        inv_z, grad_x, grad_y, face = (v.index_select(0, t) for v in (tri.inv_z, tri.grad_x, tri.grad_y, tri.face))
+        inv_z, grad_x, grad_y = (v.index_select(0, t) for v in (tri.inv_z, tri.grad_x, tri.grad_y))
         run_px = tri.offset_x.index_select(0, t) + first * SUBPIXEL  # first pixel centre - corner 0
         y_term = grad_y * (tri.offset_y.index_select(0, t) + y * SUBPIXEL).to(torch.float64)
-        row = (tri.frame.index_select(0, t) * height + tri.first_y.index_select(0, t) + y) * width
-        run_pixel = row + tri.first_x.index_select(0, t) + first
-        run, offset = _repeat_ranges(length)  # per covered pixel: its run and its place in the run
-        px = (run_px.index_select(0, run) + offset * SUBPIXEL).to(torch.float64)
+        row = (tri.frame.index_select(0, t) * height + (tri.first_y.index_select(0, t) - top) + y) * width
+        run_pixel = row + (tri.first_x.index_select(0, t) - left) + first
+        # Per covered pixel i, of run r: its place in the run is i - (first i of r), so a run's
+        # values less that much are gathered and i added (no per-pixel offsets).
+        run = torch.repeat_interleave(length)
+        i = torch.arange(len(run))
+        run_start = torch.cumsum(length, 0) - length
+        px = (i * SUBPIXEL).add_((run_px - run_start * SUBPIXEL).index_select(0, run)).to(torch.float64)
         inv_z = inv_z.index_select(0, run) + grad_x.index_select(0, run) * px + y_term.index_select(0, run)
         depth = (1.0 / inv_z).to(torch.float32)
-        # Positive float32 bit patterns order like their values: depth above, face index below.
-        key = (depth.view(torch.int32).to(torch.int64) << 32) | face.index_select(0, run)
-        zbuffer.scatter_reduce_(0, run_pixel.index_select(0, run) + offset, key, "amin")
+        # Positive float32 bit patterns order like their values: depth above, triangle below (the
+        # triangles are in face order within a frame: equal depths go to the smaller face index).
+        key = torch.add(t.index_select(0, run), depth.view(torch.int32).to(torch.int64), alpha=1 << 32)
+        zbuffer.scatter_reduce_(0, i.add_((run_pixel - run_start).index_select(0, run)), key, "amin")
 
 
 def rasterize(
@@ -309,12 +393,16 @@ def rasterize(
     batch = verts.shape[0]
     faces = torch.as_tensor(faces, dtype=torch.int64)
     tri = _setup_triangles(verts, faces, focal, height, width, principal, near, cull_back_faces)
-    zbuffer = torch.full((batch, height, width), _BACKGROUND_KEY, dtype=torch.int64)
-    _depth_test(tri, zbuffer.view(-1), height, width, max_pixels)
-    # The key's low 32 bits, sign-extended, are the face index: the background key's are all ones, -1.
-    face = (zbuffer << 32).bitwise_right_shift_(32)
-    depth = (zbuffer >> 32).to(torch.int32).view(torch.float32).masked_fill_(face < 0, 0.0)
-    return Raster(face=face, depth=depth, camera=(verts, faces, focal, principal, near))
+    window, window_size = _window(tri)
+    zbuffer = torch.full((batch, *window_size), _BACKGROUND_KEY, dtype=torch.int64)
+    _depth_test(tri, zbuffer.view(-1), *window, *window_size, max_pixels)
+    # The key's low 32 bits are the triangle (the background key's all ones, -1 as int32), the high
+    # ones the depth (as int32 words of a little-endian int64: every CPU torch runs on).
+    words = zbuffer.view(torch.int32).view(*zbuffer.shape, 2)
+    triangle = words[..., 0].to(torch.int64)
+    depth = torch.where(triangle >= 0, words[..., 1].view(torch.float32), 0.0)
+    return Raster(window_triangle=triangle, window_depth=depth, window=window, image_size=(height, width),
+                  triangle_frame=tri.frame, triangle_face=tri.face, camera=(verts, faces, focal, principal, near))
 
 
 def _corner_rows(faces, frame, face, num_verts):
@@ -383,58 +471,70 @@ def interpolate(raster, faces, attributes):
     return _scatter_pixels(raster.pixel, interpolate_pixels(raster, faces, attributes), raster.face.shape)
 
 
-def _attribute_planes(verts, faces, attributes, focal):
-    """Perspective-correct interpolation of per-vertex attributes (B, V, C), as planes per face.
+def _attribute_planes(verts, faces, attributes, focal, frame, face):
+    """Perspective-correct interpolation of per-vertex attributes (B, V, C) over the given faces of
+    the given frames (T,), as planes.
 
     With e_i(p) the edge function opposite corner i (an affine function of the pixel p), the
     interpolated attribute is sum_i e_i(p) a_i / z_i divided by sum_i e_i(p) / z_i. The numerator
     is affine in p too: A p_x + B p_y + C per channel, p relative to the principal point. Returns
-    (A, B, C), each (C, 1 + B * F) float32 (column 0 all zeros, for the background, then frame * F + face
-    + 1), signed so that the (dropped) denominator is positive: enough for directions, which are
+    (A, B, C), each (C, 1 + T) float32 (column 0 all zeros, for the background, then one per
+    triangle), signed so that the (dropped) denominator is positive: enough for directions, which are
     normalised afterwards anyway.
     """
     v = verts.detach().to(torch.float64)
     inv_z = 1.0 / v[..., 2]
     q = v[..., :2] * (inv_z[..., None] * _per_frame(focal, len(v), torch.float64, 1)[:, None])  # pixels
-    (x0, y0), (x1, y1), (x2, y2) = (q[:, corner].unbind(-1) for corner in faces.T)
+    table = torch.cat([q, inv_z[..., None], attributes.to(torch.float64)], -1).flatten(0, 1)  # (B * V, 3 + C)
+    corners = [_gather_columns(table, rows) for rows in _corner_rows(faces, frame, face, v.shape[1])]
+    (x0, y0, iz0, *a0), (x1, y1, iz1, *a1), (x2, y2, iz2, *a2) = corners
     edges = ((x1, y1, x2, y2), (x2, y2, x0, y0), (x0, y0, x1, y1))  # edge i is opposite corner i
     # e(p) = (bx - ax)(py - ay) - (by - ay)(px - ax) = step_x px + step_y py + at_origin
     steps_x = [ay - by for ax, ay, bx, by in edges]
     steps_y = [bx - ax for ax, ay, bx, by in edges]
     at_origin = [ax * by - ay * bx for ax, ay, bx, by in edges]
     sign = torch.sign(at_origin[0] + at_origin[1] + at_origin[2])  # edge functions sum to 2 x area
-    weights = [(inv_z[:, corner] * sign)[..., None] * attributes[:, corner].to(torch.float64) for corner in faces.T]
+    weights = [torch.stack(a) * (iz * sign) for iz, a in ((iz0, a0), (iz1, a1), (iz2, a2))]  # (C, T) each
 
     def plane(coefficients):
-        total = sum(c[..., None] * w for c, w in zip(coefficients, weights))  # (B, F, C)
-        return F.pad(total.flatten(0, 1).T.to(torch.float32), (1, 0))
+        total = sum(c * w for c, w in zip(coefficients, weights))  # (C, T)
+        return F.pad(total.to(torch.float32), (1, 0))
 
     return plane(steps_x), plane(steps_y), plane(at_origin)
 
 
 def normal_maps(raster):
     """Unit camera-space normals (3 maps (B, H, W)) of the surface `raster` sees, smooth shading; 0 on
-    the background (its pixels read the planes' zero column, and 0 stays 0 through the normalisation),
-    so a caller needs no mask. (In-place arithmetic on the image-sized maps: on the CPU, writing into
-    fresh large tensors costs more than the arithmetic, a page fault per 4 KiB.)"""
+    the background."""
+    return [raster.full_image(normal, 0) for normal in window_normal_maps(raster)]
+
+
+def window_normal_maps(raster, scale=1.0, out=None):
+    """`normal_maps` in raster's window only (3 maps (B, h, w)), times `scale`, written into `out` (3
+    maps) if given; 0 on the background (its pixels read the planes' zero column, and 0 stays 0
+    through the normalisation), so a caller needs no mask. A power-of-two scale is exact: the maps
+    are the unit normals' bits, scaled.
+    (In-place arithmetic on the image-sized maps: on the CPU, writing into fresh large tensors costs
+    more than the arithmetic, a page fault per 4 KiB.)"""
     verts, faces, focal, principal, _ = raster.camera
-    batch, height, width = raster.face.shape
-    planes = _attribute_planes(verts, faces, vertex_normals(verts.detach().float(), faces), focal)
-    centre = _per_frame((width / 2, height / 2) if principal is None else principal, batch, torch.float32, 2)
-    px = (torch.arange(width) + 0.5) - centre[:, :1, None]  # (B, 1, W) pixel centres from the principal point
-    py = (torch.arange(height)[:, None] + 0.5) - centre[:, 1:, None]  # (B, H, 1)
-    rows = raster.face + 1  # the planes' column of each pixel: 0 on the background
-    if batch > 1:
-        rows.add_((raster.face >= 0) * torch.arange(batch)[:, None, None] * len(faces))
-    rows = rows.view(-1)
+    batch, height, width = raster.window_triangle.shape
+    (top, left), (image_height, image_width) = raster.window, raster.image_size
+    planes = _attribute_planes(verts, faces, vertex_normals(verts.detach().float(), faces), focal,
+                               raster.triangle_frame, raster.triangle_face)
+    centre = _per_frame((image_width / 2, image_height / 2) if principal is None else principal, batch, torch.float32, 2)
+    px = (torch.arange(left, left + width) + 0.5) - centre[:, :1, None]  # (B, 1, w) pixel centres from the principal point
+    py = (torch.arange(top, top + height)[:, None] + 0.5) - centre[:, 1:, None]  # (B, h, 1)
+    rows = (raster.window_triangle + 1).view(-1)  # the planes' column of each pixel: 0 on the background
 
     def at_pixels(column):
         return column.index_select(0, rows).view(batch, height, width)
 
     normal = [at_pixels(a).mul_(px).add_(at_pixels(b).mul_(py)).add_(at_pixels(c)) for a, b, c in zip(*planes)]
     squared = (normal[0] * normal[0]).addcmul_(normal[1], normal[1]).addcmul_(normal[2], normal[2])
-    inv_length = squared.clamp_(min=1e-30).rsqrt_()
-    return [n.mul_(inv_length) for n in normal]
+    inv_length = squared.clamp_(min=1e-30).rsqrt_().mul_(scale)
+    if out is None:
+        return [n.mul_(inv_length) for n in normal]
+    return [torch.mul(n, inv_length, out=o) for n, o in zip(normal, out)]
 
 
 def overlay(frames, verts, faces, focal, principal=None, color=(170, 200, 255), alpha=0.6, cull_back_faces=False):
@@ -450,12 +550,13 @@ def overlay(frames, verts, faces, focal, principal=None, color=(170, 200, 255), 
     verts = torch.as_tensor(verts, dtype=torch.float32).reshape(len(frames), -1, 3)
     faces = torch.as_tensor(faces, dtype=torch.int64)
     raster = rasterize(verts, faces, focal, frames.shape[1:3], principal, cull_back_faces=cull_back_faces)
-    shade = 0.25 + 0.75 * normal_maps(raster)[2].abs()
-    mask = raster.mask.numpy()
-    mesh = shade.numpy()[mask][:, None] * np.asarray(color, np.float32)
     out = frames.copy()
-    blended = (1 - alpha) * frames[mask].astype(np.float32) + alpha * mesh
-    out[mask] = np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+    # Blended in the rasterizer's window only: the pixels outside it keep the frame's.
+    window = raster.in_window(torch.from_numpy(out).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)  # (B, h, w, 3) view
+    shade = window_normal_maps(raster)[2].abs_().mul_(0.75).add_(0.25)
+    mesh = shade[..., None] * torch.tensor(color, dtype=torch.float32)
+    blended = (window.float().mul_(1 - alpha)).add_(mesh.mul_(alpha)).round_().clamp_(0, 255).to(torch.uint8)
+    window.copy_(torch.where((raster.window_triangle >= 0)[..., None], blended, window))
     return out[0] if single else out
 
 

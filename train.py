@@ -41,6 +41,8 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 import svp
+from cli import (ArgumentParser, add_tracking_args, available_device, fraction, multiple_of_8, non_negative_int,
+                 nonempty_text, output_dir_problem, positive_float, positive_int, run_command)
 from model.avatar import (Denoiser, build_denoiser, diffusion_loss, fingerprint, held_out_loss, run_relative,
                           save_avatar)
 from model.config import config_to_dict
@@ -50,9 +52,6 @@ from model.loading import DTYPES, StableDiffusion, write_tiny_base
 from model.pipeline import encode_prompts
 from model.sampling import NoiseSchedule
 from model.temporal import sample_video
-from tracking.cli import (ArgumentParser, add_tracking_args, available_device, fraction, multiple_of_8,
-                          non_negative_int, nonempty_text, output_dir_problem, positive_float, positive_int,
-                          run_command)
 from tracking.conditioning import CONDITIONING_CHANNELS, render_conditioning
 from tracking.people import left_out_frames
 from tracking.pipeline import load_flame

@@ -13,10 +13,10 @@ import torch
 
 import sample
 import train
+from cli import lora_file_and_scale, run_command
 from model.files import atomic_write
 from model.tokenizer import CLIPTokenizer
 from tracking import __main__ as tracking_main
-from tracking.cli import lora_file_and_scale, run_command
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

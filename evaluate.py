@@ -34,13 +34,12 @@ import torch
 from PIL import Image
 
 import svp
+from cli import (ArgumentParser, add_sampler_args, default_dtype, existing_file, output_dir_problem,
+                 output_file_problem, positive_int, run_command, video_settings)
 from model.avatar import fingerprint
 from model.evaluation import Source, file_hash, markdown_table, plot, score_source, strip, strip_picks, text_table
 from model.files import atomic_write, write_json
 from model.metrics import FrameScores, load_inception, load_lpips
-from sample import add_sampler_args, video_settings
-from tracking.cli import (ArgumentParser, existing_file, output_dir_problem, output_file_problem, positive_int,
-                          run_command)
 from tracking.people import left_out_frames
 from tracking.pipeline import track_video
 
@@ -233,7 +232,7 @@ def main(argv=None):
         for group in loading_groups(args.settings):
             flags = group[0][2]
             row_device = flags.device or device
-            dtype = flags.dtype or ("fp16" if row_device.startswith("cuda") else "fp32")
+            dtype = default_dtype(flags, row_device)
             avatar = svp.load_avatar(run, base=flags.base, flame=flags.flame, device=row_device,
                                      dtype=dtype, tokenizer=flags.tokenizer, loras=flags.lora, decoder=flags.decoder)
             sources = [held_out_source(avatar, split, args.max_frames)]

@@ -22,18 +22,15 @@ import argparse
 import os
 
 import numpy as np
-import torch
 from PIL import Image
 
 import svp
+from cli import (ArgumentParser, add_sampler_args, default_dtype, fraction, multiple_of_8, output_dir_problem,
+                 output_file_problem, port, positive_int, run_command, video_settings)
 from live.loop import drive, live_controls
 from live.page import LivePage
 from live.take import take_path
 from model.files import atomic_write
-from tracking.cli import (ArgumentParser, available_device, existing_file, fraction, lora_file_and_scale,
-                          multiple_of_8, non_negative_float, non_negative_int, nonempty_text, output_dir_problem,
-                          output_file_problem, port, positive_int, run_command)
-from svp import VideoSampling  # its class attributes are the video defaults
 
 
 def parse_args(argv=None):
@@ -79,50 +76,6 @@ def parse_args(argv=None):
     return args
 
 
-def add_sampler_args(p: argparse.ArgumentParser):
-    """The flags that say how a sample is made, shared with evaluate.py (an evaluation scores what sample.py
-    makes with the same flags; `video_settings` reads them). Returns the "avatar video" group."""
-    p.add_argument("--prompt", type=nonempty_text, default=None,
-                   help="text prompt (avatar default: its training caption)")
-    p.add_argument("--negative-prompt", default="", help="what to steer away from (classifier-free guidance)")
-    p.add_argument("--seed", type=non_negative_int, default=0)
-    p.add_argument("--steps", type=positive_int, default=None,
-                   help=f"sampler steps (avatar default {VideoSampling.steps}; text to image 30)")
-    p.add_argument("--guidance", type=non_negative_float, default=None, help="classifier-free guidance scale, "
-                   f"1 = off (avatar default {VideoSampling.guidance:g}; text to image 7.5)")
-    p.add_argument("--sampler", default=None, choices=svp.SAMPLER_NAMES,
-                   help=f"avatar default {VideoSampling.sampler}; text to image dpmpp_2m; few-step: lcm (with an "
-                   "LCM-LoRA), euler_trailing (SD-Turbo-style bases)")
-    p.add_argument("--eta", type=fraction, default=0.0, help="DDIM stochasticity (0 = deterministic, 1 = DDPM)")
-    p.add_argument("--lora", action="append", type=lora_file_and_scale, default=[], metavar="FILE[:SCALE]",
-                   help="a LoRA .safetensors fused into the base (repeatable; scale default 1), e.g. LCM-LoRA")
-    p.add_argument("--dtype", default=None, choices=("fp32", "fp16", "bf16"),
-                   help="weights and activations (default: fp16 on CUDA, fp32 on CPU)")
-    p.add_argument("--device", type=available_device, default=None,
-                   help="cuda, cuda:1, cpu (default: cuda when available; under torchrun: cuda:LOCAL_RANK)")
-    p.add_argument("--tokenizer", default=None, help="CLIP vocabulary: a tokenizer/ folder, tokenizer.json, "
-                   "vocab.json or bpe_simple_vocab_16e6.txt.gz (default: beside the checkpoint, or $SVP_TOKENIZER)")
-    video = p.add_argument_group("avatar video")
-    video.add_argument("--base", default=None, help="the avatar's base checkpoint, if it moved since training")
-    video.add_argument("--flame", type=existing_file("FLAME file"), default=None,
-                       help="FLAME generic_model.pkl, if it moved since training")
-    video.add_argument("--temporal-strength", type=fraction, default=VideoSampling.temporal_strength,
-                       help="pull of each frame toward the previous one while denoising (0 = independent frames)")
-    video.add_argument("--temporal-fade", type=fraction, default=VideoSampling.temporal_fade,
-                       help="fraction of the steps over which that pull fades to 0")
-    video.add_argument("--batch-frames", type=positive_int, default=VideoSampling.batch_frames,
-                       help="frames denoised together in lock-step")
-    video.add_argument("--conditioning-scale", type=non_negative_float, default=VideoSampling.conditioning_scale,
-                       help="strength of the 3DMM conditioning (multiplies the ControlNet's residuals)")
-    video.add_argument("--decoder", type=existing_file("tiny decoder"), default=None, metavar="FILE",
-                       help="decode frames with a tiny autoencoder decoder (TAESD: taesd_decoder.safetensors or .pth, "
-                       "or diffusers' AutoencoderTiny weights) instead of the VAE: faster, less detail")
-    video.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
-                       help="run every model call eagerly (default on CUDA: the calls whose shapes repeat, the model's "
-                       "steps and the decode, replay CUDA graphs); to compare or debug")
-    return video
-
-
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 
 
@@ -166,10 +119,6 @@ def parse_frames(text: str) -> range:
 def save_image(image: np.ndarray, path: str):
     with atomic_write(path) as tmp:
         Image.fromarray(image).save(tmp)
-
-
-def default_dtype(args, device: torch.device) -> str:
-    return args.dtype or ("fp16" if device.type == "cuda" else "fp32")
 
 
 def text_to_image_main(args, device):
@@ -230,15 +179,6 @@ def avatar_main(args):
         for i, image in zip(frames, images):
             save_image(image, os.path.join(args.png_dir, f"{i:05d}.png"))
     print(f"wrote {out} ({len(images)} frames)")
-
-
-def video_settings(args) -> VideoSampling:
-    return VideoSampling(steps=args.steps or VideoSampling.steps,
-                         guidance=VideoSampling.guidance if args.guidance is None else args.guidance,
-                         sampler=args.sampler or VideoSampling.sampler, eta=args.eta, seed=args.seed,
-                         temporal_strength=args.temporal_strength, temporal_fade=args.temporal_fade,
-                         batch_frames=args.batch_frames, conditioning_scale=args.conditioning_scale,
-                         cuda_graphs=args.cuda_graphs)
 
 
 def live_main(args, device):

@@ -33,7 +33,7 @@ from model.metrics import temporal_flicker
 from model.pipeline import encode_prompts, text_to_image
 from model.sampling import SAMPLER_NAMES, NoiseSchedule
 from model.taesd import TinyDecoder, load_tiny_decoder
-from model.temporal import FrameSettings, VideoSampling, iter_sample_video, sample_video, stream_video, warm_up_start
+from model.temporal import FrameSettings, VideoSampling, iter_sample_video, stream_video, warm_up_start
 from model.vae import AutoencoderKL
 from tracking.conditioning import render_conditioning
 from tracking.pipeline import TrackedVideo, load_flame, track_video
@@ -167,39 +167,40 @@ class Avatar:
     def render(self, seq: FlameSequence, prompt: str | None = None, morph: str | None = None,
                morph_weight: float = 0.0, negative_prompt: str = "", frames: range | None = None,
                settings: VideoSampling | None = None, progress: bool = True) -> tuple[np.ndarray, torch.Tensor]:
-        """Frames (T, H, W, 3) uint8 for `frames` of `seq`, and their hint images (T, C, H, W)."""
-        settings, frames, first = self._video_range(seq, frames, settings)
-        hints = self.hints(seq, range(first, frames.stop))
-        images = sample_video(self.denoiser, self.decoder, NoiseSchedule.from_config(self.sd.config), hints, frames,
-                              *self._contexts(prompt, morph, morph_weight, negative_prompt, settings), settings,
-                              progress)
-        return images, hints[frames.start - first:]
+        """Frames (T, H, W, 3) uint8 for `frames` of `seq` (default all), and their hint images (T, C, H, W):
+        `render_chunks`' frames put together, the hint images kept as the sampler renders them."""
+        rendered = []   # every chunk's hint images, as the sampler asks for them: warm-up frames first
+
+        def hints_of(chunk: range) -> torch.Tensor:
+            rendered.append(self.hints(seq, chunk))
+            return rendered[-1]
+        images = np.concatenate(list(self._sample(seq, hints_of, prompt, morph, morph_weight, negative_prompt,
+                                                  frames, settings, progress)))
+        return images, torch.cat(rendered)[-len(images):]
 
     @torch.no_grad()
     def render_chunks(self, seq: FlameSequence, prompt: str | None = None, morph: str | None = None,
                       morph_weight: float = 0.0, negative_prompt: str = "", frames: range | None = None,
                       settings: VideoSampling | None = None, progress: bool = True) -> Iterator[np.ndarray]:
         """`render`'s frames, `settings.batch_frames` at a time as they are done, each chunk's hint images
-        rendered when it is denoised: memory that does not grow with the frames (evaluate.py)."""
-        settings, frames, first = self._video_range(seq, frames, settings)
-        yield from iter_sample_video(self.denoiser, self.decoder, NoiseSchedule.from_config(self.sd.config),
-                                     lambda r: self.hints(seq, r), (self.resolution, self.resolution), first, frames,
-                                     *self._contexts(prompt, morph, morph_weight, negative_prompt, settings),
-                                     settings, progress)
+        rendered when it is denoised and dropped after: memory that does not grow with the frames (evaluate.py)."""
+        return self._sample(seq, lambda chunk: self.hints(seq, chunk), prompt, morph, morph_weight, negative_prompt,
+                            frames, settings, progress)
 
-    @staticmethod
-    def _video_range(seq: FlameSequence, frames: range | None, settings: VideoSampling | None):
-        """The settings, the frames (default all) and the first warm-up frame of a render."""
+    def _sample(self, seq: FlameSequence, hints_of: Callable[[range], torch.Tensor], prompt, morph, morph_weight,
+                negative_prompt, frames: range | None, settings: VideoSampling | None,
+                progress: bool) -> Iterator[np.ndarray]:
+        """The video sampler over `frames` of `seq` (model/temporal.iter_sample_video), from the first warm-up
+        frame on; hints_of(range) -> those frames' hint images, asked once per chunk."""
         settings = settings or VideoSampling()
         frames = frames if frames is not None else range(seq.n_frames)
         if not (0 <= frames.start < frames.stop <= seq.n_frames):
             raise ValueError(f"frames {frames.start}:{frames.stop} are outside the sequence's 0:{seq.n_frames}")
-        return settings, frames, warm_up_start(frames.start, settings.weights)
-
-    def _contexts(self, prompt, morph, morph_weight, negative_prompt, settings: VideoSampling):
-        """The prompt's text embedding and, with guidance, the negative prompt's."""
         uncond_context = encode_prompts(self.sd, [negative_prompt]) if settings.guidance != 1.0 else None
-        return self.text_context(prompt, morph, morph_weight), uncond_context
+        return iter_sample_video(self.denoiser, self.decoder, NoiseSchedule.from_config(self.sd.config), hints_of,
+                                 (self.resolution, self.resolution), warm_up_start(frames.start, settings.weights),
+                                 frames, self.text_context(prompt, morph, morph_weight), uncond_context, settings,
+                                 progress)
 
     @torch.no_grad()
     def stream(self, inputs: Iterable, settings: VideoSampling | None = None, prompt: str | None = None,

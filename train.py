@@ -24,14 +24,13 @@ optimizer, the step and the global RNG states. Under torchrun every rank trains 
 batch (DDP); rank 0 alone tracks, builds the caches and writes files.
 """
 import argparse
-import fcntl
 import hashlib
 import logging
 import os
 import re
 import signal
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,18 +40,17 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 import svp
+from cli import (ArgumentParser, add_tracking_args, available_device, fraction, multiple_of_8, non_negative_int,
+                 nonempty_text, output_dir_problem, positive_float, positive_int, run_command)
 from model.avatar import (Denoiser, build_denoiser, diffusion_loss, fingerprint, held_out_loss, run_relative,
                           save_avatar)
 from model.config import config_to_dict
-from model.files import (append_log, atomic_write, load_checkpoint, read_json, rng_state, save_checkpoint,
-                         set_rng_state, truncate_log, write_json)
+from model.files import (append_log, atomic_write, load_checkpoint, read_json, rng_state, run_lock,
+                         save_checkpoint, set_rng_state, truncate_log, write_json)
 from model.loading import DTYPES, StableDiffusion, write_tiny_base
 from model.pipeline import encode_prompts
 from model.sampling import NoiseSchedule
 from model.temporal import sample_video
-from tracking.cli import (ArgumentParser, add_tracking_args, available_device, fraction, multiple_of_8,
-                          non_negative_int, nonempty_text, output_dir_problem, positive_float, positive_int,
-                          run_command)
 from tracking.conditioning import CONDITIONING_CHANNELS, render_conditioning
 from tracking.people import left_out_frames
 from tracking.pipeline import load_flame
@@ -318,32 +316,6 @@ def autocast_for(cfg: argparse.Namespace, device: torch.device):
         return nullcontext, None
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     return (lambda: torch.autocast(device.type, dtype=dtype)), scaler
-
-
-class RunInUseError(ValueError):
-    pass
-
-
-@contextmanager
-def run_lock(out: str):
-    """Hold <out>/.lock exclusively while training into `out`, so that a second run into the same folder
-    is refused instead of interleaving with the first. The lock is an flock, which the kernel releases
-    when its process ends however it ends: a lock file left by a killed run is simply taken over."""
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, ".lock"), "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            raise RunInUseError(f"{out} is in use by pid {f.read().strip() or '?'} (another train.py); wait for "
-                                "it to end or use another --out") from None
-        f.truncate(0)
-        f.write(str(os.getpid()))
-        f.flush()
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 class TrainingInterrupted(KeyboardInterrupt):

@@ -4,8 +4,9 @@ folder, then rename it over the target (a rename within a folder is atomic on PO
 Every file svp writes (checkpoints, avatars, caches, seq.npz, videos, images, JSON) goes through
 `atomic_write`, so a reader either finds the previous complete file or the new complete file. Here too:
 JSON, the JSON-lines training log, and training checkpoints (torch.save, with the global RNG states in a
-form that torch.load(weights_only=True) reads back).
+form that torch.load(weights_only=True) reads back); and the lock that keeps one training per run folder.
 """
+import fcntl
 import json
 import os
 import random
@@ -102,3 +103,29 @@ def set_rng_state(state: dict):
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class RunInUseError(ValueError):
+    pass
+
+
+@contextmanager
+def run_lock(out: str):
+    """Hold <out>/.lock exclusively while training into `out`, so that a second run into the same folder
+    is refused instead of interleaving with the first. The lock is an flock, which the kernel releases
+    when its process ends however it ends: a lock file left by a killed run is simply taken over."""
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, ".lock"), "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise RunInUseError(f"{out} is in use by pid {f.read().strip() or '?'} (another train.py); wait for "
+                                "it to end or use another --out") from None
+        f.truncate(0)
+        f.write(str(os.getpid()))
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

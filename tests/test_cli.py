@@ -13,10 +13,10 @@ import torch
 
 import sample
 import train
-from model.files import atomic_write
+from cli import lora_file_and_scale, run_command
+from model.files import RunInUseError, atomic_write, run_lock
 from model.tokenizer import CLIPTokenizer
 from tracking import __main__ as tracking_main
-from tracking.cli import lora_file_and_scale, run_command
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -198,8 +198,8 @@ def test_tracking_out_that_is_a_file(capsys, a_file):
 LOCKER = """
 import os, signal, sys, time
 sys.path.insert(0, {repo!r})
-import train
-with train.run_lock({out!r}):
+from model.files import run_lock
+with run_lock({out!r}):
     print("locked", flush=True)
     if {kill}:
         os.kill(os.getpid(), signal.SIGKILL)
@@ -218,13 +218,13 @@ def locker(out, kill=False) -> subprocess.Popen:
 def test_one_training_per_run_folder(tmp_path):
     child = locker(tmp_path)
     try:
-        with pytest.raises(train.RunInUseError, match=f"{tmp_path} is in use by pid {child.pid}"):
-            with train.run_lock(str(tmp_path)):
+        with pytest.raises(RunInUseError, match=f"{tmp_path} is in use by pid {child.pid}"):
+            with run_lock(str(tmp_path)):
                 pass
     finally:
         child.kill()
         child.wait()
-    with train.run_lock(str(tmp_path)):  # the kernel released the killed run's lock
+    with run_lock(str(tmp_path)):  # the kernel released the killed run's lock
         assert (tmp_path / ".lock").read_text() == str(os.getpid())
 
 
@@ -232,7 +232,7 @@ def test_a_lock_left_by_a_killed_run_is_taken_over(tmp_path):
     child = locker(tmp_path, kill=True)
     assert child.wait() == -9
     assert (tmp_path / ".lock").read_text() == str(child.pid)
-    with train.run_lock(str(tmp_path)):
+    with run_lock(str(tmp_path)):
         assert (tmp_path / ".lock").read_text() == str(os.getpid())
 
 

@@ -17,6 +17,9 @@ from PIL import Image
 import svp
 import train
 from model.loading import write_tiny_base
+from model.pipeline import encode_prompts
+from model.sampling import NoiseSchedule
+from model.temporal import sample_video, warm_up_start
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HELD_OUT = range(43, 48)  # train.py holds out the last 10% of the demo's 48 frames
@@ -88,6 +91,36 @@ def test_same_seed_same_frames(run, avatar):
     other, _ = avatar.render(seq, frames=range(4, 8), settings=svp.VideoSampling(steps=6, seed=4), progress=False)
     assert np.array_equal(first, again)
     assert not np.array_equal(first, other)
+
+
+def test_render_is_the_video_sampler_fed_the_sequences_hint_images(run, avatar):
+    """Avatar.render against the sampler given every hint image up front (model/temporal.sample_video), each
+    sampler chunk's rendered in one batch as render renders them: the same frames, and the hint images it
+    returns are those of the frames asked for; render_chunks makes the same frames, batch_frames at a time.
+    Frames from mid-sequence (warm-up frames before them), chunks that do not divide them, guidance (a
+    negative prompt) and a morph; the hint images steer this avatar, so hints a frame off would show. All
+    frames' hint images rendered in one batch differ in float rounding only: frames within 1 of those."""
+    seq = svp.load_seq(str(run / "tracking" / "seq.npz"))
+    settings, frames = svp.VideoSampling(steps=4, batch_frames=3, guidance=2.0), range(9, 16)
+    first = warm_up_start(frames.start, settings.weights)
+    assert first < frames.start
+    words = ("a photo of sks person", "Tom Cruise", 0.5, "blurry")
+    images, hints = avatar.render(seq, *words, frames=frames, settings=settings, progress=False)
+
+    def sampled(hint_images: torch.Tensor) -> np.ndarray:
+        return sample_video(avatar.denoiser, avatar.decoder, NoiseSchedule.from_config(avatar.sd.config),
+                            hint_images, frames, avatar.text_context(*words[:3]), encode_prompts(avatar.sd, [words[3]]),
+                            settings, progress=False)
+    by_chunk = torch.cat([avatar.hints(seq, range(start, min(start + 3, frames.stop)))
+                          for start in range(first, frames.stop, 3)])
+    assert np.array_equal(images, sampled(by_chunk))
+    assert torch.equal(hints, by_chunk[frames.start - first:])
+    torch.testing.assert_close(hints, avatar.hints(seq, frames))
+    assert np.abs(images.astype(np.int16) - sampled(avatar.hints(seq, range(first, frames.stop)))).max() <= 1
+    assert np.abs(images.astype(np.int16) - sampled(avatar.hints(seq, range(first + 1, frames.stop + 1)))).max() > 10
+    chunks = list(avatar.render_chunks(seq, *words, frames=frames, settings=settings, progress=False))
+    assert [len(chunk) for chunk in chunks] == [3, 3, 1]
+    assert np.array_equal(np.concatenate(chunks), images)
 
 
 def test_conditioning_scale_zero_ignores_the_3dmm(run, avatar):

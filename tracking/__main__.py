@@ -21,8 +21,8 @@ import os
 
 import sys
 
-from tracking.cli import (ArgumentParser, add_tracking_args, output_dir_problem, output_file_problem, port,
-                          positive_int, run_command)
+from cli import (ArgumentParser, add_tracking_args, output_dir_problem, output_file_problem, port, positive_int,
+                 run_command)
 from tracking.people import report_lines
 from tracking.pipeline import load_flame, track_video
 

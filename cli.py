@@ -1,6 +1,7 @@
-"""The command-line pieces shared by train.py, sample.py and `python -m tracking`: the tracking flags, the
-flag types that check a value before any work starts, the checks of output paths, and the one-line ending
-of a failed or interrupted command."""
+"""The command-line pieces the commands share (train.py, sample.py, evaluate.py, `python -m tracking`): the flag
+types that check a value before any work starts, the checks of output paths, the one-line ending of a failed or
+interrupted command, the tracking flags, and the sampler flags (sample.py's, which evaluate.py takes too: an
+evaluation scores what sample.py makes with the same flags)."""
 import argparse
 import math
 import os
@@ -199,3 +200,66 @@ def add_tracking_args(p: argparse.ArgumentParser, offline: bool = True):
         p.add_argument("--person", type=non_negative_int, default=None, metavar="FRAME",
                        help="a frame that shows the person to track (default: the person seen on the most frames); "
                             "frames of anyone else are left out of training (see report.png beside seq.npz)")
+
+
+def add_sampler_args(p: argparse.ArgumentParser):
+    """The flags that say how a sample is made (sample.py, evaluate.py; `video_settings` reads them). Returns
+    the "avatar video" group."""
+    # imported here, not above: `python -m tracking` shares this module and loads no sampler
+    from model.sampling import SAMPLER_NAMES
+    from model.temporal import VideoSampling  # its class attributes are the video defaults
+    p.add_argument("--prompt", type=nonempty_text, default=None,
+                   help="text prompt (avatar default: its training caption)")
+    p.add_argument("--negative-prompt", default="", help="what to steer away from (classifier-free guidance)")
+    p.add_argument("--seed", type=non_negative_int, default=0)
+    p.add_argument("--steps", type=positive_int, default=None,
+                   help=f"sampler steps (avatar default {VideoSampling.steps}; text to image 30)")
+    p.add_argument("--guidance", type=non_negative_float, default=None, help="classifier-free guidance scale, "
+                   f"1 = off (avatar default {VideoSampling.guidance:g}; text to image 7.5)")
+    p.add_argument("--sampler", default=None, choices=SAMPLER_NAMES,
+                   help=f"avatar default {VideoSampling.sampler}; text to image dpmpp_2m; few-step: lcm (with an "
+                   "LCM-LoRA), euler_trailing (SD-Turbo-style bases)")
+    p.add_argument("--eta", type=fraction, default=0.0, help="DDIM stochasticity (0 = deterministic, 1 = DDPM)")
+    p.add_argument("--lora", action="append", type=lora_file_and_scale, default=[], metavar="FILE[:SCALE]",
+                   help="a LoRA .safetensors fused into the base (repeatable; scale default 1), e.g. LCM-LoRA")
+    p.add_argument("--dtype", default=None, choices=("fp32", "fp16", "bf16"),
+                   help="weights and activations (default: fp16 on CUDA, fp32 on CPU)")
+    p.add_argument("--device", type=available_device, default=None,
+                   help="cuda, cuda:1, cpu (default: cuda when available; under torchrun: cuda:LOCAL_RANK)")
+    p.add_argument("--tokenizer", default=None, help="CLIP vocabulary: a tokenizer/ folder, tokenizer.json, "
+                   "vocab.json or bpe_simple_vocab_16e6.txt.gz (default: beside the checkpoint, or $SVP_TOKENIZER)")
+    video = p.add_argument_group("avatar video")
+    video.add_argument("--base", default=None, help="the avatar's base checkpoint, if it moved since training")
+    video.add_argument("--flame", type=existing_file("FLAME file"), default=None,
+                       help="FLAME generic_model.pkl, if it moved since training")
+    video.add_argument("--temporal-strength", type=fraction, default=VideoSampling.temporal_strength,
+                       help="pull of each frame toward the previous one while denoising (0 = independent frames)")
+    video.add_argument("--temporal-fade", type=fraction, default=VideoSampling.temporal_fade,
+                       help="fraction of the steps over which that pull fades to 0")
+    video.add_argument("--batch-frames", type=positive_int, default=VideoSampling.batch_frames,
+                       help="frames denoised together in lock-step")
+    video.add_argument("--conditioning-scale", type=non_negative_float, default=VideoSampling.conditioning_scale,
+                       help="strength of the 3DMM conditioning (multiplies the ControlNet's residuals)")
+    video.add_argument("--decoder", type=existing_file("tiny decoder"), default=None, metavar="FILE",
+                       help="decode frames with a tiny autoencoder decoder (TAESD: taesd_decoder.safetensors or .pth, "
+                       "or diffusers' AutoencoderTiny weights) instead of the VAE: faster, less detail")
+    video.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                       help="run every model call eagerly (default on CUDA: the calls whose shapes repeat, the model's "
+                       "steps and the decode, replay CUDA graphs); to compare or debug")
+    return video
+
+
+def video_settings(args):
+    """The sampler flags as model/temporal.VideoSampling (its defaults where a flag was not given)."""
+    from model.temporal import VideoSampling
+    return VideoSampling(steps=args.steps or VideoSampling.steps,
+                         guidance=VideoSampling.guidance if args.guidance is None else args.guidance,
+                         sampler=args.sampler or VideoSampling.sampler, eta=args.eta, seed=args.seed,
+                         temporal_strength=args.temporal_strength, temporal_fade=args.temporal_fade,
+                         batch_frames=args.batch_frames, conditioning_scale=args.conditioning_scale,
+                         cuda_graphs=args.cuda_graphs)
+
+
+def default_dtype(args, device) -> str:
+    """--dtype, else the sampler's default on `device` (a torch.device or its name)."""
+    return args.dtype or ("fp16" if str(device).startswith("cuda") else "fp32")

@@ -281,11 +281,12 @@ def test_render_and_stream_replay_the_model_and_decoder_and_equal_the_eager_run(
 def test_sample_py_no_cuda_graphs_reaches_the_samplers(untrained_avatar_run, stand_in, tmp_path, mode,
                                                        one_torch_thread):
     import sample
+    from cli import video_settings
     seq = str(untrained_avatar_run / "tracking" / "seq.npz")
     common = [mode, seq, "--avatar", str(untrained_avatar_run), "--steps", "2", "--out", str(tmp_path / "a.mp4")]
     common += ["--frames", "0:4"] if mode == "--params" else ["--sampler", "lcm", "--guidance", "1"]
-    assert sample.video_settings(sample.parse_args(common)).cuda_graphs
-    assert not sample.video_settings(sample.parse_args(common + ["--no-cuda-graphs"])).cuda_graphs
+    assert video_settings(sample.parse_args(common)).cuda_graphs
+    assert not video_settings(sample.parse_args(common + ["--no-cuda-graphs"])).cuda_graphs
     sample.main(common + ["--no-cuda-graphs"])
     assert stand_in == []
     sample.main(common)

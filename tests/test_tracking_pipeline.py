@@ -12,6 +12,8 @@ import pytest
 from bench.tracking import seq_landmarks_2d
 from tracking.conditioning import CONDITIONING_CHANNELS, render_conditioning
 from tracking.demo import write_demo_video
+from tracking.landmarks import FaceTracker
+from tracking.people import PeopleLog
 from model.files import read_json
 from tracking import pipeline
 from tracking.__main__ import main as tracking_main
@@ -171,3 +173,16 @@ def test_preview_batches_drawn_in_threads_are_written_in_order(tmp_path, monkeyp
     frames, _ = read_video(str(tmp_path / "preview.mp4"))
     np.testing.assert_allclose(frames.mean((1, 2, 3)), 8 * np.arange(len(frames)), atol=2)
     assert len(frames) == 3 * pipeline.PREVIEW_BATCH + 3
+
+
+def test_a_pass1_checkpoint_keeps_the_face_trackers_search_counts(tmp_path):
+    """A resumed pass 1 searches each frame as an uninterrupted run would: the FaceTracker's counts (which
+    searches a frame without a face runs) are saved with the landmarks and taken back."""
+    tracker = FaceTracker(predictor=object())
+    tracker.searched, tracker.misses = 7, 3
+    path = str(tmp_path / "pass1.npz")
+    pipeline._save_pass1(path, [None, None], [1], None, (36, 64), PeopleLog(), tracker, complete=False)
+    resumed = FaceTracker(predictor=object())
+    results, lost, state, shape, complete, _ = pipeline._load_pass1(path, resumed)
+    assert (resumed.searched, resumed.misses) == (7, 3)
+    assert results == [None, None] and lost == [1] and state is None and shape == (36, 64) and not complete

@@ -336,7 +336,7 @@ def _track_landmarks(video, max_frames, total, bbox, checkpoint):
     """Pass 1: (TrackResult, frame (H, W)), resumed from `checkpoint` and saved to it as it goes; `total`:
     the frames expected (for the progress bar; None: unknown)."""
     tracker = FaceTracker()
-    results, lost, state, frame_shape, complete, people_log = _load_pass1(checkpoint)
+    results, lost, state, frame_shape, complete, people_log = _load_pass1(checkpoint, tracker)
     if not complete:
         with tqdm(total=total, initial=len(results), desc="pass 1: landmarks", unit="frame") as bar:
             for t, frame in enumerate(iter_frames(video, max_frames, start=len(results)), len(results)):
@@ -350,10 +350,10 @@ def _track_landmarks(video, max_frames, total, bbox, checkpoint):
                     lost.append(t)
                 frame_shape = frame.shape[:2]
                 if len(results) % CHECKPOINT_EVERY == 0:
-                    _save_pass1(checkpoint, results, lost, state, frame_shape, people_log, complete=False)
+                    _save_pass1(checkpoint, results, lost, state, frame_shape, people_log, tracker, complete=False)
                 bar.update()
                 _kill_for_tests(1, len(results))
-        _save_pass1(checkpoint, results, lost, state, frame_shape, people_log, complete=True)
+        _save_pass1(checkpoint, results, lost, state, frame_shape, people_log, tracker, complete=True)
     if all(r is None for r in results):
         raise TrackingError(f"{video}: no face found in any of the {len(results)} frames")
     if lost:
@@ -361,23 +361,28 @@ def _track_landmarks(video, max_frames, total, bbox, checkpoint):
     return stack_results(results, tracker.predictor.num_parts), frame_shape, people_log
 
 
-def _save_pass1(path, results, lost, state, frame_shape, people_log, complete):
+def _save_pass1(path, results, lost, state, frame_shape, people_log, tracker, complete):
+    """Pass 1 so far, with what the FaceTracker counts (its search budget), so that a resumed run searches
+    each frame as an uninterrupted one would."""
     track = stack_results(results)
     patch = np.full(0, np.nan) if state is None else state.patch
     box = np.full(4, np.nan) if state is None else state.box
     with atomic_write(path) as tmp:
         np.savez(tmp, landmarks=track.landmarks, boxes=track.boxes, rolls=track.rolls, lost=np.array(lost, np.int64),
                  state_box=box, state_roll=np.nan if state is None else state.roll, state_patch=patch,
-                 frame_shape=np.array(frame_shape), complete=complete, **people_log.state())
+                 frame_shape=np.array(frame_shape), complete=complete, searched=tracker.searched,
+                 misses=tracker.misses, **people_log.state())
 
 
-def _load_pass1(path):
-    """(results, lost, state, frame_shape, complete, people_log) from a pass-1 checkpoint, or a fresh start."""
+def _load_pass1(path, tracker):
+    """(results, lost, state, frame_shape, complete, people_log) from a pass-1 checkpoint, or a fresh start;
+    `tracker` takes back its counts."""
     if not os.path.exists(path):
         return [], [], None, None, False, PeopleLog()
     with np.load(path) as saved:
-        if "people_frames" not in saved.files:  # saved before pass 1 logged shots and people: start over
+        if "searched" not in saved.files:  # saved before pass 1 kept the tracker's counts: start over
             return [], [], None, None, False, PeopleLog()
+        tracker.searched, tracker.misses = int(saved["searched"]), int(saved["misses"])
         results = [None if np.isnan(roll) else (points, box, float(roll))
                    for points, box, roll in zip(saved["landmarks"], saved["boxes"], saved["rolls"])]
         state = None if np.isnan(saved["state_roll"]) else \

@@ -79,8 +79,8 @@ def test_gaps():
 def test_cli_errors_are_one_line(tmp_path):
     bad = tmp_path / "bad.mp4"
     bad.write_bytes(b"not a video")
-    for video in (str(bad), str(tmp_path / "missing.mp4")):
-        r = subprocess.run([sys.executable, "-m", "tracking", video, "--out", str(tmp_path / "o")], cwd=ROOT,
+    for path in (str(bad), str(tmp_path / "missing.mp4")):
+        r = subprocess.run([sys.executable, "-m", "tracking", path, "--out", str(tmp_path / "o")], cwd=ROOT,
                            capture_output=True, text=True)
         assert r.returncode != 0 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr
     assert not (tmp_path / "o" / "seq.npz").exists()

@@ -17,47 +17,37 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
-def _number(kind, text: str, flag_word: str):
+def _checked(kind, text: str, ok, expected: str, out_of_range: str | None = None):
+    """`text` read as `kind` (int, float) and kept if ok(value), else the flag's error: `expected` (what a
+    value must be), or `out_of_range` for a number outside."""
     try:
-        return kind(text)
+        value = kind(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{flag_word}, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"{expected}, got {text!r}") from None
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"{out_of_range or expected}, got {text}")
+    return value
 
 
 def positive_int(text: str) -> int:
-    value = _number(int, text, "must be a whole number > 0")
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a whole number > 0, got {text}")
-    return value
+    return _checked(int, text, lambda v: v > 0, "must be a whole number > 0")
 
 
 def non_negative_int(text: str) -> int:
-    value = _number(int, text, "must be a whole number >= 0")
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {text}")
-    return value
+    return _checked(int, text, lambda v: v >= 0, "must be a whole number >= 0")
 
 
 def positive_float(text: str) -> float:
-    value = _number(float, text, "must be a number > 0")
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
-    return value
+    return _checked(float, text, lambda v: 0 < v < float("inf"), "must be a number > 0")
 
 
 def non_negative_float(text: str) -> float:
-    value = _number(float, text, "must be a number >= 0")
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
-    return value
+    return _checked(float, text, lambda v: 0 <= v < float("inf"), "must be a number >= 0")
 
 
 def fraction(text: str) -> float:
     """A number in [0, 1]."""
-    value = _number(float, text, "must be a number in [0, 1]")
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
-    return value
+    return _checked(float, text, lambda v: 0 <= v <= 1, "must be a number in [0, 1]", "must be in [0, 1]")
 
 
 def multiple_of_8(text: str) -> int:
@@ -70,10 +60,8 @@ def multiple_of_8(text: str) -> int:
 
 def port(text: str) -> int:
     """A TCP port to listen on; 0 lets the system pick a free one (the command prints which)."""
-    value = _number(int, text, "must be a port number 0-65535")
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"must be a port number 0-65535 (0: any free port), got {text}")
-    return value
+    return _checked(int, text, lambda v: 0 <= v <= 65535, "must be a port number 0-65535",
+                    "must be a port number 0-65535 (0: any free port)")
 
 
 def nonempty_text(text: str) -> str:
